@@ -1,0 +1,240 @@
+//! AgentService: node registration and the heartbeat stream.
+//!
+//! Down the stream goes the node's desired set of runs (level-triggered: the
+//! whole set, whenever it changes), acknowledgements and log requests; up come
+//! pings, run reports (applied once each, by sequence) and log chunks.
+
+use std::pin::Pin;
+
+use coop_proto::v1::{
+    self as pb, agent_message::Msg as Up, agent_service_server::AgentService,
+    scheduler_message::Msg as Down,
+};
+use futures::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Ctx, invalid, parse_job_id, propose_status};
+use crate::liveness::AgentTx;
+use crate::replica::now_ms;
+use crate::state::{GpuInfo, JobState, Op, RunReport, State, valid_name};
+
+pub struct Agents(pub Ctx);
+
+type HeartbeatStream = Pin<Box<dyn Stream<Item = Result<pb::SchedulerMessage, Status>> + Send>>;
+
+/// Every run `node` should have now.
+pub fn desired_runs(state: &State, node: &str) -> Vec<pb::Run> {
+    let Some(n) = state.nodes.get(node) else {
+        return vec![];
+    };
+    let mut ids: Vec<_> = n.gpus.iter().filter_map(|g| g.job).collect();
+    ids.sort();
+    ids.dedup();
+    ids.iter()
+        .filter_map(|id| state.jobs.get(id))
+        .filter(|j| j.state == JobState::Running && j.node.as_deref() == Some(node))
+        .map(|j| pb::Run {
+            job_id: j.id.to_string(),
+            attempt: j.attempts,
+            command: j.spec.command.clone(),
+            gpus: j.gpus.clone(),
+            kill_grace_ms: j.spec.kill_grace_ms,
+            stop: j.cancel_requested,
+        })
+        .collect()
+}
+
+fn to_report(r: pb::Report) -> Result<RunReport, Status> {
+    Ok(match r.event {
+        Some(pb::report::Event::Started(s)) => RunReport::Started {
+            job: parse_job_id("started.job_id", &s.job_id)?,
+            attempt: s.attempt,
+            at_ms: s.at_ms,
+        },
+        Some(pb::report::Event::Exited(e)) => RunReport::Exited {
+            job: parse_job_id("exited.job_id", &e.job_id)?,
+            attempt: e.attempt,
+            at_ms: e.at_ms,
+            exit_code: e.exit_code,
+            reason: e.reason,
+        },
+        None => return Err(invalid("report.event", "missing")),
+    })
+}
+
+#[tonic::async_trait]
+impl AgentService for Agents {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.0.operator(&req)?;
+        let r = req.into_inner();
+        if !valid_name(&r.node) {
+            return Err(invalid(
+                "node",
+                format!("{:?} is not a valid node name", r.node),
+            ));
+        }
+        if r.owner.trim().is_empty() {
+            return Err(invalid("owner", "must name the member that owns the node"));
+        }
+        if r.gpus.is_empty() {
+            return Err(invalid("gpus", "a node must offer at least one GPU"));
+        }
+        if r.session.is_empty() {
+            return Err(invalid("session", "must not be empty"));
+        }
+        let gpus = r
+            .gpus
+            .into_iter()
+            .map(|g| GpuInfo {
+                uuid: g.uuid,
+                index: g.index,
+                model: g.model,
+                memory_mb: g.memory_mb,
+            })
+            .collect();
+        let registry = &self.0.registry;
+        let orphaned_runs_end_ms = registry.last_seen(&r.node).unwrap_or_else(now_ms);
+        self.0
+            .replica
+            .propose(Op::RegisterNode {
+                node: r.node.clone(),
+                owner: r.owner,
+                gpus,
+                session: r.session,
+                orphaned_runs_end_ms,
+            })
+            .await
+            .map_err(propose_status)?;
+        registry.touch(&r.node);
+        registry.wake_scheduler();
+        Ok(Response::new(pb::RegisterResponse {
+            heartbeat_interval_ms: self.0.config.heartbeat_interval.as_millis() as u64,
+        }))
+    }
+
+    type HeartbeatStream = HeartbeatStream;
+
+    async fn heartbeat(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        self.0.operator(&req)?;
+        let mut inbound = req.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::AgentMessage {
+                msg: Some(Up::Hello(h)),
+            }) => h,
+            _ => return Err(invalid("hello", "the first message must be hello")),
+        };
+        let (node, session) = (hello.node, hello.session);
+        if !registered(&self.0.replica.read(), &node, &session) {
+            return Err(Status::failed_precondition(format!(
+                "node {node} is not registered with session {session}: register again"
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let conn = self.0.registry.connect(&node, tx.clone());
+        tokio::spawn(push_desired(
+            self.0.clone(),
+            node.clone(),
+            session.clone(),
+            tx.clone(),
+        ));
+        let ctx = self.0.clone();
+        tokio::spawn(async move {
+            let result = read_agent(&ctx, &node, &session, &mut inbound, &tx).await;
+            if let Err(status) = result {
+                let _ = tx.send(Err(status)).await;
+            }
+            ctx.registry.disconnect(&node, conn);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+fn registered(state: &State, node: &str, session: &str) -> bool {
+    state
+        .nodes
+        .get(node)
+        .is_some_and(|n| n.up && n.session == session)
+}
+
+async fn read_agent(
+    ctx: &Ctx,
+    node: &str,
+    session: &str,
+    inbound: &mut Streaming<pb::AgentMessage>,
+    tx: &AgentTx,
+) -> Result<(), Status> {
+    while let Some(msg) = inbound.message().await? {
+        ctx.registry.touch(node);
+        match msg.msg {
+            Some(Up::Ping(_)) | None => {}
+            Some(Up::Hello(_)) => return Err(invalid("hello", "sent twice")),
+            Some(Up::LogChunk(c)) => ctx.registry.complete_log(c),
+            Some(Up::Report(r)) => {
+                let seq = r.seq;
+                let report = to_report(r)?;
+                ctx.replica
+                    .propose(Op::Report {
+                        node: node.to_string(),
+                        session: session.to_string(),
+                        seq,
+                        report,
+                    })
+                    .await
+                    .map_err(propose_status)?;
+                ctx.registry.wake_scheduler();
+                let ack = pb::SchedulerMessage {
+                    msg: Some(Down::Ack(pb::Ack { seq })),
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends the node's desired runs whenever they change; ends the stream when the
+/// node is no longer registered with this session (marked down, or replaced).
+async fn push_desired(ctx: Ctx, node: String, session: String, tx: AgentTx) {
+    let mut applied = ctx.replica.applied();
+    let mut last: Option<Vec<pb::Run>> = None;
+    loop {
+        let (ok, runs) = {
+            let state = ctx.replica.read();
+            (
+                registered(&state, &node, &session),
+                desired_runs(&state, &node),
+            )
+        };
+        if !ok {
+            let _ = tx
+                .send(Err(Status::failed_precondition(format!(
+                    "node {node} is no longer registered with session {session}: register again"
+                ))))
+                .await;
+            return;
+        }
+        if last.as_ref() != Some(&runs) {
+            let msg = pb::SchedulerMessage {
+                msg: Some(Down::Desired(pb::Desired { runs: runs.clone() })),
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return;
+            }
+            last = Some(runs);
+        }
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { return },
+            _ = tx.closed() => return,
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! JobService: submit, get, list, cancel, logs, watch.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use coop_proto::v1::{self as pb, job_service_server::JobService};
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+use super::{Ctx, invalid, job_to_pb, may_access, parse_job_id, propose_status, rejection_status};
+use crate::replica::now_ms;
+use crate::state::{Event, JobKind, JobSpec, Op, Principal, validate_spec};
+
+pub struct Jobs(pub Ctx);
+
+const DEFAULT_LOG_LIMIT: u32 = 1 << 20;
+
+impl Jobs {
+    /// The job if it exists and the caller may see it (NOT_FOUND / PERMISSION_DENIED).
+    fn visible(&self, who: &Principal, id: uuid::Uuid) -> Result<pb::Job, Status> {
+        let state = self.0.replica.read();
+        let job = state
+            .jobs
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("job {id} does not exist")))?;
+        if !may_access(who, job) {
+            return Err(Status::permission_denied(format!(
+                "job {id} belongs to another member"
+            )));
+        }
+        Ok(job_to_pb(&state, job, now_ms()))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for Jobs {
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let who = self.0.principal(&req)?;
+        let r = req.into_inner();
+        let kind = match pb::JobKind::try_from(r.kind) {
+            Ok(pb::JobKind::Finetune) => JobKind::Finetune,
+            Ok(pb::JobKind::Inference) => JobKind::Inference,
+            _ => return Err(invalid("kind", "must be finetune or inference")),
+        };
+        let member = match (&who, r.member.trim()) {
+            (Principal::Member(m), "") => m.clone(),
+            (Principal::Member(m), other) if other == m => m.clone(),
+            (Principal::Member(m), other) => {
+                return Err(Status::permission_denied(format!(
+                    "member {m} may not submit for member {other}"
+                )));
+            }
+            (Principal::Operator, "") => {
+                self.0
+                    .replica
+                    .read()
+                    .default_member
+                    .clone()
+                    .ok_or_else(|| {
+                        invalid("member", "the operator must name the member the job is for")
+                    })?
+            }
+            (Principal::Operator, other) => other.to_string(),
+        };
+        let spec = JobSpec {
+            kind,
+            gpus: r.gpus,
+            command: r.command,
+            gpu_model: Some(r.gpu_model.trim().to_string()).filter(|m| !m.is_empty()),
+            min_gpu_memory_mb: r.min_gpu_memory_mb,
+            preemptible: r.preemptible,
+            kill_grace_ms: if r.kill_grace_ms == 0 {
+                self.0.config.kill_grace.as_millis() as u64
+            } else {
+                r.kill_grace_ms
+            },
+        };
+        validate_spec(&spec).map_err(rejection_status)?;
+        let id = uuid::Uuid::new_v4();
+        self.0
+            .replica
+            .propose(Op::SubmitJob { id, member, spec })
+            .await
+            .map_err(propose_status)?;
+        self.0.registry.wake_scheduler();
+        Ok(Response::new(pb::SubmitJobResponse {
+            job: Some(self.visible(&who, id)?),
+        }))
+    }
+
+    async fn get(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
+        let who = self.0.principal(&req)?;
+        let id = parse_job_id("id", &req.get_ref().id)?;
+        Ok(Response::new(pb::GetJobResponse {
+            job: Some(self.visible(&who, id)?),
+        }))
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let who = self.0.principal(&req)?;
+        let r = req.into_inner();
+        let mut states = Vec::new();
+        for s in &r.states {
+            let s = pb::JobState::try_from(*s)
+                .ok()
+                .and_then(super::state_from_pb)
+                .ok_or_else(|| invalid("states", format!("{s} is not a job state")))?;
+            states.push(s);
+        }
+        let filter_member = r.member.trim();
+        if let (Principal::Member(m), f) = (&who, filter_member)
+            && !f.is_empty()
+            && f != m
+        {
+            return Err(Status::permission_denied(format!(
+                "member {m} may not list the jobs of {f}"
+            )));
+        }
+        let state = self.0.replica.read();
+        if !filter_member.is_empty() && !state.members.contains_key(filter_member) {
+            return Err(Status::not_found(format!(
+                "member: {filter_member:?} does not exist"
+            )));
+        }
+        let now = now_ms();
+        let mut jobs: Vec<_> = state
+            .jobs
+            .values()
+            .filter(|j| may_access(&who, j))
+            .filter(|j| filter_member.is_empty() || j.member == filter_member)
+            .filter(|j| states.is_empty() || states.contains(&j.state))
+            .collect();
+        jobs.sort_by_key(|j| (j.submitted_at_ms, j.id));
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs
+                .into_iter()
+                .map(|j| job_to_pb(&state, j, now))
+                .collect(),
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let who = self.0.principal(&req)?;
+        let id = parse_job_id("id", &req.get_ref().id)?;
+        self.visible(&who, id)?;
+        self.0
+            .replica
+            .propose(Op::CancelJob { id })
+            .await
+            .map_err(propose_status)?;
+        Ok(Response::new(pb::CancelJobResponse {
+            job: Some(self.visible(&who, id)?),
+        }))
+    }
+
+    async fn logs(
+        &self,
+        req: Request<pb::JobLogsRequest>,
+    ) -> Result<Response<pb::JobLogsResponse>, Status> {
+        let who = self.0.principal(&req)?;
+        let r = req.into_inner();
+        let id = parse_job_id("id", &r.id)?;
+        let job = self.visible(&who, id)?;
+        let attempt = if r.attempt == 0 {
+            job.attempts
+        } else {
+            r.attempt
+        };
+        if attempt > job.attempts {
+            return Err(invalid(
+                "attempt",
+                format!("job {id} has had {} attempts", job.attempts),
+            ));
+        }
+        if attempt == 0 {
+            // Never ran: no output yet, and none ever if it has ended.
+            return Ok(Response::new(pb::JobLogsResponse {
+                data: vec![],
+                next_offset: 0,
+                eof: job.finished_at_ms != 0,
+                attempt: 0,
+            }));
+        }
+        let node = if attempt == job.attempts {
+            Some(job.node.clone())
+        } else {
+            let state = self.0.replica.read();
+            state
+                .ledger
+                .iter()
+                .find(|u| u.job == id && u.attempt == attempt)
+                .map(|u| u.node.clone())
+        }
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "no node is known for attempt {attempt} of job {id}"
+            ))
+        })?;
+        let limit = if r.limit == 0 {
+            DEFAULT_LOG_LIMIT
+        } else {
+            r.limit.min(DEFAULT_LOG_LIMIT)
+        };
+        let chunk = self
+            .0
+            .registry
+            .fetch_logs(&node, id, attempt, r.offset, limit, Duration::from_secs(10))
+            .await?;
+        Ok(Response::new(pb::JobLogsResponse {
+            data: chunk.data,
+            next_offset: chunk.next_offset,
+            eof: chunk.eof,
+            attempt,
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let who = self.0.principal(&req)?;
+        let id = parse_job_id("id", &req.get_ref().id)?;
+        // Subscribe before the first read so that no change falls in between.
+        let mut events = self.0.replica.subscribe();
+        let first = self.visible(&who, id)?;
+        let replica = self.0.replica.clone();
+        let stream = async_stream(move |tx| async move {
+            let mut last = first;
+            let mut finished = is_final(&last);
+            if tx
+                .send(Ok(pb::JobEvent {
+                    job: Some(last.clone()),
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            while !finished {
+                match events.recv().await {
+                    Ok(Event::Job(j)) if j == id => {}
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                }
+                let job = {
+                    let state = replica.read();
+                    match state.jobs.get(&id) {
+                        Some(j) => job_to_pb(&state, j, now_ms()),
+                        None => return,
+                    }
+                };
+                // Usage grows by itself; only report real changes.
+                let changed = job.state != last.state
+                    || job.attempts != last.attempts
+                    || job.cancel_requested != last.cancel_requested
+                    || job.started_at_ms != last.started_at_ms
+                    || job.node != last.node;
+                finished = is_final(&job);
+                if changed {
+                    last = job.clone();
+                    if tx.send(Ok(pb::JobEvent { job: Some(job) })).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn is_final(job: &pb::Job) -> bool {
+    pb::JobState::try_from(job.state)
+        .ok()
+        .and_then(super::state_from_pb)
+        .is_some_and(|s| s.is_final())
+}
+
+/// A stream fed by a spawned task through a small channel.
+pub fn async_stream<T, F, Fut>(f: F) -> tokio_stream::wrappers::ReceiverStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -1,0 +1,143 @@
+//! gRPC services of coop.v1: the thin shell over the replica.
+
+pub mod agents;
+pub mod cluster;
+pub mod jobs;
+pub mod members;
+pub mod usage;
+
+use std::sync::Arc;
+
+use coop_proto::v1 as pb;
+use tonic::{Request, Status};
+
+use crate::auth::hash_token;
+use crate::liveness::Registry;
+use crate::replica::{ProposeError, Replica};
+use crate::state::{Job, JobKind, JobState, Principal, Rejection, State};
+
+/// What every service holds.
+#[derive(Clone)]
+pub struct Ctx {
+    pub replica: Replica,
+    pub registry: Arc<Registry>,
+    pub config: Arc<crate::server::Config>,
+}
+
+impl Ctx {
+    /// The caller's principal, from `authorization: Bearer <token>`.
+    pub fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        let header = req.metadata().get("authorization").ok_or_else(|| {
+            Status::unauthenticated(
+                "no credential: send authorization: Bearer <token> (COOP_TOKEN)",
+            )
+        })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))?;
+        self.replica
+            .read()
+            .principal(&hash_token(token.trim()))
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("unknown token"))
+    }
+
+    pub fn operator<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match self.principal(req)? {
+            Principal::Operator => Ok(()),
+            Principal::Member(m) => Err(Status::permission_denied(format!(
+                "member {m} may not do this: operator only"
+            ))),
+        }
+    }
+}
+
+pub fn rejection_status(r: Rejection) -> Status {
+    match r {
+        Rejection::InvalidArgument { .. } => Status::invalid_argument(r.to_string()),
+        Rejection::NotFound(m) => Status::not_found(m),
+        Rejection::AlreadyExists(m) => Status::already_exists(m),
+        Rejection::FailedPrecondition(m) => Status::failed_precondition(m),
+    }
+}
+
+pub fn propose_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::Rejected(r) => rejection_status(r),
+        ProposeError::Unavailable(m) => Status::unavailable(m),
+    }
+}
+
+pub fn invalid(field: &str, msg: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {msg}"))
+}
+
+pub fn parse_job_id(field: &str, s: &str) -> Result<uuid::Uuid, Status> {
+    uuid::Uuid::parse_str(s.trim())
+        .map_err(|_| invalid(field, format!("{s:?} is not a job id (a UUID)")))
+}
+
+pub fn kind_to_pb(k: JobKind) -> pb::JobKind {
+    match k {
+        JobKind::Finetune => pb::JobKind::Finetune,
+        JobKind::Inference => pb::JobKind::Inference,
+    }
+}
+
+pub fn state_to_pb(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Running => pb::JobState::Running,
+        JobState::Completed => pb::JobState::Completed,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+        JobState::Lost => pb::JobState::Lost,
+    }
+}
+
+pub fn state_from_pb(s: pb::JobState) -> Option<JobState> {
+    Some(match s {
+        pb::JobState::Unspecified => return None,
+        pb::JobState::Pending => JobState::Pending,
+        pb::JobState::Running => JobState::Running,
+        pb::JobState::Completed => JobState::Completed,
+        pb::JobState::Failed => JobState::Failed,
+        pb::JobState::Cancelled => JobState::Cancelled,
+        pb::JobState::Lost => JobState::Lost,
+    })
+}
+
+pub fn job_to_pb(state: &State, job: &Job, now_ms: i64) -> pb::Job {
+    pb::Job {
+        id: job.id.to_string(),
+        member: job.member.clone(),
+        kind: kind_to_pb(job.spec.kind) as i32,
+        state: state_to_pb(job.state) as i32,
+        gpu_count: job.spec.gpus,
+        gpus: job.gpus.clone(),
+        node: job.node.clone().unwrap_or_default(),
+        command: job.spec.command.clone(),
+        gpu_model: job.spec.gpu_model.clone().unwrap_or_default(),
+        min_gpu_memory_mb: job.spec.min_gpu_memory_mb,
+        preemptible: job.spec.preemptible,
+        exit_code: job.exit_code,
+        attempts: job.attempts,
+        submitted_at_ms: job.submitted_at_ms,
+        started_at_ms: job.started_at_ms.unwrap_or(0),
+        finished_at_ms: job.finished_at_ms.unwrap_or(0),
+        cancel_requested: job.cancel_requested,
+        kill_grace_ms: job.spec.kill_grace_ms,
+        reason: job.reason.clone(),
+        gpu_ms: state.job_gpu_ms(job, now_ms),
+    }
+}
+
+/// May `who` see (and cancel) `job`?
+pub fn may_access(who: &Principal, job: &Job) -> bool {
+    match who {
+        Principal::Operator => true,
+        Principal::Member(m) => *m == job.member,
+    }
+}

@@ -1,0 +1,16 @@
+//! coop-scheduler: the replicated state machine (`state`), placement policy
+//! (`placement`) and usage figures (`usage`), which are pure; and the shell
+//! around them: the durable log (`store`, `replica`), agent liveness
+//! (`liveness`), the gRPC services (`api`) and the process (`server`).
+
+pub mod api;
+pub mod auth;
+pub mod liveness;
+pub mod placement;
+pub mod replica;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod usage;
+
+pub use server::{Config, Scheduler};

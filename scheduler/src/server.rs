@@ -1,0 +1,234 @@
+//! A scheduler process: the replica, the gRPC services, the scheduling loop and
+//! the liveness monitor.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use coop_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, Ctx};
+use crate::auth::{hash_token, new_token};
+use crate::liveness::Registry;
+use crate::placement::schedule;
+use crate::replica::{Replica, now_ms};
+use crate::state::Op;
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: u64,
+    pub listen: SocketAddr,
+    /// How clients reach this scheduler; filled from the bound address when empty.
+    pub advertise: String,
+    pub data_dir: PathBuf,
+    /// The operator credential to create at first boot; generated when absent.
+    pub operator_token: Option<String>,
+    /// A member created at first boot (name, token hash) that the operator's own
+    /// submissions are billed to (`coop dev` uses "default").
+    pub default_member: Option<(String, String)>,
+    /// A node with no heartbeat for this long is marked down and its jobs requeued.
+    pub node_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    /// SIGTERM-to-SIGKILL grace of jobs that do not set their own.
+    pub kill_grace: Duration,
+}
+
+impl Config {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            id: 1,
+            listen,
+            advertise: String::new(),
+            data_dir,
+            operator_token: None,
+            default_member: None,
+            node_timeout: Duration::from_secs(15),
+            heartbeat_interval: Duration::from_secs(1),
+            kill_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+pub struct Scheduler {
+    pub addr: SocketAddr,
+    /// The operator token, when this start created it without being given one.
+    pub generated_operator_token: Option<String>,
+    pub replica: Replica,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Scheduler {
+    pub async fn start(mut config: Config) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        let store = Store::open(&config.data_dir.join("scheduler.db")).await?;
+        let replica = Replica::start(store).await?;
+        let mut generated_operator_token = None;
+        if !replica.read().bootstrapped() {
+            let token = match &config.operator_token {
+                Some(t) => t.clone(),
+                None => {
+                    let t = new_token();
+                    generated_operator_token = Some(t.clone());
+                    t
+                }
+            };
+            replica
+                .propose(Op::Bootstrap {
+                    operator_token_hash: hash_token(&token),
+                    default_member: config.default_member.clone(),
+                })
+                .await
+                .context("bootstrapping the cluster")?;
+        } else if let Some(t) = &config.operator_token
+            && replica.read().operator_token_hash.as_deref() != Some(&hash_token(t))
+        {
+            tracing::warn!(
+                "--operator-token differs from the one this cluster was created with; the original stays in force"
+            );
+        }
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        if config.advertise.is_empty() {
+            config.advertise = format!("http://{addr}");
+        }
+        let ctx = Ctx {
+            replica: replica.clone(),
+            registry: Arc::new(Registry::new()),
+            config: Arc::new(config),
+        };
+        let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(scheduling_loop(ctx.clone(), shutdown_rx.clone()));
+        tokio::spawn(liveness_monitor(ctx.clone(), shutdown_rx.clone()));
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<pb::job_service_server::JobServiceServer<api::jobs::Jobs>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let router = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(pb::job_service_server::JobServiceServer::new(
+                api::jobs::Jobs(ctx.clone()),
+            ))
+            .add_service(pb::member_service_server::MemberServiceServer::new(
+                api::members::Members(ctx.clone()),
+            ))
+            .add_service(pb::usage_service_server::UsageServiceServer::new(
+                api::usage::Usage(ctx.clone()),
+            ))
+            .add_service(pb::cluster_service_server::ClusterServiceServer::new(
+                api::cluster::Cluster(ctx.clone()),
+            ))
+            .add_service(pb::agent_service_server::AgentServiceServer::new(
+                api::agents::Agents(ctx.clone()),
+            ));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+            let _ = shutdown_rx.wait_for(|s| *s).await;
+        }));
+        tracing::info!("scheduler {} serving on {addr}", ctx.config.id);
+        Ok(Self {
+            addr,
+            generated_operator_token,
+            replica,
+            shutdown,
+            server,
+        })
+    }
+
+    /// Stops serving; in-flight calls are allowed to finish.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+    }
+
+    /// Runs until the server task ends (an error) .
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        (&mut self.server).await??;
+        Ok(())
+    }
+}
+
+/// Places pending jobs whenever something may have changed, and at least once a
+/// second (services backing off become placeable with time alone).
+async fn scheduling_loop(ctx: Ctx, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let decisions = {
+            let state = ctx.replica.read();
+            schedule(&state, now_ms())
+        };
+        // Proposed together, they are written in one batch.
+        let results = futures::future::join_all(decisions.into_iter().map(|p| {
+            ctx.replica.propose(Op::Place {
+                job: p.job,
+                node: p.node,
+                gpus: p.gpus,
+            })
+        }))
+        .await;
+        for r in results {
+            if let Err(e) = r {
+                tracing::debug!("placement rejected at apply: {e}");
+            }
+        }
+        tokio::select! {
+            _ = ctx.registry.scheduler_woken() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Marks nodes down whose agent has not been heard from within the timeout.
+async fn liveness_monitor(ctx: Ctx, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let timeout = ctx.config.node_timeout.as_millis() as i64;
+    let period =
+        (ctx.config.node_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = now_ms();
+        let stale: Vec<(String, i64)> = {
+            let state = ctx.replica.read();
+            state
+                .nodes
+                .values()
+                .filter(|n| n.up)
+                .filter_map(|n| {
+                    let seen = ctx
+                        .registry
+                        .last_seen(&n.name)
+                        .unwrap_or_else(|| ctx.registry.started_ms());
+                    (now - seen > timeout).then(|| (n.name.clone(), seen))
+                })
+                .collect()
+        };
+        for (node, last_seen_ms) in stale {
+            tracing::warn!("node {node} missed heartbeats for {timeout} ms: marking it down");
+            if let Err(e) = ctx
+                .replica
+                .propose(Op::NodeDown { node, last_seen_ms })
+                .await
+            {
+                tracing::warn!("marking a node down failed: {e}");
+            }
+            ctx.registry.wake_scheduler();
+        }
+    }
+}

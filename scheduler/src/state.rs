@@ -1,0 +1,803 @@
+//! The cluster's state machine: members, nodes, GPUs, jobs and the usage ledger.
+//!
+//! Pure and deterministic: `State::apply(&Command)` reads nothing but the state and
+//! the command (time arrives inside the command, stamped by the proposer), so every
+//! replica that applies the same log reaches the same state. It validates everything
+//! it is told: a placement of a GPU that is no longer free is rejected here, not
+//! trusted, and a rejected command changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub type JobId = Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Finetune,
+    Inference,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    Lost,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Cancelled | JobState::Lost
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Principal {
+    Operator,
+    Member(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gpu {
+    pub uuid: String,
+    pub index: u32,
+    pub model: String,
+    pub memory_mb: u64,
+    /// The job holding this GPU; `None` when free.
+    pub job: Option<JobId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub owner: String,
+    pub gpus: Vec<Gpu>,
+    pub up: bool,
+    /// The agent process that registered last; reports from any other are stale.
+    pub session: String,
+    /// Highest report sequence applied for `session` (reports are applied once).
+    pub last_seq: u64,
+    pub registered_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub kind: JobKind,
+    pub gpus: u32,
+    pub command: Vec<String>,
+    pub gpu_model: Option<String>,
+    pub min_gpu_memory_mb: u64,
+    pub preemptible: bool,
+    pub kill_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub member: String,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Node and GPUs of the current run, or of the last one once it ended.
+    pub node: Option<String>,
+    pub gpus: Vec<String>,
+    pub exit_code: Option<i32>,
+    /// Runs started so far (placements).
+    pub attempts: u32,
+    pub submitted_at_ms: i64,
+    /// When the current (or last) run started, as measured by its agent.
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub cancel_requested: bool,
+    /// Not placed before this time (restart back-off of services).
+    pub not_before_ms: i64,
+    pub reason: String,
+    /// GPU-milliseconds of runs that have ended.
+    pub gpu_ms: u64,
+}
+
+/// One closed run of a job: the unit the ledger bills.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub job: JobId,
+    pub attempt: u32,
+    pub member: String,
+    pub node: String,
+    pub gpus: u32,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub gpu_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub uuid: String,
+    pub index: u32,
+    pub model: String,
+    pub memory_mb: u64,
+}
+
+/// A command of the replicated log, stamped with the proposer's clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub at_ms: i64,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// First command of a cluster: the operator credential and, optionally, the
+    /// member that the operator's own submissions are billed to.
+    Bootstrap {
+        operator_token_hash: String,
+        default_member: Option<(String, String)>,
+    },
+    AddMember {
+        name: String,
+        token_hash: String,
+    },
+    RegisterNode {
+        node: String,
+        owner: String,
+        gpus: Vec<GpuInfo>,
+        session: String,
+        /// Where runs of an earlier agent session are billed up to (its last heartbeat).
+        orphaned_runs_end_ms: i64,
+    },
+    NodeDown {
+        node: String,
+        last_seen_ms: i64,
+    },
+    SubmitJob {
+        id: JobId,
+        member: String,
+        spec: JobSpec,
+    },
+    CancelJob {
+        id: JobId,
+    },
+    Place {
+        job: JobId,
+        node: String,
+        gpus: Vec<String>,
+    },
+    Report {
+        node: String,
+        session: String,
+        seq: u64,
+        report: RunReport,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunReport {
+    Started {
+        job: JobId,
+        attempt: u32,
+        at_ms: i64,
+    },
+    Exited {
+        job: JobId,
+        attempt: u32,
+        at_ms: i64,
+        exit_code: i32,
+        reason: String,
+    },
+}
+
+/// What changed, for watchers (job watch streams, agent desired-state pushers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Job(JobId),
+    Node(String),
+    Member(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum Rejection {
+    #[error("{field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> Rejection {
+    Rejection::InvalidArgument {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Failed finetune runs lost with their node are retried this many times in all.
+pub const MAX_ATTEMPTS: u32 = 3;
+/// Services that keep exiting are restarted after 1 s, 2 s, 4 s ... up to this.
+pub const MAX_RESTART_BACKOFF_MS: i64 = 60_000;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub operator_token_hash: Option<String>,
+    pub default_member: Option<String>,
+    pub members: BTreeMap<String, Member>,
+    pub tokens: BTreeMap<String, Principal>,
+    pub nodes: BTreeMap<String, Node>,
+    pub jobs: BTreeMap<JobId, Job>,
+    /// Pending jobs in arrival order (an index over `jobs`).
+    pub queue: BTreeSet<(i64, JobId)>,
+    pub ledger: Vec<UsageRecord>,
+}
+
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl State {
+    pub fn principal(&self, token_hash: &str) -> Option<&Principal> {
+        self.tokens.get(token_hash)
+    }
+
+    pub fn bootstrapped(&self) -> bool {
+        self.operator_token_hash.is_some()
+    }
+
+    /// Applies one command. On `Err` nothing has changed.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Vec<Event>, Rejection> {
+        let at = cmd.at_ms;
+        match &cmd.op {
+            Op::Bootstrap {
+                operator_token_hash,
+                default_member,
+            } => self.bootstrap(at, operator_token_hash, default_member.as_ref()),
+            Op::AddMember { name, token_hash } => self.add_member(at, name, token_hash),
+            Op::RegisterNode {
+                node,
+                owner,
+                gpus,
+                session,
+                orphaned_runs_end_ms,
+            } => self.register_node(at, node, owner, gpus, session, *orphaned_runs_end_ms),
+            Op::NodeDown { node, last_seen_ms } => self.node_down(node, *last_seen_ms),
+            Op::SubmitJob { id, member, spec } => self.submit(at, *id, member, spec),
+            Op::CancelJob { id } => self.cancel(at, *id),
+            Op::Place { job, node, gpus } => self.place(at, *job, node, gpus),
+            Op::Report {
+                node,
+                session,
+                seq,
+                report,
+            } => self.report(at, node, session, *seq, report),
+        }
+    }
+
+    fn bootstrap(
+        &mut self,
+        at: i64,
+        hash: &str,
+        default_member: Option<&(String, String)>,
+    ) -> Result<Vec<Event>, Rejection> {
+        if self.bootstrapped() {
+            return Err(Rejection::FailedPrecondition(
+                "cluster is already bootstrapped".into(),
+            ));
+        }
+        let mut events = Vec::new();
+        if let Some((name, member_hash)) = default_member {
+            events = self.add_member(at, name, member_hash)?;
+            self.default_member = Some(name.clone());
+        }
+        self.operator_token_hash = Some(hash.to_string());
+        self.tokens.insert(hash.to_string(), Principal::Operator);
+        Ok(events)
+    }
+
+    fn add_member(&mut self, at: i64, name: &str, hash: &str) -> Result<Vec<Event>, Rejection> {
+        if !valid_name(name) {
+            return Err(invalid(
+                "name",
+                format!(
+                    "{name:?} is not a valid member name (lowercase letters, digits, '-', '_'; at most 63)"
+                ),
+            ));
+        }
+        if self.members.contains_key(name) {
+            return Err(Rejection::AlreadyExists(format!(
+                "member {name:?} already exists"
+            )));
+        }
+        if self.tokens.contains_key(hash) {
+            return Err(Rejection::AlreadyExists("token already in use".into()));
+        }
+        self.members.insert(
+            name.to_string(),
+            Member {
+                name: name.to_string(),
+                created_at_ms: at,
+            },
+        );
+        self.tokens
+            .insert(hash.to_string(), Principal::Member(name.to_string()));
+        Ok(vec![Event::Member(name.to_string())])
+    }
+
+    fn register_node(
+        &mut self,
+        at: i64,
+        name: &str,
+        owner: &str,
+        gpus: &[GpuInfo],
+        session: &str,
+        orphaned_end: i64,
+    ) -> Result<Vec<Event>, Rejection> {
+        if !valid_name(name) {
+            return Err(invalid(
+                "node",
+                format!("{name:?} is not a valid node name"),
+            ));
+        }
+        if !self.members.contains_key(owner) {
+            return Err(Rejection::NotFound(format!(
+                "owner: member {owner:?} does not exist"
+            )));
+        }
+        if session.is_empty() {
+            return Err(invalid("session", "must not be empty"));
+        }
+        let mut seen = BTreeSet::new();
+        for g in gpus {
+            if g.uuid.is_empty() || !seen.insert(g.uuid.as_str()) {
+                return Err(invalid(
+                    "gpus",
+                    format!("GPU uuid {:?} is empty or repeated", g.uuid),
+                ));
+            }
+            if let Some(other) = self
+                .nodes
+                .values()
+                .find(|n| n.name != name && n.gpus.iter().any(|o| o.uuid == g.uuid))
+            {
+                return Err(invalid(
+                    "gpus",
+                    format!(
+                        "GPU {} is already registered by node {}",
+                        g.uuid, other.name
+                    ),
+                ));
+            }
+        }
+        let mut events = vec![Event::Node(name.to_string())];
+        if let Some(node) = self.nodes.get(name) {
+            // Runs of an earlier agent process are no longer watched by anyone;
+            // runs on GPUs that are gone cannot continue. Both go back to the queue.
+            let new_session = node.session != session;
+            let orphans: Vec<JobId> = node
+                .gpus
+                .iter()
+                .filter(|g| new_session || !gpus.iter().any(|n| n.uuid == g.uuid))
+                .filter_map(|g| g.job)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            for job in orphans {
+                self.end_run_lost(job, orphaned_end.min(at), "agent restarted");
+                events.push(Event::Job(job));
+            }
+        }
+        let held: BTreeMap<String, JobId> = self
+            .nodes
+            .get(name)
+            .map(|n| {
+                n.gpus
+                    .iter()
+                    .filter_map(|g| g.job.map(|j| (g.uuid.clone(), j)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let registered_at_ms = self.nodes.get(name).map_or(at, |n| n.registered_at_ms);
+        let same_session = self.nodes.get(name).is_some_and(|n| n.session == session);
+        let last_seq = if same_session {
+            self.nodes[name].last_seq
+        } else {
+            0
+        };
+        self.nodes.insert(
+            name.to_string(),
+            Node {
+                name: name.to_string(),
+                owner: owner.to_string(),
+                gpus: gpus
+                    .iter()
+                    .map(|g| Gpu {
+                        uuid: g.uuid.clone(),
+                        index: g.index,
+                        model: g.model.clone(),
+                        memory_mb: g.memory_mb,
+                        job: held.get(&g.uuid).copied(),
+                    })
+                    .collect(),
+                up: true,
+                session: session.to_string(),
+                last_seq,
+                registered_at_ms,
+            },
+        );
+        Ok(events)
+    }
+
+    fn node_down(&mut self, name: &str, last_seen: i64) -> Result<Vec<Event>, Rejection> {
+        let node = self
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| Rejection::NotFound(format!("node {name:?} does not exist")))?;
+        if !node.up {
+            return Ok(vec![]);
+        }
+        node.up = false;
+        let jobs: BTreeSet<JobId> = node.gpus.iter().filter_map(|g| g.job).collect();
+        let mut events = vec![Event::Node(name.to_string())];
+        for job in jobs {
+            self.end_run_lost(job, last_seen, "node down");
+            events.push(Event::Job(job));
+        }
+        Ok(events)
+    }
+
+    fn submit(
+        &mut self,
+        at: i64,
+        id: JobId,
+        member: &str,
+        spec: &JobSpec,
+    ) -> Result<Vec<Event>, Rejection> {
+        validate_spec(spec)?;
+        if !self.members.contains_key(member) {
+            return Err(Rejection::NotFound(format!(
+                "member: {member:?} does not exist"
+            )));
+        }
+        if self.jobs.contains_key(&id) {
+            return Err(Rejection::AlreadyExists(format!("job {id} already exists")));
+        }
+        let largest = self
+            .nodes
+            .values()
+            .map(|n| n.gpus.iter().filter(|g| gpu_fits(g, spec)).count())
+            .max()
+            .unwrap_or(0);
+        if (spec.gpus as usize) > largest {
+            let what = match &spec.gpu_model {
+                Some(m) => format!(" {m}"),
+                None => String::new(),
+            };
+            return Err(Rejection::FailedPrecondition(format!(
+                "gpus: the job asks for {} GPUs but the largest registered node has {largest} matching{what} GPUs",
+                spec.gpus
+            )));
+        }
+        self.jobs.insert(
+            id,
+            Job {
+                id,
+                member: member.to_string(),
+                spec: spec.clone(),
+                state: JobState::Pending,
+                node: None,
+                gpus: vec![],
+                exit_code: None,
+                attempts: 0,
+                submitted_at_ms: at,
+                started_at_ms: None,
+                finished_at_ms: None,
+                cancel_requested: false,
+                not_before_ms: at,
+                reason: String::new(),
+                gpu_ms: 0,
+            },
+        );
+        self.queue.insert((at, id));
+        Ok(vec![Event::Job(id)])
+    }
+
+    fn cancel(&mut self, at: i64, id: JobId) -> Result<Vec<Event>, Rejection> {
+        let job = self
+            .jobs
+            .get_mut(&id)
+            .ok_or_else(|| Rejection::NotFound(format!("job {id} does not exist")))?;
+        match job.state {
+            JobState::Pending => {
+                job.state = JobState::Cancelled;
+                job.finished_at_ms = Some(at);
+                job.reason = "cancelled while pending".into();
+                let key = (job.submitted_at_ms, id);
+                self.queue.remove(&key);
+            }
+            // The agent stops it (SIGTERM, grace, SIGKILL); its exit report ends it.
+            JobState::Running => job.cancel_requested = true,
+            s => {
+                return Err(Rejection::FailedPrecondition(format!(
+                    "job {id} has already ended ({s:?})"
+                )));
+            }
+        }
+        Ok(vec![Event::Job(id)])
+    }
+
+    fn place(
+        &mut self,
+        at: i64,
+        id: JobId,
+        node_name: &str,
+        gpus: &[String],
+    ) -> Result<Vec<Event>, Rejection> {
+        let job = self
+            .jobs
+            .get(&id)
+            .ok_or_else(|| Rejection::NotFound(format!("job {id} does not exist")))?;
+        if job.state != JobState::Pending {
+            return Err(Rejection::FailedPrecondition(format!(
+                "job {id} is not pending"
+            )));
+        }
+        if job.not_before_ms > at {
+            return Err(Rejection::FailedPrecondition(format!(
+                "job {id} is backing off"
+            )));
+        }
+        let node = self
+            .nodes
+            .get(node_name)
+            .ok_or_else(|| Rejection::NotFound(format!("node {node_name:?} does not exist")))?;
+        if !node.up {
+            return Err(Rejection::FailedPrecondition(format!(
+                "node {node_name} is down"
+            )));
+        }
+        let distinct: BTreeSet<&String> = gpus.iter().collect();
+        if gpus.len() != job.spec.gpus as usize || distinct.len() != gpus.len() {
+            return Err(invalid(
+                "gpus",
+                format!(
+                    "placement gives {} GPUs to a job of {}",
+                    distinct.len(),
+                    job.spec.gpus
+                ),
+            ));
+        }
+        for uuid in gpus {
+            let gpu = node
+                .gpus
+                .iter()
+                .find(|g| &g.uuid == uuid)
+                .ok_or_else(|| invalid("gpus", format!("{uuid} is not on node {node_name}")))?;
+            if gpu.job.is_some() {
+                return Err(Rejection::FailedPrecondition(format!(
+                    "GPU {uuid} is not free"
+                )));
+            }
+            if !gpu_fits(gpu, &job.spec) {
+                return Err(Rejection::FailedPrecondition(format!(
+                    "GPU {uuid} does not meet the job's model or memory request"
+                )));
+            }
+        }
+        let node = self.nodes.get_mut(node_name).expect("checked above");
+        for g in node.gpus.iter_mut().filter(|g| gpus.contains(&g.uuid)) {
+            g.job = Some(id);
+        }
+        let job = self.jobs.get_mut(&id).expect("checked above");
+        self.queue.remove(&(job.submitted_at_ms, id));
+        job.state = JobState::Running;
+        job.node = Some(node_name.to_string());
+        job.gpus = gpus.to_vec();
+        job.attempts += 1;
+        job.started_at_ms = None;
+        job.finished_at_ms = None;
+        job.exit_code = None;
+        job.reason.clear();
+        Ok(vec![Event::Job(id), Event::Node(node_name.to_string())])
+    }
+
+    fn report(
+        &mut self,
+        at: i64,
+        node_name: &str,
+        session: &str,
+        seq: u64,
+        report: &RunReport,
+    ) -> Result<Vec<Event>, Rejection> {
+        let node = self
+            .nodes
+            .get_mut(node_name)
+            .ok_or_else(|| Rejection::NotFound(format!("node {node_name:?} does not exist")))?;
+        if node.session != session {
+            return Err(Rejection::FailedPrecondition(format!(
+                "agent session {session} of node {node_name} is no longer registered"
+            )));
+        }
+        if seq <= node.last_seq {
+            return Ok(vec![]); // already applied: a retransmission
+        }
+        node.last_seq = seq;
+        // A report about a run that is no longer current (requeued meanwhile, or
+        // stopped after it was reassigned) is acknowledged and otherwise ignored.
+        let current = |s: &State, job: &JobId, attempt: u32| {
+            s.jobs.get(job).is_some_and(|j| {
+                j.state == JobState::Running
+                    && j.attempts == attempt
+                    && j.node.as_deref() == Some(node_name)
+            })
+        };
+        match report {
+            RunReport::Started {
+                job,
+                attempt,
+                at_ms,
+            } => {
+                if !current(self, job, *attempt) {
+                    return Ok(vec![]);
+                }
+                let j = self.jobs.get_mut(job).expect("checked");
+                j.started_at_ms = Some(*at_ms);
+                Ok(vec![Event::Job(*job)])
+            }
+            RunReport::Exited {
+                job,
+                attempt,
+                at_ms,
+                exit_code,
+                reason,
+            } => {
+                if !current(self, job, *attempt) {
+                    return Ok(vec![]);
+                }
+                let end = *at_ms;
+                self.close_run(*job, end);
+                let j = self.jobs.get_mut(job).expect("checked");
+                j.exit_code = Some(*exit_code);
+                j.reason = reason.clone();
+                if j.cancel_requested {
+                    j.state = JobState::Cancelled;
+                    j.finished_at_ms = Some(end);
+                } else {
+                    match j.spec.kind {
+                        JobKind::Finetune => {
+                            j.state = if *exit_code == 0 {
+                                JobState::Completed
+                            } else {
+                                JobState::Failed
+                            };
+                            j.finished_at_ms = Some(end);
+                        }
+                        JobKind::Inference => {
+                            // A service is restarted, with a growing back-off if it
+                            // keeps exiting quickly.
+                            let backoff = restart_backoff(j.attempts);
+                            j.reason = format!(
+                                "exited with {exit_code}{}; restarting",
+                                if reason.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" ({reason})")
+                                }
+                            );
+                            self.requeue(*job, at.max(end) + backoff);
+                        }
+                    }
+                }
+                Ok(vec![Event::Job(*job), Event::Node(node_name.to_string())])
+            }
+        }
+    }
+
+    /// Ends the current run of a running job, bills it, and frees its GPUs.
+    fn close_run(&mut self, id: JobId, end_ms: i64) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if let Some(node) = job.node.as_ref().and_then(|n| self.nodes.get_mut(n)) {
+            for g in node.gpus.iter_mut().filter(|g| g.job == Some(id)) {
+                g.job = None;
+            }
+        }
+        if let Some(start) = job.started_at_ms {
+            let end = end_ms.max(start);
+            let gpu_ms = (end - start) as u64 * job.spec.gpus as u64;
+            job.gpu_ms += gpu_ms;
+            self.ledger.push(UsageRecord {
+                job: id,
+                attempt: job.attempts,
+                member: job.member.clone(),
+                node: job.node.clone().unwrap_or_default(),
+                gpus: job.spec.gpus,
+                start_ms: start,
+                end_ms: end,
+                gpu_ms,
+            });
+        }
+    }
+
+    /// The run's agent is gone: bill up to `end_ms` and put the job back in the
+    /// queue, unless it was being cancelled or has used up its attempts.
+    fn end_run_lost(&mut self, id: JobId, end_ms: i64, why: &str) {
+        self.close_run(id, end_ms);
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        job.reason = format!("{why} during attempt {}", job.attempts);
+        if job.cancel_requested {
+            job.state = JobState::Cancelled;
+            job.finished_at_ms = Some(end_ms);
+        } else if job.spec.kind == JobKind::Finetune && job.attempts >= MAX_ATTEMPTS {
+            job.state = JobState::Lost;
+            job.finished_at_ms = Some(end_ms);
+        } else {
+            self.requeue(id, end_ms);
+        }
+    }
+
+    fn requeue(&mut self, id: JobId, not_before: i64) {
+        let job = self.jobs.get_mut(&id).expect("requeue of a known job");
+        job.state = JobState::Pending;
+        job.not_before_ms = not_before;
+        job.cancel_requested = false;
+        self.queue.insert((job.submitted_at_ms, id));
+    }
+
+    /// GPU-milliseconds of a job: ended runs plus the running one up to `now_ms`.
+    pub fn job_gpu_ms(&self, job: &Job, now_ms: i64) -> u64 {
+        let running = match (job.state, job.started_at_ms) {
+            (JobState::Running, Some(start)) => {
+                (now_ms - start).max(0) as u64 * job.spec.gpus as u64
+            }
+            _ => 0,
+        };
+        job.gpu_ms + running
+    }
+}
+
+fn restart_backoff(attempts: u32) -> i64 {
+    let exp = attempts.saturating_sub(1).min(16);
+    (1000i64 << exp).min(MAX_RESTART_BACKOFF_MS)
+}
+
+pub fn gpu_fits(gpu: &Gpu, spec: &JobSpec) -> bool {
+    spec.gpu_model
+        .as_ref()
+        .is_none_or(|m| gpu.model.eq_ignore_ascii_case(m))
+        && gpu.memory_mb >= spec.min_gpu_memory_mb
+}
+
+/// Checks what can be checked without the state; the service layer calls it
+/// before proposing so that bad input never reaches the log.
+pub fn validate_spec(spec: &JobSpec) -> Result<(), Rejection> {
+    if spec.gpus == 0 {
+        return Err(invalid("gpus", "must be at least 1"));
+    }
+    if spec.command.is_empty() || spec.command[0].trim().is_empty() {
+        return Err(invalid("command", "must not be empty"));
+    }
+    if spec.gpu_model.as_ref().is_some_and(|m| m.trim().is_empty()) {
+        return Err(invalid("gpu_model", "must not be blank"));
+    }
+    Ok(())
+}

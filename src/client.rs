@@ -1,0 +1,74 @@
+//! A gRPC client of the cluster: finds a scheduler among the given addresses and
+//! sends the bearer token with every call.
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use coop_proto::v1::{
+    cluster_service_client::ClusterServiceClient, job_service_client::JobServiceClient,
+    member_service_client::MemberServiceClient, usage_service_client::UsageServiceClient,
+};
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::args::ClientArgs;
+
+pub struct Client {
+    channel: Channel,
+    auth: MetadataValue<tonic::metadata::Ascii>,
+}
+
+/// `host:port` or `http://host:port` into a URL.
+pub fn normalize_addr(a: &str) -> String {
+    let a = a.trim();
+    if a.contains("://") {
+        a.to_string()
+    } else {
+        format!("http://{a}")
+    }
+}
+
+impl Client {
+    pub async fn connect(args: &ClientArgs) -> anyhow::Result<Self> {
+        let token = args
+            .token
+            .as_deref()
+            .filter(|t| !t.trim().is_empty())
+            .ok_or_else(|| anyhow!("token: no credential given (--token or COOP_TOKEN)"))?;
+        let auth = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+            .map_err(|_| anyhow!("token: not a valid token"))?;
+        let mut last_err = None;
+        for addr in args.addr.split(',').filter(|a| !a.trim().is_empty()) {
+            let url = normalize_addr(addr);
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|_| anyhow!("addr: {addr:?} is not an address"))?
+                .connect_timeout(Duration::from_secs(3));
+            match endpoint.connect().await {
+                Ok(channel) => return Ok(Self { channel, auth }),
+                Err(e) => last_err = Some(anyhow!("{url}: {e}")),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow!("addr: no scheduler address given")))
+            .context("no scheduler reachable")
+    }
+
+    pub fn req<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.metadata_mut().insert("authorization", self.auth.clone());
+        r
+    }
+
+    pub fn jobs(&self) -> JobServiceClient<Channel> {
+        JobServiceClient::new(self.channel.clone())
+    }
+    pub fn members(&self) -> MemberServiceClient<Channel> {
+        MemberServiceClient::new(self.channel.clone())
+    }
+    pub fn usage(&self) -> UsageServiceClient<Channel> {
+        UsageServiceClient::new(self.channel.clone())
+    }
+    pub fn cluster(&self) -> ClusterServiceClient<Channel> {
+        ClusterServiceClient::new(self.channel.clone())
+    }
+}

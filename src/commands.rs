@@ -1,0 +1,524 @@
+//! Client commands: job, member, usage, cluster, node.
+
+use std::io::Write;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail};
+use coop_proto::v1 as pb;
+use serde_json::{Value, json};
+
+use crate::args::*;
+use crate::client::Client;
+
+fn rfc3339(ms: i64) -> Value {
+    if ms <= 0 {
+        return Value::Null;
+    }
+    let t = UNIX_EPOCH + Duration::from_millis(ms as u64);
+    Value::String(humantime::format_rfc3339_millis(t).to_string())
+}
+
+fn kind_name(k: i32) -> &'static str {
+    match pb::JobKind::try_from(k) {
+        Ok(pb::JobKind::Finetune) => "finetune",
+        Ok(pb::JobKind::Inference) => "inference",
+        _ => "unknown",
+    }
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::JobState::try_from(s) {
+        Ok(pb::JobState::Pending) => "pending",
+        Ok(pb::JobState::Running) => "running",
+        Ok(pb::JobState::Completed) => "completed",
+        Ok(pb::JobState::Failed) => "failed",
+        Ok(pb::JobState::Cancelled) => "cancelled",
+        Ok(pb::JobState::Lost) => "lost",
+        _ => "unknown",
+    }
+}
+
+fn job_json(j: &pb::Job) -> Value {
+    json!({
+        "id": j.id,
+        "member": j.member,
+        "kind": kind_name(j.kind),
+        "state": state_name(j.state),
+        "gpu_count": j.gpu_count,
+        "gpus": j.gpus,
+        "node": if j.node.is_empty() { Value::Null } else { json!(j.node) },
+        "command": j.command,
+        "gpu_model": if j.gpu_model.is_empty() { Value::Null } else { json!(j.gpu_model) },
+        "preemptible": j.preemptible,
+        "exit_code": j.exit_code,
+        "attempts": j.attempts,
+        "submitted_at": rfc3339(j.submitted_at_ms),
+        "started_at": rfc3339(j.started_at_ms),
+        "finished_at": rfc3339(j.finished_at_ms),
+        "cancel_requested": j.cancel_requested,
+        "kill_grace_s": j.kill_grace_ms as f64 / 1000.0,
+        "reason": j.reason,
+        "gpu_seconds": j.gpu_ms as f64 / 1000.0,
+    })
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+/// Prints rows as aligned columns.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn ago(ms: i64, now: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    let s = ((now - ms).max(0) / 1000) as u64;
+    humantime::format_duration(Duration::from_secs(s)).to_string()
+}
+
+fn now_ms() -> i64 {
+    coop_scheduler::replica::now_ms()
+}
+
+fn job_row(j: &pb::Job, now: i64) -> Vec<String> {
+    vec![
+        j.id.clone(),
+        j.member.clone(),
+        kind_name(j.kind).into(),
+        state_name(j.state).into(),
+        j.gpu_count.to_string(),
+        if j.node.is_empty() {
+            "-".into()
+        } else {
+            j.node.clone()
+        },
+        j.attempts.to_string(),
+        j.exit_code.map_or("-".into(), |c| c.to_string()),
+        ago(j.submitted_at_ms, now),
+    ]
+}
+
+const JOB_HEADER: [&str; 9] = [
+    "ID", "MEMBER", "KIND", "STATE", "GPUS", "NODE", "ATTEMPTS", "EXIT", "AGE",
+];
+
+pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
+    let c = Client::connect(cli).await?;
+    let mut jobs = c.jobs();
+    match cmd {
+        JobCmd::Submit(a) => {
+            if a.gpus <= 0 {
+                bail!("gpus: must be at least 1 (got {})", a.gpus);
+            }
+            let gpus =
+                u32::try_from(a.gpus).map_err(|_| anyhow!("gpus: {} is too many", a.gpus))?;
+            let kill_grace_ms = match a.grace {
+                Some(d) if d.is_zero() => bail!("grace: must be more than 0"),
+                Some(d) => d.as_millis() as u64,
+                None => 0,
+            };
+            let req = pb::SubmitJobRequest {
+                kind: match a.kind {
+                    Kind::Finetune => pb::JobKind::Finetune,
+                    Kind::Inference => pb::JobKind::Inference,
+                } as i32,
+                gpus,
+                command: a.command,
+                gpu_model: a.gpu_model.unwrap_or_default(),
+                min_gpu_memory_mb: a.min_memory_gb * 1024,
+                preemptible: a.preemptible,
+                kill_grace_ms,
+                member: a.member.unwrap_or_default(),
+            };
+            let job = jobs
+                .submit(c.req(req))
+                .await?
+                .into_inner()
+                .job
+                .unwrap_or_default();
+            match cli.output {
+                Output::Json => print_json(&job_json(&job)),
+                Output::Table => println!("{}", job.id),
+            }
+        }
+        JobCmd::List(a) => {
+            let states = a
+                .state
+                .iter()
+                .map(|s| match s {
+                    StateArg::Pending => pb::JobState::Pending,
+                    StateArg::Running => pb::JobState::Running,
+                    StateArg::Completed => pb::JobState::Completed,
+                    StateArg::Failed => pb::JobState::Failed,
+                    StateArg::Cancelled => pb::JobState::Cancelled,
+                    StateArg::Lost => pb::JobState::Lost,
+                } as i32)
+                .collect();
+            let req = pb::ListJobsRequest {
+                states,
+                member: a.member.unwrap_or_default(),
+            };
+            let list = jobs.list(c.req(req)).await?.into_inner().jobs;
+            match cli.output {
+                Output::Json => print_json(&Value::Array(list.iter().map(job_json).collect())),
+                Output::Table => {
+                    let now = now_ms();
+                    table(&JOB_HEADER, list.iter().map(|j| job_row(j, now)).collect())
+                }
+            }
+        }
+        JobCmd::Get(IdArg { id }) => {
+            let job = jobs
+                .get(c.req(pb::GetJobRequest { id }))
+                .await?
+                .into_inner()
+                .job
+                .unwrap_or_default();
+            match cli.output {
+                Output::Json => print_json(&job_json(&job)),
+                Output::Table => print_job_detail(&job),
+            }
+        }
+        JobCmd::Cancel(IdArg { id }) => {
+            let job = jobs
+                .cancel(c.req(pb::CancelJobRequest { id }))
+                .await?
+                .into_inner()
+                .job
+                .unwrap_or_default();
+            match cli.output {
+                Output::Json => print_json(&job_json(&job)),
+                Output::Table => {
+                    if job.cancel_requested {
+                        println!(
+                            "{}: stopping (SIGTERM, then SIGKILL after {} s)",
+                            job.id,
+                            job.kill_grace_ms / 1000
+                        );
+                    } else {
+                        println!("{}: {}", job.id, state_name(job.state));
+                    }
+                }
+            }
+        }
+        JobCmd::Logs(a) => {
+            let mut offset = 0;
+            let mut out = std::io::stdout().lock();
+            loop {
+                let req = pb::JobLogsRequest {
+                    id: a.id.clone(),
+                    attempt: a.attempt,
+                    offset,
+                    limit: 0,
+                };
+                let r = jobs.logs(c.req(req)).await?.into_inner();
+                out.write_all(&r.data)?;
+                out.flush()?;
+                offset = r.next_offset;
+                if r.eof || (!a.follow && r.data.is_empty()) {
+                    break;
+                }
+                if r.data.is_empty() {
+                    // Following: the agent has nothing new yet.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+        JobCmd::Watch(IdArg { id }) => {
+            let mut stream = jobs
+                .watch(c.req(pb::WatchJobRequest { id }))
+                .await?
+                .into_inner();
+            while let Some(ev) = stream.message().await? {
+                let Some(j) = ev.job else { continue };
+                match cli.output {
+                    Output::Json => println!("{}", job_json(&j)),
+                    Output::Table => {
+                        let when = rfc3339(now_ms());
+                        let mut line = format!(
+                            "{}  {}  {}",
+                            when.as_str().unwrap_or("-"),
+                            j.id,
+                            state_name(j.state)
+                        );
+                        if !j.node.is_empty() && j.state == pb::JobState::Running as i32 {
+                            line.push_str(&format!("  node={} attempt={}", j.node, j.attempts));
+                        }
+                        if j.cancel_requested {
+                            line.push_str("  (stopping)");
+                        }
+                        if let Some(code) = j
+                            .exit_code
+                            .filter(|_| j.state != pb::JobState::Running as i32)
+                        {
+                            line.push_str(&format!("  exit={code}"));
+                        }
+                        if !j.reason.is_empty() {
+                            line.push_str(&format!("  {}", j.reason));
+                        }
+                        println!("{line}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_job_detail(j: &pb::Job) {
+    let v = job_json(j);
+    let show = |v: &Value| match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for key in [
+        "id",
+        "member",
+        "kind",
+        "state",
+        "gpu_count",
+        "gpus",
+        "node",
+        "command",
+        "attempts",
+        "exit_code",
+        "submitted_at",
+        "started_at",
+        "finished_at",
+        "gpu_seconds",
+        "reason",
+    ] {
+        let val = match &v[key] {
+            Value::Array(a) => a.iter().map(show).collect::<Vec<_>>().join(" "),
+            other => show(other),
+        };
+        println!("{:<13} {}", format!("{key}:"), val);
+    }
+}
+
+pub async fn member(cli: &ClientArgs, cmd: MemberCmd) -> anyhow::Result<()> {
+    let c = Client::connect(cli).await?;
+    let mut members = c.members();
+    match cmd {
+        MemberCmd::Add { name } => {
+            let r = members
+                .add(c.req(pb::AddMemberRequest { name }))
+                .await?
+                .into_inner();
+            let name = r.member.map(|m| m.name).unwrap_or_default();
+            match cli.output {
+                Output::Json => print_json(&json!({ "name": name, "token": r.token })),
+                Output::Table => {
+                    eprintln!("added member {name}; its token is shown only now:");
+                    println!("{}", r.token);
+                }
+            }
+        }
+        MemberCmd::List => {
+            let list = members
+                .list(c.req(pb::ListMembersRequest {}))
+                .await?
+                .into_inner()
+                .members;
+            match cli.output {
+                Output::Json => print_json(&Value::Array(
+                    list.iter()
+                        .map(|m| json!({"name": m.name, "created_at": rfc3339(m.created_at_ms)}))
+                        .collect(),
+                )),
+                Output::Table => table(
+                    &["NAME", "CREATED"],
+                    list.iter()
+                        .map(|m| vec![m.name.clone(), show_time(m.created_at_ms)])
+                        .collect(),
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn show_time(ms: i64) -> String {
+    rfc3339(ms).as_str().unwrap_or("-").to_string()
+}
+
+pub async fn usage(cli: &ClientArgs, a: UsageArgs) -> anyhow::Result<()> {
+    let c = Client::connect(cli).await?;
+    let r = c
+        .usage()
+        .get(c.req(pb::GetUsageRequest {
+            member: a.member.unwrap_or_default(),
+        }))
+        .await?
+        .into_inner();
+    match cli.output {
+        Output::Json => print_json(&json!({
+            "as_of": rfc3339(r.as_of_ms),
+            "members": r.members.iter().map(|u| json!({
+                "member": u.member,
+                "gpu_seconds": u.gpu_ms as f64 / 1000.0,
+                "gpu_hours": u.gpu_ms as f64 / 3_600_000.0,
+                "running_jobs": u.running_jobs,
+                "running_gpus": u.running_gpus,
+                "pending_jobs": u.pending_jobs,
+                "finished_jobs": u.finished_jobs,
+            })).collect::<Vec<_>>(),
+        })),
+        Output::Table => table(
+            &[
+                "MEMBER",
+                "GPU-HOURS",
+                "GPU-SECONDS",
+                "RUNNING",
+                "GPUS",
+                "PENDING",
+                "FINISHED",
+            ],
+            r.members
+                .iter()
+                .map(|u| {
+                    vec![
+                        u.member.clone(),
+                        format!("{:.3}", u.gpu_ms as f64 / 3_600_000.0),
+                        format!("{:.1}", u.gpu_ms as f64 / 1000.0),
+                        u.running_jobs.to_string(),
+                        u.running_gpus.to_string(),
+                        u.pending_jobs.to_string(),
+                        u.finished_jobs.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
+    }
+    Ok(())
+}
+
+fn node_json(n: &pb::Node) -> Value {
+    json!({
+        "name": n.name,
+        "owner": n.owner,
+        "state": if n.state == pb::NodeState::Up as i32 { "up" } else { "down" },
+        "connected": n.connected,
+        "last_heartbeat": rfc3339(n.last_heartbeat_ms),
+        "registered_at": rfc3339(n.registered_at_ms),
+        "gpus": n.gpus.iter().map(|g| json!({
+            "uuid": g.uuid, "index": g.index, "model": g.model, "memory_mb": g.memory_mb,
+            "job": if g.job.is_empty() { Value::Null } else { json!(g.job) },
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn node_rows(nodes: &[pb::Node]) -> Vec<Vec<String>> {
+    nodes
+        .iter()
+        .map(|n| {
+            let used = n.gpus.iter().filter(|g| !g.job.is_empty()).count();
+            let mut models: Vec<&str> = n.gpus.iter().map(|g| g.model.as_str()).collect();
+            models.dedup();
+            vec![
+                n.name.clone(),
+                n.owner.clone(),
+                if n.state == pb::NodeState::Up as i32 {
+                    "up"
+                } else {
+                    "down"
+                }
+                .into(),
+                format!("{used}/{}", n.gpus.len()),
+                models.join(","),
+                if n.connected { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect()
+}
+
+const NODE_HEADER: [&str; 6] = ["NODE", "OWNER", "STATE", "GPUS USED", "MODELS", "CONNECTED"];
+
+pub async fn cluster(cli: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
+    let c = Client::connect(cli).await?;
+    let ClusterCmd::Status = cmd;
+    let r = c
+        .cluster()
+        .status(c.req(pb::ClusterStatusRequest {}))
+        .await?
+        .into_inner();
+    match cli.output {
+        Output::Json => print_json(&json!({
+            "schedulers": r.schedulers.iter().map(|s| json!({
+                "id": s.id, "address": s.address, "role": s.role, "term": s.term,
+                "commit_index": s.commit_index, "applied_index": s.applied_index,
+            })).collect::<Vec<_>>(),
+            "nodes": r.nodes.iter().map(node_json).collect::<Vec<_>>(),
+            "gpus_total": r.gpus_total,
+            "gpus_free": r.gpus_free,
+            "jobs_pending": r.jobs_pending,
+            "jobs_running": r.jobs_running,
+        })),
+        Output::Table => {
+            table(
+                &["SCHEDULER", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED"],
+                r.schedulers
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.id.to_string(),
+                            s.address.clone(),
+                            s.role.clone(),
+                            s.term.to_string(),
+                            s.commit_index.to_string(),
+                            s.applied_index.to_string(),
+                        ]
+                    })
+                    .collect(),
+            );
+            println!();
+            table(&NODE_HEADER, node_rows(&r.nodes));
+            println!();
+            println!(
+                "GPUs: {} free of {} up   jobs: {} running, {} pending",
+                r.gpus_free, r.gpus_total, r.jobs_running, r.jobs_pending
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn node(cli: &ClientArgs, cmd: NodeCmd) -> anyhow::Result<()> {
+    let c = Client::connect(cli).await?;
+    let NodeCmd::List = cmd;
+    let nodes = c
+        .cluster()
+        .list_nodes(c.req(pb::ListNodesRequest {}))
+        .await?
+        .into_inner()
+        .nodes;
+    match cli.output {
+        Output::Json => print_json(&Value::Array(nodes.iter().map(node_json).collect())),
+        Output::Table => table(&NODE_HEADER, node_rows(&nodes)),
+    }
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! Long-running processes: `coop dev`, `coop scheduler run`, `coop agent run`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use coop_agent::{Agent, AgentConfig, GpuSource};
+use coop_scheduler::auth::{hash_token, new_token};
+use coop_scheduler::{Config, Scheduler};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::args::*;
+use crate::client::normalize_addr;
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn scheduler_config(listen: std::net::SocketAddr, data_dir: PathBuf, t: &Timing) -> Config {
+    let mut c = Config::new(listen, data_dir);
+    c.node_timeout = t.node_timeout;
+    c.heartbeat_interval = t.heartbeat_interval;
+    c.kill_grace = t.kill_grace;
+    c
+}
+
+/// The plaintext credentials `coop dev` prints at every start (the cluster
+/// itself keeps only their hashes). Readable by the owner only.
+#[derive(Serialize, Deserialize)]
+struct DevCredentials {
+    operator_token: String,
+    member: String,
+    member_token: String,
+}
+
+fn dev_credentials(dir: &Path) -> anyhow::Result<DevCredentials> {
+    let path = dir.join("credentials.json");
+    if let Ok(bytes) = std::fs::read(&path) {
+        return serde_json::from_slice(&bytes)
+            .with_context(|| format!("reading {}", path.display()));
+    }
+    let creds = DevCredentials {
+        operator_token: new_token(),
+        member: "default".into(),
+        member_token: new_token(),
+    };
+    write_private(&path, &serde_json::to_vec_pretty(&creds)?)?;
+    Ok(creds)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn default_dev_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("coop").join("dev")
+}
+
+pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
+    let gpus: GpuSource = a.gpus.parse()?;
+    let gpu_list = gpus.discover(&a.node)?;
+    let dir = a.data_dir.unwrap_or_else(default_dev_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let creds = dev_credentials(&dir)?;
+    let mut config = scheduler_config(a.listen, dir.join("scheduler"), &a.timing);
+    config.operator_token = Some(creds.operator_token.clone());
+    config.default_member = Some((creds.member.clone(), hash_token(&creds.member_token)));
+    let scheduler = Scheduler::start(config).await?;
+    let addr = format!("http://{}", scheduler.addr);
+
+    let agent = Agent::new(AgentConfig {
+        schedulers: vec![addr.clone()],
+        token: creds.operator_token.clone(),
+        node: a.node.clone(),
+        owner: creds.member.clone(),
+        gpus: gpu_list.clone(),
+        data_dir: dir.join("agent"),
+    })
+    .await?;
+    let mut registered = agent.registered();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let agent_task = tokio::spawn(agent.run(stop_rx));
+    registered
+        .wait_for(|r| *r)
+        .await
+        .context("the local agent stopped")?;
+
+    eprintln!(
+        "coop dev: scheduler on {addr}, node {} with {} simulated GPUs ({}), data in {}",
+        a.node,
+        gpu_list.len(),
+        a.gpus,
+        dir.display()
+    );
+    eprintln!(
+        "operator credential below; member {:?} has token {}",
+        creds.member, creds.member_token
+    );
+    println!("export COOP_ADDR={addr}");
+    println!("export COOP_TOKEN={}", creds.operator_token);
+    eprintln!("try: coop job submit --gpus 2 -- sh -c 'echo $CUDA_VISIBLE_DEVICES; sleep 2'");
+    eprintln!("stop with Ctrl-C");
+
+    stop_signal().await;
+    eprintln!("stopping: running jobs get SIGTERM, then SIGKILL after their grace period");
+    let _ = stop_tx.send(true);
+    let _ = agent_task.await;
+    scheduler.stop().await;
+    Ok(())
+}
+
+pub async fn scheduler(cmd: SchedulerCmd) -> anyhow::Result<()> {
+    let SchedulerCmd::Run(a) = cmd;
+    if let Some(peers) = &a.peers {
+        let others = peers
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .filter(|p| {
+                p.split_once('=').map(|(id, _)| id.trim()) != Some(a.id.to_string().as_str())
+            })
+            .count();
+        if others > 0 {
+            bail!(
+                "peers: replication across several scheduler nodes is not available yet; run one node"
+            );
+        }
+    }
+    let mut config = scheduler_config(a.listen, a.data_dir, &a.timing);
+    config.id = a.id;
+    config.operator_token = a.operator_token;
+    let mut s = Scheduler::start(config).await?;
+    if let Some(t) = &s.generated_operator_token {
+        eprintln!("a new cluster: its operator token is shown only now");
+        println!("export COOP_TOKEN={t}");
+    }
+    println!("export COOP_ADDR=http://{}", s.addr);
+    tokio::select! {
+        r = s.wait() => r?,
+        _ = stop_signal() => s.stop().await,
+    }
+    Ok(())
+}
+
+pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
+    let AgentCmd::Run(a) = cmd;
+    let token = client
+        .token
+        .clone()
+        .filter(|t| !t.trim().is_empty())
+        .context("token: the agent needs a credential (--token or COOP_TOKEN)")?;
+    let gpus: GpuSource = a.gpus.parse()?;
+    let gpu_list = gpus.discover(&a.name)?;
+    let schedulers: Vec<String> = a
+        .scheduler
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(normalize_addr)
+        .collect();
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("creating {}", a.data_dir.display()))?;
+    let agent = Agent::new(AgentConfig {
+        schedulers,
+        token,
+        node: a.name.clone(),
+        owner: a.owner,
+        gpus: gpu_list.clone(),
+        data_dir: a.data_dir,
+    })
+    .await?;
+    eprintln!("agent {}: {} GPUs: {}", a.name, gpu_list.len(), a.gpus);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(agent.run(stop_rx));
+    stop_signal().await;
+    let _ = stop_tx.send(true);
+    task.await??;
+    Ok(())
+}
