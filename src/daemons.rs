@@ -190,8 +190,11 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
     .await?;
     eprintln!("agent {}: {} GPUs: {}", a.name, gpu_list.len(), a.gpus);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(agent.run(stop_rx));
-    stop_signal().await;
+    let mut task = tokio::spawn(agent.run(stop_rx));
+    tokio::select! {
+        r = &mut task => return r?,
+        _ = stop_signal() => {}
+    }
     let _ = stop_tx.send(true);
     task.await??;
     Ok(())

@@ -13,9 +13,9 @@ use coop_proto::v1::{
     scheduler_message::Msg as Down,
 };
 use tokio::sync::{mpsc, watch};
-use tonic::Request;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request};
 
 use crate::gpu::GpuInfo;
 use crate::runner::{Exit, RunKey, Runner, Spawned};
@@ -46,6 +46,11 @@ pub struct Agent {
     /// Watch on "registered at least once", for callers that wait for readiness.
     registered: watch::Sender<bool>,
 }
+
+/// The scheduler refused this agent's registration for good.
+#[derive(Debug, thiserror::Error)]
+#[error("registration refused: {0}")]
+pub struct Refused(String);
 
 const STOP_ON_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -84,6 +89,12 @@ impl Agent {
             next += 1;
             match self.session_with(&addr, &mut shutdown).await {
                 Ok(()) => break,
+                Err(e) if e.is::<Refused>() => {
+                    self.runner
+                        .stop_all(STOP_ON_SHUTDOWN_GRACE, &mut self.exits)
+                        .await;
+                    return Err(e);
+                }
                 Err(e) => {
                     tracing::warn!("scheduler {addr}: {e:#}; reconnecting");
                     if self.registered.send_replace(false) {
@@ -154,7 +165,15 @@ impl Agent {
         let resp = client
             .register(self.authed(reg)?)
             .await
-            .map_err(|s| anyhow!("register: {}", s.message()))?
+            .map_err(|s| match s.code() {
+                // Retrying cannot help: the configuration or credential is wrong.
+                Code::InvalidArgument
+                | Code::NotFound
+                | Code::PermissionDenied
+                | Code::Unauthenticated
+                | Code::AlreadyExists => anyhow::Error::new(Refused(s.message().to_string())),
+                _ => anyhow!("register: {}", s.message()),
+            })?
             .into_inner();
         let interval = Duration::from_millis(resp.heartbeat_interval_ms.max(50));
 

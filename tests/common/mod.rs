@@ -1,0 +1,358 @@
+//! Test harness: starts real `coop` processes on 127.0.0.1 and drives them
+//! with the real CLI, as a user would.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_coop");
+/// How long anything in a test may take before it counts as hung.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Fast failure detection for tests: 200 ms heartbeats, nodes down after 2 s.
+pub const FAST: [&str; 4] = ["--heartbeat-interval", "200ms", "--node-timeout", "2s"];
+
+/// A `coop` daemon whose stdout lines are read as they come and whose stderr
+/// goes to a file that is printed if the test fails.
+pub struct Daemon {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    log: PathBuf,
+    pub name: String,
+}
+
+impl Daemon {
+    pub fn spawn(name: &str, dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
+        let log = dir.join(format!("{name}.stderr"));
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_remove("COOP_ADDR")
+            .env_remove("COOP_TOKEN")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawning coop");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            log,
+            name: name.into(),
+        }
+    }
+
+    /// The value of the next `export NAME=value` line.
+    pub fn export(&self, name: &str) -> String {
+        let prefix = format!("export {name}=");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with(&prefix) => return l[prefix.len()..].to_string(),
+                Ok(_) => {}
+                Err(_) => panic!("{} never printed {prefix}:\n{}", self.name, self.stderr()),
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "{} exited with {status}:\n{}",
+            self.name,
+            self.stderr()
+        );
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let text = self.stderr();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("---- {} stderr (last lines) ----", self.name);
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// A running cluster and a client of it.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    pub token: String,
+    pub daemons: Vec<Daemon>,
+}
+
+pub fn is_final(job: &Value) -> bool {
+    matches!(
+        job["state"].as_str(),
+        Some("completed" | "failed" | "cancelled" | "lost")
+    )
+}
+
+impl Cluster {
+    /// `coop dev` in a fresh data dir.
+    pub fn dev(extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let d = start_dev(dir.path(), extra);
+        let addr = d.export("COOP_ADDR");
+        let token = d.export("COOP_TOKEN");
+        Cluster {
+            dir,
+            addr,
+            token,
+            daemons: vec![d],
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn run_as(&self, token: Option<&str>, args: &[&str]) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("COOP_ADDR", &self.addr)
+            .env_remove("COOP_TOKEN");
+        if let Some(t) = token {
+            cmd.env("COOP_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.run_as(Some(&self.token), args)
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok_as(&self, token: &str, args: &[&str]) -> String {
+        let out = self.run_as(Some(token), args);
+        assert!(
+            out.status.success(),
+            "coop {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.ok_as(&self.token.clone(), args)
+    }
+
+    pub fn json_as(&self, token: &str, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        serde_json::from_str(&self.ok_as(token, &a)).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        self.json_as(&self.token.clone(), args)
+    }
+
+    /// Runs a command that must fail; returns its stderr.
+    pub fn fails_as(&self, token: Option<&str>, args: &[&str]) -> String {
+        let out = self.run_as(token, args);
+        assert!(!out.status.success(), "coop {args:?} should have failed");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "error is not one line: {err}"
+        );
+        err
+    }
+
+    pub fn fails(&self, args: &[&str]) -> String {
+        self.fails_as(Some(&self.token.clone()), args)
+    }
+
+    pub fn add_member(&self, name: &str) -> String {
+        self.json(&["member", "add", name])["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    pub fn submit_as(&self, token: &str, args: &[&str]) -> String {
+        let mut a = vec!["job", "submit"];
+        a.extend(args);
+        self.ok_as(token, &a).trim().to_string()
+    }
+
+    pub fn submit(&self, args: &[&str]) -> String {
+        self.submit_as(&self.token.clone(), args)
+    }
+
+    pub fn job(&self, id: &str) -> Value {
+        self.json(&["job", "get", id])
+    }
+
+    /// Follows `coop job watch` until the job satisfies `pred`.
+    pub fn wait_job(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let mut child = Command::new(BIN)
+            .args(["job", "watch", id, "--output", "json"])
+            .env("COOP_ADDR", &self.addr)
+            .env("COOP_TOKEN", &self.token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + PATIENCE;
+        let mut last = Value::Null;
+        let found = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    last = serde_json::from_str(&line).unwrap();
+                    if pred(&last) {
+                        break Some(last.clone());
+                    }
+                }
+                Err(_) => break None,
+            }
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        found.unwrap_or_else(|| panic!("job {id} never became {what}; last seen: {last:#}"))
+    }
+
+    pub fn wait_final(&self, id: &str) -> Value {
+        self.wait_job(id, "final", is_final)
+    }
+
+    /// Waits (polling `coop node list`) until `pred` holds for node `name`.
+    pub fn wait_node(&self, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let nodes = self.json(&["node", "list"]);
+            if let Some(n) = nodes.as_array().unwrap().iter().find(|n| n["name"] == name)
+                && pred(n)
+            {
+                return n.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {name} never became {what}: {nodes:#}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Output of a job's latest attempt.
+    pub fn logs(&self, id: &str) -> String {
+        self.ok(&["job", "logs", id])
+    }
+
+    /// Polls a job's output until it contains `needle`.
+    pub fn wait_log(&self, id: &str, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let out = self.run(&["job", "logs", id]);
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never printed {needle:?}; got {text:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+pub fn start_dev(dir: &Path, extra: &[&str]) -> Daemon {
+    let data = dir.join("data");
+    let data = data.to_str().unwrap();
+    let mut args = vec!["dev", "--listen", "127.0.0.1:0", "--data-dir", data];
+    args.extend(FAST);
+    args.extend(extra);
+    Daemon::spawn("coop-dev", dir, &args, &[])
+}
+
+pub fn ms(v: &Value) -> i64 {
+    let s = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
+    let t = humantime::parse_rfc3339(s).unwrap();
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+pub fn process_alive(pid: i32) -> bool {
+    // A zombie is not alive: it has exited and waits for its parent.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Waits until process `pid` is gone.
+pub fn wait_gone(pid: i32, what: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while process_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "{what} (pid {pid}) is still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

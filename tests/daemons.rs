@@ -1,0 +1,242 @@
+//! End-to-end tests with `coop scheduler run` and `coop agent run` as separate
+//! processes: registration, jobs, and agents that die or vanish.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const OPERATOR: &str = "coop_test-operator-token";
+
+struct Split {
+    c: Cluster,
+    scheduler: Daemon,
+}
+
+fn scheduler() -> Split {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("scheduler");
+    let mut args = vec![
+        "scheduler",
+        "run",
+        "--id",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    args.extend(FAST);
+    let s = Daemon::spawn(
+        "scheduler",
+        dir.path(),
+        &args,
+        &[("COOP_OPERATOR_TOKEN", OPERATOR)],
+    );
+    let addr = s.export("COOP_ADDR");
+    Split {
+        c: Cluster {
+            dir,
+            addr,
+            token: OPERATOR.into(),
+            daemons: vec![],
+        },
+        scheduler: s,
+    }
+}
+
+impl Split {
+    fn agent(&self, name: &str, owner: &str, gpus: &str) -> Daemon {
+        let data = self.c.dir.path().join(format!("agent-{name}"));
+        Daemon::spawn(
+            &format!("agent-{name}"),
+            self.c.dir.path(),
+            &[
+                "agent",
+                "run",
+                "--scheduler",
+                &self.c.addr,
+                "--name",
+                name,
+                "--owner",
+                owner,
+                "--gpus",
+                gpus,
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+            &[("COOP_TOKEN", OPERATOR)],
+        )
+    }
+}
+
+fn pid_in(text: &str) -> i32 {
+    text.split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn an_agent_process_registers_its_node_and_gpus_and_runs_jobs() {
+    let s = scheduler();
+    let c = &s.c;
+    c.add_member("acme");
+    let _agent = s.agent("gpu-box-1", "acme", "sim:8xH100-80GB");
+    let node = c.wait_node("gpu-box-1", "up", |n| {
+        n["state"] == "up" && n["connected"] == true
+    });
+    assert_eq!(node["owner"], "acme");
+    let gpus = node["gpus"].as_array().unwrap();
+    assert_eq!(gpus.len(), 8);
+    let uuids: BTreeSet<&str> = gpus.iter().map(|g| g["uuid"].as_str().unwrap()).collect();
+    assert_eq!(uuids.len(), 8);
+    for (i, g) in gpus.iter().enumerate() {
+        assert_eq!(g["model"], "H100-80GB");
+        assert_eq!(g["memory_mb"], 80 * 1024);
+        assert_eq!(g["index"], i);
+    }
+
+    let id = c.submit(&[
+        "--member",
+        "acme",
+        "--gpus",
+        "8",
+        "--gpu-model",
+        "H100-80GB",
+        "--",
+        "sh",
+        "-c",
+        "echo $CUDA_VISIBLE_DEVICES",
+    ]);
+    let job = c.wait_final(&id);
+    assert_eq!(job["state"], "completed");
+    assert_eq!(job["node"], "gpu-box-1");
+    let seen: BTreeSet<String> = c.logs(&id).trim().split(',').map(String::from).collect();
+    assert_eq!(seen, uuids.iter().map(|u| u.to_string()).collect());
+
+    // An agent whose owner is not a member is refused, and says why.
+    let mut stray = s.agent("stray", "nobody", "sim:1xT4-16GB");
+    let status = stray.child.wait().unwrap();
+    assert!(!status.success());
+    assert!(stray.stderr().contains("owner"), "{}", stray.stderr());
+    let names: Vec<Value> = c
+        .json(&["node", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].clone())
+        .collect();
+    assert_eq!(names, ["gpu-box-1"]);
+}
+
+#[test]
+fn a_killed_agent_loses_its_node_its_jobs_move_and_its_orphans_are_stopped() {
+    let s = scheduler();
+    let c = &s.c;
+    c.add_member("acme");
+    let mut a = s.agent("a", "acme", "sim:2xA100-80GB");
+    c.wait_node("a", "up", |n| n["state"] == "up");
+    let id = c.submit(&[
+        "--member",
+        "acme",
+        "--gpus",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "echo pid $$; exec sleep 300",
+    ]);
+    let text = c.wait_log(&id, "pid ");
+    let pid = pid_in(&text);
+    assert_eq!(c.job(&id)["node"], "a");
+
+    a.kill9();
+    c.wait_node("a", "down", |n| n["state"] == "down");
+    let job = c.job(&id);
+    assert_eq!(
+        job["state"], "pending",
+        "requeued when its node went down: {job}"
+    );
+    assert!(
+        job["reason"].as_str().unwrap().contains("node down"),
+        "{job}"
+    );
+
+    // Another node takes the job over.
+    let _b = s.agent("b", "acme", "sim:2xA100-80GB");
+    let job = c.wait_job(&id, "running on b", |j| {
+        j["state"] == "running" && j["node"] == "b"
+    });
+    assert_eq!(job["attempts"], 2);
+    let pid_b = pid_in(&c.wait_log(&id, "pid "));
+    assert_ne!(pid, pid_b);
+
+    // The old process survived its agent's kill -9; the restarted agent stops it.
+    assert!(process_alive(pid));
+    let _a = s.agent("a", "acme", "sim:2xA100-80GB");
+    wait_gone(pid, "the run left behind by the killed agent");
+    c.wait_node("a", "up again", |n| n["state"] == "up");
+    assert!(process_alive(pid_b));
+    let job = c.job(&id);
+    assert_eq!(
+        (job["state"].as_str(), job["node"].as_str()),
+        (Some("running"), Some("b"))
+    );
+    // The first attempt was billed up to its node's last heartbeat.
+    assert!(job["gpu_seconds"].as_f64().unwrap() > 0.0);
+    c.ok(&["job", "cancel", &id]);
+    assert_eq!(c.wait_final(&id)["state"], "cancelled");
+    drop(s.scheduler);
+}
+
+#[test]
+fn an_agent_cut_off_too_long_is_told_to_stop_what_it_no_longer_owns() {
+    let s = scheduler();
+    let c = &s.c;
+    c.add_member("acme");
+    let a = s.agent("a", "acme", "sim:1xA100-80GB");
+    c.wait_node("a", "up", |n| n["state"] == "up");
+    let _b = s.agent("b", "acme", "sim:1xA100-80GB");
+    c.wait_node("b", "up", |n| n["state"] == "up");
+    // Fill b so that the job lands on a, then free b.
+    let filler = c.submit(&["--member", "acme", "--", "sleep", "300"]);
+    let filler_node = c.wait_job(&filler, "running", |j| j["state"] == "running")["node"].clone();
+    let id = c.submit(&[
+        "--member",
+        "acme",
+        "--",
+        "sh",
+        "-c",
+        "echo pid $$; exec sleep 300",
+    ]);
+    let job = c.wait_job(&id, "running", |j| j["state"] == "running");
+    assert_ne!(job["node"], filler_node);
+    let first_node = job["node"].as_str().unwrap().to_string();
+    let pid = pid_in(&c.wait_log(&id, "pid "));
+    c.ok(&["job", "cancel", &filler]);
+    c.wait_final(&filler);
+
+    // Freeze the agent that runs the job: the scheduler stops hearing from it.
+    let frozen = if first_node == "a" { &a } else { &_b };
+    frozen.signal(Signal::SIGSTOP);
+    c.wait_node(&first_node, "down", |n| n["state"] == "down");
+    let job = c.wait_job(&id, "moved", |j| {
+        j["state"] == "running" && j["node"] != first_node.as_str()
+    });
+    assert_eq!(job["attempts"], 2);
+    assert!(process_alive(pid), "nothing has told the frozen agent yet");
+
+    // When it wakes up it reconnects and is told the run is no longer its own.
+    frozen.signal(Signal::SIGCONT);
+    wait_gone(pid, "the run of the agent that was cut off");
+    c.wait_node(&first_node, "up", |n| n["state"] == "up");
+    let job = c.job(&id);
+    assert_eq!(job["state"], "running");
+    assert_eq!(job["attempts"], 2);
+}
