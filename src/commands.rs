@@ -264,11 +264,15 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                             j.id,
                             state_name(j.state)
                         );
-                        if !j.node.is_empty() && j.state == pb::JobState::Running as i32 {
+                        let running = j.state == pb::JobState::Running as i32;
+                        if running {
                             line.push_str(&format!("  node={} attempt={}", j.node, j.attempts));
-                        }
-                        if j.cancel_requested {
-                            line.push_str("  (stopping)");
+                            if j.started_at_ms == 0 {
+                                line.push_str("  (starting)");
+                            }
+                            if j.cancel_requested {
+                                line.push_str("  (stopping)");
+                            }
                         }
                         if let Some(code) = j
                             .exit_code
@@ -292,6 +296,7 @@ fn print_job_detail(j: &pb::Job) {
     let v = job_json(j);
     let show = |v: &Value| match v {
         Value::Null => "-".to_string(),
+        Value::String(s) if s.is_empty() => "-".to_string(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };

@@ -490,3 +490,20 @@ fn grpc_health_and_reflection_are_served() {
         }
     });
 }
+
+#[test]
+fn logs_follow_prints_the_output_as_it_comes_until_the_job_ends() {
+    let c = Cluster::dev(&[]);
+    let id = c.submit(&[
+        "--",
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5; do echo line $i; sleep 0.2; done",
+    ]);
+    c.wait_job(&id, "started", |j| !j["started_at"].is_null());
+    // Started while the job runs, it returns only once the job has ended.
+    let followed = c.ok(&["job", "logs", &id, "--follow"]);
+    let expected: String = (1..=5).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(followed, expected);
+    assert!(is_final(&c.job(&id)));
+}
