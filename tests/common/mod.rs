@@ -17,6 +17,19 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 /// Fast failure detection for tests: 200 ms heartbeats, nodes down after 2 s.
 pub const FAST: [&str; 4] = ["--heartbeat-interval", "200ms", "--node-timeout", "2s"];
 
+/// The lines a child prints, as they come, read by a thread of their own.
+fn line_reader(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// A `coop` daemon whose stdout lines are read as they come and whose stderr
 /// goes to a file that is printed if the test fails.
 pub struct Daemon {
@@ -46,15 +59,7 @@ impl Daemon {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawning coop");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = line_reader(child.stdout.take().unwrap());
         Daemon {
             child,
             lines,
@@ -244,15 +249,7 @@ impl Cluster {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = line_reader(child.stdout.take().unwrap());
         let deadline = Instant::now() + PATIENCE;
         let mut last = Value::Null;
         let found = loop {
