@@ -59,8 +59,15 @@ pub enum Command {
     /// Member organisations (operator only).
     #[command(subcommand)]
     Member(MemberCmd),
-    /// GPU time used per member.
+    /// GPU time, normalised units and energy per member over a window.
     Usage(UsageArgs),
+    /// Fair share now: entitlement, decayed usage and factor per member, and why each job waits.
+    Fairshare(FairshareArgs),
+    /// The scheduling policy (shares, weights, decay, preemption).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Replay a workload trace through the real scheduling code, in simulated time.
+    Simulate(SimulateArgs),
     /// Cluster overview.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -80,6 +87,9 @@ pub struct Timing {
     /// Default time between SIGTERM and SIGKILL when a job is stopped.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub kill_grace: Duration,
+    /// How often agents report the usage (GPU time, energy) of running jobs.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    pub usage_interval: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -193,6 +203,12 @@ pub struct SubmitArgs {
     /// Submit for this member (operator only).
     #[arg(long)]
     pub member: Option<String>,
+    /// Order among this member's own jobs: higher first (-1000 to 1000).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// Stop the run and fail the job after this long (e.g. 4h); lets short jobs backfill.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub time_limit: Option<Duration>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -247,6 +263,73 @@ pub struct UsageArgs {
     /// Only this member (a member always sees only itself).
     #[arg(long)]
     pub member: Option<String>,
+    /// The window's start: how long ago (e.g. 24h, 7d).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "from")]
+    pub since: Option<Duration>,
+    /// The window's start, RFC 3339 (e.g. 2026-11-01T00:00:00Z).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    pub from: Option<std::time::SystemTime>,
+    /// The window's end, RFC 3339 [default: now].
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    pub to: Option<std::time::SystemTime>,
+}
+
+#[derive(Args, Debug)]
+pub struct FairshareArgs {
+    /// Only this member (a member always sees only itself).
+    #[arg(long)]
+    pub member: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// The policy in force and the history of its changes.
+    Show,
+    /// Change settings (operator only), all together: KEY=VALUE ...
+    Set {
+        /// ordering=fifo|fairshare|drf, share.MEMBER=N, default_share=N,
+        /// capacity_blend=PCT, weight.MODEL=X.XXX, half_life=7d, preemption=on|off,
+        /// preempt_inference=on|off, min_runtime=5m, preempt_grace=30s
+        #[arg(required = true)]
+        settings: Vec<String>,
+        /// Why the policy changes; kept with the change.
+        #[arg(long, required = true)]
+        reason: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct SimulateArgs {
+    /// Trace CSV: tenant,submit_s,gpus,duration_s[,...] with a header row.
+    #[arg(long)]
+    pub trace: PathBuf,
+    #[arg(long, value_enum, default_value_t = PolicyArg::Fairshare)]
+    pub policy: PolicyArg,
+    /// The simulated cluster: COUNT:GPUSxMODEL[,...], e.g. 32:8xV100-32GB,16:4xT4-16GB.
+    #[arg(long, default_value = "32:8xV100-32GB")]
+    pub nodes: String,
+    /// Where summary.json, members.csv, jobs.csv and share.svg are written.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Preemption (trace jobs are preemptible finetune jobs); auto: off for fifo, on otherwise.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    pub preemption: String,
+    /// Usage half-life.
+    #[arg(long, default_value = "7d")]
+    pub half_life: String,
+    /// Minimum run time before preemption.
+    #[arg(long, default_value = "5m")]
+    pub min_runtime: String,
+    /// Only the first N jobs of the trace.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyArg {
+    Fifo,
+    Fairshare,
+    Drf,
 }
 
 #[derive(Subcommand, Debug)]

@@ -59,6 +59,12 @@ fn job_json(j: &pb::Job) -> Value {
         "kill_grace_s": j.kill_grace_ms as f64 / 1000.0,
         "reason": j.reason,
         "gpu_seconds": j.gpu_ms as f64 / 1000.0,
+        "units": j.weighted_gpu_ms as f64 / 3_600_000.0,
+        "energy_j": j.energy_mj as f64 / 1000.0,
+        "priority": j.priority,
+        "time_limit_s": if j.time_limit_ms == 0 { Value::Null } else { json!(j.time_limit_ms as f64 / 1000.0) },
+        "preemptions": j.preemptions,
+        "preempted_for": if j.preempted_for.is_empty() { Value::Null } else { json!(j.preempted_for) },
     })
 }
 
@@ -152,6 +158,12 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                 preemptible: a.preemptible,
                 kill_grace_ms,
                 member: a.member.unwrap_or_default(),
+                priority: a.priority,
+                time_limit_ms: match a.time_limit {
+                    Some(d) if d.is_zero() => bail!("time_limit: must be more than 0"),
+                    Some(d) => d.as_millis() as u64,
+                    None => 0,
+                },
             };
             let job = jobs
                 .submit(c.req(req))
@@ -371,37 +383,68 @@ fn show_time(ms: i64) -> String {
     rfc3339(ms).as_str().unwrap_or("-").to_string()
 }
 
+fn unix_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 pub async fn usage(cli: &ClientArgs, a: UsageArgs) -> anyhow::Result<()> {
+    let now = unix_ms(std::time::SystemTime::now());
+    let from_ms = match (a.since, a.from) {
+        (Some(d), _) => (now - d.as_millis() as i64).max(1),
+        (None, Some(t)) => unix_ms(t),
+        (None, None) => 0,
+    };
+    let to_ms = a.to.map_or(0, unix_ms);
+    if to_ms > 0 && from_ms > to_ms {
+        bail!("from: the window starts after it ends");
+    }
     let c = Client::connect(cli).await?;
     let r = c
         .usage()
         .get(c.req(pb::GetUsageRequest {
             member: a.member.unwrap_or_default(),
+            from_ms,
+            to_ms,
         }))
         .await?
         .into_inner();
+    let units = |u: &pb::MemberUsage| u.weighted_gpu_ms as f64 / 3_600_000.0;
+    let kwh = |u: &pb::MemberUsage| u.energy_mj as f64 / 3.6e9;
     match cli.output {
         Output::Json => print_json(&json!({
             "as_of": rfc3339(r.as_of_ms),
+            "from": rfc3339(r.from_ms),
+            "to": rfc3339(r.to_ms),
             "members": r.members.iter().map(|u| json!({
                 "member": u.member,
                 "gpu_seconds": u.gpu_ms as f64 / 1000.0,
                 "gpu_hours": u.gpu_ms as f64 / 3_600_000.0,
+                "units": units(u),
+                "energy_j": u.energy_mj as f64 / 1000.0,
+                "energy_kwh": kwh(u),
                 "running_jobs": u.running_jobs,
                 "running_gpus": u.running_gpus,
                 "pending_jobs": u.pending_jobs,
                 "finished_jobs": u.finished_jobs,
+                "entitlement": u.entitlement,
+                "decayed_usage": u.decayed_usage,
+                "factor": u.factor,
             })).collect::<Vec<_>>(),
         })),
         Output::Table => table(
             &[
                 "MEMBER",
                 "GPU-HOURS",
-                "GPU-SECONDS",
+                "UNITS",
+                "KWH",
                 "RUNNING",
                 "GPUS",
                 "PENDING",
                 "FINISHED",
+                "ENTITLED",
+                "FACTOR",
             ],
             r.members
                 .iter()
@@ -409,15 +452,171 @@ pub async fn usage(cli: &ClientArgs, a: UsageArgs) -> anyhow::Result<()> {
                     vec![
                         u.member.clone(),
                         format!("{:.3}", u.gpu_ms as f64 / 3_600_000.0),
-                        format!("{:.1}", u.gpu_ms as f64 / 1000.0),
+                        format!("{:.3}", units(u)),
+                        format!("{:.3}", kwh(u)),
                         u.running_jobs.to_string(),
                         u.running_gpus.to_string(),
                         u.pending_jobs.to_string(),
                         u.finished_jobs.to_string(),
+                        format!("{:.1}%", u.entitlement * 100.0),
+                        format!("{:.3}", u.factor),
                     ]
                 })
                 .collect(),
         ),
+    }
+    Ok(())
+}
+
+pub async fn fairshare(cli: &ClientArgs, a: FairshareArgs) -> anyhow::Result<()> {
+    let c = Client::connect(cli).await?;
+    let r = c
+        .usage()
+        .fair_share(c.req(pb::FairShareRequest {
+            member: a.member.unwrap_or_default(),
+        }))
+        .await?
+        .into_inner();
+    match cli.output {
+        Output::Json => print_json(&json!({
+            "ordering": r.ordering,
+            "half_life_s": r.half_life_s,
+            "gpus_total": r.gpus_total,
+            "as_of": rfc3339(r.as_of_ms),
+            "members": r.members.iter().map(|m| json!({
+                "member": m.member,
+                "shares": m.shares,
+                "contributed_gpus": m.contributed_gpus,
+                "entitlement": m.entitlement,
+                "decayed_usage": m.decayed_usage,
+                "usage_fraction": m.usage_fraction,
+                "factor": m.factor,
+                "running_gpus": m.running_gpus,
+                "pending_jobs": m.pending_jobs,
+            })).collect::<Vec<_>>(),
+            "waiting": r.waiting.iter().map(|w| json!({
+                "id": w.job_id,
+                "member": w.member,
+                "gpus": w.gpus,
+                "priority": w.priority,
+                "position": w.position,
+                "submitted_at": rfc3339(w.submitted_at_ms),
+                "reason": w.reason,
+            })).collect::<Vec<_>>(),
+        })),
+        Output::Table => {
+            println!(
+                "ordering: {}   half-life: {}   GPUs up: {}",
+                r.ordering,
+                humantime::format_duration(Duration::from_secs(r.half_life_s)),
+                r.gpus_total
+            );
+            println!();
+            table(
+                &[
+                    "MEMBER",
+                    "SHARES",
+                    "OWN GPUS",
+                    "ENTITLED",
+                    "USAGE (UNIT-H)",
+                    "USED",
+                    "FACTOR",
+                    "RUNNING GPUS",
+                    "PENDING",
+                ],
+                r.members
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.member.clone(),
+                            m.shares.to_string(),
+                            m.contributed_gpus.to_string(),
+                            format!("{:.1}%", m.entitlement * 100.0),
+                            format!("{:.3}", m.decayed_usage),
+                            format!("{:.1}%", m.usage_fraction * 100.0),
+                            format!("{:.3}", m.factor),
+                            m.running_gpus.to_string(),
+                            m.pending_jobs.to_string(),
+                        ]
+                    })
+                    .collect(),
+            );
+            if !r.waiting.is_empty() {
+                println!();
+                table(
+                    &["POS", "JOB", "MEMBER", "GPUS", "PRIO", "WHY IT WAITS"],
+                    r.waiting
+                        .iter()
+                        .map(|w| {
+                            vec![
+                                if w.position == 0 {
+                                    "-".into()
+                                } else {
+                                    w.position.to_string()
+                                },
+                                w.job_id.clone(),
+                                w.member.clone(),
+                                w.gpus.to_string(),
+                                w.priority.to_string(),
+                                w.reason.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn policy(cli: &ClientArgs, cmd: PolicyCmd) -> anyhow::Result<()> {
+    let c = Client::connect(cli).await?;
+    let mut p = c.policy();
+    let r = match cmd {
+        PolicyCmd::Show => p.get(c.req(pb::GetPolicyRequest {})).await?,
+        PolicyCmd::Set { settings, reason } => {
+            p.set(c.req(pb::SetPolicyRequest { settings, reason }))
+                .await?
+        }
+    }
+    .into_inner();
+    match cli.output {
+        Output::Json => {
+            let settings: serde_json::Map<String, Value> = r
+                .settings
+                .iter()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            print_json(&json!({
+                "settings": settings,
+                "changes": r.changes.iter().map(|c| json!({
+                    "at": rfc3339(c.at_ms), "by": c.by, "reason": c.reason, "settings": c.settings,
+                })).collect::<Vec<_>>(),
+            }))
+        }
+        Output::Table => {
+            for kv in &r.settings {
+                println!("{kv}");
+            }
+            if !r.changes.is_empty() {
+                println!();
+                table(
+                    &["WHEN", "BY", "SET", "WHY"],
+                    r.changes
+                        .iter()
+                        .map(|c| {
+                            vec![
+                                show_time(c.at_ms),
+                                c.by.clone(),
+                                c.settings.join(" "),
+                                c.reason.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -4,6 +4,7 @@ mod args;
 mod client;
 mod commands;
 mod daemons;
+mod simulate;
 
 use std::process::ExitCode;
 
@@ -66,6 +67,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Job(cmd) => commands::job(c, cmd).await,
         Command::Member(cmd) => commands::member(c, cmd).await,
         Command::Usage(a) => commands::usage(c, a).await,
+        Command::Fairshare(a) => commands::fairshare(c, a).await,
+        Command::Policy(cmd) => commands::policy(c, cmd).await,
+        Command::Simulate(a) => simulate::run(a),
         Command::Cluster(cmd) => commands::cluster(c, cmd).await,
         Command::Node(cmd) => commands::node(c, cmd).await,
     }

@@ -1,9 +1,10 @@
 //! The agent's connection to the schedulers: register, then one heartbeat stream
 //! on which it reconciles its runs with the desired set it is sent, and reports
-//! run starts and exits until each is acknowledged. Reports survive reconnects
-//! (they are resent on the next stream); the scheduler applies each once.
+//! run starts, usage intervals and exits until each is acknowledged. Reports
+//! survive reconnects (they are resent on the next stream); the scheduler
+//! applies each once.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -45,6 +46,16 @@ pub struct Agent {
     out: Option<mpsc::UnboundedSender<pb::AgentMessage>>,
     /// Watch on "registered at least once", for callers that wait for readiness.
     registered: watch::Sender<bool>,
+    /// Runs that have started, with their GPUs and where their usage was last
+    /// reported up to.
+    metered: BTreeMap<RunKey, Metered>,
+    /// How often usage is reported (the scheduler says, at registration).
+    usage_interval: Duration,
+}
+
+struct Metered {
+    gpus: Vec<String>,
+    since_ms: i64,
 }
 
 /// The scheduler refused this agent's registration for good.
@@ -72,6 +83,8 @@ impl Agent {
             next_seq: 1,
             out: None,
             registered: watch::channel(false).0,
+            metered: BTreeMap::new(),
+            usage_interval: Duration::from_secs(30),
         })
     }
 
@@ -176,6 +189,9 @@ impl Agent {
             })?
             .into_inner();
         let interval = Duration::from_millis(resp.heartbeat_interval_ms.max(50));
+        if resp.usage_interval_ms > 0 {
+            self.usage_interval = Duration::from_millis(resp.usage_interval_ms.max(50));
+        }
 
         let (tx, rx) = mpsc::unbounded_channel();
         let hello = pb::AgentMessage {
@@ -198,6 +214,8 @@ impl Agent {
         tracing::info!("node {} connected to {addr}", self.cfg.node);
 
         let mut tick = tokio::time::interval(interval);
+        let mut usage_tick = tokio::time::interval(self.usage_interval);
+        usage_tick.tick().await;
         let result = loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
@@ -206,6 +224,7 @@ impl Agent {
                     Err(s) => break Err(anyhow!("{}", s.message())),
                 },
                 Some(exit) = self.exits.recv() => self.on_exit(exit),
+                _ = usage_tick.tick() => self.report_usage(),
                 _ = tick.tick() => {
                     let ping = pb::AgentMessage { msg: Some(Up::Ping(pb::Ping {})) };
                     if tx.send(ping).is_err() {
@@ -260,6 +279,13 @@ impl Agent {
                 tracing::info!("starting run {key} on {:?}", run.gpus);
                 match self.runner.spawn(key.clone(), &run.command, &run.gpus) {
                     Spawned::Started { at_ms } => {
+                        self.metered.insert(
+                            key.clone(),
+                            Metered {
+                                gpus: run.gpus.clone(),
+                                since_ms: at_ms,
+                            },
+                        );
                         self.report(pb::report::Event::Started(pb::RunStarted {
                             job_id: key.job,
                             attempt: key.attempt,
@@ -288,13 +314,44 @@ impl Agent {
         );
         self.runner.finished(&exit.key);
         self.ended.insert(exit.key.clone());
+        let energy_mj = self
+            .metered
+            .remove(&exit.key)
+            .map_or(0, |m| self.energy_mj(&m.gpus, m.since_ms, exit.at_ms));
         self.report(pb::report::Event::Exited(pb::RunExited {
             job_id: exit.key.job,
             attempt: exit.key.attempt,
             at_ms: exit.at_ms,
             exit_code: exit.exit_code,
             reason: exit.reason,
+            energy_mj,
         }));
+    }
+
+    /// Reports every running run's usage since its last report.
+    fn report_usage(&mut self) {
+        let now = crate::runner::now_ms();
+        let mut events = Vec::new();
+        for (key, m) in self.metered.iter_mut() {
+            if now <= m.since_ms {
+                continue;
+            }
+            let energy_mj = energy_mj(&self.cfg.gpus, &m.gpus, m.since_ms, now);
+            m.since_ms = now;
+            events.push(pb::report::Event::Usage(pb::RunUsage {
+                job_id: key.job.clone(),
+                attempt: key.attempt,
+                to_ms: now,
+                energy_mj,
+            }));
+        }
+        for e in events {
+            self.report(e);
+        }
+    }
+
+    fn energy_mj(&self, gpus: &[String], from_ms: i64, to_ms: i64) -> u64 {
+        energy_mj(&self.cfg.gpus, gpus, from_ms, to_ms)
     }
 
     fn report(&mut self, event: pb::report::Event) {
@@ -333,6 +390,16 @@ impl Agent {
             });
         }
     }
+}
+
+/// Energy the run's GPUs drew over `[from, to]`: simulated GPUs draw their
+/// model's typical board power while busy (W x ms = mJ).
+fn energy_mj(all: &[GpuInfo], gpus: &[String], from_ms: i64, to_ms: i64) -> u64 {
+    let ms = (to_ms - from_ms).max(0) as u64;
+    gpus.iter()
+        .filter_map(|u| all.iter().find(|g| &g.uuid == u))
+        .map(|g| crate::gpu::sim_power_w(&g.model) * ms)
+        .sum()
 }
 
 async fn stopped(rx: &mut watch::Receiver<bool>) {

@@ -46,6 +46,25 @@ impl std::str::FromStr for GpuSource {
     }
 }
 
+/// Board power a simulated GPU of `model` draws while busy, in watts: the
+/// vendor's typical figure for the family, 250 W when unknown.
+pub fn sim_power_w(model: &str) -> u64 {
+    let m = model.to_ascii_uppercase();
+    [
+        ("H200", 600),
+        ("H100", 500),
+        ("A100", 300),
+        ("L40", 300),
+        ("A10", 150),
+        ("L4", 72),
+        ("T4", 70),
+        ("V100", 250),
+    ]
+    .iter()
+    .find(|(p, _)| m.starts_with(p))
+    .map_or(250, |(_, w)| *w)
+}
+
 /// Memory read from a model name such as `A100-80GB` (in MiB).
 pub fn model_memory_mb(model: &str) -> anyhow::Result<u64> {
     let gb = model

@@ -5,10 +5,13 @@
 
 pub mod api;
 pub mod auth;
+pub mod fairshare;
 pub mod liveness;
 pub mod placement;
+pub mod policy;
 pub mod replica;
 pub mod server;
+pub mod simulate;
 pub mod state;
 pub mod store;
 pub mod usage;

@@ -1,15 +1,35 @@
-//! Placement: which pending jobs go where, now. Pure: reads the state, returns
-//! decisions; the leader proposes them as `Op::Place` and apply re-validates them.
+//! One scheduling pass: which pending jobs go where now, which runs are
+//! preempted for whom, which runs are past their time limit, and why every
+//! other job waits. Pure: it reads the state and returns decisions; the leader
+//! proposes them as commands, and apply validates each again. `coop simulate`
+//! calls this same function.
 //!
-//! Policy for now: arrival order, gang placement (all of a job's GPUs on one node),
-//! best fit (the node left with the fewest free matching GPUs) so that whole nodes
-//! stay free for large jobs, and jobs that do not fit yet are skipped so smaller
-//! ones behind them can use idle GPUs. Fair-share ordering replaces arrival order
-//! later without changing this interface.
+//! - Order: jobs that preemption is freeing GPUs for come first; then the
+//!   policy's order: `fairshare` (member's factor, then job priority, then
+//!   age), `drf` (member holding the smallest share of GPUs relative to its
+//!   entitlement, re-evaluated after every placement), or `fifo` (age).
+//! - Gang placement: all of a job's GPUs at once, on one node, of one model and
+//!   memory size, and best fit: the node left with the fewest free GPUs of that
+//!   kind, so that whole nodes stay free for large jobs.
+//! - Backfill: the first job that does not fit reserves the node where it will
+//!   fit soonest (from the time limits of the runs there). Later jobs may use
+//!   that node's GPUs only if they end before the reserved start (by their own
+//!   time limit) or leave enough GPUs for it. With no time limits known, the
+//!   reserved node is held: it fills up with the head job as runs end.
+//! - Preemption: a member below its entitlement whose job cannot be placed may
+//!   take GPUs from preemptible runs (past their minimum run time) of members
+//!   above theirs: on the node that needs the fewest victims, the largest
+//!   and then youngest runs first. A move is made only if afterwards the
+//!   beneficiary's share of GPUs relative to its entitlement is still no more
+//!   than the victim member's. So no run can be preempted back the other way:
+//!   the reverse move would need the opposite inequality.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
-use crate::state::{JobId, State, gpu_fits};
+use crate::fairshare::{entitlements, factors, running_gpus, total_gpus};
+use crate::policy::Ordering;
+use crate::state::{Gpu, Job, JobId, JobSpec, JobState, Node, State};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
@@ -18,54 +38,685 @@ pub struct Placement {
     pub gpus: Vec<String>,
 }
 
-pub fn schedule(state: &State, now_ms: i64) -> Vec<Placement> {
-    // Free GPUs per up node, in index order.
-    let mut free: BTreeMap<&str, Vec<&crate::state::Gpu>> = state
-        .nodes
-        .values()
-        .filter(|n| n.up)
-        .map(|n| {
-            let mut gpus: Vec<_> = n.gpus.iter().filter(|g| g.job.is_none()).collect();
-            gpus.sort_by_key(|g| g.index);
-            (n.name.as_str(), gpus)
-        })
-        .collect();
-    let mut left: usize = free.values().map(Vec::len).sum();
-    let mut out = Vec::new();
-    for (_, id) in &state.queue {
-        if left == 0 {
-            break;
-        }
-        let job = &state.jobs[id];
-        if job.not_before_ms > now_ms {
-            continue;
-        }
-        let want = job.spec.gpus as usize;
-        let best = free
-            .iter()
-            .map(|(name, gpus)| {
-                let fitting = gpus.iter().filter(|g| gpu_fits(g, &job.spec)).count();
-                (fitting, *name)
-            })
-            .filter(|(fitting, _)| *fitting >= want)
-            .min();
-        let Some((_, node)) = best else { continue };
-        let gpus = free.get_mut(node).expect("node from free");
-        let mut chosen = Vec::with_capacity(want);
-        gpus.retain(|g| {
-            if chosen.len() < want && gpu_fits(g, &job.spec) {
-                chosen.push(g.uuid.clone());
-                false
-            } else {
-                true
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preemption {
+    pub job: JobId,
+    pub for_job: JobId,
+}
+
+/// Why a pending job was not placed in this pass.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Wait {
+    /// A service restarting after exits, with back-off.
+    BackingOff { until_ms: i64 },
+    /// Runs on `node` are being preempted (or have been) to make room for it.
+    Preempting { node: String },
+    /// First in line that does not fit: `node` is reserved for it, with enough
+    /// GPUs free by `at_ms` (unknown when runs there have no time limits).
+    Reserved { node: String, at_ms: Option<i64> },
+    /// It would fit, but only by delaying the reserved start of `job`.
+    BehindReservation { job: JobId },
+    /// No node has `gpus` free GPUs of a kind it accepts (`most_free` is the
+    /// largest such block now).
+    NoFit { gpus: u32, most_free: u32 },
+}
+
+impl fmt::Display for Wait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Wait::BackingOff { until_ms } => {
+                write!(f, "restarting after back-off (not before {until_ms} ms)")
             }
-        });
-        left -= want;
-        out.push(Placement {
-            job: *id,
-            node: node.to_string(),
-            gpus: chosen,
-        });
+            Wait::Preempting { node } => {
+                write!(f, "preempted runs on {node} are freeing its GPUs")
+            }
+            Wait::Reserved { node, at_ms } => match at_ms {
+                Some(t) => write!(f, "next in line: {node} reserved, free by {t} ms"),
+                None => write!(f, "next in line: {node} reserved until its runs end"),
+            },
+            Wait::BehindReservation { job } => {
+                write!(f, "would delay the reserved start of job {job}")
+            }
+            Wait::NoFit { gpus, most_free } => write!(
+                f,
+                "waiting for {gpus} free GPUs of one kind on one node (largest free block now: {most_free})"
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub placements: Vec<Placement>,
+    pub preemptions: Vec<Preemption>,
+    /// Running jobs past their time limit, to be stopped.
+    pub expiries: Vec<JobId>,
+    pub waiting: BTreeMap<JobId, Wait>,
+    /// Pending jobs in the order this pass considered them.
+    pub order: Vec<JobId>,
+}
+
+/// One pass at `now_ms`. `usage` is each member's decayed usage (see
+/// `fairshare::DecayedUsage`), used by the `fairshare` order.
+pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
+    let expiries = state
+        .running
+        .iter()
+        .map(|id| &state.jobs[id])
+        .filter(|j| !j.stopping() && j.spec.time_limit_ms > 0)
+        .filter(|j| {
+            j.started_at_ms
+                .is_some_and(|s| now_ms - s >= j.spec.time_limit_ms as i64)
+        })
+        .map(|j| j.id)
+        .collect();
+    let mut out = Plan {
+        expiries,
+        ..Plan::default()
+    };
+
+    let ent = entitlements(state);
+    let total = total_gpus(state) as f64;
+    let mut alloc: BTreeMap<String, u32> = running_gpus(state);
+    let mut pool = Pool::new(state);
+
+    let mut ready: Vec<&Job> = Vec::new();
+    for (_, id) in &state.queue {
+        let j = &state.jobs[id];
+        if j.not_before_ms > now_ms {
+            out.waiting.insert(
+                *id,
+                Wait::BackingOff {
+                    until_ms: j.not_before_ms,
+                },
+            );
+        } else {
+            ready.push(j);
+        }
+    }
+    let mut order = Order::new(state, ready, &ent, &alloc, total, usage);
+    let mut reservation: Option<Reservation> = None;
+    // Per kind of request, the smallest gang that found no block large enough:
+    // free blocks only shrink during a pass, so larger gangs fail too.
+    let mut too_big: BTreeMap<(Option<String>, u64), u32> = BTreeMap::new();
+    let mut unplaced: Vec<&Job> = Vec::new();
+
+    while let Some(job) = order.next() {
+        out.order.push(job.id);
+        let want = job.spec.gpus as usize;
+        let key = (
+            job.spec.gpu_model.as_ref().map(|m| m.to_ascii_lowercase()),
+            job.spec.min_gpu_memory_mb,
+        );
+        let hopeless =
+            pool.free_total < want || too_big.get(&key).is_some_and(|g| job.spec.gpus >= *g);
+        let expected_end =
+            (job.spec.time_limit_ms > 0).then(|| now_ms + job.spec.time_limit_ms as i64);
+        let found = if hopeless {
+            None
+        } else {
+            pool.best_fit(&job.spec, |slot, _| match &reservation {
+                Some(r) if r.slot == slot => r.admits(expected_end, want),
+                _ => true,
+            })
+        };
+        match found {
+            Some(slot) => {
+                if let Some(r) = reservation.as_mut()
+                    && r.slot == slot
+                {
+                    r.consume(expected_end, want);
+                }
+                let gpus = pool.take(slot, want, expected_end);
+                *alloc.entry(job.member.clone()).or_default() += job.spec.gpus;
+                order.placed(&job.member, &alloc);
+                out.placements.push(Placement {
+                    job: job.id,
+                    node: pool.nodes[slot.0].name.clone(),
+                    gpus,
+                });
+            }
+            None => {
+                unplaced.push(job);
+                if hopeless || !pool.fits_anywhere(&job.spec) {
+                    too_big
+                        .entry(key)
+                        .and_modify(|g| *g = (*g).min(job.spec.gpus))
+                        .or_insert(job.spec.gpus);
+                    out.waiting.insert(job.id, pool.no_fit(&job.spec));
+                } else if let Some(r) = &reservation {
+                    out.waiting
+                        .insert(job.id, Wait::BehindReservation { job: r.job });
+                } else {
+                    out.waiting.insert(
+                        job.id,
+                        Wait::NoFit {
+                            gpus: job.spec.gpus,
+                            most_free: pool.most_free(&job.spec) as u32,
+                        },
+                    );
+                }
+                if reservation.is_none()
+                    && let Some(r) = pool.reserve(state, job, now_ms)
+                {
+                    out.waiting.insert(
+                        job.id,
+                        Wait::Reserved {
+                            node: pool.nodes[r.slot.0].name.clone(),
+                            at_ms: r.at_ms,
+                        },
+                    );
+                    reservation = Some(r);
+                }
+            }
+        }
+        if let Some(node) = &job.nominated_node
+            && out.waiting.contains_key(&job.id)
+        {
+            out.waiting
+                .insert(job.id, Wait::Preempting { node: node.clone() });
+        }
+    }
+
+    if state.policy.preemption {
+        preempt(
+            state, now_ms, &ent, total, &mut alloc, &pool, &unplaced, &mut out,
+        );
     }
     out
+}
+
+/// Chooses preemptions for the unplaced jobs of members below their entitlement.
+#[allow(clippy::too_many_arguments)]
+fn preempt(
+    state: &State,
+    now_ms: i64,
+    ent: &BTreeMap<String, f64>,
+    total: f64,
+    alloc: &mut BTreeMap<String, u32>,
+    pool: &Pool,
+    unplaced: &[&Job],
+    out: &mut Plan,
+) {
+    let mut taken: BTreeSet<JobId> = BTreeSet::new();
+    // Per member, the smallest gang no victims were found for: victims only
+    // become fewer and the member's share only grows during the pass.
+    let mut hopeless: BTreeMap<&str, u32> = BTreeMap::new();
+    for job in unplaced {
+        if job.nominated_node.is_some() {
+            continue; // GPUs are already being freed for it
+        }
+        let m = job.member.as_str();
+        if hopeless.get(m).is_some_and(|g| job.spec.gpus >= *g) {
+            continue;
+        }
+        let ent_m = ent.get(m).copied().unwrap_or(0.0);
+        let g = job.spec.gpus;
+        if (alloc.get(m).copied().unwrap_or(0) as f64) >= ent_m * total || ent_m <= 0.0 {
+            continue;
+        }
+        // Best victim set over all nodes: fewest runs, then youngest.
+        let mut best: Option<(usize, i64, usize, Vec<&Job>)> = None;
+        for (slot, free) in pool.slots_for(&job.spec) {
+            let node = pool.nodes[slot.0];
+            let need = (g as usize).saturating_sub(free);
+            if need == 0 {
+                continue; // it fits; only the reservation holds it back
+            }
+            let mut candidates: Vec<&Job> = running_on(state, node, pool, slot)
+                .into_iter()
+                .filter(|v| v.member != job.member && !taken.contains(&v.id))
+                .filter(|v| state.preemptible(v, now_ms))
+                .filter(|v| {
+                    let a = alloc.get(&v.member).copied().unwrap_or(0) as f64;
+                    a > ent.get(&v.member).copied().unwrap_or(0.0) * total
+                })
+                .collect();
+            candidates.sort_by_key(|v| {
+                (
+                    std::cmp::Reverse(v.spec.gpus),
+                    std::cmp::Reverse(v.started_at_ms),
+                    v.id,
+                )
+            });
+            let mut freed = 0usize;
+            let mut chosen: Vec<&Job> = Vec::new();
+            let mut lost: BTreeMap<&str, u32> = BTreeMap::new();
+            let after_m = (alloc.get(m).copied().unwrap_or(0) + g) as f64;
+            for v in candidates {
+                if freed >= need {
+                    break;
+                }
+                let left = alloc.get(&v.member).copied().unwrap_or(0)
+                    - lost.get(v.member.as_str()).copied().unwrap_or(0)
+                    - v.spec.gpus;
+                let ent_v = ent.get(&v.member).copied().unwrap_or(0.0);
+                // after_m / ent_m <= left / ent_v, multiplied out.
+                if after_m * ent_v <= left as f64 * ent_m {
+                    *lost.entry(v.member.as_str()).or_default() += v.spec.gpus;
+                    freed += v.spec.gpus as usize;
+                    chosen.push(v);
+                }
+            }
+            if freed < need {
+                continue;
+            }
+            let youngest = chosen
+                .iter()
+                .filter_map(|v| v.started_at_ms)
+                .min()
+                .unwrap_or(0);
+            let better = match &best {
+                None => true,
+                Some((n, y, f, _)) => {
+                    (chosen.len(), std::cmp::Reverse(youngest), freed)
+                        < (*n, std::cmp::Reverse(*y), *f)
+                }
+            };
+            if better {
+                best = Some((chosen.len(), youngest, freed, chosen));
+            }
+        }
+        let Some((_, _, _, victims)) = best else {
+            hopeless
+                .entry(m)
+                .and_modify(|g| *g = (*g).min(job.spec.gpus))
+                .or_insert(job.spec.gpus);
+            continue;
+        };
+        let node = victims[0].node.clone().unwrap_or_default();
+        for v in victims {
+            taken.insert(v.id);
+            *alloc.get_mut(&v.member).expect("victim member") -= v.spec.gpus;
+            out.preemptions.push(Preemption {
+                job: v.id,
+                for_job: job.id,
+            });
+        }
+        *alloc.entry(job.member.clone()).or_default() += g;
+        out.waiting.insert(job.id, Wait::Preempting { node });
+    }
+}
+
+/// Running jobs on `node` whose GPUs are of the slot's kind.
+fn running_on<'a>(
+    state: &'a State,
+    node: &Node,
+    pool: &Pool,
+    slot: (usize, usize),
+) -> Vec<&'a Job> {
+    let mut ids: Vec<JobId> = node
+        .gpus
+        .iter()
+        .filter(|g| pool.class_of(g) == Some(slot.1))
+        .filter_map(|g| g.job)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids.iter()
+        .filter_map(|id| state.jobs.get(id))
+        .filter(|j| j.state == JobState::Running)
+        .collect()
+}
+
+/// The pending jobs in the order the policy gives.
+enum Order<'a> {
+    Sorted(std::vec::IntoIter<&'a Job>),
+    /// Progressive filling: the member with the least GPUs relative to its
+    /// entitlement goes next, re-evaluated after every placement.
+    Drf {
+        first: std::vec::IntoIter<&'a Job>,
+        queues: BTreeMap<String, std::collections::VecDeque<&'a Job>>,
+        keys: BTreeSet<(u64, String)>,
+        key_of: BTreeMap<String, u64>,
+        ent: BTreeMap<String, f64>,
+        total: f64,
+    },
+}
+
+/// A non-negative float as an integer that sorts the same way.
+fn sort_key(x: f64) -> u64 {
+    x.max(0.0).to_bits()
+}
+
+impl<'a> Order<'a> {
+    fn new(
+        state: &State,
+        ready: Vec<&'a Job>,
+        ent: &BTreeMap<String, f64>,
+        alloc: &BTreeMap<String, u32>,
+        total: f64,
+        usage: &BTreeMap<String, f64>,
+    ) -> Self {
+        let (mut first, mut rest): (Vec<&Job>, Vec<&Job>) =
+            ready.into_iter().partition(|j| j.nominated_node.is_some());
+        first.sort_by_key(|j| (j.submitted_at_ms, j.id));
+        let age = |j: &Job| (j.submitted_at_ms, j.id);
+        match state.policy.ordering {
+            Ordering::Fifo => {
+                rest.sort_by_key(|j| age(j));
+                first.extend(rest);
+                Order::Sorted(first.into_iter())
+            }
+            Ordering::Fairshare => {
+                let f = factors(ent, usage);
+                let fk =
+                    |j: &Job| std::cmp::Reverse(sort_key(f.get(&j.member).copied().unwrap_or(0.0)));
+                rest.sort_by_cached_key(|j| (fk(j), std::cmp::Reverse(j.spec.priority), age(j)));
+                first.extend(rest);
+                Order::Sorted(first.into_iter())
+            }
+            Ordering::Drf => {
+                let mut queues: BTreeMap<String, std::collections::VecDeque<&Job>> =
+                    BTreeMap::new();
+                rest.sort_by_key(|j| (std::cmp::Reverse(j.spec.priority), age(j)));
+                for j in rest {
+                    queues.entry(j.member.clone()).or_default().push_back(j);
+                }
+                let mut o = Order::Drf {
+                    first: first.into_iter(),
+                    queues,
+                    keys: BTreeSet::new(),
+                    key_of: BTreeMap::new(),
+                    ent: ent.clone(),
+                    total,
+                };
+                let members: Vec<String> = match &o {
+                    Order::Drf { queues, .. } => queues.keys().cloned().collect(),
+                    _ => unreachable!(),
+                };
+                for m in members {
+                    o.placed(&m, alloc);
+                }
+                o
+            }
+        }
+    }
+
+    fn next(&mut self) -> Option<&'a Job> {
+        match self {
+            Order::Sorted(it) => it.next(),
+            Order::Drf {
+                first,
+                queues,
+                keys,
+                key_of,
+                ..
+            } => {
+                if let Some(j) = first.next() {
+                    return Some(j);
+                }
+                let (k, m) = keys.pop_first()?;
+                let q = queues.get_mut(&m).expect("keyed members have a queue");
+                let j = q.pop_front();
+                if q.is_empty() {
+                    key_of.remove(&m);
+                } else {
+                    keys.insert((k, m));
+                }
+                j
+            }
+        }
+    }
+
+    /// `member` now holds `alloc[member]` GPUs: re-key it.
+    fn placed(&mut self, member: &str, alloc: &BTreeMap<String, u32>) {
+        if let Order::Drf {
+            queues,
+            keys,
+            key_of,
+            ent,
+            total,
+            ..
+        } = self
+        {
+            if queues.get(member).is_none_or(|q| q.is_empty()) {
+                return;
+            }
+            let e = ent.get(member).copied().unwrap_or(0.0);
+            let share = alloc.get(member).copied().unwrap_or(0) as f64 / total.max(1.0);
+            let k = if e > 0.0 {
+                sort_key(share / e)
+            } else {
+                sort_key(f64::INFINITY)
+            };
+            if let Some(old) = key_of.insert(member.to_string(), k) {
+                keys.remove(&(old, member.to_string()));
+            }
+            keys.insert((k, member.to_string()));
+        }
+    }
+}
+
+/// The head-of-line job's hold on one node's GPUs of one kind.
+struct Reservation {
+    job: JobId,
+    slot: (usize, usize),
+    /// When enough GPUs will be free for it; `None`: not known.
+    at_ms: Option<i64>,
+    /// GPUs of the slot that later jobs may still take without delaying it.
+    spare: usize,
+}
+
+impl Reservation {
+    fn admits(&self, expected_end: Option<i64>, gpus: usize) -> bool {
+        let ends_first = matches!((expected_end, self.at_ms), (Some(e), Some(t)) if e <= t);
+        ends_first || gpus <= self.spare
+    }
+
+    fn consume(&mut self, expected_end: Option<i64>, gpus: usize) {
+        let ends_first = matches!((expected_end, self.at_ms), (Some(e), Some(t)) if e <= t);
+        if !ends_first {
+            self.spare -= gpus;
+        }
+    }
+}
+
+/// One node's GPUs of one kind.
+#[derive(Default)]
+struct Slot<'a> {
+    /// Free GPUs, lowest index first.
+    free: Vec<&'a Gpu>,
+    size: usize,
+    /// Expected ends of the runs placed here in this pass, one per GPU.
+    taken_ends: Vec<Option<i64>>,
+}
+
+/// Free GPUs of the pass, by node and kind (model, memory).
+struct Pool<'a> {
+    nodes: Vec<&'a Node>,
+    classes: Vec<(&'a str, u64)>,
+    /// Per node: its GPUs of each class.
+    slots: Vec<BTreeMap<usize, Slot<'a>>>,
+    /// Per class: (free GPUs, node) for every node with that class.
+    by_free: Vec<BTreeSet<(usize, usize)>>,
+    free_total: usize,
+}
+
+impl<'a> Pool<'a> {
+    fn new(state: &'a State) -> Self {
+        let nodes: Vec<&Node> = state.nodes.values().filter(|n| n.up).collect();
+        let mut classes: Vec<(&str, u64)> = nodes
+            .iter()
+            .flat_map(|n| n.gpus.iter().map(|g| (g.model.as_str(), g.memory_mb)))
+            .collect();
+        classes.sort();
+        classes.dedup();
+        let class_idx: BTreeMap<(&str, u64), usize> =
+            classes.iter().enumerate().map(|(i, c)| (*c, i)).collect();
+        let mut slots = Vec::with_capacity(nodes.len());
+        let mut by_free = vec![BTreeSet::new(); classes.len()];
+        let mut free_total = 0;
+        for (ni, n) in nodes.iter().enumerate() {
+            let mut s: BTreeMap<usize, Slot> = BTreeMap::new();
+            for g in &n.gpus {
+                let e = s
+                    .entry(class_idx[&(g.model.as_str(), g.memory_mb)])
+                    .or_default();
+                e.size += 1;
+                if g.job.is_none() {
+                    e.free.push(g);
+                }
+            }
+            for (c, slot) in s.iter_mut() {
+                slot.free.sort_by_key(|g| g.index);
+                free_total += slot.free.len();
+                by_free[*c].insert((slot.free.len(), ni));
+            }
+            slots.push(s);
+        }
+        Self {
+            nodes,
+            classes,
+            slots,
+            by_free,
+            free_total,
+        }
+    }
+
+    fn class_of(&self, g: &Gpu) -> Option<usize> {
+        self.classes
+            .binary_search(&(g.model.as_str(), g.memory_mb))
+            .ok()
+    }
+
+    fn matching(&self, spec: &JobSpec) -> impl Iterator<Item = usize> + '_ {
+        let model = spec.gpu_model.clone();
+        let min = spec.min_gpu_memory_mb;
+        self.classes
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, (m, mem))| {
+                (model
+                    .as_ref()
+                    .is_none_or(|want| want.eq_ignore_ascii_case(m))
+                    && *mem >= min)
+                    .then_some(i)
+            })
+    }
+
+    /// The best-fit slot with enough free GPUs that `allowed` accepts.
+    fn best_fit(
+        &self,
+        spec: &JobSpec,
+        allowed: impl Fn((usize, usize), usize) -> bool,
+    ) -> Option<(usize, usize)> {
+        let want = spec.gpus as usize;
+        self.matching(spec)
+            .filter_map(|c| {
+                self.by_free[c]
+                    .range((want, 0)..)
+                    .find(|(free, n)| allowed((*n, c), *free))
+                    .map(|(free, n)| (*free, *n, c))
+            })
+            .min()
+            .map(|(_, n, c)| (n, c))
+    }
+
+    fn fits_anywhere(&self, spec: &JobSpec) -> bool {
+        self.best_fit(spec, |_, _| true).is_some()
+    }
+
+    fn most_free(&self, spec: &JobSpec) -> usize {
+        self.matching(spec)
+            .filter_map(|c| self.by_free[c].last().map(|(f, _)| *f))
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn no_fit(&self, spec: &JobSpec) -> Wait {
+        Wait::NoFit {
+            gpus: spec.gpus,
+            most_free: self.most_free(spec) as u32,
+        }
+    }
+
+    /// Every slot whose kind fits `spec` and that is large enough, with its free count.
+    fn slots_for(&self, spec: &JobSpec) -> Vec<((usize, usize), usize)> {
+        let want = spec.gpus as usize;
+        let classes: Vec<usize> = self.matching(spec).collect();
+        let mut out = Vec::new();
+        for (ni, s) in self.slots.iter().enumerate() {
+            for c in &classes {
+                if let Some(slot) = s.get(c)
+                    && slot.size >= want
+                {
+                    out.push(((ni, *c), slot.free.len()));
+                }
+            }
+        }
+        out
+    }
+
+    fn take(&mut self, at: (usize, usize), want: usize, ends: Option<i64>) -> Vec<String> {
+        let slot = self.slots[at.0].get_mut(&at.1).expect("slot exists");
+        self.by_free[at.1].remove(&(slot.free.len(), at.0));
+        let taken: Vec<String> = slot.free.drain(..want).map(|g| g.uuid.clone()).collect();
+        slot.taken_ends.extend(std::iter::repeat_n(ends, want));
+        self.by_free[at.1].insert((slot.free.len(), at.0));
+        self.free_total -= want;
+        taken
+    }
+
+    /// Where `job` will fit soonest, from the time limits of the runs there
+    /// (and of those placed earlier in this pass). The node preemption is
+    /// freeing for it comes first.
+    fn reserve(&self, state: &State, job: &Job, now_ms: i64) -> Option<Reservation> {
+        let want = job.spec.gpus as usize;
+        type Rank = (bool, i64, std::cmp::Reverse<usize>, (usize, usize));
+        let mut best: Option<(Rank, Reservation)> = None;
+        for (slot, free) in self.slots_for(&job.spec) {
+            let node = self.nodes[slot.0];
+            let mut ends: Vec<Option<i64>> = node
+                .gpus
+                .iter()
+                .filter(|g| self.class_of(g) == Some(slot.1))
+                .filter_map(|g| g.job)
+                .map(|id| expected_end(&state.jobs[&id], now_ms, &state.policy))
+                .chain(self.slots[slot.0][&slot.1].taken_ends.iter().copied())
+                .collect();
+            ends.sort_by_key(|e| e.unwrap_or(i64::MAX));
+            let need = want.saturating_sub(free);
+            let at = if need == 0 {
+                Some(now_ms)
+            } else {
+                ends.get(need - 1).copied().flatten()
+            };
+            let spare = at.map_or(0, |t| {
+                free + ends.iter().filter(|e| e.is_some_and(|e| e <= t)).count() - want
+            });
+            let nominated = job.nominated_node.as_deref() == Some(node.name.as_str());
+            let rank = (
+                !nominated,
+                at.unwrap_or(i64::MAX),
+                std::cmp::Reverse(free),
+                slot,
+            );
+            if best.as_ref().is_none_or(|(r, _)| rank < *r) {
+                let r = Reservation {
+                    job: job.id,
+                    slot,
+                    at_ms: at,
+                    spare,
+                };
+                best = Some((rank, r));
+            }
+        }
+        best.map(|(_, r)| r)
+    }
+}
+
+/// When a running job's GPUs are expected to be free.
+fn expected_end(job: &Job, now_ms: i64, policy: &crate::policy::Policy) -> Option<i64> {
+    if job.preempted_for.is_some() {
+        return Some(now_ms + policy.preempt_grace_s as i64 * 1000);
+    }
+    if job.stopping() {
+        return Some(now_ms + job.spec.kill_grace_ms as i64);
+    }
+    let limit = job.spec.time_limit_ms as i64;
+    if limit == 0 {
+        return None;
+    }
+    Some(job.started_at_ms.unwrap_or(now_ms) + limit)
 }

@@ -13,8 +13,9 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, Ctx};
 use crate::auth::{hash_token, new_token};
+use crate::fairshare::DecayedUsage;
 use crate::liveness::Registry;
-use crate::placement::schedule;
+use crate::placement::plan;
 use crate::replica::{Replica, now_ms};
 use crate::state::Op;
 use crate::store::Store;
@@ -36,6 +37,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// SIGTERM-to-SIGKILL grace of jobs that do not set their own.
     pub kill_grace: Duration,
+    /// How often agents report the usage of running jobs.
+    pub usage_interval: Duration,
 }
 
 impl Config {
@@ -50,6 +53,7 @@ impl Config {
             node_timeout: Duration::from_secs(15),
             heartbeat_interval: Duration::from_secs(1),
             kill_grace: Duration::from_secs(10),
+            usage_interval: Duration::from_secs(30),
         }
     }
 }
@@ -130,6 +134,9 @@ impl Scheduler {
             .add_service(pb::usage_service_server::UsageServiceServer::new(
                 api::usage::Usage(ctx.clone()),
             ))
+            .add_service(pb::policy_service_server::PolicyServiceServer::new(
+                api::policy::Policies(ctx.clone()),
+            ))
             .add_service(pb::cluster_service_server::ClusterServiceServer::new(
                 api::cluster::Cluster(ctx.clone()),
             ))
@@ -163,26 +170,38 @@ impl Scheduler {
     }
 }
 
-/// Places pending jobs whenever something may have changed, and at least once a
-/// second (services backing off become placeable with time alone).
+/// Runs a scheduling pass whenever something may have changed, and at least
+/// once a second (back-offs, time limits and minimum run times pass with time
+/// alone). Decisions are proposed as commands; apply checks each again.
 async fn scheduling_loop(ctx: Ctx, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut decayed = DecayedUsage::default();
     loop {
-        let decisions = {
+        let ops: Vec<Op> = {
             let state = ctx.replica.read();
-            schedule(&state, now_ms())
-        };
-        // Proposed together, they are written in one batch.
-        let results = futures::future::join_all(decisions.into_iter().map(|p| {
-            ctx.replica.propose(Op::Place {
+            let now = now_ms();
+            decayed.advance(&state, now);
+            let pass = plan(&state, now, &decayed.per_member(&state));
+            let expire = pass.expiries.into_iter().map(|job| Op::Expire { job });
+            let preempt = pass.preemptions.into_iter().map(|p| {
+                tracing::info!("preempting job {} for job {}", p.job, p.for_job);
+                Op::Preempt {
+                    job: p.job,
+                    for_job: p.for_job,
+                }
+            });
+            let place = pass.placements.into_iter().map(|p| Op::Place {
                 job: p.job,
                 node: p.node,
                 gpus: p.gpus,
-            })
-        }))
-        .await;
+            });
+            expire.chain(preempt).chain(place).collect()
+        };
+        // Proposed together, they are written in one batch.
+        let results =
+            futures::future::join_all(ops.into_iter().map(|op| ctx.replica.propose(op))).await;
         for r in results {
             if let Err(e) = r {
-                tracing::debug!("placement rejected at apply: {e}");
+                tracing::debug!("scheduling decision rejected at apply: {e}");
             }
         }
         tokio::select! {

@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::policy::{Policy, Setting};
+
 pub type JobId = Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +86,13 @@ pub struct JobSpec {
     pub min_gpu_memory_mb: u64,
     pub preemptible: bool,
     pub kill_grace_ms: u64,
+    /// Orders a member's own jobs: higher first (-1000..=1000).
+    #[serde(default)]
+    pub priority: i32,
+    /// A run is stopped and the job fails after this long (0 = no limit). Backfill
+    /// uses it to know when GPUs will be free.
+    #[serde(default)]
+    pub time_limit_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,21 +115,65 @@ pub struct Job {
     /// Not placed before this time (restart back-off of services).
     pub not_before_ms: i64,
     pub reason: String,
-    /// GPU-milliseconds of runs that have ended.
+    /// GPU-milliseconds billed so far, over all runs.
     pub gpu_ms: u64,
+    /// Normalised usage billed so far: GPU-milliseconds times the model weight.
+    #[serde(default)]
+    pub weighted_gpu_ms: u64,
+    #[serde(default)]
+    pub energy_mj: u64,
+    /// The current run is billed up to here (agents report usage in intervals).
+    #[serde(default)]
+    pub billed_to_ms: i64,
+    /// The current run is being stopped to make room for this pending job.
+    #[serde(default)]
+    pub preempted_for: Option<JobId>,
+    /// The current run is being stopped because it ran past its time limit.
+    #[serde(default)]
+    pub timed_out: bool,
+    #[serde(default)]
+    pub preemptions: u32,
+    /// GPUs are being freed for this job on this node by preemption.
+    #[serde(default)]
+    pub nominated_node: Option<String>,
 }
 
-/// One closed run of a job: the unit the ledger bills.
+impl Job {
+    /// The agent must stop the current run (cancel, preemption or time limit).
+    pub fn stopping(&self) -> bool {
+        self.cancel_requested || self.preempted_for.is_some() || self.timed_out
+    }
+}
+
+/// One billed interval of a run: what the ledger holds. Agents report usage at
+/// least every 30 s and at the end, so a run is several contiguous records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub job: JobId,
     pub attempt: u32,
     pub member: String,
     pub node: String,
+    /// Model of the run's GPUs (placement gives a job GPUs of one model).
+    #[serde(default)]
+    pub model: String,
     pub gpus: u32,
     pub start_ms: i64,
     pub end_ms: i64,
     pub gpu_ms: u64,
+    /// `gpu_ms` times the policy's weight of the model when it was billed.
+    #[serde(default)]
+    pub weighted_gpu_ms: u64,
+    #[serde(default)]
+    pub energy_mj: u64,
+}
+
+/// A change of policy: who made it, when, why, and what was set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyChange {
+    pub at_ms: i64,
+    pub by: String,
+    pub reason: String,
+    pub settings: Vec<Setting>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +228,20 @@ pub enum Op {
         node: String,
         gpus: Vec<String>,
     },
+    /// Stop a running job to free its GPUs for the pending job `for_job`.
+    Preempt {
+        job: JobId,
+        for_job: JobId,
+    },
+    /// Stop a run that is past its time limit.
+    Expire {
+        job: JobId,
+    },
+    SetPolicy {
+        settings: Vec<Setting>,
+        by: String,
+        reason: String,
+    },
     Report {
         node: String,
         session: String,
@@ -196,6 +263,16 @@ pub enum RunReport {
         at_ms: i64,
         exit_code: i32,
         reason: String,
+        /// Energy since the last usage report.
+        #[serde(default)]
+        energy_mj: u64,
+    },
+    /// The run's usage up to `to_ms` since the previous report (or its start).
+    Usage {
+        job: JobId,
+        attempt: u32,
+        to_ms: i64,
+        energy_mj: u64,
     },
 }
 
@@ -241,7 +318,14 @@ pub struct State {
     pub jobs: BTreeMap<JobId, Job>,
     /// Pending jobs in arrival order (an index over `jobs`).
     pub queue: BTreeSet<(i64, JobId)>,
+    /// Running jobs (an index over `jobs`).
+    #[serde(default)]
+    pub running: BTreeSet<JobId>,
     pub ledger: Vec<UsageRecord>,
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub policy_log: Vec<PolicyChange>,
 }
 
 pub fn valid_name(s: &str) -> bool {
@@ -281,6 +365,13 @@ impl State {
             Op::SubmitJob { id, member, spec } => self.submit(at, *id, member, spec),
             Op::CancelJob { id } => self.cancel(at, *id),
             Op::Place { job, node, gpus } => self.place(at, *job, node, gpus),
+            Op::Preempt { job, for_job } => self.preempt(at, *job, *for_job),
+            Op::Expire { job } => self.expire(at, *job),
+            Op::SetPolicy {
+                settings,
+                by,
+                reason,
+            } => self.set_policy(at, settings, by, reason),
             Op::Report {
                 node,
                 session,
@@ -481,7 +572,7 @@ impl State {
         let largest = self
             .nodes
             .values()
-            .map(|n| n.gpus.iter().filter(|g| gpu_fits(g, spec)).count())
+            .map(|n| largest_class(n, spec))
             .max()
             .unwrap_or(0);
         if (spec.gpus as usize) > largest {
@@ -512,6 +603,13 @@ impl State {
                 not_before_ms: at,
                 reason: String::new(),
                 gpu_ms: 0,
+                weighted_gpu_ms: 0,
+                energy_mj: 0,
+                billed_to_ms: 0,
+                preempted_for: None,
+                timed_out: false,
+                preemptions: 0,
+                nominated_node: None,
             },
         );
         self.queue.insert((at, id));
@@ -606,6 +704,7 @@ impl State {
         }
         let job = self.jobs.get_mut(&id).expect("checked above");
         self.queue.remove(&(job.submitted_at_ms, id));
+        self.running.insert(id);
         job.state = JobState::Running;
         job.node = Some(node_name.to_string());
         job.gpus = gpus.to_vec();
@@ -614,7 +713,117 @@ impl State {
         job.finished_at_ms = None;
         job.exit_code = None;
         job.reason.clear();
+        job.nominated_node = None;
         Ok(vec![Event::Job(id), Event::Node(node_name.to_string())])
+    }
+
+    fn preempt(&mut self, at: i64, id: JobId, for_id: JobId) -> Result<Vec<Event>, Rejection> {
+        if !self.policy.preemption {
+            return Err(Rejection::FailedPrecondition(
+                "preemption is off in the policy".into(),
+            ));
+        }
+        let job = self
+            .jobs
+            .get(&id)
+            .ok_or_else(|| Rejection::NotFound(format!("job {id} does not exist")))?;
+        let waiting = self
+            .jobs
+            .get(&for_id)
+            .ok_or_else(|| Rejection::NotFound(format!("job {for_id} does not exist")))?;
+        if waiting.state != JobState::Pending {
+            return Err(Rejection::FailedPrecondition(format!(
+                "job {for_id} is not pending"
+            )));
+        }
+        if waiting.member == job.member {
+            return Err(Rejection::FailedPrecondition(
+                "a member's job does not preempt the same member's".into(),
+            ));
+        }
+        if !self.preemptible(job, at) {
+            return Err(Rejection::FailedPrecondition(format!(
+                "job {id} is not preemptible now"
+            )));
+        }
+        let node = job.node.clone().expect("running jobs have a node");
+        let member = waiting.member.clone();
+        let job = self.jobs.get_mut(&id).expect("checked");
+        job.preempted_for = Some(for_id);
+        job.reason = format!("preempted for job {for_id} of member {member}");
+        self.jobs.get_mut(&for_id).expect("checked").nominated_node = Some(node.clone());
+        Ok(vec![Event::Job(id), Event::Job(for_id), Event::Node(node)])
+    }
+
+    /// Whether policy lets `job` be preempted at `at`.
+    pub fn preemptible(&self, job: &Job, at: i64) -> bool {
+        let kind_ok = match job.spec.kind {
+            JobKind::Finetune => job.spec.preemptible,
+            JobKind::Inference => self.policy.preempt_inference,
+        };
+        kind_ok
+            && job.state == JobState::Running
+            && !job.stopping()
+            && job
+                .started_at_ms
+                .is_some_and(|s| at - s >= (self.policy.min_runtime_s as i64).saturating_mul(1000))
+    }
+
+    fn expire(&mut self, at: i64, id: JobId) -> Result<Vec<Event>, Rejection> {
+        let job = self
+            .jobs
+            .get_mut(&id)
+            .ok_or_else(|| Rejection::NotFound(format!("job {id} does not exist")))?;
+        let limit = job.spec.time_limit_ms as i64;
+        let over = job.state == JobState::Running
+            && limit > 0
+            && job.started_at_ms.is_some_and(|s| at - s >= limit);
+        if !over {
+            return Err(Rejection::FailedPrecondition(format!(
+                "job {id} is not past its time limit"
+            )));
+        }
+        job.timed_out = true;
+        Ok(vec![Event::Job(id)])
+    }
+
+    fn set_policy(
+        &mut self,
+        at: i64,
+        settings: &[Setting],
+        by: &str,
+        reason: &str,
+    ) -> Result<Vec<Event>, Rejection> {
+        if settings.is_empty() {
+            return Err(invalid("settings", "name at least one KEY=VALUE"));
+        }
+        if reason.trim().is_empty() {
+            return Err(invalid(
+                "reason",
+                "say why the policy changes (it is kept with the change)",
+            ));
+        }
+        for s in settings {
+            if let Setting::Share { member, .. } = s
+                && !self.members.contains_key(member)
+            {
+                return Err(Rejection::NotFound(format!(
+                    "share.{member}: member {member:?} does not exist"
+                )));
+            }
+        }
+        let mut policy = self.policy.clone();
+        for s in settings {
+            policy.set(s);
+        }
+        self.policy = policy;
+        self.policy_log.push(PolicyChange {
+            at_ms: at,
+            by: by.to_string(),
+            reason: reason.to_string(),
+            settings: settings.to_vec(),
+        });
+        Ok(vec![])
     }
 
     fn report(
@@ -658,7 +867,20 @@ impl State {
                 }
                 let j = self.jobs.get_mut(job).expect("checked");
                 j.started_at_ms = Some(*at_ms);
+                j.billed_to_ms = *at_ms;
                 Ok(vec![Event::Job(*job)])
+            }
+            RunReport::Usage {
+                job,
+                attempt,
+                to_ms,
+                energy_mj,
+            } => {
+                if !current(self, job, *attempt) {
+                    return Ok(vec![]);
+                }
+                self.bill(*job, *to_ms, *energy_mj);
+                Ok(vec![])
             }
             RunReport::Exited {
                 job,
@@ -666,18 +888,28 @@ impl State {
                 at_ms,
                 exit_code,
                 reason,
+                energy_mj,
             } => {
                 if !current(self, job, *attempt) {
                     return Ok(vec![]);
                 }
                 let end = *at_ms;
-                self.close_run(*job, end);
+                self.close_run(*job, end, *energy_mj);
                 let j = self.jobs.get_mut(job).expect("checked");
                 j.exit_code = Some(*exit_code);
                 j.reason = reason.clone();
+                let (preempted, timed_out) =
+                    (j.preempted_for.take(), std::mem::take(&mut j.timed_out));
                 if j.cancel_requested {
                     j.state = JobState::Cancelled;
                     j.finished_at_ms = Some(end);
+                } else if let Some(for_job) = preempted {
+                    j.reason = format!("preempted for job {for_job}");
+                    self.end_preempted(*job, at.max(end));
+                } else if timed_out {
+                    j.state = JobState::Failed;
+                    j.finished_at_ms = Some(end);
+                    j.reason = format!("time limit of {} s reached", j.spec.time_limit_ms / 1000);
                 } else {
                     match j.spec.kind {
                         JobKind::Finetune => {
@@ -709,9 +941,66 @@ impl State {
         }
     }
 
-    /// Ends the current run of a running job, bills it, and frees its GPUs.
-    fn close_run(&mut self, id: JobId, end_ms: i64) {
-        let Some(job) = self.jobs.get_mut(&id) else {
+    /// Bills the current run of `id` from where it was billed to up to `to_ms`.
+    /// A run that has not reported its start has no time to bill.
+    fn bill(&mut self, id: JobId, to_ms: i64, energy_mj: u64) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        if job.started_at_ms.is_none() {
+            return;
+        }
+        let from = job.billed_to_ms;
+        let to = to_ms.max(from);
+        let (model, weight_milli) = self.run_weight(job);
+        let ms = (to - from) as u64;
+        let gpu_ms = ms * job.spec.gpus as u64;
+        let weighted = (gpu_ms as u128 * weight_milli as u128 / 1000) as u64;
+        let job = self.jobs.get_mut(&id).expect("checked");
+        job.billed_to_ms = to;
+        if gpu_ms == 0 && energy_mj == 0 {
+            return;
+        }
+        job.gpu_ms += gpu_ms;
+        job.weighted_gpu_ms += weighted;
+        job.energy_mj += energy_mj;
+        self.ledger.push(UsageRecord {
+            job: id,
+            attempt: job.attempts,
+            member: job.member.clone(),
+            node: job.node.clone().unwrap_or_default(),
+            model,
+            gpus: job.spec.gpus,
+            start_ms: from,
+            end_ms: to,
+            gpu_ms,
+            weighted_gpu_ms: weighted,
+            energy_mj,
+        });
+    }
+
+    /// The model of a run's GPUs and the policy's weight for it, in thousandths
+    /// (the mean weight if a run ever held mixed models).
+    pub fn run_weight(&self, job: &Job) -> (String, u64) {
+        let node = job.node.as_ref().and_then(|n| self.nodes.get(n));
+        let models: Vec<&str> = job
+            .gpus
+            .iter()
+            .filter_map(|u| node.and_then(|n| n.gpus.iter().find(|g| &g.uuid == u)))
+            .map(|g| g.model.as_str())
+            .collect();
+        if models.is_empty() {
+            return (String::new(), crate::policy::UNIT_WEIGHT_MILLI);
+        }
+        let sum: u64 = models.iter().map(|m| self.policy.weight_milli(m)).sum();
+        (models[0].to_string(), sum / models.len() as u64)
+    }
+
+    /// Ends the current run of a running job, bills the rest of it, and frees its GPUs.
+    fn close_run(&mut self, id: JobId, end_ms: i64, energy_mj: u64) {
+        self.bill(id, end_ms, energy_mj);
+        self.running.remove(&id);
+        let Some(job) = self.jobs.get(&id) else {
             return;
         };
         if let Some(node) = job.node.as_ref().and_then(|n| self.nodes.get_mut(n)) {
@@ -719,30 +1008,28 @@ impl State {
                 g.job = None;
             }
         }
-        if let Some(start) = job.started_at_ms {
-            let end = end_ms.max(start);
-            let gpu_ms = (end - start) as u64 * job.spec.gpus as u64;
-            job.gpu_ms += gpu_ms;
-            self.ledger.push(UsageRecord {
-                job: id,
-                attempt: job.attempts,
-                member: job.member.clone(),
-                node: job.node.clone().unwrap_or_default(),
-                gpus: job.spec.gpus,
-                start_ms: start,
-                end_ms: end,
-                gpu_ms,
-            });
-        }
+    }
+
+    /// A preempted run has stopped: back to the queue, ahead of nothing (its
+    /// place in it is its submission time), with its attempts kept.
+    fn end_preempted(&mut self, id: JobId, at: i64) {
+        let job = self.jobs.get_mut(&id).expect("preempted job exists");
+        job.preemptions += 1;
+        self.requeue(id, at);
     }
 
     /// The run's agent is gone: bill up to `end_ms` and put the job back in the
     /// queue, unless it was being cancelled or has used up its attempts.
     fn end_run_lost(&mut self, id: JobId, end_ms: i64, why: &str) {
-        self.close_run(id, end_ms);
+        self.close_run(id, end_ms, 0);
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
+        job.timed_out = false;
+        if job.preempted_for.take().is_some() && !job.cancel_requested {
+            self.end_preempted(id, end_ms);
+            return;
+        }
         job.reason = format!("{why} during attempt {}", job.attempts);
         if job.cancel_requested {
             job.state = JobState::Cancelled;
@@ -760,24 +1047,39 @@ impl State {
         job.state = JobState::Pending;
         job.not_before_ms = not_before;
         job.cancel_requested = false;
+        job.preempted_for = None;
+        job.timed_out = false;
         self.queue.insert((job.submitted_at_ms, id));
     }
 
-    /// GPU-milliseconds of a job: ended runs plus the running one up to `now_ms`.
+    /// GPU-milliseconds of a job: what is billed plus the running run's
+    /// unbilled part up to `now_ms`.
     pub fn job_gpu_ms(&self, job: &Job, now_ms: i64) -> u64 {
-        let running = match (job.state, job.started_at_ms) {
-            (JobState::Running, Some(start)) => {
-                (now_ms - start).max(0) as u64 * job.spec.gpus as u64
-            }
-            _ => 0,
-        };
-        job.gpu_ms + running
+        job.gpu_ms + unbilled_ms(job, now_ms) * job.spec.gpus as u64
     }
 }
 
 fn restart_backoff(attempts: u32) -> i64 {
     let exp = attempts.saturating_sub(1).min(16);
     (1000i64 << exp).min(MAX_RESTART_BACKOFF_MS)
+}
+
+/// Milliseconds of the current run not yet billed, up to `now_ms`.
+pub fn unbilled_ms(job: &Job, now_ms: i64) -> u64 {
+    match (job.state, job.started_at_ms) {
+        (JobState::Running, Some(_)) => (now_ms - job.billed_to_ms).max(0) as u64,
+        _ => 0,
+    }
+}
+
+/// The most GPUs of one model and memory size on `node` that fit `spec`:
+/// placement gives a job GPUs of one kind.
+pub fn largest_class(node: &Node, spec: &JobSpec) -> usize {
+    let mut by: BTreeMap<(&str, u64), usize> = BTreeMap::new();
+    for g in node.gpus.iter().filter(|g| gpu_fits(g, spec)) {
+        *by.entry((g.model.as_str(), g.memory_mb)).or_default() += 1;
+    }
+    by.into_values().max().unwrap_or(0)
 }
 
 pub fn gpu_fits(gpu: &Gpu, spec: &JobSpec) -> bool {
@@ -798,6 +1100,9 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Rejection> {
     }
     if spec.gpu_model.as_ref().is_some_and(|m| m.trim().is_empty()) {
         return Err(invalid("gpu_model", "must not be blank"));
+    }
+    if !(-1000..=1000).contains(&spec.priority) {
+        return Err(invalid("priority", "must be from -1000 to 1000"));
     }
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! Properties of the state machine: deterministic apply, no GPU ever held by two
 //! running jobs, rejected commands change nothing, and usage is conserved.
+//! Steps include preemption, usage reports, time limits and policy changes.
 
 use std::collections::BTreeMap;
 
-use coop_scheduler::placement::schedule;
+use coop_scheduler::fairshare::DecayedUsage;
+use coop_scheduler::placement::{Placement, plan};
+use coop_scheduler::policy::{Ordering, Setting};
 use coop_scheduler::state::*;
 use proptest::prelude::*;
 use uuid::Uuid;
@@ -28,7 +31,14 @@ fn spec(kind: JobKind, n: u32) -> JobSpec {
         min_gpu_memory_mb: 0,
         preemptible: false,
         kill_grace_ms: 1000,
+        priority: 0,
+        time_limit_ms: 0,
     }
+}
+
+/// The placements a leader's pass would make now.
+fn schedule(s: &State, at: i64) -> Vec<Placement> {
+    plan(s, at, &DecayedUsage::exact(s, at)).placements
 }
 
 fn base() -> (State, i64) {
@@ -107,6 +117,36 @@ fn check_invariants(s: &State) {
     let billed: u64 = s.ledger.iter().map(|u| u.gpu_ms).sum();
     let jobs: u64 = s.jobs.values().map(|j| j.gpu_ms).sum();
     assert_eq!(billed, jobs, "ledger and jobs disagree on GPU time");
+    let billed: u64 = s.ledger.iter().map(|u| u.weighted_gpu_ms).sum();
+    let jobs: u64 = s.jobs.values().map(|j| j.weighted_gpu_ms).sum();
+    assert_eq!(billed, jobs, "ledger and jobs disagree on normalised usage");
+    let billed: u64 = s.ledger.iter().map(|u| u.energy_mj).sum();
+    let jobs: u64 = s.jobs.values().map(|j| j.energy_mj).sum();
+    assert_eq!(billed, jobs, "ledger and jobs disagree on energy");
+    for r in &s.ledger {
+        assert!(r.end_ms >= r.start_ms, "a ledger interval runs backwards");
+        assert_eq!(r.gpu_ms, (r.end_ms - r.start_ms) as u64 * r.gpus as u64);
+    }
+    let running: Vec<JobId> = s
+        .jobs
+        .values()
+        .filter(|j| j.state == JobState::Running)
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(
+        s.running.iter().copied().collect::<Vec<_>>(),
+        running,
+        "running index out of step"
+    );
+    for j in s.jobs.values() {
+        if j.preempted_for.is_some() || j.timed_out {
+            assert_eq!(
+                j.state,
+                JobState::Running,
+                "only a running job is being stopped"
+            );
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +169,22 @@ enum Step {
         code: i32,
     },
     NodeDown(bool),
+    /// The agent reports a running job's usage so far, with some energy.
+    Usage {
+        job: usize,
+        energy: u16,
+    },
+    /// A preemption as any proposer might send it (often invalid).
+    Preempt {
+        job: usize,
+        for_job: usize,
+    },
+    Expire(usize),
+    Policy {
+        ordering: u8,
+        preemption: bool,
+        min_runtime_s: u8,
+    },
     Reregister {
         node: bool,
         new_session: bool,
@@ -150,6 +206,16 @@ fn step() -> impl Strategy<Value = Step> {
         any::<usize>().prop_map(Step::Start),
         (any::<usize>(), -1i32..3).prop_map(|(job, code)| Step::Exit { job, code }),
         any::<bool>().prop_map(Step::NodeDown),
+        (any::<usize>(), any::<u16>()).prop_map(|(job, energy)| Step::Usage { job, energy }),
+        (any::<usize>(), any::<usize>()).prop_map(|(job, for_job)| Step::Preempt { job, for_job }),
+        any::<usize>().prop_map(Step::Expire),
+        (0u8..3, any::<bool>(), 0u8..3).prop_map(|(ordering, preemption, min_runtime_s)| {
+            Step::Policy {
+                ordering,
+                preemption,
+                min_runtime_s,
+            }
+        }),
         (any::<bool>(), any::<bool>())
             .prop_map(|(node, new_session)| Step::Reregister { node, new_session }),
         (1u16..5000).prop_map(Step::Tick),
@@ -176,15 +242,46 @@ fn commands(steps: &[Step]) -> Vec<Command> {
                 } else {
                     JobKind::Inference
                 };
+                let mut sp = spec(kind, *gpus);
+                sp.preemptible = i % 2 == 0;
+                sp.time_limit_ms = if i % 3 == 0 { 3000 } else { 0 };
                 ops.push(Op::SubmitJob {
                     id,
-                    member: "beta".into(),
-                    spec: spec(kind, *gpus),
+                    // Two members, so that preemption has someone to move GPUs to.
+                    member: if i % 2 == 0 { "beta" } else { "default" }.into(),
+                    spec: sp,
                 });
             }
+            Step::Preempt { job, for_job } => {
+                if let (Some(a), Some(b)) = (pick(*job), pick(*for_job)) {
+                    ops.push(Op::Preempt { job: a, for_job: b });
+                }
+            }
+            Step::Expire(k) => ops.extend(pick(*k).map(|id| Op::Expire { job: id })),
+            Step::Policy {
+                ordering,
+                preemption,
+                min_runtime_s,
+            } => ops.push(Op::SetPolicy {
+                settings: vec![
+                    Setting::Ordering(
+                        [Ordering::Fifo, Ordering::Fairshare, Ordering::Drf][*ordering as usize],
+                    ),
+                    Setting::Preemption(*preemption),
+                    Setting::MinRuntimeS(*min_runtime_s as u64),
+                ],
+                by: "operator".into(),
+                reason: "test".into(),
+            }),
             Step::Cancel(k) => ops.extend(pick(*k).map(|id| Op::CancelJob { id })),
             Step::Schedule => {
-                for p in schedule(&s, at) {
+                let pass = plan(&s, at, &DecayedUsage::exact(&s, at));
+                ops.extend(pass.expiries.into_iter().map(|job| Op::Expire { job }));
+                ops.extend(pass.preemptions.into_iter().map(|p| Op::Preempt {
+                    job: p.job,
+                    for_job: p.for_job,
+                }));
+                for p in pass.placements {
                     ops.push(Op::Place {
                         job: p.job,
                         node: p.node,
@@ -206,7 +303,7 @@ fn commands(steps: &[Step]) -> Vec<Command> {
                     });
                 }
             }
-            Step::Start(k) | Step::Exit { job: k, .. } => {
+            Step::Start(k) | Step::Exit { job: k, .. } | Step::Usage { job: k, .. } => {
                 if let Some(j) = pick(*k).and_then(|id| s.jobs.get(&id)) {
                     let id = j.id;
                     if let Some(n) = j.node.clone() {
@@ -225,6 +322,13 @@ fn commands(steps: &[Step]) -> Vec<Command> {
                                 at_ms: at,
                                 exit_code: *code,
                                 reason: String::new(),
+                                energy_mj: 7,
+                            },
+                            Step::Usage { energy, .. } => RunReport::Usage {
+                                job: id,
+                                attempt: j.attempts,
+                                to_ms: at,
+                                energy_mj: *energy as u64,
                             },
                             _ => unreachable!(),
                         };
@@ -472,6 +576,7 @@ fn node_loss_requeues_and_bills_up_to_the_last_heartbeat() {
             at_ms: at + 30_000,
             exit_code: 0,
             reason: String::new(),
+            energy_mj: 0,
         },
     ))
     .unwrap();
@@ -506,6 +611,7 @@ fn an_exiting_service_is_restarted_with_back_off() {
                 at_ms: at + 5,
                 exit_code: 1,
                 reason: String::new(),
+                energy_mj: 0,
             },
         },
     })

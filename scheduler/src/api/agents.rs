@@ -38,8 +38,13 @@ pub fn desired_runs(state: &State, node: &str) -> Vec<pb::Run> {
             attempt: j.attempts,
             command: j.spec.command.clone(),
             gpus: j.gpus.clone(),
-            kill_grace_ms: j.spec.kill_grace_ms,
-            stop: j.cancel_requested,
+            // A preempted run gets the policy's grace for its checkpoint.
+            kill_grace_ms: if j.preempted_for.is_some() && !j.cancel_requested {
+                state.policy.preempt_grace_s * 1000
+            } else {
+                j.spec.kill_grace_ms
+            },
+            stop: j.stopping(),
         })
         .collect()
 }
@@ -57,6 +62,13 @@ fn to_report(r: pb::Report) -> Result<RunReport, Status> {
             at_ms: e.at_ms,
             exit_code: e.exit_code,
             reason: e.reason,
+            energy_mj: e.energy_mj,
+        },
+        Some(pb::report::Event::Usage(u)) => RunReport::Usage {
+            job: parse_job_id("usage.job_id", &u.job_id)?,
+            attempt: u.attempt,
+            to_ms: u.to_ms,
+            energy_mj: u.energy_mj,
         },
         None => return Err(invalid("report.event", "missing")),
     })
@@ -112,6 +124,7 @@ impl AgentService for Agents {
         registry.wake_scheduler();
         Ok(Response::new(pb::RegisterResponse {
             heartbeat_interval_ms: self.0.config.heartbeat_interval.as_millis() as u64,
+            usage_interval_ms: self.0.config.usage_interval.as_millis() as u64,
         }))
     }
 

@@ -80,6 +80,8 @@ impl JobService for Jobs {
             } else {
                 r.kill_grace_ms
             },
+            priority: r.priority,
+            time_limit_ms: r.time_limit_ms,
         };
         validate_spec(&spec).map_err(rejection_status)?;
         let id = uuid::Uuid::new_v4();

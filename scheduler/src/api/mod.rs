@@ -4,6 +4,7 @@ pub mod agents;
 pub mod cluster;
 pub mod jobs;
 pub mod members;
+pub mod policy;
 pub mod usage;
 
 use std::sync::Arc;
@@ -131,10 +132,30 @@ pub fn job_to_pb(state: &State, job: &Job, now_ms: i64) -> pb::Job {
         kill_grace_ms: job.spec.kill_grace_ms,
         reason: job.reason.clone(),
         gpu_ms: state.job_gpu_ms(job, now_ms),
+        priority: job.spec.priority,
+        time_limit_ms: job.spec.time_limit_ms,
+        weighted_gpu_ms: job.weighted_gpu_ms,
+        energy_mj: job.energy_mj,
+        preemptions: job.preemptions,
+        preempted_for: job.preempted_for.map(|j| j.to_string()).unwrap_or_default(),
     }
 }
 
 /// May `who` see (and cancel) `job`?
+/// The member whose figures a caller may read: the operator any (or all, with
+/// `asked` empty), a member only its own.
+pub fn readable_member(who: &Principal, asked: &str) -> Result<Option<String>, Status> {
+    match (who, asked.trim()) {
+        (Principal::Operator, "") => Ok(None),
+        (Principal::Operator, m) => Ok(Some(m.to_string())),
+        (Principal::Member(m), "") => Ok(Some(m.clone())),
+        (Principal::Member(m), a) if a == m => Ok(Some(m.clone())),
+        (Principal::Member(m), a) => Err(Status::permission_denied(format!(
+            "member {m} may not read the figures of {a}"
+        ))),
+    }
+}
+
 pub fn may_access(who: &Principal, job: &Job) -> bool {
     match who {
         Principal::Operator => true,

@@ -1,14 +1,25 @@
-//! UsageService: GPU time per member.
+//! UsageService: usage per member over a window, and the fair-share view.
 
 use coop_proto::v1::{self as pb, usage_service_server::UsageService};
 use tonic::{Request, Response, Status};
 
-use super::Ctx;
+use super::{Ctx, invalid, readable_member};
+use crate::fairshare::{DecayedUsage, entitlements, factors, running_gpus, total_gpus};
+use crate::placement::plan;
 use crate::replica::now_ms;
-use crate::state::Principal;
+use crate::state::State;
 use crate::usage::member_usage;
 
 pub struct Usage(pub Ctx);
+
+fn check_member(state: &State, only: &Option<String>) -> Result<(), Status> {
+    match only {
+        Some(m) if !state.members.contains_key(m) => {
+            Err(Status::not_found(format!("member: {m:?} does not exist")))
+        }
+        _ => Ok(()),
+    }
+}
 
 #[tonic::async_trait]
 impl UsageService for Usage {
@@ -17,39 +28,127 @@ impl UsageService for Usage {
         req: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let who = self.0.principal(&req)?;
-        let asked = req.into_inner().member.trim().to_string();
-        let only = match (&who, asked.as_str()) {
-            (Principal::Operator, "") => None,
-            (Principal::Operator, m) => Some(m.to_string()),
-            (Principal::Member(m), "") => Some(m.clone()),
-            (Principal::Member(m), a) if a == m => Some(m.clone()),
-            (Principal::Member(m), a) => {
-                return Err(Status::permission_denied(format!(
-                    "member {m} may not read the usage of {a}"
-                )));
-            }
-        };
-        let state = self.0.replica.read();
-        if let Some(m) = &only
-            && !state.members.contains_key(m)
-        {
-            return Err(Status::not_found(format!("member: {m:?} does not exist")));
-        }
+        let r = req.into_inner();
+        let only = readable_member(&who, &r.member)?;
         let now = now_ms();
-        let members = member_usage(&state, now, only.as_deref())
+        let from = r.from_ms.max(0);
+        let to = if r.to_ms == 0 { now } else { r.to_ms };
+        if from > to {
+            return Err(invalid("from_ms", "the window starts after it ends"));
+        }
+        let state = self.0.replica.read();
+        check_member(&state, &only)?;
+        let ent = entitlements(&state);
+        let decayed = DecayedUsage::exact(&state, now);
+        let factor = factors(&ent, &decayed);
+        let members = member_usage(&state, now, from, to, only.as_deref())
             .into_iter()
             .map(|u| pb::MemberUsage {
+                entitlement: ent.get(&u.member).copied().unwrap_or(0.0),
+                decayed_usage: decayed.get(&u.member).copied().unwrap_or(0.0),
+                factor: factor.get(&u.member).copied().unwrap_or(0.0),
                 member: u.member,
                 gpu_ms: u.gpu_ms,
                 running_jobs: u.running_jobs,
                 running_gpus: u.running_gpus,
                 pending_jobs: u.pending_jobs,
                 finished_jobs: u.finished_jobs,
+                weighted_gpu_ms: u.weighted_gpu_ms,
+                energy_mj: u.energy_mj,
             })
             .collect();
         Ok(Response::new(pb::GetUsageResponse {
             members,
             as_of_ms: now,
+            from_ms: from,
+            to_ms: to,
         }))
+    }
+
+    async fn fair_share(
+        &self,
+        req: Request<pb::FairShareRequest>,
+    ) -> Result<Response<pb::FairShareResponse>, Status> {
+        let who = self.0.principal(&req)?;
+        let only = readable_member(&who, &req.into_inner().member)?;
+        let now = now_ms();
+        let state = self.0.replica.read();
+        check_member(&state, &only)?;
+        Ok(Response::new(fair_share_view(&state, now, only.as_deref())))
+    }
+}
+
+/// Everything `coop fairshare` shows, computed the way the leader's pass does.
+pub fn fair_share_view(state: &State, now: i64, only: Option<&str>) -> pb::FairShareResponse {
+    let ent = entitlements(state);
+    let decayed = DecayedUsage::exact(state, now);
+    let factor = factors(&ent, &decayed);
+    let running = running_gpus(state);
+    let total_usage: f64 = decayed.values().sum();
+    let pass = plan(state, now, &decayed);
+    let visible = |m: &str| only.is_none_or(|o| o == m);
+    let mut contributed: std::collections::BTreeMap<&str, u32> = Default::default();
+    for n in state.nodes.values().filter(|n| n.up) {
+        *contributed.entry(n.owner.as_str()).or_default() += n.gpus.len() as u32;
+    }
+    let members = state
+        .members
+        .keys()
+        .filter(|m| visible(m))
+        .map(|m| {
+            let u = decayed.get(m).copied().unwrap_or(0.0);
+            pb::MemberShare {
+                member: m.clone(),
+                entitlement: ent.get(m).copied().unwrap_or(0.0),
+                decayed_usage: u,
+                usage_fraction: if total_usage > 0.0 {
+                    u / total_usage
+                } else {
+                    0.0
+                },
+                factor: factor.get(m).copied().unwrap_or(0.0),
+                running_gpus: running.get(m).copied().unwrap_or(0),
+                pending_jobs: state
+                    .queue
+                    .iter()
+                    .filter(|(_, id)| state.jobs[id].member == *m)
+                    .count() as u32,
+                shares: state.policy.share(m),
+                contributed_gpus: contributed.get(m.as_str()).copied().unwrap_or(0),
+            }
+        })
+        .collect();
+    let position: std::collections::BTreeMap<_, _> = pass
+        .order
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, i as u32 + 1))
+        .collect();
+    let mut waiting: Vec<pb::WaitingJob> = state
+        .queue
+        .iter()
+        .map(|(_, id)| &state.jobs[id])
+        .filter(|j| visible(&j.member))
+        .map(|j| pb::WaitingJob {
+            job_id: j.id.to_string(),
+            member: j.member.clone(),
+            gpus: j.spec.gpus,
+            position: position.get(&j.id).copied().unwrap_or(0),
+            reason: match pass.waiting.get(&j.id) {
+                Some(w) => w.to_string(),
+                None => "placed in this pass: starting".to_string(),
+            },
+            priority: j.spec.priority,
+            submitted_at_ms: j.submitted_at_ms,
+        })
+        .collect();
+    waiting.sort_by_key(|w| (w.position == 0, w.position, w.submitted_at_ms));
+    pb::FairShareResponse {
+        ordering: state.policy.ordering.as_str().to_string(),
+        half_life_s: state.policy.half_life_s,
+        members,
+        waiting,
+        gpus_total: total_gpus(state),
+        as_of_ms: now,
     }
 }

@@ -1,0 +1,252 @@
+//! Fair-share maths: entitlements, decayed usage and the fair-share factor.
+//!
+//! Pure functions of the replicated state and a time. Floats appear only here,
+//! in figures derived at read time; nothing derived is written back to the
+//! state, so replicas never disagree over rounding.
+//!
+//! Decay: a ledger record is usage spread evenly over `[start, end]`, and
+//! usage at time `t` counts `2^(-(now - t) / half_life)` at `now`. A record
+//! therefore counts its integral, `rate * H/ln2 * (2^(-(now-end)/H) -
+//! 2^(-(now-start)/H))`, which does not depend on how an agent cut a run into
+//! intervals. Slurm decays usage in steps; this is the same curve without steps.
+
+use std::collections::BTreeMap;
+
+use crate::state::{State, UsageRecord, unbilled_ms};
+
+/// Milliseconds in an hour: usage figures are in normalised GPU-hours.
+const HOUR_MS: f64 = 3_600_000.0;
+
+/// Each member's entitlement as a fraction of the cluster (they sum to 1 when
+/// there is any member). Voted shares and contributed capacity are blended by
+/// `capacity_blend_pct`; capacity is the weighted GPUs of the member's nodes
+/// that are up.
+pub fn entitlements(state: &State) -> BTreeMap<String, f64> {
+    let p = &state.policy;
+    let shares: BTreeMap<&str, f64> = state
+        .members
+        .keys()
+        .map(|m| (m.as_str(), p.share(m) as f64))
+        .collect();
+    let share_total: f64 = shares.values().sum();
+    let mut capacity: BTreeMap<&str, f64> =
+        state.members.keys().map(|m| (m.as_str(), 0.0)).collect();
+    for n in state.nodes.values().filter(|n| n.up) {
+        if let Some(c) = capacity.get_mut(n.owner.as_str()) {
+            *c += n
+                .gpus
+                .iter()
+                .map(|g| p.weight_milli(&g.model) as f64 / 1000.0)
+                .sum::<f64>();
+        }
+    }
+    let capacity_total: f64 = capacity.values().sum();
+    let count = state.members.len().max(1) as f64;
+    let blend = p.capacity_blend_pct as f64 / 100.0;
+    shares
+        .iter()
+        .map(|(m, s)| {
+            let by_share = if share_total > 0.0 {
+                s / share_total
+            } else {
+                1.0 / count
+            };
+            let by_capacity = if capacity_total > 0.0 {
+                capacity[m] / capacity_total
+            } else {
+                by_share
+            };
+            (
+                m.to_string(),
+                (1.0 - blend) * by_share + blend * by_capacity,
+            )
+        })
+        .collect()
+}
+
+/// `2^(-dt / half_life)`.
+fn decay(dt_ms: f64, half_life_ms: f64) -> f64 {
+    (-dt_ms / half_life_ms).exp2()
+}
+
+/// Decayed value at `now_ms` of `weighted_gpu_ms` spread evenly over `[start, end]`,
+/// in normalised GPU-hours.
+pub fn decayed(
+    weighted_gpu_ms: f64,
+    start_ms: i64,
+    end_ms: i64,
+    now_ms: i64,
+    half_life_s: u64,
+) -> f64 {
+    let h = half_life_s as f64 * 1000.0;
+    let (s, e) = ((now_ms - start_ms) as f64, (now_ms - end_ms) as f64);
+    let v = if end_ms > start_ms {
+        let rate = weighted_gpu_ms / (end_ms - start_ms) as f64;
+        rate * h / std::f64::consts::LN_2 * (decay(e, h) - decay(s, h))
+    } else {
+        weighted_gpu_ms * decay(e, h)
+    };
+    v / HOUR_MS
+}
+
+fn record_value(r: &UsageRecord, now_ms: i64, half_life_s: u64) -> f64 {
+    decayed(
+        r.weighted_gpu_ms as f64,
+        r.start_ms,
+        r.end_ms,
+        now_ms,
+        half_life_s,
+    )
+}
+
+/// Decayed usage per member, kept up to date incrementally: the ledger only
+/// grows, so each call decays the running totals to `now` and adds the new
+/// records. `exact` recomputes from the whole ledger; tests check they agree.
+#[derive(Debug, Clone, Default)]
+pub struct DecayedUsage {
+    at_ms: i64,
+    half_life_s: u64,
+    consumed: usize,
+    billed: BTreeMap<String, f64>,
+}
+
+impl DecayedUsage {
+    /// Brings the totals to `now_ms` (time only moves forward here; an earlier
+    /// `now_ms` is treated as the last one).
+    pub fn advance(&mut self, state: &State, now_ms: i64) {
+        let hl = state.policy.half_life_s;
+        if hl != self.half_life_s || state.ledger.len() < self.consumed {
+            *self = Self {
+                half_life_s: hl,
+                at_ms: now_ms,
+                ..Self::default()
+            };
+        }
+        let now = now_ms.max(self.at_ms);
+        if now > self.at_ms {
+            let f = decay((now - self.at_ms) as f64, hl as f64 * 1000.0);
+            self.billed.values_mut().for_each(|v| *v *= f);
+            self.at_ms = now;
+        }
+        for r in &state.ledger[self.consumed..] {
+            *self.billed.entry(r.member.clone()).or_default() += record_value(r, now, hl);
+        }
+        self.consumed = state.ledger.len();
+    }
+
+    pub fn at_ms(&self) -> i64 {
+        self.at_ms
+    }
+
+    /// Billed decayed usage plus what running jobs have used since they were
+    /// last billed, per member, at the time of the last `advance`.
+    pub fn per_member(&self, state: &State) -> BTreeMap<String, f64> {
+        let mut out: BTreeMap<String, f64> =
+            state.members.keys().map(|m| (m.clone(), 0.0)).collect();
+        for (m, v) in &self.billed {
+            *out.entry(m.clone()).or_default() += v;
+        }
+        add_running(state, self.at_ms, &mut out);
+        out
+    }
+
+    /// Decayed usage computed from scratch over the whole ledger.
+    pub fn exact(state: &State, now_ms: i64) -> BTreeMap<String, f64> {
+        let hl = state.policy.half_life_s;
+        let mut out: BTreeMap<String, f64> =
+            state.members.keys().map(|m| (m.clone(), 0.0)).collect();
+        for r in &state.ledger {
+            *out.entry(r.member.clone()).or_default() += record_value(r, now_ms, hl);
+        }
+        add_running(state, now_ms, &mut out);
+        out
+    }
+}
+
+fn add_running(state: &State, now_ms: i64, out: &mut BTreeMap<String, f64>) {
+    let hl = state.policy.half_life_s;
+    for j in state.running.iter().map(|id| &state.jobs[id]) {
+        let ms = unbilled_ms(j, now_ms);
+        if ms == 0 {
+            continue;
+        }
+        let (_, w) = state.run_weight(j);
+        let weighted = ms as f64 * j.spec.gpus as f64 * w as f64 / 1000.0;
+        *out.entry(j.member.clone()).or_default() +=
+            decayed(weighted, j.billed_to_ms, now_ms, now_ms, hl);
+    }
+}
+
+/// Slurm's classic fair-share factor `2^(-U/S)`: `U` is the member's share of
+/// all decayed usage, `S` its entitlement. 1 for a member that has used
+/// nothing, 0.5 for one that used exactly its entitlement, towards 0 beyond.
+/// A member with no entitlement gets 0: it runs only on otherwise idle GPUs.
+pub fn factors(
+    entitlements: &BTreeMap<String, f64>,
+    usage: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    let total: f64 = usage.values().sum();
+    entitlements
+        .iter()
+        .map(|(m, s)| {
+            let u = if total > 0.0 {
+                usage.get(m).copied().unwrap_or(0.0) / total
+            } else {
+                0.0
+            };
+            let f = if *s > 0.0 { (-u / s).exp2() } else { 0.0 };
+            (m.clone(), f)
+        })
+        .collect()
+}
+
+/// GPUs each member's running jobs hold now.
+pub fn running_gpus(state: &State) -> BTreeMap<String, u32> {
+    let mut out: BTreeMap<String, u32> = state.members.keys().map(|m| (m.clone(), 0)).collect();
+    for j in state.running.iter().map(|id| &state.jobs[id]) {
+        *out.entry(j.member.clone()).or_default() += j.spec.gpus;
+    }
+    out
+}
+
+/// GPUs on nodes that are up.
+pub fn total_gpus(state: &State) -> u32 {
+    state
+        .nodes
+        .values()
+        .filter(|n| n.up)
+        .map(|n| n.gpus.len() as u32)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitting_a_record_does_not_change_its_decayed_value() {
+        let hl = 3600;
+        let whole = decayed(8.0e6, 0, 8_000, 20_000, hl);
+        let parts: f64 = (0..8)
+            .map(|i| decayed(1.0e6, i * 1000, (i + 1) * 1000, 20_000, hl))
+            .sum();
+        assert!((whole - parts).abs() < 1e-12 * whole, "{whole} vs {parts}");
+    }
+
+    #[test]
+    fn usage_halves_every_half_life() {
+        let hl = 7 * 86_400;
+        let a = decayed(3.6e6, 0, 0, 0, hl);
+        let b = decayed(3.6e6, 0, 0, hl as i64 * 1000, hl);
+        assert!((a - 1.0).abs() < 1e-12);
+        assert!((b - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn factor_is_one_half_at_entitlement() {
+        let ent = BTreeMap::from([("a".to_string(), 0.25), ("b".to_string(), 0.75)]);
+        let usage = BTreeMap::from([("a".to_string(), 1.0), ("b".to_string(), 3.0)]);
+        let f = factors(&ent, &usage);
+        assert!((f["a"] - 0.5).abs() < 1e-12 && (f["b"] - 0.5).abs() < 1e-12);
+    }
+}

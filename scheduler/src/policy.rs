@@ -1,0 +1,363 @@
+//! The co-op's scheduling policy: shares, weights, decay and preemption rules.
+//!
+//! Part of the replicated state, so it holds integers only (thousandths,
+//! percents, seconds): every replica must read the same policy bit for bit.
+//! Only the operator changes it, with a reason, and every change is kept.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// How pending jobs are ordered before placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// Arrival order (with backfill).
+    Fifo,
+    /// Slurm's classic factor 2^(-U/S): decayed usage U against entitlement S.
+    #[default]
+    Fairshare,
+    /// Dominant resource fairness on GPUs held now, relative to entitlement.
+    Drf,
+}
+
+impl Ordering {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "fifo" => Some(Self::Fifo),
+            "fairshare" => Some(Self::Fairshare),
+            "drf" => Some(Self::Drf),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fifo => "fifo",
+            Self::Fairshare => "fairshare",
+            Self::Drf => "drf",
+        }
+    }
+}
+
+pub const DEFAULT_HALF_LIFE_S: u64 = 7 * 24 * 3600;
+/// The weight of a GPU model the policy does not name: one unit per GPU-hour.
+pub const UNIT_WEIGHT_MILLI: u64 = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub ordering: Ordering,
+    /// Voted shares; a member not listed holds `default_share`.
+    pub shares: BTreeMap<String, u64>,
+    pub default_share: u64,
+    /// Percent of the entitlement that follows contributed GPU capacity; the
+    /// rest follows voted shares.
+    pub capacity_blend_pct: u32,
+    /// Normalised units per GPU-hour, in thousandths, by GPU model.
+    pub model_weights_milli: BTreeMap<String, u64>,
+    pub half_life_s: u64,
+    pub preemption: bool,
+    /// Services are never preempted unless this is set.
+    pub preempt_inference: bool,
+    /// A run younger than this is not preempted.
+    pub min_runtime_s: u64,
+    /// SIGTERM-to-SIGKILL grace of a preempted run, for its checkpoint.
+    pub preempt_grace_s: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            ordering: Ordering::Fairshare,
+            shares: BTreeMap::new(),
+            default_share: 1,
+            capacity_blend_pct: 0,
+            model_weights_milli: BTreeMap::new(),
+            half_life_s: DEFAULT_HALF_LIFE_S,
+            preemption: true,
+            preempt_inference: false,
+            min_runtime_s: 300,
+            preempt_grace_s: 30,
+        }
+    }
+}
+
+impl Policy {
+    pub fn share(&self, member: &str) -> u64 {
+        self.shares
+            .get(member)
+            .copied()
+            .unwrap_or(self.default_share)
+    }
+
+    /// Thousandths of a normalised unit per GPU-hour for `model` (case-insensitive).
+    pub fn weight_milli(&self, model: &str) -> u64 {
+        self.model_weights_milli
+            .iter()
+            .find(|(m, _)| m.eq_ignore_ascii_case(model))
+            .map_or(UNIT_WEIGHT_MILLI, |(_, w)| *w)
+    }
+
+    /// Applies one setting; the caller checks members exist.
+    pub fn set(&mut self, s: &Setting) {
+        match s {
+            Setting::Ordering(o) => self.ordering = *o,
+            Setting::Share { member, shares } => {
+                self.shares.insert(member.clone(), *shares);
+            }
+            Setting::DefaultShare(n) => self.default_share = *n,
+            Setting::CapacityBlendPct(p) => self.capacity_blend_pct = *p,
+            Setting::ModelWeightMilli { model, milli } => {
+                self.model_weights_milli.insert(model.clone(), *milli);
+            }
+            Setting::HalfLifeS(s) => self.half_life_s = *s,
+            Setting::Preemption(b) => self.preemption = *b,
+            Setting::PreemptInference(b) => self.preempt_inference = *b,
+            Setting::MinRuntimeS(s) => self.min_runtime_s = *s,
+            Setting::PreemptGraceS(s) => self.preempt_grace_s = *s,
+        }
+    }
+
+    /// Every setting as `key=value`, the form `coop policy set` takes.
+    pub fn settings(&self) -> Vec<Setting> {
+        let mut out = vec![
+            Setting::Ordering(self.ordering),
+            Setting::DefaultShare(self.default_share),
+        ];
+        out.extend(self.shares.iter().map(|(m, s)| Setting::Share {
+            member: m.clone(),
+            shares: *s,
+        }));
+        out.push(Setting::CapacityBlendPct(self.capacity_blend_pct));
+        out.extend(
+            self.model_weights_milli
+                .iter()
+                .map(|(m, w)| Setting::ModelWeightMilli {
+                    model: m.clone(),
+                    milli: *w,
+                }),
+        );
+        out.extend([
+            Setting::HalfLifeS(self.half_life_s),
+            Setting::Preemption(self.preemption),
+            Setting::PreemptInference(self.preempt_inference),
+            Setting::MinRuntimeS(self.min_runtime_s),
+            Setting::PreemptGraceS(self.preempt_grace_s),
+        ]);
+        out
+    }
+}
+
+/// One policy setting, as `coop policy set KEY=VALUE` names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Setting {
+    Ordering(Ordering),
+    Share { member: String, shares: u64 },
+    DefaultShare(u64),
+    CapacityBlendPct(u32),
+    ModelWeightMilli { model: String, milli: u64 },
+    HalfLifeS(u64),
+    Preemption(bool),
+    PreemptInference(bool),
+    MinRuntimeS(u64),
+    PreemptGraceS(u64),
+}
+
+pub const SETTING_KEYS: &str = "ordering, share.MEMBER, default_share, capacity_blend, weight.MODEL, half_life, preemption, preempt_inference, min_runtime, preempt_grace";
+
+/// Shares and weights are capped so that sums and products stay far from overflow.
+const MAX_SHARES: u64 = 1_000_000;
+const MAX_WEIGHT_MILLI: u64 = 1_000_000;
+const MAX_DURATION_S: u64 = 10 * 365 * 24 * 3600;
+
+impl Setting {
+    /// Parses `key=value`. Durations take a unit (`90s`, `15m`, `7d`); a weight
+    /// takes up to three decimals. The error names the key.
+    pub fn parse(kv: &str) -> Result<Self, (String, String)> {
+        let (key, value) = kv.split_once('=').ok_or_else(|| {
+            (
+                kv.to_string(),
+                format!("expected KEY=VALUE (keys: {SETTING_KEYS})"),
+            )
+        })?;
+        let (key, value) = (key.trim(), value.trim());
+        let err = |m: String| (key.to_string(), m);
+        let int = |max: u64| -> Result<u64, (String, String)> {
+            let n: u64 = value
+                .parse()
+                .map_err(|_| err(format!("{value:?} is not a whole number")))?;
+            if n > max {
+                return Err(err(format!("{n} is above the maximum {max}")));
+            }
+            Ok(n)
+        };
+        let flag = || match value {
+            "on" | "true" | "yes" => Ok(true),
+            "off" | "false" | "no" => Ok(false),
+            _ => Err(err(format!("{value:?} is not on or off"))),
+        };
+        let secs = || parse_duration_s(value).map_err(err);
+        Ok(match key {
+            "ordering" => Setting::Ordering(
+                Ordering::parse(value)
+                    .ok_or_else(|| err(format!("{value:?} is not fifo, fairshare or drf")))?,
+            ),
+            "default_share" => Setting::DefaultShare(int(MAX_SHARES)?),
+            "capacity_blend" => {
+                let v = value.strip_suffix('%').unwrap_or(value);
+                let n: u32 = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n <= 100)
+                    .ok_or_else(|| err(format!("{value:?} is not a percent from 0 to 100")))?;
+                Setting::CapacityBlendPct(n)
+            }
+            "half_life" => {
+                let s = secs()?;
+                if s == 0 {
+                    return Err(err("must be longer than zero".into()));
+                }
+                Setting::HalfLifeS(s)
+            }
+            "preemption" => Setting::Preemption(flag()?),
+            "preempt_inference" => Setting::PreemptInference(flag()?),
+            "min_runtime" => Setting::MinRuntimeS(secs()?),
+            "preempt_grace" => Setting::PreemptGraceS(secs()?),
+            k => {
+                if let Some(member) = k.strip_prefix("share.") {
+                    Setting::Share {
+                        member: member.to_string(),
+                        shares: int(MAX_SHARES)?,
+                    }
+                } else if let Some(model) = k.strip_prefix("weight.") {
+                    if model.is_empty() {
+                        return Err(err("names no GPU model".into()));
+                    }
+                    Setting::ModelWeightMilli {
+                        model: model.to_string(),
+                        milli: parse_milli(value).map_err(err)?,
+                    }
+                } else {
+                    return Err(err(format!("unknown policy key (keys: {SETTING_KEYS})")));
+                }
+            }
+        })
+    }
+}
+
+impl fmt::Display for Setting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Setting::Ordering(o) => write!(f, "ordering={}", o.as_str()),
+            Setting::Share { member, shares } => write!(f, "share.{member}={shares}"),
+            Setting::DefaultShare(n) => write!(f, "default_share={n}"),
+            Setting::CapacityBlendPct(p) => write!(f, "capacity_blend={p}%"),
+            Setting::ModelWeightMilli { model, milli } => {
+                write!(f, "weight.{model}={}.{:03}", milli / 1000, milli % 1000)
+            }
+            Setting::HalfLifeS(s) => write!(f, "half_life={}", fmt_duration_s(*s)),
+            Setting::Preemption(b) => write!(f, "preemption={}", on_off(*b)),
+            Setting::PreemptInference(b) => write!(f, "preempt_inference={}", on_off(*b)),
+            Setting::MinRuntimeS(s) => write!(f, "min_runtime={}", fmt_duration_s(*s)),
+            Setting::PreemptGraceS(s) => write!(f, "preempt_grace={}", fmt_duration_s(*s)),
+        }
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+/// `90s`, `15m`, `12h`, `7d`, or plain seconds.
+pub fn parse_duration_s(v: &str) -> Result<u64, String> {
+    let (num, mult) = match v.char_indices().last() {
+        Some((i, 's')) => (&v[..i], 1),
+        Some((i, 'm')) => (&v[..i], 60),
+        Some((i, 'h')) => (&v[..i], 3600),
+        Some((i, 'd')) => (&v[..i], 86_400),
+        _ => (v, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|s| *s <= MAX_DURATION_S)
+        .ok_or_else(|| format!("{v:?} is not a duration like 90s, 15m, 12h or 7d"))
+}
+
+pub fn fmt_duration_s(s: u64) -> String {
+    match s {
+        0 => "0s".into(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// A decimal with up to three places, as thousandths: "1.25" -> 1250.
+fn parse_milli(v: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "{v:?} is not a weight like 1, 0.5 or 2.125 (at most {MAX_WEIGHT_MILLI} thousandths)"
+        )
+    };
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    if int.is_empty() || frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let i: u64 = int.parse().map_err(|_| bad())?;
+    let f: u64 = format!("{frac:0<3}").parse().map_err(|_| bad())?;
+    i.checked_mul(1000)
+        .and_then(|i| i.checked_add(f))
+        .filter(|m| *m > 0 && *m <= MAX_WEIGHT_MILLI)
+        .ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_round_trip_through_their_text() {
+        let mut p = Policy::default();
+        p.set(&Setting::Share {
+            member: "a".into(),
+            shares: 3,
+        });
+        p.set(&Setting::ModelWeightMilli {
+            model: "A100-80GB".into(),
+            milli: 2125,
+        });
+        for s in p.settings() {
+            assert_eq!(Setting::parse(&s.to_string()), Ok(s.clone()), "{s}");
+        }
+    }
+
+    #[test]
+    fn bad_settings_name_their_key() {
+        for (kv, key) in [
+            ("half_life=0s", "half_life"),
+            ("half_life=soon", "half_life"),
+            ("capacity_blend=101", "capacity_blend"),
+            ("weight.T4=0", "weight.T4"),
+            ("weight.T4=1.2345", "weight.T4"),
+            ("share.a=-1", "share.a"),
+            ("preemption=maybe", "preemption"),
+            ("colour=blue", "colour"),
+        ] {
+            assert_eq!(Setting::parse(kv).unwrap_err().0, key, "{kv}");
+        }
+    }
+
+    #[test]
+    fn unnamed_models_weigh_one_unit() {
+        let mut p = Policy::default();
+        assert_eq!(p.weight_milli("T4-16GB"), 1000);
+        p.set(&Setting::ModelWeightMilli {
+            model: "t4-16gb".into(),
+            milli: 250,
+        });
+        assert_eq!(p.weight_milli("T4-16GB"), 250);
+    }
+}
