@@ -24,7 +24,7 @@
 //!   than the victim member's. So no run can be preempted back the other way:
 //!   the reverse move would need the opposite inequality.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use crate::fairshare::{entitlements, factors, running_gpus, total_gpus};
@@ -91,7 +91,7 @@ pub struct Plan {
     pub preemptions: Vec<Preemption>,
     /// Running jobs past their time limit, to be stopped.
     pub expiries: Vec<JobId>,
-    pub waiting: BTreeMap<JobId, Wait>,
+    pub waiting: HashMap<JobId, Wait>,
     /// Pending jobs in the order this pass considered them.
     pub order: Vec<JobId>,
 }
@@ -238,6 +238,13 @@ fn preempt(
     unplaced: &[&Job],
     out: &mut Plan,
 ) {
+    // Nothing to take from if no member holds more than its entitlement.
+    let above = alloc
+        .iter()
+        .any(|(m, a)| *a as f64 > ent.get(m).copied().unwrap_or(0.0) * total);
+    if !above {
+        return;
+    }
     let mut taken: BTreeSet<JobId> = BTreeSet::new();
     // Per member, the smallest gang no victims were found for: victims only
     // become fewer and the member's share only grows during the pass.
@@ -580,8 +587,8 @@ impl<'a> Pool<'a> {
             .ok()
     }
 
-    fn matching(&self, spec: &JobSpec) -> impl Iterator<Item = usize> + '_ {
-        let model = spec.gpu_model.clone();
+    fn matching<'s>(&'s self, spec: &'s JobSpec) -> impl Iterator<Item = usize> + 's {
+        let model = spec.gpu_model.as_ref();
         let min = spec.min_gpu_memory_mb;
         self.classes
             .iter()
@@ -627,7 +634,11 @@ impl<'a> Pool<'a> {
     fn no_fit(&self, spec: &JobSpec) -> Wait {
         Wait::NoFit {
             gpus: spec.gpus,
-            most_free: self.most_free(spec) as u32,
+            most_free: if self.free_total == 0 {
+                0
+            } else {
+                self.most_free(spec) as u32
+            },
         }
     }
 

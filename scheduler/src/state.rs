@@ -569,13 +569,14 @@ impl State {
         if self.jobs.contains_key(&id) {
             return Err(Rejection::AlreadyExists(format!("job {id} already exists")));
         }
-        let largest = self
-            .nodes
-            .values()
-            .map(|n| largest_class(n, spec))
-            .max()
-            .unwrap_or(0);
-        if (spec.gpus as usize) > largest {
+        let want = spec.gpus as usize;
+        if !self.nodes.values().any(|n| largest_class(n, spec) >= want) {
+            let largest = self
+                .nodes
+                .values()
+                .map(|n| largest_class(n, spec))
+                .max()
+                .unwrap_or(0);
             let what = match &spec.gpu_model {
                 Some(m) => format!(" {m}"),
                 None => String::new(),
