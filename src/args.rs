@@ -105,6 +105,9 @@ pub struct DevArgs {
     /// Name of the local agent's node.
     #[arg(long, default_value = "local")]
     pub node: String,
+    /// Serve Prometheus metrics (scheduler and agent) at http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     pub timing: Timing,
 }
@@ -130,6 +133,9 @@ pub struct SchedulerRunArgs {
     /// Operator credential to create at first boot (generated and printed if absent).
     #[arg(long, env = "COOP_OPERATOR_TOKEN", hide_env_values = true)]
     pub operator_token: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     pub timing: Timing,
 }
@@ -157,6 +163,9 @@ pub struct AgentRunArgs {
     /// Where run output and bookkeeping are kept.
     #[arg(long)]
     pub data_dir: PathBuf,
+    /// Serve Prometheus metrics (GPU telemetry, report backlog) at http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,8 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use coop_agent::metrics::AgentMetrics;
 use coop_agent::{Agent, AgentConfig, GpuSource};
 use coop_scheduler::auth::{hash_token, new_token};
+use coop_scheduler::metrics;
 use coop_scheduler::{Config, Scheduler};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -89,6 +91,12 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     config.default_member = Some((creds.member.clone(), hash_token(&creds.member_token)));
     let scheduler = Scheduler::start(config).await?;
     let addr = format!("http://{}", scheduler.addr);
+    // One endpoint for both: the agent's metrics join the scheduler's registry.
+    let agent_metrics = AgentMetrics::new(&scheduler.registry)?;
+    let metrics_addr = match a.metrics {
+        Some(m) => Some(metrics::serve(m, scheduler.registry.clone()).await?),
+        None => None,
+    };
 
     let agent = Agent::new(AgentConfig {
         schedulers: vec![addr.clone()],
@@ -97,6 +105,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         owner: creds.member.clone(),
         gpus: gpu_list.clone(),
         data_dir: dir.join("agent"),
+        metrics: Some(agent_metrics),
     })
     .await?;
     let mut registered = agent.registered();
@@ -120,6 +129,9 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     );
     println!("export COOP_ADDR={addr}");
     println!("export COOP_TOKEN={}", creds.operator_token);
+    if let Some(m) = metrics_addr {
+        println!("export COOP_METRICS={m}");
+    }
     eprintln!("try: coop job submit --gpus 2 -- sh -c 'echo $CUDA_VISIBLE_DEVICES; sleep 2'");
     eprintln!("stop with Ctrl-C");
 
@@ -151,6 +163,10 @@ pub async fn scheduler(cmd: SchedulerCmd) -> anyhow::Result<()> {
     config.id = a.id;
     config.operator_token = a.operator_token;
     let mut s = Scheduler::start(config).await?;
+    if let Some(m) = a.metrics {
+        let bound = metrics::serve(m, s.registry.clone()).await?;
+        println!("export COOP_METRICS={bound}");
+    }
     if let Some(t) = &s.generated_operator_token {
         eprintln!("a new cluster: its operator token is shown only now");
         println!("export COOP_TOKEN={t}");
@@ -180,6 +196,12 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         .collect();
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("creating {}", a.data_dir.display()))?;
+    let registry = prometheus::Registry::new();
+    let agent_metrics = AgentMetrics::new(&registry)?;
+    if let Some(m) = a.metrics {
+        let bound = metrics::serve(m, registry).await?;
+        println!("export COOP_METRICS={bound}");
+    }
     let agent = Agent::new(AgentConfig {
         schedulers,
         token,
@@ -187,6 +209,7 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         owner: a.owner,
         gpus: gpu_list.clone(),
         data_dir: a.data_dir,
+        metrics: Some(agent_metrics),
     })
     .await?;
     eprintln!("agent {}: {} GPUs: {}", a.name, gpu_list.len(), a.gpus);

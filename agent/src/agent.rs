@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub owner: String,
     pub gpus: Vec<GpuInfo>,
     pub data_dir: PathBuf,
+    /// Where to publish telemetry and the report backlog, if anywhere.
+    pub metrics: Option<crate::metrics::AgentMetrics>,
 }
 
 pub struct Agent {
@@ -51,6 +53,7 @@ pub struct Agent {
     metered: BTreeMap<RunKey, Metered>,
     /// How often usage is reported (the scheduler says, at registration).
     usage_interval: Duration,
+    last_telemetry: std::time::Instant,
 }
 
 struct Metered {
@@ -85,6 +88,7 @@ impl Agent {
             registered: watch::channel(false).0,
             metered: BTreeMap::new(),
             usage_interval: Duration::from_secs(30),
+            last_telemetry: std::time::Instant::now(),
         })
     }
 
@@ -211,6 +215,9 @@ impl Agent {
             .into_inner();
         self.out = Some(tx.clone());
         self.registered.send_replace(true);
+        if let Some(m) = &self.cfg.metrics {
+            m.set_connected(&self.cfg.node, true);
+        }
         tracing::info!("node {} connected to {addr}", self.cfg.node);
 
         let mut tick = tokio::time::interval(interval);
@@ -226,6 +233,7 @@ impl Agent {
                 Some(exit) = self.exits.recv() => self.on_exit(exit),
                 _ = usage_tick.tick() => self.report_usage(),
                 _ = tick.tick() => {
+                    self.publish_metrics();
                     let ping = pb::AgentMessage { msg: Some(Up::Ping(pb::Ping {})) };
                     if tx.send(ping).is_err() {
                         break Err(anyhow!("stream closed"));
@@ -235,7 +243,24 @@ impl Agent {
             }
         };
         self.out = None;
+        if let Some(m) = &self.cfg.metrics {
+            m.set_connected(&self.cfg.node, false);
+        }
         result
+    }
+
+    /// One telemetry reading of every GPU, and the report backlog.
+    fn publish_metrics(&mut self) {
+        let Some(m) = &self.cfg.metrics else { return };
+        let dt = self.last_telemetry.elapsed().as_secs_f64();
+        self.last_telemetry = std::time::Instant::now();
+        let busy = |uuid: &str| {
+            self.metered
+                .values()
+                .any(|r| r.gpus.iter().any(|g| g == uuid))
+        };
+        m.publish(&self.cfg.node, &self.cfg.gpus, &busy, dt);
+        m.set_backlog(&self.cfg.node, self.unacked.len());
     }
 
     fn on_message(&mut self, msg: pb::SchedulerMessage) {

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod gpu;
+pub mod metrics;
 pub mod runner;
 
 pub use agent::{Agent, AgentConfig};

@@ -219,6 +219,50 @@ pub fn total_gpus(state: &State) -> u32 {
         .sum()
 }
 
+/// Max-min fair allocation of `capacity` among members with `demand`, in
+/// proportion to `weight` (water-filling): what each would get if the cluster
+/// were perfectly fair given what each wanted.
+pub fn water_fill(
+    capacity: f64,
+    demand: &BTreeMap<String, f64>,
+    weight: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    let mut open: Vec<&String> = demand
+        .iter()
+        .filter(|(m, d)| **d > 0.0 && weight.get(*m).copied().unwrap_or(0.0) > 0.0)
+        .map(|(m, _)| m)
+        .collect();
+    let mut left = capacity;
+    while !open.is_empty() && left > 1e-9 {
+        let w: f64 = open.iter().map(|m| weight[*m]).sum();
+        let per = left / w;
+        let (sated, hungry): (Vec<&String>, Vec<&String>) = open
+            .iter()
+            .partition(|m| demand[**m] - out.get(**m).copied().unwrap_or(0.0) <= per * weight[**m]);
+        if sated.is_empty() {
+            for m in &hungry {
+                *out.entry((*m).clone()).or_default() += per * weight[*m];
+            }
+            break;
+        }
+        for m in sated {
+            let got = out.entry(m.clone()).or_default();
+            left -= demand[m] - *got;
+            *got = demand[m];
+        }
+        open = hungry;
+    }
+    out
+}
+
+/// Jain's index `(sum x)^2 / (n * sum x^2)` of `xs` (1 = all equal).
+pub fn jain(xs: &[f64]) -> Option<f64> {
+    let sum: f64 = xs.iter().sum();
+    let sq: f64 = xs.iter().map(|x| x * x).sum();
+    (sq > 0.0).then(|| sum * sum / (xs.len() as f64 * sq))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,5 +292,22 @@ mod tests {
         let usage = BTreeMap::from([("a".to_string(), 1.0), ("b".to_string(), 3.0)]);
         let f = factors(&ent, &usage);
         assert!((f["a"] - 0.5).abs() < 1e-12 && (f["b"] - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn water_fill_gives_unwanted_capacity_to_others() {
+        let demand = BTreeMap::from([("a".to_string(), 10.0), ("b".to_string(), 100.0)]);
+        let weight = BTreeMap::from([("a".to_string(), 0.5), ("b".to_string(), 0.5)]);
+        let f = water_fill(60.0, &demand, &weight);
+        assert!(
+            (f["a"] - 10.0).abs() < 1e-9 && (f["b"] - 50.0).abs() < 1e-9,
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn jain_of_equal_values_is_one() {
+        assert_eq!(jain(&[2.0, 2.0, 2.0]), Some(1.0));
+        assert!((jain(&[1.0, 0.0]).unwrap() - 0.5).abs() < 1e-12);
     }
 }

@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod fairshare;
 pub mod liveness;
+pub mod metrics;
 pub mod placement;
 pub mod policy;
 pub mod replica;

@@ -20,9 +20,11 @@
 //!   take GPUs from preemptible runs (past their minimum run time) of members
 //!   above theirs: on the node that needs the fewest victims, the largest
 //!   and then youngest runs first. A move is made only if afterwards the
-//!   beneficiary's share of GPUs relative to its entitlement is still no more
-//!   than the victim member's. So no run can be preempted back the other way:
-//!   the reverse move would need the opposite inequality.
+//!   victim's member still holds at least its entitlement, and the
+//!   beneficiary's share relative to its entitlement is no more than the
+//!   victim member's. So GPUs never move straight back: a member that was
+//!   preempted stays at or above its entitlement and cannot be below it to
+//!   preempt in turn, unless its own runs end.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -298,8 +300,10 @@ fn preempt(
                     - lost.get(v.member.as_str()).copied().unwrap_or(0)
                     - v.spec.gpus;
                 let ent_v = ent.get(&v.member).copied().unwrap_or(0.0);
-                // after_m / ent_m <= left / ent_v, multiplied out.
-                if after_m * ent_v <= left as f64 * ent_m {
+                // The victim's member keeps at least its entitlement, and the
+                // beneficiary ends no further above its own than the victim's
+                // member (after_m / ent_m <= left / ent_v, multiplied out).
+                if left as f64 >= ent_v * total && after_m * ent_v <= left as f64 * ent_m {
                     *lost.entry(v.member.as_str()).or_default() += v.spec.gpus;
                     freed += v.spec.gpus as usize;
                     chosen.push(v);

@@ -73,6 +73,7 @@ impl Replica {
 
     /// Proposes `op`; returns once it is durable and applied, with apply's result.
     pub async fn propose(&self, op: Op) -> Result<Vec<Event>, ProposeError> {
+        let _timer = crate::metrics::PROPOSAL_SECONDS.start_timer();
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Proposal { op, reply })

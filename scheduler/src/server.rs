@@ -15,6 +15,7 @@ use crate::api::{self, Ctx};
 use crate::auth::{hash_token, new_token};
 use crate::fairshare::DecayedUsage;
 use crate::liveness::Registry;
+use crate::metrics;
 use crate::placement::plan;
 use crate::replica::{Replica, now_ms};
 use crate::state::Op;
@@ -60,6 +61,8 @@ impl Config {
 
 pub struct Scheduler {
     pub addr: SocketAddr,
+    /// Every metric of this scheduler; `metrics::serve` exposes it.
+    pub registry: prometheus::Registry,
     /// The operator token, when this start created it without being given one.
     pub generated_operator_token: Option<String>,
     pub replica: Replica,
@@ -110,6 +113,7 @@ impl Scheduler {
             registry: Arc::new(Registry::new()),
             config: Arc::new(config),
         };
+        let metrics = crate::metrics::registry(replica.clone(), ctx.registry.clone());
         let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(scheduling_loop(ctx.clone(), shutdown_rx.clone()));
         tokio::spawn(liveness_monitor(ctx.clone(), shutdown_rx.clone()));
@@ -150,6 +154,7 @@ impl Scheduler {
         tracing::info!("scheduler {} serving on {addr}", ctx.config.id);
         Ok(Self {
             addr,
+            registry: metrics,
             generated_operator_token,
             replica,
             shutdown,
@@ -176,11 +181,26 @@ impl Scheduler {
 async fn scheduling_loop(ctx: Ctx, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut decayed = DecayedUsage::default();
     loop {
-        let ops: Vec<Op> = {
+        let (ops, waits): (Vec<Op>, Vec<(String, f64)>) = {
             let state = ctx.replica.read();
             let now = now_ms();
+            let timer = metrics::PASS_SECONDS.start_timer();
             decayed.advance(&state, now);
             let pass = plan(&state, now, &decayed.per_member(&state));
+            timer.observe_duration();
+            // Time to first placement, by member (observed when proposed).
+            let waits = pass
+                .placements
+                .iter()
+                .map(|p| &state.jobs[&p.job])
+                .filter(|j| j.attempts == 0)
+                .map(|j| {
+                    (
+                        j.member.clone(),
+                        (now - j.submitted_at_ms).max(0) as f64 / 1000.0,
+                    )
+                })
+                .collect();
             let expire = pass.expiries.into_iter().map(|job| Op::Expire { job });
             let preempt = pass.preemptions.into_iter().map(|p| {
                 tracing::info!("preempting job {} for job {}", p.job, p.for_job);
@@ -194,14 +214,30 @@ async fn scheduling_loop(ctx: Ctx, mut shutdown: tokio::sync::watch::Receiver<bo
                 node: p.node,
                 gpus: p.gpus,
             });
-            expire.chain(preempt).chain(place).collect()
+            (expire.chain(preempt).chain(place).collect(), waits)
         };
+        for (member, secs) in waits {
+            metrics::WAIT_SECONDS
+                .with_label_values(&[member.as_str()])
+                .observe(secs);
+        }
+        let kinds: Vec<u8> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Place { .. } => 1,
+                Op::Preempt { .. } => 2,
+                _ => 0,
+            })
+            .collect();
         // Proposed together, they are written in one batch.
         let results =
             futures::future::join_all(ops.into_iter().map(|op| ctx.replica.propose(op))).await;
-        for r in results {
-            if let Err(e) = r {
-                tracing::debug!("scheduling decision rejected at apply: {e}");
+        for (r, kind) in results.into_iter().zip(kinds) {
+            match (r, kind) {
+                (Ok(_), 1) => metrics::PLACEMENTS.inc(),
+                (Ok(_), 2) => metrics::PREEMPTIONS.inc(),
+                (Ok(_), _) => {}
+                (Err(e), _) => tracing::debug!("scheduling decision rejected at apply: {e}"),
             }
         }
         tokio::select! {

@@ -15,14 +15,14 @@ use crate::policy::{Policy, Setting};
 
 pub type JobId = Uuid;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobKind {
     Finetune,
     Inference,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     Pending,
@@ -133,6 +133,9 @@ pub struct Job {
     pub timed_out: bool,
     #[serde(default)]
     pub preemptions: u32,
+    /// Runs of other members preempted to make room for this job.
+    #[serde(default)]
+    pub preemptions_caused: u32,
     /// GPUs are being freed for this job on this node by preemption.
     #[serde(default)]
     pub nominated_node: Option<String>,
@@ -610,6 +613,7 @@ impl State {
                 preempted_for: None,
                 timed_out: false,
                 preemptions: 0,
+                preemptions_caused: 0,
                 nominated_node: None,
             },
         );
@@ -752,7 +756,9 @@ impl State {
         let job = self.jobs.get_mut(&id).expect("checked");
         job.preempted_for = Some(for_id);
         job.reason = format!("preempted for job {for_id} of member {member}");
-        self.jobs.get_mut(&for_id).expect("checked").nominated_node = Some(node.clone());
+        let waiting = self.jobs.get_mut(&for_id).expect("checked");
+        waiting.nominated_node = Some(node.clone());
+        waiting.preemptions_caused += 1;
         Ok(vec![Event::Job(id), Event::Job(for_id), Event::Node(node)])
     }
 

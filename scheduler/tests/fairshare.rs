@@ -297,6 +297,14 @@ proptest! {
                 prop_assert!(alloc.get(&v).copied().unwrap_or(0.0) > ent[&v] * total);
                 pairs.push((v, b));
             }
+            // The victims' members keep at least their entitlements.
+            let mut after = alloc.clone();
+            for pr in &p.preemptions {
+                *after.get_mut(&s.jobs[&pr.job].member).unwrap() -= s.jobs[&pr.job].spec.gpus as f64;
+            }
+            for (v, _) in &pairs {
+                prop_assert!(after[v] >= ent[v] * total - 1e-9, "{} left below its entitlement", v);
+            }
             for pr in &p.preemptions {
                 apply(&mut s, at, Op::Preempt { job: pr.job, for_job: pr.for_job });
             }
