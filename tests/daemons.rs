@@ -240,3 +240,98 @@ fn an_agent_cut_off_too_long_is_told_to_stop_what_it_no_longer_owns() {
     assert_eq!(job["state"], "running");
     assert_eq!(job["attempts"], 2);
 }
+
+#[test]
+fn scheduler_and_agent_processes_serve_their_own_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("scheduler");
+    let mut args = vec![
+        "scheduler",
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    args.extend(FAST);
+    let sched = Daemon::spawn(
+        "scheduler",
+        dir.path(),
+        &args,
+        &[("COOP_OPERATOR_TOKEN", OPERATOR)],
+    );
+    let sched_metrics = sched.export("COOP_METRICS");
+    let addr = sched.export("COOP_ADDR");
+    let c = Cluster {
+        dir,
+        addr,
+        token: OPERATOR.into(),
+        daemons: vec![],
+    };
+    c.add_member("acme");
+    let agent_data = c.dir.path().join("agent");
+    let agent = Daemon::spawn(
+        "agent",
+        c.dir.path(),
+        &[
+            "agent",
+            "run",
+            "--scheduler",
+            &c.addr,
+            "--name",
+            "box",
+            "--owner",
+            "acme",
+            "--gpus",
+            "sim:2xT4-16GB",
+            "--metrics",
+            "127.0.0.1:0",
+            "--data-dir",
+            agent_data.to_str().unwrap(),
+        ],
+        &[("COOP_TOKEN", OPERATOR)],
+    );
+    let agent_metrics = agent.export("COOP_METRICS");
+    c.wait_node("box", "up", |n| n["connected"] == true);
+    let scrape = |addr: &str, needle: &str| {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let (status, body) = http_get(addr, "/metrics");
+            assert_eq!(status, 200);
+            if body.lines().any(|l| l.starts_with(needle)) {
+                return body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{addr} never showed {needle}:\n{body}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let s = scrape(&sched_metrics, r#"coop_node_up{node="box",owner="acme"} 1"#);
+    assert!(
+        s.contains(r#"coop_member_entitlement_ratio{member="acme"} 1"#),
+        "{s}"
+    );
+    assert!(
+        !s.contains("coop_gpu_power_watts"),
+        "GPU telemetry comes from the agent"
+    );
+    let a = scrape(&agent_metrics, r#"coop_agent_connected{node="box"} 1"#);
+    let power: Vec<&str> = a
+        .lines()
+        .filter(|l| l.starts_with("coop_gpu_power_watts{"))
+        .collect();
+    assert_eq!(power.len(), 2, "{a}");
+    assert!(
+        power
+            .iter()
+            .all(|l| l.contains(r#"model="T4-16GB""#) && l.contains(r#"node="box""#))
+    );
+    assert!(
+        !a.contains("coop_member_"),
+        "member figures come from the scheduler"
+    );
+}
