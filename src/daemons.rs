@@ -163,15 +163,15 @@ pub async fn scheduler(cmd: SchedulerCmd) -> anyhow::Result<()> {
     config.id = a.id;
     config.operator_token = a.operator_token;
     let mut s = Scheduler::start(config).await?;
-    if let Some(m) = a.metrics {
-        let bound = metrics::serve(m, s.registry.clone()).await?;
-        println!("export COOP_METRICS={bound}");
-    }
     if let Some(t) = &s.generated_operator_token {
         eprintln!("a new cluster: its operator token is shown only now");
         println!("export COOP_TOKEN={t}");
     }
     println!("export COOP_ADDR=http://{}", s.addr);
+    if let Some(m) = a.metrics {
+        let bound = metrics::serve(m, s.registry.clone()).await?;
+        println!("export COOP_METRICS={bound}");
+    }
     tokio::select! {
         r = s.wait() => r?,
         _ = stop_signal() => s.stop().await,

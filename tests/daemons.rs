@@ -17,6 +17,10 @@ struct Split {
 }
 
 fn scheduler() -> Split {
+    scheduler_with(&[])
+}
+
+fn scheduler_with(extra: &[&str]) -> Split {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("scheduler");
     let mut args = vec![
@@ -30,6 +34,7 @@ fn scheduler() -> Split {
         data.to_str().unwrap(),
     ];
     args.extend(FAST);
+    args.extend(extra);
     let s = Daemon::spawn(
         "scheduler",
         dir.path(),
@@ -50,24 +55,30 @@ fn scheduler() -> Split {
 
 impl Split {
     fn agent(&self, name: &str, owner: &str, gpus: &str) -> Daemon {
+        self.agent_with(name, owner, gpus, &[])
+    }
+
+    fn agent_with(&self, name: &str, owner: &str, gpus: &str, extra: &[&str]) -> Daemon {
         let data = self.c.dir.path().join(format!("agent-{name}"));
+        let mut args = vec![
+            "agent",
+            "run",
+            "--scheduler",
+            &self.c.addr,
+            "--name",
+            name,
+            "--owner",
+            owner,
+            "--gpus",
+            gpus,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        args.extend(extra);
         Daemon::spawn(
             &format!("agent-{name}"),
             self.c.dir.path(),
-            &[
-                "agent",
-                "run",
-                "--scheduler",
-                &self.c.addr,
-                "--name",
-                name,
-                "--owner",
-                owner,
-                "--gpus",
-                gpus,
-                "--data-dir",
-                data.to_str().unwrap(),
-            ],
+            &args,
             &[("COOP_TOKEN", OPERATOR)],
         )
     }
@@ -243,55 +254,15 @@ fn an_agent_cut_off_too_long_is_told_to_stop_what_it_no_longer_owns() {
 
 #[test]
 fn scheduler_and_agent_processes_serve_their_own_metrics() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("scheduler");
-    let mut args = vec![
-        "scheduler",
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
-    args.extend(FAST);
-    let sched = Daemon::spawn(
-        "scheduler",
-        dir.path(),
-        &args,
-        &[("COOP_OPERATOR_TOKEN", OPERATOR)],
-    );
-    let sched_metrics = sched.export("COOP_METRICS");
-    let addr = sched.export("COOP_ADDR");
-    let c = Cluster {
-        dir,
-        addr,
-        token: OPERATOR.into(),
-        daemons: vec![],
-    };
+    let s = scheduler_with(&["--metrics", "127.0.0.1:0"]);
+    let sched_metrics = s.scheduler.export("COOP_METRICS");
+    let c = &s.c;
     c.add_member("acme");
-    let agent_data = c.dir.path().join("agent");
-    let agent = Daemon::spawn(
-        "agent",
-        c.dir.path(),
-        &[
-            "agent",
-            "run",
-            "--scheduler",
-            &c.addr,
-            "--name",
-            "box",
-            "--owner",
-            "acme",
-            "--gpus",
-            "sim:2xT4-16GB",
-            "--metrics",
-            "127.0.0.1:0",
-            "--data-dir",
-            agent_data.to_str().unwrap(),
-        ],
-        &[("COOP_TOKEN", OPERATOR)],
+    let agent = s.agent_with(
+        "box",
+        "acme",
+        "sim:2xT4-16GB",
+        &["--metrics", "127.0.0.1:0"],
     );
     let agent_metrics = agent.export("COOP_METRICS");
     c.wait_node("box", "up", |n| n["connected"] == true);

@@ -114,6 +114,8 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
         .collect();
     let mut out = Plan {
         expiries,
+        waiting: HashMap::with_capacity(state.queue.len()),
+        order: Vec::with_capacity(state.queue.len()),
         ..Plan::default()
     };
 
@@ -140,16 +142,14 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
     let mut reservation: Option<Reservation> = None;
     // Per kind of request, the smallest gang that found no block large enough:
     // free blocks only shrink during a pass, so larger gangs fail too.
-    let mut too_big: BTreeMap<(Option<String>, u64), u32> = BTreeMap::new();
-    let mut unplaced: Vec<&Job> = Vec::new();
+    // (Keyed by the model as spelled: a different spelling only costs a lookup.)
+    let mut too_big: HashMap<(Option<&str>, u64), u32> = HashMap::new();
+    let mut unplaced: Vec<&Job> = Vec::with_capacity(state.queue.len());
 
     while let Some(job) = order.next() {
         out.order.push(job.id);
         let want = job.spec.gpus as usize;
-        let key = (
-            job.spec.gpu_model.as_ref().map(|m| m.to_ascii_lowercase()),
-            job.spec.min_gpu_memory_mb,
-        );
+        let key = (job.spec.gpu_model.as_deref(), job.spec.min_gpu_memory_mb);
         let hopeless =
             pool.free_total < want || too_big.get(&key).is_some_and(|g| job.spec.gpus >= *g);
         let expected_end =
