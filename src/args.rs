@@ -317,7 +317,7 @@ pub struct SimulateArgs {
     /// The simulated cluster: COUNT:GPUSxMODEL[,...], e.g. 32:8xV100-32GB,16:4xT4-16GB.
     #[arg(long, default_value = "32:8xV100-32GB")]
     pub nodes: String,
-    /// Where summary.json, members.csv, jobs.csv and share.svg are written.
+    /// Where summary.json, summary.csv, members.csv, jobs.csv and share.svg are written.
     #[arg(long)]
     pub out: PathBuf,
     /// Preemption (trace jobs are preemptible finetune jobs); auto: off for fifo, on otherwise.

@@ -48,6 +48,7 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&summary)? + "\n",
     )?;
     write_members_csv(&a.out.join("members.csv"), &summary)?;
+    write_summary_csv(&a.out.join("summary.csv"), &summary)?;
     write_jobs_csv(&a.out.join("jobs.csv"), &result)?;
     std::fs::write(a.out.join("share.svg"), share_svg(&result, ordering))?;
     println!(
@@ -226,6 +227,36 @@ fn write_members_csv(path: &Path, summary: &serde_json::Value) -> anyhow::Result
             v => v.to_string(),
         }))?;
     }
+    w.flush()?;
+    Ok(())
+}
+
+/// The overall figures of summary.json as one CSV row.
+fn write_summary_csv(path: &Path, summary: &serde_json::Value) -> anyhow::Result<()> {
+    let cols = [
+        "policy",
+        "preemption",
+        "gpus",
+        "jobs",
+        "completed",
+        "jain_index",
+        "utilization",
+        "makespan_s",
+        "wait_p50_s",
+        "wait_p95_s",
+        "jct_p50_s",
+        "jct_p95_s",
+        "preemptions",
+        "scheduling_passes",
+        "simulation_wall_s",
+    ];
+    let mut w = csv::Writer::from_path(path)?;
+    w.write_record(cols)?;
+    w.write_record(cols.iter().map(|c| match &summary[*c] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        v => v.to_string(),
+    }))?;
     w.flush()?;
     Ok(())
 }

@@ -83,6 +83,13 @@ fn each_policy_writes_its_figures_and_bills_every_gpu_second_once() {
                 assert!(!m[key].is_null(), "{key} in {m:#}");
             }
         }
+        let overall = std::fs::read_to_string(out.join("summary.csv")).unwrap();
+        let rows: Vec<&str> = overall.lines().collect();
+        assert_eq!(rows.len(), 2);
+        assert!(
+            rows[0].starts_with("policy,") && rows[1].starts_with(policy),
+            "{overall}"
+        );
         let csv = std::fs::read_to_string(out.join("members.csv")).unwrap();
         assert_eq!(csv.lines().count(), members.len() + 1);
         assert_eq!(
