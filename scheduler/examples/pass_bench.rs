@@ -76,6 +76,7 @@ fn cluster(ordering: Ordering) -> State {
 }
 
 fn spec(gpus: u32, model: Option<&str>) -> JobSpec {
+    // One-hour limits: backfill has something to work with.
     JobSpec {
         kind: JobKind::Finetune,
         gpus,
@@ -153,13 +154,16 @@ fn add_pending(s: &mut State, n: usize) {
 }
 
 fn time_pass(s: &State, runs: usize) -> (f64, usize, usize) {
-    let usage = DecayedUsage::exact(s, 2);
+    // Twenty minutes after the running jobs started: past the minimum run
+    // time, so the pass also looks for preemptions.
+    let now = 1_200_000;
+    let usage = DecayedUsage::exact(s, now);
     let mut times = Vec::new();
     let mut placed = 0;
     let mut preempted = 0;
     for _ in 0..runs {
         let t = Instant::now();
-        let p = plan(s, 2, &usage);
+        let p = plan(s, now, &usage);
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         placed = p.placements.len();
         preempted = p.preemptions.len();

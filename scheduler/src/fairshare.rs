@@ -150,6 +150,19 @@ impl DecayedUsage {
         out
     }
 
+    /// Brings a shared tally to `now_ms` and reads it: what readers other
+    /// than the scheduling loop (metrics, the API) use, so that none of them
+    /// walks the whole ledger.
+    pub fn shared_at(
+        shared: &std::sync::Mutex<DecayedUsage>,
+        state: &State,
+        now_ms: i64,
+    ) -> BTreeMap<String, f64> {
+        let mut d = shared.lock().unwrap_or_else(|e| e.into_inner());
+        d.advance(state, now_ms);
+        d.per_member(state)
+    }
+
     /// Decayed usage computed from scratch over the whole ledger.
     pub fn exact(state: &State, now_ms: i64) -> BTreeMap<String, f64> {
         let hl = state.policy.half_life_s;

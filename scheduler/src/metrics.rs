@@ -79,7 +79,11 @@ pub static WAIT_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
 });
 
 /// A registry holding every scheduler metric, computed from `replica` and `liveness`.
-pub fn registry(replica: Replica, liveness: Arc<Liveness>) -> Registry {
+pub fn registry(
+    replica: Replica,
+    liveness: Arc<Liveness>,
+    decayed: Arc<Mutex<DecayedUsage>>,
+) -> Registry {
     let r = Registry::new();
     let direct: [Box<dyn Collector>; 6] = [
         Box::new(PASS_SECONDS.clone()),
@@ -92,7 +96,7 @@ pub fn registry(replica: Replica, liveness: Arc<Liveness>) -> Registry {
     for c in direct {
         r.register(c).expect("unique metric names");
     }
-    r.register(Box::new(StateCollector::new(replica, liveness)))
+    r.register(Box::new(StateCollector::new(replica, liveness, decayed)))
         .expect("unique metric names");
     r
 }
@@ -125,6 +129,7 @@ struct Vecs {
 struct StateCollector {
     replica: Replica,
     liveness: Arc<Liveness>,
+    decayed: Arc<Mutex<DecayedUsage>>,
     vecs: Mutex<Vecs>,
     descs: Vec<Desc>,
 }
@@ -143,7 +148,7 @@ fn ig(name: &str, help: &str) -> IntGauge {
 }
 
 impl StateCollector {
-    fn new(replica: Replica, liveness: Arc<Liveness>) -> Self {
+    fn new(replica: Replica, liveness: Arc<Liveness>, decayed: Arc<Mutex<DecayedUsage>>) -> Self {
         let m = &["member"];
         let vecs = Vecs {
             entitlement: gv("coop_member_entitlement_ratio", "The member's entitlement: its fraction of the cluster by policy.", m),
@@ -200,6 +205,7 @@ impl StateCollector {
         Self {
             replica,
             liveness,
+            decayed,
             vecs: Mutex::new(vecs),
             descs,
         }
@@ -238,23 +244,23 @@ impl Collector for StateCollector {
             g.reset();
         }
         let ent = entitlements(&state);
-        let decayed = DecayedUsage::exact(&state, now);
+        let decayed = DecayedUsage::shared_at(&self.decayed, &state, now);
         let factor = factors(&ent, &decayed);
         let running = running_gpus(&state);
         let mut pending: BTreeMap<&str, i64> = BTreeMap::new();
         for (_, id) in &state.queue {
             *pending.entry(state.jobs[id].member.as_str()).or_default() += 1;
         }
+        // Billed totals per member, from the jobs' running sums (equal to the
+        // ledger's, which is far longer: a record per usage report).
         let mut billed: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
-        for r in &state.ledger {
-            let b = billed.entry(r.member.as_str()).or_default();
-            b.0 += r.gpu_ms;
-            b.1 += r.weighted_gpu_ms;
-            b.2 += r.energy_mj;
-        }
         let mut preempt: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
         let mut jobs: BTreeMap<(JobKind, JobState), i64> = BTreeMap::new();
         for j in state.jobs.values() {
+            let b = billed.entry(j.member.as_str()).or_default();
+            b.0 += j.gpu_ms;
+            b.1 += j.weighted_gpu_ms;
+            b.2 += j.energy_mj;
             let p = preempt.entry(j.member.as_str()).or_default();
             p.0 += j.preemptions as u64;
             p.1 += j.preemptions_caused as u64;

@@ -31,7 +31,7 @@ use std::fmt;
 
 use crate::fairshare::{entitlements, factors, running_gpus, total_gpus};
 use crate::policy::Ordering;
-use crate::state::{Gpu, Job, JobId, JobSpec, JobState, Node, State};
+use crate::state::{Gpu, Job, JobId, JobSpec, Node, State};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
@@ -96,6 +96,29 @@ pub struct Plan {
     pub waiting: HashMap<JobId, Wait>,
     /// Pending jobs in the order this pass considered them.
     pub order: Vec<JobId>,
+    /// From this position of `order` on, jobs were not examined one by one:
+    /// nothing was free. They wait for free GPUs (or for preemption).
+    pub tail_from: Option<usize>,
+}
+
+impl Plan {
+    /// Why `job`, at `position` in `order`, waits; `None` if it was placed.
+    pub fn wait_of(&self, job: &Job, position: Option<usize>) -> Option<Wait> {
+        if let Some(w) = self.waiting.get(&job.id) {
+            return Some(w.clone());
+        }
+        let in_tail = matches!((position, self.tail_from), (Some(p), Some(t)) if p >= t);
+        if !in_tail {
+            return None;
+        }
+        Some(match &job.nominated_node {
+            Some(node) => Wait::Preempting { node: node.clone() },
+            None => Wait::NoFit {
+                gpus: job.spec.gpus,
+                most_free: 0,
+            },
+        })
+    }
 }
 
 /// One pass at `now_ms`. `usage` is each member's decayed usage (see
@@ -140,20 +163,36 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
     }
     let mut order = Order::new(state, ready, &ent, &alloc, total, usage);
     let mut reservation: Option<Reservation> = None;
-    // Per kind of request, the smallest gang that found no block large enough:
-    // free blocks only shrink during a pass, so larger gangs fail too.
-    // (Keyed by the model as spelled: a different spelling only costs a lookup.)
-    let mut too_big: HashMap<(Option<&str>, u64), u32> = HashMap::new();
+    // Per kind of request, the jobs that found no place: free blocks and the
+    // reservation's spare only shrink during a pass, so a job at least as
+    // large that ends no earlier fails too. (Keyed by the model as spelled: a
+    // different spelling only costs a lookup.)
+    let mut failed: HashMap<(Option<&str>, u64), Vec<Failure>> = HashMap::new();
     let mut unplaced: Vec<&Job> = Vec::with_capacity(state.queue.len());
 
     while let Some(job) = order.next() {
         out.order.push(job.id);
+        if pool.free_total == 0 && reservation.is_some() {
+            // Nothing is free and the head of the line holds its reservation:
+            // no later job can be placed in this pass. The rest only wait (see
+            // `Plan::wait_of`) and may still preempt.
+            out.tail_from = Some(out.order.len() - 1);
+            unplaced.push(job);
+            while let Some(rest) = order.next() {
+                out.order.push(rest.id);
+                unplaced.push(rest);
+            }
+            break;
+        }
         let want = job.spec.gpus as usize;
         let key = (job.spec.gpu_model.as_deref(), job.spec.min_gpu_memory_mb);
-        let hopeless =
-            pool.free_total < want || too_big.get(&key).is_some_and(|g| job.spec.gpus >= *g);
         let expected_end =
             (job.spec.time_limit_ms > 0).then(|| now_ms + job.spec.time_limit_ms as i64);
+        let like = failed
+            .get(&key)
+            .and_then(|fs| fs.iter().find(|f| f.covers(job.spec.gpus, expected_end)))
+            .copied();
+        let hopeless = pool.free_total < want || like.is_some();
         let found = if hopeless {
             None
         } else {
@@ -180,11 +219,21 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
             }
             None => {
                 unplaced.push(job);
-                if hopeless || !pool.fits_anywhere(&job.spec) {
-                    too_big
-                        .entry(key)
-                        .and_modify(|g| *g = (*g).min(job.spec.gpus))
-                        .or_insert(job.spec.gpus);
+                let behind = match like {
+                    Some(f) => f.behind_reservation,
+                    None => pool.free_total >= want && pool.fits_anywhere(&job.spec),
+                };
+                if like.is_none() {
+                    let fs = failed.entry(key).or_default();
+                    if fs.len() < 16 {
+                        fs.push(Failure {
+                            gpus: job.spec.gpus,
+                            ends: expected_end,
+                            behind_reservation: behind,
+                        });
+                    }
+                }
+                if !behind {
                     out.waiting.insert(job.id, pool.no_fit(&job.spec));
                 } else if let Some(r) = &reservation {
                     out.waiting
@@ -222,7 +271,7 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
 
     if state.policy.preemption {
         preempt(
-            state, now_ms, &ent, total, &mut alloc, &pool, &unplaced, &mut out,
+            state, now_ms, &ent, total, &alloc, &pool, &unplaced, &mut out,
         );
     }
     out
@@ -235,78 +284,123 @@ fn preempt(
     now_ms: i64,
     ent: &BTreeMap<String, f64>,
     total: f64,
-    alloc: &mut BTreeMap<String, u32>,
+    alloc: &BTreeMap<String, u32>,
     pool: &Pool,
     unplaced: &[&Job],
     out: &mut Plan,
 ) {
-    // Nothing to take from if no member holds more than its entitlement.
-    let above = alloc
+    // Members by index: this phase looks them up for every candidate.
+    let names: Vec<&str> = ent.keys().map(String::as_str).collect();
+    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, m)| (*m, i)).collect();
+    let share: Vec<f64> = names.iter().map(|m| ent[*m] * total).collect();
+    let mut held: Vec<f64> = names
         .iter()
-        .any(|(m, a)| *a as f64 > ent.get(m).copied().unwrap_or(0.0) * total);
-    if !above {
+        .map(|m| alloc.get(*m).copied().unwrap_or(0) as f64)
+        .collect();
+    // Nothing to take from if no member holds more than its entitlement.
+    if !held.iter().zip(&share).any(|(h, s)| h > s) {
         return;
     }
-    let mut taken: BTreeSet<JobId> = BTreeSet::new();
+    // The runs that may be preempted now, by the slot (node, GPU kind) they
+    // hold, largest and then youngest first: the candidates in that order.
+    let node_idx: HashMap<&str, usize> = pool
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), i))
+        .collect();
+    let mut runs: Vec<Run> = Vec::new();
+    let mut by_slot: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+    for v in state.running.iter().map(|id| &state.jobs[id]) {
+        if !state.preemptible(v, now_ms) {
+            continue;
+        }
+        let (Some(&n), Some(&member)) = (
+            v.node.as_deref().and_then(|n| node_idx.get(n)),
+            index.get(v.member.as_str()),
+        ) else {
+            continue;
+        };
+        let class = v
+            .gpus
+            .first()
+            .and_then(|u| pool.nodes[n].gpus.iter().find(|g| &g.uuid == u))
+            .and_then(|g| pool.class_of(g));
+        if let Some(c) = class {
+            by_slot.entry((n, c)).or_default().push(runs.len());
+            runs.push(Run {
+                job: v,
+                member,
+                gpus: v.spec.gpus,
+                taken: false,
+            });
+        }
+    }
+    for vs in by_slot.values_mut() {
+        vs.sort_by_key(|&r| {
+            let v = runs[r].job;
+            (
+                std::cmp::Reverse(v.spec.gpus),
+                std::cmp::Reverse(v.started_at_ms),
+                v.id,
+            )
+        });
+    }
     // Per member, the smallest gang no victims were found for: victims only
     // become fewer and the member's share only grows during the pass.
-    let mut hopeless: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut hopeless: Vec<u32> = vec![u32::MAX; names.len()];
     for job in unplaced {
+        if by_slot.is_empty() {
+            return;
+        }
         if job.nominated_node.is_some() {
             continue; // GPUs are already being freed for it
         }
-        let m = job.member.as_str();
-        if hopeless.get(m).is_some_and(|g| job.spec.gpus >= *g) {
+        let Some(&m) = index.get(job.member.as_str()) else {
             continue;
-        }
-        let ent_m = ent.get(m).copied().unwrap_or(0.0);
+        };
         let g = job.spec.gpus;
-        if (alloc.get(m).copied().unwrap_or(0) as f64) >= ent_m * total || ent_m <= 0.0 {
+        if g >= hopeless[m] || share[m] <= 0.0 || held[m] >= share[m] {
             continue;
         }
-        // Best victim set over all nodes: fewest runs, then youngest.
-        let mut best: Option<(usize, i64, usize, Vec<&Job>)> = None;
-        for (slot, free) in pool.slots_for(&job.spec) {
-            let node = pool.nodes[slot.0];
-            let need = (g as usize).saturating_sub(free);
+        // Best victim set over all slots: fewest runs, then youngest.
+        let classes: Vec<usize> = pool.matching(&job.spec).collect();
+        let after_m = held[m] + g as f64;
+        let mut best: Option<(usize, std::cmp::Reverse<i64>, usize, Vec<usize>)> = None;
+        let mut chosen: Vec<usize> = Vec::new();
+        for (slot, victims) in &by_slot {
+            let s = &pool.slots[slot.0][&slot.1];
+            if !classes.contains(&slot.1) || s.size < g as usize {
+                continue;
+            }
+            let need = (g as usize).saturating_sub(s.free.len());
             if need == 0 {
                 continue; // it fits; only the reservation holds it back
             }
-            let mut candidates: Vec<&Job> = running_on(state, node, pool, slot)
-                .into_iter()
-                .filter(|v| v.member != job.member && !taken.contains(&v.id))
-                .filter(|v| state.preemptible(v, now_ms))
-                .filter(|v| {
-                    let a = alloc.get(&v.member).copied().unwrap_or(0) as f64;
-                    a > ent.get(&v.member).copied().unwrap_or(0.0) * total
-                })
-                .collect();
-            candidates.sort_by_key(|v| {
-                (
-                    std::cmp::Reverse(v.spec.gpus),
-                    std::cmp::Reverse(v.started_at_ms),
-                    v.id,
-                )
-            });
+            chosen.clear();
             let mut freed = 0usize;
-            let mut chosen: Vec<&Job> = Vec::new();
-            let mut lost: BTreeMap<&str, u32> = BTreeMap::new();
-            let after_m = (alloc.get(m).copied().unwrap_or(0) + g) as f64;
-            for v in candidates {
+            let mut lost: Vec<(usize, f64)> = Vec::new();
+            for &r in victims {
                 if freed >= need {
                     break;
                 }
-                let left = alloc.get(&v.member).copied().unwrap_or(0)
-                    - lost.get(v.member.as_str()).copied().unwrap_or(0)
-                    - v.spec.gpus;
-                let ent_v = ent.get(&v.member).copied().unwrap_or(0.0);
+                let run = &runs[r];
+                let v = run.member;
+                if run.taken || v == m || held[v] <= share[v] {
+                    continue;
+                }
+                let already = lost.iter().find(|(x, _)| *x == v).map_or(0.0, |(_, l)| *l);
+                let left = held[v] - already - run.gpus as f64;
                 // The victim's member keeps at least its entitlement, and the
                 // beneficiary ends no further above its own than the victim's
                 // member (after_m / ent_m <= left / ent_v, multiplied out).
-                if left as f64 >= ent_v * total && after_m * ent_v <= left as f64 * ent_m {
-                    *lost.entry(v.member.as_str()).or_default() += v.spec.gpus;
-                    freed += v.spec.gpus as usize;
-                    chosen.push(v);
+                if left >= share[v] && after_m * share[v] <= left * share[m] {
+                    match lost.iter_mut().find(|(x, _)| *x == v) {
+                        Some((_, l)) => *l += run.gpus as f64,
+                        None => lost.push((v, run.gpus as f64)),
+                    }
+                    freed += run.gpus as usize;
+                    chosen.push(r);
                 }
             }
             if freed < need {
@@ -314,60 +408,38 @@ fn preempt(
             }
             let youngest = chosen
                 .iter()
-                .filter_map(|v| v.started_at_ms)
+                .filter_map(|&r| runs[r].job.started_at_ms)
                 .min()
                 .unwrap_or(0);
-            let better = match &best {
-                None => true,
-                Some((n, y, f, _)) => {
-                    (chosen.len(), std::cmp::Reverse(youngest), freed)
-                        < (*n, std::cmp::Reverse(*y), *f)
-                }
-            };
-            if better {
-                best = Some((chosen.len(), youngest, freed, chosen));
+            let rank = (chosen.len(), std::cmp::Reverse(youngest), freed);
+            if best.as_ref().is_none_or(|(n, y, f, _)| rank < (*n, *y, *f)) {
+                best = Some((rank.0, rank.1, rank.2, chosen.clone()));
             }
         }
         let Some((_, _, _, victims)) = best else {
-            hopeless
-                .entry(m)
-                .and_modify(|g| *g = (*g).min(job.spec.gpus))
-                .or_insert(job.spec.gpus);
+            hopeless[m] = hopeless[m].min(g);
             continue;
         };
-        let node = victims[0].node.clone().unwrap_or_default();
-        for v in victims {
-            taken.insert(v.id);
-            *alloc.get_mut(&v.member).expect("victim member") -= v.spec.gpus;
+        let node = runs[victims[0]].job.node.clone().unwrap_or_default();
+        for r in victims {
+            runs[r].taken = true;
+            held[runs[r].member] -= runs[r].gpus as f64;
             out.preemptions.push(Preemption {
-                job: v.id,
+                job: runs[r].job.id,
                 for_job: job.id,
             });
         }
-        *alloc.entry(job.member.clone()).or_default() += g;
+        held[m] += g as f64;
         out.waiting.insert(job.id, Wait::Preempting { node });
     }
 }
 
-/// Running jobs on `node` whose GPUs are of the slot's kind.
-fn running_on<'a>(
-    state: &'a State,
-    node: &Node,
-    pool: &Pool,
-    slot: (usize, usize),
-) -> Vec<&'a Job> {
-    let mut ids: Vec<JobId> = node
-        .gpus
-        .iter()
-        .filter(|g| pool.class_of(g) == Some(slot.1))
-        .filter_map(|g| g.job)
-        .collect();
-    ids.sort();
-    ids.dedup();
-    ids.iter()
-        .filter_map(|id| state.jobs.get(id))
-        .filter(|j| j.state == JobState::Running)
-        .collect()
+/// A run that may be preempted, in the preemption phase of a pass.
+struct Run<'a> {
+    job: &'a Job,
+    member: usize,
+    gpus: u32,
+    taken: bool,
 }
 
 /// The pending jobs in the order the policy gives.
@@ -496,6 +568,29 @@ impl<'a> Order<'a> {
             }
             keys.insert((k, member.to_string()));
         }
+    }
+}
+
+/// A job that found no place in this pass, for skipping the like of it.
+#[derive(Debug, Clone, Copy)]
+struct Failure {
+    gpus: u32,
+    /// Expected end (None: no time limit).
+    ends: Option<i64>,
+    /// It would have fitted but for the reservation.
+    behind_reservation: bool,
+}
+
+impl Failure {
+    /// A job of `gpus` ending at `ends` fails too: it is no smaller and ends
+    /// no earlier, so no slot admits it that did not admit this one.
+    fn covers(&self, gpus: u32, ends: Option<i64>) -> bool {
+        let no_earlier = match (ends, self.ends) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(a), Some(b)) => a >= b,
+        };
+        gpus >= self.gpus && no_earlier
     }
 }
 

@@ -110,10 +110,12 @@ impl Scheduler {
         }
         let ctx = Ctx {
             replica: replica.clone(),
+            decayed: Default::default(),
             registry: Arc::new(Registry::new()),
             config: Arc::new(config),
         };
-        let metrics = crate::metrics::registry(replica.clone(), ctx.registry.clone());
+        let metrics =
+            crate::metrics::registry(replica.clone(), ctx.registry.clone(), ctx.decayed.clone());
         let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(scheduling_loop(ctx.clone(), shutdown_rx.clone()));
         tokio::spawn(liveness_monitor(ctx.clone(), shutdown_rx.clone()));
@@ -179,14 +181,13 @@ impl Scheduler {
 /// once a second (back-offs, time limits and minimum run times pass with time
 /// alone). Decisions are proposed as commands; apply checks each again.
 async fn scheduling_loop(ctx: Ctx, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    let mut decayed = DecayedUsage::default();
     loop {
         let (ops, waits): (Vec<Op>, Vec<(String, f64)>) = {
             let state = ctx.replica.read();
             let now = now_ms();
             let timer = metrics::PASS_SECONDS.start_timer();
-            decayed.advance(&state, now);
-            let pass = plan(&state, now, &decayed.per_member(&state));
+            let usage = DecayedUsage::shared_at(&ctx.decayed, &state, now);
+            let pass = plan(&state, now, &usage);
             timer.observe_duration();
             // Time to first placement, by member (observed when proposed).
             let waits = pass

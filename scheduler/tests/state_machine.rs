@@ -276,6 +276,20 @@ fn commands(steps: &[Step]) -> Vec<Command> {
             Step::Cancel(k) => ops.extend(pick(*k).map(|id| Op::CancelJob { id })),
             Step::Schedule => {
                 let pass = plan(&s, at, &DecayedUsage::exact(&s, at));
+                // Every pending job is either placed or has a reason to wait.
+                let placed: Vec<JobId> = pass.placements.iter().map(|p| p.job).collect();
+                for (pos, id) in pass.order.iter().enumerate() {
+                    let waits = pass.wait_of(&s.jobs[id], Some(pos)).is_some();
+                    assert_ne!(
+                        waits,
+                        placed.contains(id),
+                        "job {id}: placed or waiting, not both"
+                    );
+                }
+                for (_, id) in &s.queue {
+                    let known = pass.order.contains(id) || pass.waiting.contains_key(id);
+                    assert!(known, "pending job {id} neither considered nor explained");
+                }
                 ops.extend(pass.expiries.into_iter().map(|job| Op::Expire { job }));
                 ops.extend(pass.preemptions.into_iter().map(|p| Op::Preempt {
                     job: p.job,

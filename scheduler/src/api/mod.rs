@@ -21,6 +21,9 @@ use crate::state::{Job, JobKind, JobState, Principal, Rejection, State};
 #[derive(Clone)]
 pub struct Ctx {
     pub replica: Replica,
+    /// Decayed usage per member, kept up to date incrementally and shared by
+    /// the scheduling loop, the API and the metrics.
+    pub decayed: Arc<std::sync::Mutex<crate::fairshare::DecayedUsage>>,
     pub registry: Arc<Registry>,
     pub config: Arc<crate::server::Config>,
 }

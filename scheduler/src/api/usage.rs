@@ -39,7 +39,7 @@ impl UsageService for Usage {
         let state = self.0.replica.read();
         check_member(&state, &only)?;
         let ent = entitlements(&state);
-        let decayed = DecayedUsage::exact(&state, now);
+        let decayed = DecayedUsage::shared_at(&self.0.decayed, &state, now);
         let factor = factors(&ent, &decayed);
         let members = member_usage(&state, now, from, to, only.as_deref())
             .into_iter()
@@ -74,18 +74,28 @@ impl UsageService for Usage {
         let now = now_ms();
         let state = self.0.replica.read();
         check_member(&state, &only)?;
-        Ok(Response::new(fair_share_view(&state, now, only.as_deref())))
+        let decayed = DecayedUsage::shared_at(&self.0.decayed, &state, now);
+        Ok(Response::new(fair_share_view(
+            &state,
+            now,
+            &decayed,
+            only.as_deref(),
+        )))
     }
 }
 
 /// Everything `coop fairshare` shows, computed the way the leader's pass does.
-pub fn fair_share_view(state: &State, now: i64, only: Option<&str>) -> pb::FairShareResponse {
+pub fn fair_share_view(
+    state: &State,
+    now: i64,
+    decayed: &std::collections::BTreeMap<String, f64>,
+    only: Option<&str>,
+) -> pb::FairShareResponse {
     let ent = entitlements(state);
-    let decayed = DecayedUsage::exact(state, now);
-    let factor = factors(&ent, &decayed);
+    let factor = factors(&ent, decayed);
     let running = running_gpus(state);
     let total_usage: f64 = decayed.values().sum();
-    let pass = plan(state, now, &decayed);
+    let pass = plan(state, now, decayed);
     let visible = |m: &str| only.is_none_or(|o| o == m);
     let mut contributed: std::collections::BTreeMap<&str, u32> = Default::default();
     for n in state.nodes.values().filter(|n| n.up) {
@@ -134,7 +144,7 @@ pub fn fair_share_view(state: &State, now: i64, only: Option<&str>) -> pb::FairS
             member: j.member.clone(),
             gpus: j.spec.gpus,
             position: position.get(&j.id).copied().unwrap_or(0),
-            reason: match pass.waiting.get(&j.id) {
+            reason: match pass.wait_of(j, position.get(&j.id).map(|p| *p as usize - 1)) {
                 Some(w) => w.to_string(),
                 None => "placed in this pass: starting".to_string(),
             },
