@@ -221,3 +221,30 @@ fn policy_changes_are_checked_and_kept_with_who_and_why() {
     let units = job["units"].as_f64().unwrap();
     assert!((units - gpu_s * 2.5 / 3600.0).abs() < 1e-6, "{job:#}");
 }
+
+#[test]
+fn a_run_past_its_time_limit_is_stopped_and_the_job_fails() {
+    let c = Cluster::dev(&[]);
+    let id = c.submit(&[
+        "--time-limit",
+        "1s",
+        "--grace",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo stopping; exit 3' TERM; sleep 600 & wait",
+    ]);
+    let job = c.wait_final(&id);
+    assert_eq!(job["state"], "failed", "{job:#}");
+    assert_eq!(job["time_limit_s"], 1.0);
+    assert!(
+        job["reason"].as_str().unwrap().contains("time limit"),
+        "{job:#}"
+    );
+    let ran = ms(&job["finished_at"]) - ms(&job["started_at"]);
+    assert!(ran >= 1000, "stopped after {ran} ms, before its limit");
+    assert!(c.logs(&id).contains("stopping"), "it got SIGTERM first");
+    let err = c.fails(&["job", "submit", "--time-limit", "0s", "--", "true"]);
+    assert!(err.contains("time_limit"), "{err}");
+}

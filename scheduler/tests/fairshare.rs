@@ -442,3 +442,120 @@ fn gpus_freed_by_preemption_go_to_the_job_they_were_freed_for() {
         assert_eq!(s.jobs[&pr.job].preemptions, 1);
     }
 }
+
+/// EASY backfill: the head-of-line job that does not fit reserves the node;
+/// a small job may use the idle GPUs only if it ends before the reserved
+/// start (by its time limit), never if it would delay it.
+#[test]
+fn backfill_uses_idle_gpus_only_when_it_does_not_delay_the_reserved_job() {
+    let mut s = cluster(1, 4, &[("a", 1)]);
+    let mut agent = Agent {
+        seq: BTreeMap::new(),
+    };
+    let limited = |gpus: u32, minutes: u64| JobSpec {
+        time_limit_ms: minutes * 60_000,
+        ..spec(gpus, false, 0)
+    };
+    let running = Uuid::from_u128(1);
+    apply(
+        &mut s,
+        0,
+        Op::SubmitJob {
+            id: running,
+            member: "a".into(),
+            spec: limited(2, 10),
+        },
+    );
+    agent.pass(&mut s, 0);
+    assert_eq!(s.jobs[&running].state, JobState::Running);
+    // The head job needs the whole node: it waits for the 10-minute run.
+    let head = Uuid::from_u128(2);
+    apply(
+        &mut s,
+        1,
+        Op::SubmitJob {
+            id: head,
+            member: "a".into(),
+            spec: limited(4, 60),
+        },
+    );
+    // Behind it: one that would end after the reserved start, one before it.
+    let long = Uuid::from_u128(3);
+    apply(
+        &mut s,
+        2,
+        Op::SubmitJob {
+            id: long,
+            member: "a".into(),
+            spec: limited(1, 60),
+        },
+    );
+    let short = Uuid::from_u128(4);
+    apply(
+        &mut s,
+        3,
+        Op::SubmitJob {
+            id: short,
+            member: "a".into(),
+            spec: limited(1, 5),
+        },
+    );
+    let p = agent.pass(&mut s, 1000);
+    let placed: Vec<JobId> = p.placements.iter().map(|p| p.job).collect();
+    assert_eq!(
+        placed,
+        vec![short],
+        "only the job that ends in time backfills"
+    );
+    match p.wait_of(&s.jobs[&head], Some(0)) {
+        Some(coop_scheduler::placement::Wait::Reserved { at_ms, .. }) => {
+            assert_eq!(
+                at_ms,
+                Some(10 * 60_000),
+                "reserved for when the running job's limit ends"
+            )
+        }
+        other => panic!("head job: {other:?}"),
+    }
+    assert!(matches!(
+        p.waiting.get(&long),
+        Some(coop_scheduler::placement::Wait::BehindReservation { job }) if *job == head
+    ));
+
+    // Without time limits nothing is known about when GPUs free up: the
+    // reserved node is held, and nothing backfills onto it.
+    let mut s = cluster(1, 4, &[("a", 1)]);
+    let mut agent = Agent {
+        seq: BTreeMap::new(),
+    };
+    apply(
+        &mut s,
+        0,
+        Op::SubmitJob {
+            id: running,
+            member: "a".into(),
+            spec: spec(2, false, 0),
+        },
+    );
+    agent.pass(&mut s, 0);
+    apply(
+        &mut s,
+        1,
+        Op::SubmitJob {
+            id: head,
+            member: "a".into(),
+            spec: spec(4, false, 0),
+        },
+    );
+    apply(
+        &mut s,
+        3,
+        Op::SubmitJob {
+            id: short,
+            member: "a".into(),
+            spec: limited(1, 5),
+        },
+    );
+    let p = agent.pass(&mut s, 1000);
+    assert!(p.placements.is_empty(), "{:?}", p.placements);
+}
