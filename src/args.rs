@@ -68,6 +68,9 @@ pub enum Command {
     Policy(PolicyCmd),
     /// Replay a workload trace through the real scheduling code, in simulated time.
     Simulate(SimulateArgs),
+    /// Export and verify the hash-chained audit ledger.
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Cluster overview.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -305,6 +308,37 @@ pub enum PolicyCmd {
         #[arg(long, required = true)]
         reason: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// Write the ledger (or a period of it) to stdout (operator only).
+    Export(AuditExportArgs),
+    /// Check the chain of the live cluster, or of an exported file; names the
+    /// first entry that does not match.
+    Verify {
+        /// An export (JSON lines or CSV) instead of the live cluster.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditFormat {
+    Jsonl,
+    Csv,
+}
+
+#[derive(Args, Debug)]
+pub struct AuditExportArgs {
+    #[arg(long, value_enum, default_value_t = AuditFormat::Jsonl)]
+    pub format: AuditFormat,
+    /// The period's start, RFC 3339.
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    pub from: Option<std::time::SystemTime>,
+    /// The period's end, RFC 3339.
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    pub to: Option<std::time::SystemTime>,
 }
 
 #[derive(Args, Debug)]

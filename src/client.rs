@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use coop_proto::v1::{
-    cluster_service_client::ClusterServiceClient, job_service_client::JobServiceClient,
-    member_service_client::MemberServiceClient, policy_service_client::PolicyServiceClient,
-    usage_service_client::UsageServiceClient,
+    audit_service_client::AuditServiceClient, cluster_service_client::ClusterServiceClient,
+    job_service_client::JobServiceClient, member_service_client::MemberServiceClient,
+    policy_service_client::PolicyServiceClient, usage_service_client::UsageServiceClient,
 };
 use tonic::Request;
 use tonic::metadata::MetadataValue;
@@ -68,6 +68,9 @@ impl Client {
     }
     pub fn usage(&self) -> UsageServiceClient<Channel> {
         UsageServiceClient::new(self.channel.clone())
+    }
+    pub fn audit(&self) -> AuditServiceClient<Channel> {
+        AuditServiceClient::new(self.channel.clone())
     }
     pub fn policy(&self) -> PolicyServiceClient<Channel> {
         PolicyServiceClient::new(self.channel.clone())

@@ -1,6 +1,7 @@
 //! `coop`: the CLI and the daemons of a co-op GPU cluster.
 
 mod args;
+mod audit;
 mod client;
 mod commands;
 mod daemons;
@@ -70,6 +71,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fairshare(a) => commands::fairshare(c, a).await,
         Command::Policy(cmd) => commands::policy(c, cmd).await,
         Command::Simulate(a) => simulate::run(a),
+        Command::Audit(cmd) => audit::run(c, cmd).await,
         Command::Cluster(cmd) => commands::cluster(c, cmd).await,
         Command::Node(cmd) => commands::node(c, cmd).await,
     }

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod fairshare;
+pub mod ledger;
 pub mod liveness;
 pub mod metrics;
 pub mod placement;

@@ -143,6 +143,9 @@ impl Scheduler {
             .add_service(pb::policy_service_server::PolicyServiceServer::new(
                 api::policy::Policies(ctx.clone()),
             ))
+            .add_service(pb::audit_service_server::AuditServiceServer::new(
+                api::audit::Audit(ctx.clone()),
+            ))
             .add_service(pb::cluster_service_server::ClusterServiceServer::new(
                 api::cluster::Cluster(ctx.clone()),
             ))

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::ledger;
 use crate::policy::{Policy, Setting};
 
 pub type JobId = Uuid;
@@ -329,6 +330,9 @@ pub struct State {
     pub policy: Policy,
     #[serde(default)]
     pub policy_log: Vec<PolicyChange>,
+    /// The hash-chained audit ledger (see `ledger`).
+    #[serde(default)]
+    pub audit: Vec<crate::ledger::Record>,
 }
 
 pub fn valid_name(s: &str) -> bool {
@@ -431,6 +435,13 @@ impl State {
         );
         self.tokens
             .insert(hash.to_string(), Principal::Member(name.to_string()));
+        ledger::append(
+            &mut self.audit,
+            at,
+            ledger::Entry::MemberAdded {
+                member: name.to_string(),
+            },
+        );
         Ok(vec![Event::Member(name.to_string())])
     }
 
@@ -753,6 +764,16 @@ impl State {
         }
         let node = job.node.clone().expect("running jobs have a node");
         let member = waiting.member.clone();
+        ledger::append(
+            &mut self.audit,
+            at,
+            ledger::Entry::Preemption {
+                job: id,
+                member: job.member.clone(),
+                for_job: for_id,
+                for_member: member.clone(),
+            },
+        );
         let job = self.jobs.get_mut(&id).expect("checked");
         job.preempted_for = Some(for_id);
         job.reason = format!("preempted for job {for_id} of member {member}");
@@ -824,6 +845,15 @@ impl State {
             policy.set(s);
         }
         self.policy = policy;
+        ledger::append(
+            &mut self.audit,
+            at,
+            ledger::Entry::PolicyChanged {
+                by: by.to_string(),
+                reason: reason.to_string(),
+                settings: settings.iter().map(ToString::to_string).collect(),
+            },
+        );
         self.policy_log.push(PolicyChange {
             at_ms: at,
             by: by.to_string(),
@@ -971,7 +1001,7 @@ impl State {
         job.gpu_ms += gpu_ms;
         job.weighted_gpu_ms += weighted;
         job.energy_mj += energy_mj;
-        self.ledger.push(UsageRecord {
+        let record = UsageRecord {
             job: id,
             attempt: job.attempts,
             member: job.member.clone(),
@@ -983,7 +1013,10 @@ impl State {
             gpu_ms,
             weighted_gpu_ms: weighted,
             energy_mj,
-        });
+        };
+        // Stamped with the interval's end: when the usage happened.
+        ledger::append(&mut self.audit, to, ledger::Entry::Usage(record.clone()));
+        self.ledger.push(record);
     }
 
     /// The model of a run's GPUs and the policy's weight for it, in thousandths

@@ -123,6 +123,21 @@ fn check_invariants(s: &State) {
     let billed: u64 = s.ledger.iter().map(|u| u.energy_mj).sum();
     let jobs: u64 = s.jobs.values().map(|j| j.energy_mj).sum();
     assert_eq!(billed, jobs, "ledger and jobs disagree on energy");
+    // The audit chain holds every usage record, in order, and verifies.
+    assert_eq!(coop_scheduler::ledger::verify(&s.audit), Ok(()));
+    let chained: Vec<&UsageRecord> = s
+        .audit
+        .iter()
+        .filter_map(|r| match &r.entry {
+            coop_scheduler::ledger::Entry::Usage(u) => Some(u),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        chained,
+        s.ledger.iter().collect::<Vec<_>>(),
+        "chain and ledger differ"
+    );
     for r in &s.ledger {
         assert!(r.end_ms >= r.start_ms, "a ledger interval runs backwards");
         assert_eq!(r.gpu_ms, (r.end_ms - r.start_ms) as u64 * r.gpus as u64);

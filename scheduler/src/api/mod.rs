@@ -1,6 +1,7 @@
 //! gRPC services of coop.v1: the thin shell over the replica.
 
 pub mod agents;
+pub mod audit;
 pub mod cluster;
 pub mod jobs;
 pub mod members;
