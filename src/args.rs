@@ -271,7 +271,10 @@ pub enum MemberCmd {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct UsageArgs {
+    #[command(subcommand)]
+    pub statement: Option<UsageCmd>,
     /// Only this member (a member always sees only itself).
     #[arg(long)]
     pub member: Option<String>,
@@ -284,6 +287,32 @@ pub struct UsageArgs {
     /// The window's end, RFC 3339 [default: now].
     #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
     pub to: Option<std::time::SystemTime>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UsageCmd {
+    /// A member's statement for a period: GPU-hours by model, units, kWh, jobs,
+    /// preemptions, contributed capacity and the balance.
+    Statement(StatementArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StatementArgs {
+    /// The member (a member may leave it out: itself).
+    #[arg(long)]
+    pub member: Option<String>,
+    /// A calendar month in UTC, YYYY-MM (e.g. 2026-11).
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    pub period: Option<String>,
+    /// The period's start, RFC 3339.
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak, requires = "to")]
+    pub from: Option<std::time::SystemTime>,
+    /// The period's end (exclusive), RFC 3339.
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak, requires = "from")]
+    pub to: Option<std::time::SystemTime>,
+    /// Write CSV (one row per GPU model, then a total row) instead of a table.
+    #[arg(long)]
+    pub csv: bool,
 }
 
 #[derive(Args, Debug)]

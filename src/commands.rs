@@ -389,7 +389,137 @@ fn unix_ms(t: std::time::SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+/// `YYYY-MM` as [first instant of the month, first instant of the next), Unix ms.
+fn month(period: &str) -> anyhow::Result<(i64, i64)> {
+    let bad = || anyhow!("period: {period:?} is not a month like 2026-11");
+    let (y, m) = period.split_once('-').ok_or_else(bad)?;
+    let (y, m): (i32, u32) = (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if !(1..=12).contains(&m) || !(1970..=9999).contains(&y) {
+        return Err(bad());
+    }
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    let at = |y: i32, m: u32| -> anyhow::Result<i64> {
+        let t =
+            humantime::parse_rfc3339(&format!("{y:04}-{m:02}-01T00:00:00Z")).map_err(|_| bad())?;
+        Ok(unix_ms(t))
+    };
+    Ok((at(y, m)?, at(ny, nm)?))
+}
+
+async fn statement(cli: &ClientArgs, a: StatementArgs) -> anyhow::Result<()> {
+    let (from_ms, to_ms) = match (&a.period, a.from, a.to) {
+        (Some(p), _, _) => month(p)?,
+        (None, Some(f), Some(t)) => (unix_ms(f), unix_ms(t)),
+        _ => bail!("period: give --period YYYY-MM, or --from and --to"),
+    };
+    if to_ms <= from_ms {
+        bail!("to: the period must end after it starts");
+    }
+    let c = Client::connect(cli).await?;
+    let st = c
+        .usage()
+        .statement(c.req(pb::StatementRequest {
+            member: a.member.unwrap_or_default(),
+            from_ms,
+            to_ms,
+        }))
+        .await?
+        .into_inner();
+    let hours = |ms: u64| ms as f64 / 3_600_000.0;
+    let kwh = |mj: u64| mj as f64 / 3.6e9;
+    let used_units: u64 = st.by_model.iter().map(|m| m.weighted_gpu_ms).sum();
+    let used_kwh: u64 = st.by_model.iter().map(|m| m.energy_mj).sum();
+    let used_gpu: u64 = st.by_model.iter().map(|m| m.gpu_ms).sum();
+    if cli.output == Output::Json {
+        print_json(&json!({
+            "member": st.member,
+            "from": rfc3339(st.from_ms),
+            "to": rfc3339(st.to_ms),
+            "by_model": st.by_model.iter().map(|m| json!({
+                "model": m.model,
+                "gpu_hours": hours(m.gpu_ms),
+                "units": hours(m.weighted_gpu_ms),
+                "energy_kwh": kwh(m.energy_mj),
+            })).collect::<Vec<_>>(),
+            "gpu_hours": hours(used_gpu),
+            "units": hours(used_units),
+            "energy_kwh": kwh(used_kwh),
+            "jobs": st.jobs,
+            "preemptions_suffered": st.preemptions_suffered,
+            "preemptions_caused": st.preemptions_caused,
+            "contributed_gpu_hours": hours(st.contributed_gpu_ms),
+            "contributed_units": hours(st.contributed_weighted_gpu_ms),
+            "balance_units": st.balance_weighted_gpu_ms as f64 / 3_600_000.0,
+            "as_of": rfc3339(st.as_of_ms),
+        }));
+        return Ok(());
+    }
+    let mut rows: Vec<Vec<String>> = st
+        .by_model
+        .iter()
+        .map(|m| {
+            vec![
+                m.model.clone(),
+                format!("{:.3}", hours(m.gpu_ms)),
+                format!("{:.3}", hours(m.weighted_gpu_ms)),
+                format!("{:.4}", kwh(m.energy_mj)),
+            ]
+        })
+        .collect();
+    rows.push(vec![
+        "total".into(),
+        format!("{:.3}", hours(used_gpu)),
+        format!("{:.3}", hours(used_units)),
+        format!("{:.4}", kwh(used_kwh)),
+    ]);
+    if a.csv {
+        let mut w = csv::Writer::from_writer(std::io::stdout());
+        w.write_record([
+            "member",
+            "from",
+            "to",
+            "model",
+            "gpu_hours",
+            "units",
+            "energy_kwh",
+        ])?;
+        let (from, to) = (show_time(st.from_ms), show_time(st.to_ms));
+        for r in &rows {
+            w.write_record([&st.member, &from, &to, &r[0], &r[1], &r[2], &r[3]])?;
+        }
+        w.flush()?;
+        return Ok(());
+    }
+    println!(
+        "statement of {} for {} to {}",
+        st.member,
+        show_time(st.from_ms),
+        show_time(st.to_ms)
+    );
+    println!();
+    table(&["GPU MODEL", "GPU-HOURS", "UNITS", "KWH"], rows);
+    println!();
+    println!("jobs run: {}", st.jobs);
+    println!(
+        "preemptions: {} suffered, {} caused",
+        st.preemptions_suffered, st.preemptions_caused
+    );
+    println!(
+        "contributed: {:.3} GPU-hours ({:.3} units) by the member's nodes",
+        hours(st.contributed_gpu_ms),
+        hours(st.contributed_weighted_gpu_ms)
+    );
+    println!(
+        "balance: {:+.3} units (contributed minus used)",
+        st.balance_weighted_gpu_ms as f64 / 3_600_000.0
+    );
+    Ok(())
+}
+
 pub async fn usage(cli: &ClientArgs, a: UsageArgs) -> anyhow::Result<()> {
+    if let Some(UsageCmd::Statement(s)) = a.statement {
+        return statement(cli, s).await;
+    }
     let now = unix_ms(std::time::SystemTime::now());
     let from_ms = match (a.since, a.from) {
         (Some(d), _) => (now - d.as_millis() as i64).max(1),

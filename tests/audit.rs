@@ -109,3 +109,115 @@ fn the_ledger_exports_verifies_and_names_the_first_tampered_entry() {
     let err = c.fails_as(Some(&acme), &["audit", "export"]);
     assert!(err.contains("PermissionDenied"), "{err}");
 }
+
+#[test]
+fn a_statement_shows_use_by_model_preemptions_contribution_and_balance() {
+    let c = Cluster::dev(&["--usage-interval", "300ms"]);
+    let acme = c.add_member("acme");
+    let beta = c.add_member("beta");
+    c.ok(&[
+        "policy",
+        "set",
+        "share.default=0",
+        "min_runtime=0s",
+        "preempt_grace=1s",
+        "weight.A100-80GB=2",
+        "--reason",
+        "statement test",
+    ]);
+    let job = ["sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait"];
+    let mut floods = Vec::new();
+    for _ in 0..4 {
+        let mut args = vec!["--gpus", "1", "--preemptible", "--"];
+        args.extend(job);
+        floods.push(c.submit_as(&acme, &args));
+    }
+    for id in &floods {
+        c.wait_job(id, "running", |j| !j["started_at"].is_null());
+    }
+    let mine = c.submit_as(&beta, &["--gpus", "2", "--", "sleep", "1"]);
+    c.wait_final(&mine);
+    for id in &floods {
+        c.ok(&["job", "cancel", id]);
+        c.wait_final(id);
+    }
+
+    let month = |who: &str| {
+        let now = std::time::SystemTime::now();
+        let stamp = humantime::format_rfc3339(now).to_string();
+        c.json(&[
+            "usage",
+            "statement",
+            "--member",
+            who,
+            "--period",
+            &stamp[..7],
+        ])
+    };
+    let a = month("acme");
+    let b = month("beta");
+    let d = month("default");
+    assert_eq!(a["preemptions_suffered"], 2, "{a:#}");
+    assert_eq!(a["preemptions_caused"], 0);
+    assert_eq!(b["preemptions_caused"], 2, "{b:#}");
+    assert_eq!(a["jobs"], 4);
+    assert_eq!(b["jobs"], 1);
+    // Usage by model, weighted by the policy: 2 units per A100 GPU-hour.
+    let bm = &b["by_model"][0];
+    assert_eq!(bm["model"], "A100-80GB");
+    let job = c.job(&mine);
+    let gpu_h = job["gpu_seconds"].as_f64().unwrap() / 3600.0;
+    assert!(
+        (bm["gpu_hours"].as_f64().unwrap() - gpu_h).abs() < 1e-9,
+        "{b:#}"
+    );
+    assert!(
+        (b["units"].as_f64().unwrap() - 2.0 * gpu_h).abs() < 1e-9,
+        "{b:#}"
+    );
+    assert!(b["energy_kwh"].as_f64().unwrap() > 0.0);
+    // Members without nodes contributed nothing: their balance is what they used.
+    assert_eq!(b["contributed_gpu_hours"], 0.0);
+    assert!((b["balance_units"].as_f64().unwrap() + b["units"].as_f64().unwrap()).abs() < 1e-9);
+    // The node's owner contributed its four GPUs for as long as the node was up.
+    let contributed = d["contributed_gpu_hours"].as_f64().unwrap();
+    let up_h =
+        (ms(&d["as_of"]) - ms(&c.json(&["node", "list"])[0]["registered_at"])) as f64 / 3_600_000.0;
+    assert!(
+        (contributed - 4.0 * up_h).abs() < 4.0 * 2.0 / 3600.0,
+        "{contributed} vs {up_h}"
+    );
+    assert!(d["balance_units"].as_f64().unwrap() > 0.0);
+
+    // CSV: one row per model and a total; a member reads only its own.
+    let csv = c.ok_as(
+        &beta,
+        &["usage", "statement", "--period", "2026-11", "--csv"],
+    );
+    assert!(
+        csv.starts_with("member,from,to,model,gpu_hours,units,energy_kwh"),
+        "{csv}"
+    );
+    assert!(csv.lines().last().unwrap().starts_with("beta,") && csv.contains(",total,"));
+    let err = c.fails_as(
+        Some(&beta),
+        &[
+            "usage",
+            "statement",
+            "--member",
+            "acme",
+            "--period",
+            "2026-11",
+        ],
+    );
+    assert!(err.contains("PermissionDenied"), "{err}");
+    let err = c.fails(&[
+        "usage",
+        "statement",
+        "--member",
+        "acme",
+        "--period",
+        "11-2026",
+    ]);
+    assert!(err.contains("period"), "{err}");
+}

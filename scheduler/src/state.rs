@@ -76,6 +76,55 @@ pub struct Node {
     /// Highest report sequence applied for `session` (reports are applied once).
     pub last_seq: u64,
     pub registered_at_ms: i64,
+    /// Since when the node has offered its GPUs as they are now (while up).
+    #[serde(default)]
+    pub up_since_ms: i64,
+}
+
+/// GPUs a member's node offered to the cluster over a time: what statements
+/// count as contributed capacity. The open interval of a node that is up is
+/// not here but in `Node::up_since_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapacityRecord {
+    pub node: String,
+    pub owner: String,
+    pub model: String,
+    pub gpus: u32,
+    pub start_ms: i64,
+    pub end_ms: i64,
+}
+
+impl Node {
+    /// The node's GPUs by model: (model, count).
+    pub fn models(&self) -> BTreeMap<&str, u32> {
+        let mut m: BTreeMap<&str, u32> = BTreeMap::new();
+        for g in &self.gpus {
+            *m.entry(g.model.as_str()).or_default() += 1;
+        }
+        m
+    }
+
+    /// The node's open offer, up to `now_ms` (nothing while it is down).
+    pub fn offered_until_now(&self, now_ms: i64) -> Vec<CapacityRecord> {
+        self.offered_until(now_ms)
+    }
+
+    fn offered_until(&self, end_ms: i64) -> Vec<CapacityRecord> {
+        if !self.up || end_ms <= self.up_since_ms {
+            return vec![];
+        }
+        self.models()
+            .into_iter()
+            .map(|(model, gpus)| CapacityRecord {
+                node: self.name.clone(),
+                owner: self.owner.clone(),
+                model: model.to_string(),
+                gpus,
+                start_ms: self.up_since_ms,
+                end_ms,
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,6 +382,9 @@ pub struct State {
     /// The hash-chained audit ledger (see `ledger`).
     #[serde(default)]
     pub audit: Vec<crate::ledger::Record>,
+    /// Closed intervals of GPUs offered by members' nodes.
+    #[serde(default)]
+    pub capacity: Vec<CapacityRecord>,
 }
 
 pub fn valid_name(s: &str) -> bool {
@@ -519,6 +571,25 @@ impl State {
             })
             .unwrap_or_default();
         let registered_at_ms = self.nodes.get(name).map_or(at, |n| n.registered_at_ms);
+        // A node that stays up with the same owner and GPUs keeps offering
+        // them since when it did; otherwise the offer so far is closed.
+        let unchanged = self.nodes.get(name).is_some_and(|n| {
+            n.up && n.owner == owner
+                && n.gpus.len() == gpus.len()
+                && n.gpus
+                    .iter()
+                    .zip(gpus)
+                    .all(|(a, b)| a.uuid == b.uuid && a.model == b.model)
+        });
+        let up_since_ms = match self.nodes.get(name) {
+            Some(n) if unchanged => n.up_since_ms,
+            Some(n) => {
+                let closed = n.offered_until(at);
+                self.capacity.extend(closed);
+                at
+            }
+            None => at,
+        };
         let same_session = self.nodes.get(name).is_some_and(|n| n.session == session);
         let last_seq = if same_session {
             self.nodes[name].last_seq
@@ -544,6 +615,7 @@ impl State {
                 session: session.to_string(),
                 last_seq,
                 registered_at_ms,
+                up_since_ms,
             },
         );
         Ok(events)
@@ -557,7 +629,11 @@ impl State {
         if !node.up {
             return Ok(vec![]);
         }
+        // It offered its GPUs until it was last heard from.
+        let closed = node.offered_until(last_seen.max(node.up_since_ms));
         node.up = false;
+        self.capacity.extend(closed);
+        let node = self.nodes.get_mut(name).expect("checked above");
         let jobs: BTreeSet<JobId> = node.gpus.iter().filter_map(|g| g.job).collect();
         let mut events = vec![Event::Node(name.to_string())];
         for job in jobs {

@@ -102,3 +102,105 @@ mod tests {
         assert_eq!(pro_rata(7, 50, 50, 60, 100), 0);
     }
 }
+
+/// What a member used and contributed over a period: the figures of a statement.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Statement {
+    pub member: String,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// Per GPU model: GPU-ms, normalised (weighted) GPU-ms, energy in mJ.
+    pub by_model: BTreeMap<String, (u64, u64, u64)>,
+    /// Jobs that ran at some time in the period.
+    pub jobs: u32,
+    pub preemptions_suffered: u32,
+    pub preemptions_caused: u32,
+    /// GPU-ms the member's nodes offered, and weighted by the policy now.
+    pub contributed_gpu_ms: u64,
+    pub contributed_weighted_gpu_ms: u64,
+}
+
+impl Statement {
+    pub fn used_weighted_gpu_ms(&self) -> u64 {
+        self.by_model.values().map(|v| v.1).sum()
+    }
+
+    /// Contributed minus used, in normalised GPU-ms: positive when the member
+    /// gave the co-op more than it took.
+    pub fn balance_weighted_gpu_ms(&self) -> i64 {
+        self.contributed_weighted_gpu_ms as i64 - self.used_weighted_gpu_ms() as i64
+    }
+}
+
+/// The statement of `member` for `[from_ms, to_ms)`, as of `now_ms`. Usage is
+/// the ledger (cut pro rata at the edges) plus running jobs' time not yet
+/// reported; contributed capacity counts the member's nodes while they were up.
+pub fn statement(state: &State, member: &str, from_ms: i64, to_ms: i64, now_ms: i64) -> Statement {
+    let mut st = Statement {
+        member: member.to_string(),
+        from_ms,
+        to_ms,
+        ..Default::default()
+    };
+    let mut jobs = std::collections::BTreeSet::new();
+    for r in state.ledger.iter().filter(|r| r.member == member) {
+        let g = pro_rata(r.gpu_ms, r.start_ms, r.end_ms, from_ms, to_ms);
+        if g == 0 && !(r.start_ms < to_ms && r.end_ms > from_ms) {
+            continue;
+        }
+        let e = st.by_model.entry(r.model.clone()).or_default();
+        e.0 += g;
+        e.1 += pro_rata(r.weighted_gpu_ms, r.start_ms, r.end_ms, from_ms, to_ms);
+        e.2 += pro_rata(r.energy_mj, r.start_ms, r.end_ms, from_ms, to_ms);
+        jobs.insert(r.job);
+    }
+    let end = now_ms.min(to_ms);
+    for j in state.running.iter().map(|id| &state.jobs[id]) {
+        if j.member != member || unbilled_ms(j, now_ms) == 0 {
+            continue;
+        }
+        let ms = (end - j.billed_to_ms.max(from_ms)).max(0) as u64;
+        if ms == 0 {
+            continue;
+        }
+        let (model, w) = state.run_weight(j);
+        let e = st.by_model.entry(model).or_default();
+        e.0 += ms * j.spec.gpus as u64;
+        e.1 += (ms as u128 * j.spec.gpus as u128 * w as u128 / 1000) as u64;
+        jobs.insert(j.id);
+    }
+    st.jobs = jobs.len() as u32;
+    for r in state
+        .audit
+        .iter()
+        .filter(|r| r.at_ms >= from_ms && r.at_ms < to_ms)
+    {
+        if let crate::ledger::Entry::Preemption {
+            member: m,
+            for_member,
+            ..
+        } = &r.entry
+        {
+            st.preemptions_suffered += (m == member) as u32;
+            st.preemptions_caused += (for_member == member) as u32;
+        }
+    }
+    let open = state
+        .nodes
+        .values()
+        .flat_map(|n| n.offered_until_now(now_ms));
+    for c in state.capacity.iter().cloned().chain(open) {
+        if c.owner != member {
+            continue;
+        }
+        let (s, e) = (c.start_ms.max(from_ms), c.end_ms.min(to_ms));
+        if e <= s {
+            continue;
+        }
+        let ms = (e - s) as u64 * c.gpus as u64;
+        st.contributed_gpu_ms += ms;
+        st.contributed_weighted_gpu_ms +=
+            (ms as u128 * state.policy.weight_milli(&c.model) as u128 / 1000) as u64;
+    }
+    st
+}

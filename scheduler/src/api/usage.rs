@@ -65,6 +65,45 @@ impl UsageService for Usage {
         }))
     }
 
+    async fn statement(
+        &self,
+        req: Request<pb::StatementRequest>,
+    ) -> Result<Response<pb::Statement>, Status> {
+        let who = self.0.principal(&req)?;
+        let r = req.into_inner();
+        let member = readable_member(&who, &r.member)?
+            .ok_or_else(|| invalid("member", "name the member the statement is for"))?;
+        if r.from_ms <= 0 || r.to_ms <= r.from_ms {
+            return Err(invalid("to_ms", "the period must start before it ends"));
+        }
+        let now = now_ms();
+        let state = self.0.replica.read();
+        check_member(&state, &Some(member.clone()))?;
+        let st = crate::usage::statement(&state, &member, r.from_ms, r.to_ms, now);
+        Ok(Response::new(pb::Statement {
+            balance_weighted_gpu_ms: st.balance_weighted_gpu_ms(),
+            member: st.member,
+            from_ms: st.from_ms,
+            to_ms: st.to_ms,
+            by_model: st
+                .by_model
+                .into_iter()
+                .map(|(model, (g, w, e))| pb::ModelUsage {
+                    model,
+                    gpu_ms: g,
+                    weighted_gpu_ms: w,
+                    energy_mj: e,
+                })
+                .collect(),
+            jobs: st.jobs,
+            preemptions_suffered: st.preemptions_suffered,
+            preemptions_caused: st.preemptions_caused,
+            contributed_gpu_ms: st.contributed_gpu_ms,
+            contributed_weighted_gpu_ms: st.contributed_weighted_gpu_ms,
+            as_of_ms: now,
+        }))
+    }
+
     async fn fair_share(
         &self,
         req: Request<pb::FairShareRequest>,
