@@ -337,6 +337,19 @@ pub enum PolicyCmd {
         #[arg(long, required = true)]
         reason: String,
     },
+    /// Propose a change for members to approve (when the policy needs approvals).
+    Propose {
+        /// KEY=VALUE settings, as for `set`.
+        #[arg(required = true)]
+        settings: Vec<String>,
+        /// Why; kept with the proposal and the change.
+        #[arg(long, required = true)]
+        reason: String,
+    },
+    /// Approve a proposal, as the member whose token is used.
+    Approve { id: u64 },
+    /// Proposals: open, enacted and expired, with their approvals.
+    Proposals,
 }
 
 #[derive(Subcommand, Debug)]

@@ -699,6 +699,42 @@ pub async fn fairshare(cli: &ClientArgs, a: FairshareArgs) -> anyhow::Result<()>
     Ok(())
 }
 
+fn proposal_json(p: &pb::PolicyProposal) -> Value {
+    json!({
+        "id": p.id, "state": p.state, "settings": p.settings, "by": p.by, "reason": p.reason,
+        "approvals": p.approvals, "required": p.required,
+        "created_at": rfc3339(p.created_at_ms), "expires_at": rfc3339(p.expires_at_ms),
+    })
+}
+
+fn print_proposals(cli: &ClientArgs, ps: &[pb::PolicyProposal], one: bool) {
+    match cli.output {
+        Output::Json if one => print_json(&proposal_json(&ps[0])),
+        Output::Json => print_json(&Value::Array(ps.iter().map(proposal_json).collect())),
+        Output::Table => table(
+            &["ID", "STATE", "APPROVALS", "EXPIRES", "SET", "BY", "WHY"],
+            ps.iter()
+                .map(|p| {
+                    vec![
+                        p.id.to_string(),
+                        p.state.clone(),
+                        format!(
+                            "{}/{} {}",
+                            p.approvals.len(),
+                            p.required,
+                            p.approvals.join(",")
+                        ),
+                        show_time(p.expires_at_ms),
+                        p.settings.join(" "),
+                        p.by.clone(),
+                        p.reason.clone(),
+                    ]
+                })
+                .collect(),
+        ),
+    }
+}
+
 pub async fn policy(cli: &ClientArgs, cmd: PolicyCmd) -> anyhow::Result<()> {
     let c = Client::connect(cli).await?;
     let mut p = c.policy();
@@ -707,6 +743,31 @@ pub async fn policy(cli: &ClientArgs, cmd: PolicyCmd) -> anyhow::Result<()> {
         PolicyCmd::Set { settings, reason } => {
             p.set(c.req(pb::SetPolicyRequest { settings, reason }))
                 .await?
+        }
+        PolicyCmd::Propose { settings, reason } => {
+            let made = p
+                .propose(c.req(pb::ProposePolicyRequest { settings, reason }))
+                .await?
+                .into_inner();
+            print_proposals(cli, &[made], true);
+            return Ok(());
+        }
+        PolicyCmd::Approve { id } => {
+            let got = p
+                .approve(c.req(pb::ApprovePolicyRequest { id }))
+                .await?
+                .into_inner();
+            print_proposals(cli, &[got], true);
+            return Ok(());
+        }
+        PolicyCmd::Proposals => {
+            let all = p
+                .list_proposals(c.req(pb::ListProposalsRequest {}))
+                .await?
+                .into_inner()
+                .proposals;
+            print_proposals(cli, &all, false);
+            return Ok(());
         }
     }
     .into_inner();

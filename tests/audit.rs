@@ -221,3 +221,81 @@ fn a_statement_shows_use_by_model_preemptions_contribution_and_balance() {
     ]);
     assert!(err.contains("period"), "{err}");
 }
+
+#[test]
+fn policy_changes_can_require_member_approvals() {
+    let c = Cluster::dev(&[]);
+    let a = c.add_member("a");
+    let b = c.add_member("b");
+    c.ok(&[
+        "policy",
+        "set",
+        "approvals=2",
+        "--reason",
+        "the assembly decides",
+    ]);
+    let err = c.fails(&["policy", "set", "share.a=3", "--reason", "operator alone"]);
+    assert!(
+        err.contains("approval") && err.contains("FailedPrecondition"),
+        "{err}"
+    );
+
+    let p = c.json_as(
+        &a,
+        &[
+            "policy",
+            "propose",
+            "share.a=3",
+            "--reason",
+            "a doubled its GPUs",
+        ],
+    );
+    let id = p["id"].as_u64().unwrap().to_string();
+    assert_eq!(p["state"], "open");
+    assert_eq!(p["by"], "a");
+    assert_eq!(p["required"], 2);
+    let err = c.fails(&["policy", "approve", &id]);
+    assert!(
+        err.contains("PermissionDenied"),
+        "the operator has no vote: {err}"
+    );
+    let p = c.json_as(&a, &["policy", "approve", &id]);
+    assert_eq!(p["state"], "open");
+    assert_eq!(
+        c.json(&["policy", "show"])["settings"]["share.a"],
+        Value::Null
+    );
+    let p = c.json_as(&b, &["policy", "approve", &id]);
+    assert_eq!(p["state"], "enacted");
+    let shown = c.json(&["policy", "show"]);
+    assert_eq!(shown["settings"]["share.a"], "3");
+    let last = shown["changes"].as_array().unwrap().last().unwrap().clone();
+    assert!(
+        last["by"].as_str().unwrap().contains("approved by a, b"),
+        "{last:#}"
+    );
+    let list = c.json(&["policy", "proposals"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+
+    let kinds: Vec<String> = c
+        .ok(&["audit", "export"])
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let n = kinds.len();
+    assert_eq!(
+        kinds[n - 4..],
+        [
+            "policy_proposed",
+            "policy_approved",
+            "policy_approved",
+            "policy_changed"
+        ]
+    );
+    assert!(c.ok(&["audit", "verify"]).starts_with("verified"));
+}

@@ -28,6 +28,17 @@ pub enum Entry {
         reason: String,
         settings: Vec<String>,
     },
+    PolicyProposed {
+        id: u64,
+        by: String,
+        reason: String,
+        settings: Vec<String>,
+        expires_at_ms: i64,
+    },
+    PolicyApproved {
+        id: u64,
+        member: String,
+    },
     /// A run stopped to make room for another member's job.
     Preemption {
         job: JobId,
@@ -43,6 +54,8 @@ impl Entry {
             Entry::Usage(_) => "usage",
             Entry::MemberAdded { .. } => "member_added",
             Entry::PolicyChanged { .. } => "policy_changed",
+            Entry::PolicyProposed { .. } => "policy_proposed",
+            Entry::PolicyApproved { .. } => "policy_approved",
             Entry::Preemption { .. } => "preemption",
         }
     }

@@ -64,7 +64,19 @@ pub struct Policy {
     pub min_runtime_s: u64,
     /// SIGTERM-to-SIGKILL grace of a preempted run, for its checkpoint.
     pub preempt_grace_s: u64,
+    /// Member approvals a policy change needs (0: the operator sets it directly).
+    #[serde(default)]
+    pub approvals_required: u32,
+    /// How long a proposed change waits for its approvals.
+    #[serde(default = "default_proposal_ttl")]
+    pub proposal_ttl_s: u64,
 }
+
+fn default_proposal_ttl() -> u64 {
+    DEFAULT_PROPOSAL_TTL_S
+}
+
+pub const DEFAULT_PROPOSAL_TTL_S: u64 = 7 * 24 * 3600;
 
 impl Default for Policy {
     fn default() -> Self {
@@ -79,6 +91,8 @@ impl Default for Policy {
             preempt_inference: false,
             min_runtime_s: 300,
             preempt_grace_s: 30,
+            approvals_required: 0,
+            proposal_ttl_s: DEFAULT_PROPOSAL_TTL_S,
         }
     }
 }
@@ -116,6 +130,8 @@ impl Policy {
             Setting::PreemptInference(b) => self.preempt_inference = *b,
             Setting::MinRuntimeS(s) => self.min_runtime_s = *s,
             Setting::PreemptGraceS(s) => self.preempt_grace_s = *s,
+            Setting::Approvals(k) => self.approvals_required = *k,
+            Setting::ProposalTtlS(s) => self.proposal_ttl_s = *s,
         }
     }
 
@@ -144,6 +160,8 @@ impl Policy {
             Setting::PreemptInference(self.preempt_inference),
             Setting::MinRuntimeS(self.min_runtime_s),
             Setting::PreemptGraceS(self.preempt_grace_s),
+            Setting::Approvals(self.approvals_required),
+            Setting::ProposalTtlS(self.proposal_ttl_s),
         ]);
         out
     }
@@ -162,9 +180,11 @@ pub enum Setting {
     PreemptInference(bool),
     MinRuntimeS(u64),
     PreemptGraceS(u64),
+    Approvals(u32),
+    ProposalTtlS(u64),
 }
 
-pub const SETTING_KEYS: &str = "ordering, share.MEMBER, default_share, capacity_blend, weight.MODEL, half_life, preemption, preempt_inference, min_runtime, preempt_grace";
+pub const SETTING_KEYS: &str = "ordering, share.MEMBER, default_share, capacity_blend, weight.MODEL, half_life, preemption, preempt_inference, min_runtime, preempt_grace, approvals, proposal_ttl";
 
 /// Shares and weights are capped so that sums and products stay far from overflow.
 const MAX_SHARES: u64 = 1_000_000;
@@ -224,6 +244,14 @@ impl Setting {
             "preempt_inference" => Setting::PreemptInference(flag()?),
             "min_runtime" => Setting::MinRuntimeS(secs()?),
             "preempt_grace" => Setting::PreemptGraceS(secs()?),
+            "approvals" => Setting::Approvals(int(1000)? as u32),
+            "proposal_ttl" => {
+                let s = secs()?;
+                if s == 0 {
+                    return Err(err("must be longer than zero".into()));
+                }
+                Setting::ProposalTtlS(s)
+            }
             k => {
                 if let Some(member) = k.strip_prefix("share.") {
                     Setting::Share {
@@ -261,6 +289,8 @@ impl fmt::Display for Setting {
             Setting::PreemptInference(b) => write!(f, "preempt_inference={}", on_off(*b)),
             Setting::MinRuntimeS(s) => write!(f, "min_runtime={}", fmt_duration_s(*s)),
             Setting::PreemptGraceS(s) => write!(f, "preempt_grace={}", fmt_duration_s(*s)),
+            Setting::Approvals(k) => write!(f, "approvals={k}"),
+            Setting::ProposalTtlS(s) => write!(f, "proposal_ttl={}", fmt_duration_s(*s)),
         }
     }
 }

@@ -220,6 +220,22 @@ pub struct UsageRecord {
     pub energy_mj: u64,
 }
 
+/// A proposed policy change waiting for members' approvals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub id: u64,
+    pub settings: Vec<Setting>,
+    pub by: String,
+    pub reason: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    /// Members that approved it.
+    pub approvals: BTreeSet<String>,
+    /// Approvals it needs (the policy's figure when it was proposed).
+    pub required: u32,
+    pub enacted_at_ms: Option<i64>,
+}
+
 /// A change of policy: who made it, when, why, and what was set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyChange {
@@ -294,6 +310,16 @@ pub enum Op {
         settings: Vec<Setting>,
         by: String,
         reason: String,
+    },
+    /// A change that takes effect once enough members approve it.
+    ProposePolicy {
+        settings: Vec<Setting>,
+        by: String,
+        reason: String,
+    },
+    ApprovePolicy {
+        id: u64,
+        member: String,
     },
     Report {
         node: String,
@@ -385,6 +411,8 @@ pub struct State {
     /// Closed intervals of GPUs offered by members' nodes.
     #[serde(default)]
     pub capacity: Vec<CapacityRecord>,
+    #[serde(default)]
+    pub proposals: BTreeMap<u64, Proposal>,
 }
 
 pub fn valid_name(s: &str) -> bool {
@@ -430,7 +458,21 @@ impl State {
                 settings,
                 by,
                 reason,
-            } => self.set_policy(at, settings, by, reason),
+            } => {
+                if self.policy.approvals_required > 0 {
+                    return Err(Rejection::FailedPrecondition(format!(
+                        "policy changes need the approval of {} members: propose the change",
+                        self.policy.approvals_required
+                    )));
+                }
+                self.set_policy(at, settings, by, reason)
+            }
+            Op::ProposePolicy {
+                settings,
+                by,
+                reason,
+            } => self.propose_policy(at, settings, by, reason),
+            Op::ApprovePolicy { id, member } => self.approve_policy(at, *id, member),
             Op::Report {
                 node,
                 session,
@@ -891,13 +933,7 @@ impl State {
         Ok(vec![Event::Job(id)])
     }
 
-    fn set_policy(
-        &mut self,
-        at: i64,
-        settings: &[Setting],
-        by: &str,
-        reason: &str,
-    ) -> Result<Vec<Event>, Rejection> {
+    fn check_settings(&self, settings: &[Setting], reason: &str) -> Result<(), Rejection> {
         if settings.is_empty() {
             return Err(invalid("settings", "name at least one KEY=VALUE"));
         }
@@ -908,14 +944,133 @@ impl State {
             ));
         }
         for s in settings {
-            if let Setting::Share { member, .. } = s
-                && !self.members.contains_key(member)
-            {
-                return Err(Rejection::NotFound(format!(
-                    "share.{member}: member {member:?} does not exist"
-                )));
+            match s {
+                Setting::Share { member, .. } if !self.members.contains_key(member) => {
+                    return Err(Rejection::NotFound(format!(
+                        "share.{member}: member {member:?} does not exist"
+                    )));
+                }
+                Setting::Approvals(k) if *k as usize > self.members.len() => {
+                    return Err(invalid(
+                        "approvals",
+                        format!(
+                            "{k} approvals, but the co-op has {} members",
+                            self.members.len()
+                        ),
+                    ));
+                }
+                _ => {}
             }
         }
+        Ok(())
+    }
+
+    fn propose_policy(
+        &mut self,
+        at: i64,
+        settings: &[Setting],
+        by: &str,
+        reason: &str,
+    ) -> Result<Vec<Event>, Rejection> {
+        self.check_settings(settings, reason)?;
+        let required = self.policy.approvals_required;
+        if required == 0 {
+            return Err(Rejection::FailedPrecondition(
+                "the policy needs no approvals (approvals=0): the operator sets it directly".into(),
+            ));
+        }
+        let id = self.proposals.keys().next_back().map_or(1, |k| k + 1);
+        let expires_at_ms =
+            at.saturating_add((self.policy.proposal_ttl_s as i64).saturating_mul(1000));
+        ledger::append(
+            &mut self.audit,
+            at,
+            ledger::Entry::PolicyProposed {
+                id,
+                by: by.to_string(),
+                reason: reason.to_string(),
+                settings: settings.iter().map(ToString::to_string).collect(),
+                expires_at_ms,
+            },
+        );
+        self.proposals.insert(
+            id,
+            Proposal {
+                id,
+                settings: settings.to_vec(),
+                by: by.to_string(),
+                reason: reason.to_string(),
+                created_at_ms: at,
+                expires_at_ms,
+                approvals: BTreeSet::new(),
+                required,
+                enacted_at_ms: None,
+            },
+        );
+        Ok(vec![])
+    }
+
+    fn approve_policy(&mut self, at: i64, id: u64, member: &str) -> Result<Vec<Event>, Rejection> {
+        if !self.members.contains_key(member) {
+            return Err(Rejection::NotFound(format!(
+                "member {member:?} does not exist"
+            )));
+        }
+        let p = self
+            .proposals
+            .get(&id)
+            .ok_or_else(|| Rejection::NotFound(format!("proposal {id} does not exist")))?;
+        if p.enacted_at_ms.is_some() {
+            return Err(Rejection::FailedPrecondition(format!(
+                "proposal {id} has already been enacted"
+            )));
+        }
+        if at > p.expires_at_ms {
+            return Err(Rejection::FailedPrecondition(format!(
+                "proposal {id} expired without enough approvals"
+            )));
+        }
+        if p.approvals.contains(member) {
+            return Err(Rejection::AlreadyExists(format!(
+                "member {member} has already approved proposal {id}"
+            )));
+        }
+        let enact = p.approvals.len() as u32 + 1 >= p.required;
+        let (settings, reason) = (p.settings.clone(), p.reason.clone());
+        if enact {
+            // Checked again: members may have left since it was proposed.
+            self.check_settings(&settings, &reason)?;
+        }
+        ledger::append(
+            &mut self.audit,
+            at,
+            ledger::Entry::PolicyApproved {
+                id,
+                member: member.to_string(),
+            },
+        );
+        let p = self.proposals.get_mut(&id).expect("checked");
+        p.approvals.insert(member.to_string());
+        if enact {
+            p.enacted_at_ms = Some(at);
+            let by = format!(
+                "proposal {id} by {}, approved by {}",
+                p.by,
+                p.approvals.iter().cloned().collect::<Vec<_>>().join(", ")
+            );
+            return self.set_policy(at, &settings, &by, &reason);
+        }
+        Ok(vec![])
+    }
+
+    fn set_policy(
+        &mut self,
+        at: i64,
+        settings: &[Setting],
+        by: &str,
+        reason: &str,
+    ) -> Result<Vec<Event>, Rejection> {
+        self.check_settings(settings, reason)?;
         let mut policy = self.policy.clone();
         for s in settings {
             policy.set(s);

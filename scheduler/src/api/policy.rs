@@ -5,7 +5,44 @@ use tonic::{Request, Response, Status};
 
 use super::{Ctx, invalid, propose_status};
 use crate::policy::Setting;
-use crate::state::{Op, State};
+use crate::replica::now_ms;
+use crate::state::{Op, Principal, Proposal, State};
+
+fn proposal_to_pb(p: &Proposal, now: i64) -> pb::PolicyProposal {
+    pb::PolicyProposal {
+        id: p.id,
+        settings: p.settings.iter().map(ToString::to_string).collect(),
+        by: p.by.clone(),
+        reason: p.reason.clone(),
+        created_at_ms: p.created_at_ms,
+        expires_at_ms: p.expires_at_ms,
+        approvals: p.approvals.iter().cloned().collect(),
+        required: p.required,
+        state: match p.enacted_at_ms {
+            Some(_) => "enacted",
+            None if now > p.expires_at_ms => "expired",
+            None => "open",
+        }
+        .into(),
+    }
+}
+
+fn parse_settings(settings: &[String], reason: &str) -> Result<Vec<Setting>, Status> {
+    if settings.is_empty() {
+        return Err(invalid("settings", "name at least one KEY=VALUE"));
+    }
+    let parsed = settings
+        .iter()
+        .map(|kv| Setting::parse(kv).map_err(|(k, m)| invalid(&k, m)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if reason.trim().is_empty() {
+        return Err(invalid(
+            "reason",
+            "say why the policy changes (it is kept with the change)",
+        ));
+    }
+    Ok(parsed)
+}
 
 pub struct Policies(pub Ctx);
 
@@ -46,20 +83,7 @@ impl PolicyService for Policies {
     ) -> Result<Response<pb::Policy>, Status> {
         self.0.operator(&req)?;
         let r = req.into_inner();
-        if r.settings.is_empty() {
-            return Err(invalid("settings", "name at least one KEY=VALUE"));
-        }
-        let settings = r
-            .settings
-            .iter()
-            .map(|kv| Setting::parse(kv).map_err(|(k, m)| invalid(&k, m)))
-            .collect::<Result<Vec<_>, _>>()?;
-        if r.reason.trim().is_empty() {
-            return Err(invalid(
-                "reason",
-                "say why the policy changes (it is kept with the change)",
-            ));
-        }
+        let settings = parse_settings(&r.settings, &r.reason)?;
         self.0
             .replica
             .propose(Op::SetPolicy {
@@ -71,5 +95,77 @@ impl PolicyService for Policies {
             .map_err(propose_status)?;
         self.0.registry.wake_scheduler();
         Ok(Response::new(policy_to_pb(&self.0.replica.read())))
+    }
+
+    async fn propose(
+        &self,
+        req: Request<pb::ProposePolicyRequest>,
+    ) -> Result<Response<pb::PolicyProposal>, Status> {
+        let by = match self.0.principal(&req)? {
+            Principal::Operator => "operator".to_string(),
+            Principal::Member(m) => m,
+        };
+        let r = req.into_inner();
+        let settings = parse_settings(&r.settings, &r.reason)?;
+        let reason = r.reason.trim().to_string();
+        self.0
+            .replica
+            .propose(Op::ProposePolicy {
+                settings: settings.clone(),
+                by: by.clone(),
+                reason: reason.clone(),
+            })
+            .await
+            .map_err(propose_status)?;
+        let state = self.0.replica.read();
+        let p = state
+            .proposals
+            .values()
+            .rev()
+            .find(|p| p.by == by && p.reason == reason && p.settings == settings)
+            .ok_or_else(|| Status::internal("the proposal was applied but is not found"))?;
+        Ok(Response::new(proposal_to_pb(p, now_ms())))
+    }
+
+    async fn approve(
+        &self,
+        req: Request<pb::ApprovePolicyRequest>,
+    ) -> Result<Response<pb::PolicyProposal>, Status> {
+        let member = match self.0.principal(&req)? {
+            Principal::Member(m) => m,
+            Principal::Operator => {
+                return Err(Status::permission_denied(
+                    "approvals come from members, each with its own token; the operator has none",
+                ));
+            }
+        };
+        let id = req.into_inner().id;
+        self.0
+            .replica
+            .propose(Op::ApprovePolicy { id, member })
+            .await
+            .map_err(propose_status)?;
+        self.0.registry.wake_scheduler();
+        let state = self.0.replica.read();
+        Ok(Response::new(proposal_to_pb(
+            &state.proposals[&id],
+            now_ms(),
+        )))
+    }
+
+    async fn list_proposals(
+        &self,
+        req: Request<pb::ListProposalsRequest>,
+    ) -> Result<Response<pb::ListProposalsResponse>, Status> {
+        self.0.principal(&req)?;
+        let now = now_ms();
+        let state = self.0.replica.read();
+        Ok(Response::new(pb::ListProposalsResponse {
+            proposals: state
+                .proposals
+                .values()
+                .map(|p| proposal_to_pb(p, now))
+                .collect(),
+        }))
     }
 }
