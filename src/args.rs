@@ -93,6 +93,9 @@ pub struct Timing {
     /// How often agents report the usage (GPU time, energy) of running jobs.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     pub usage_interval: Duration,
+    /// Stream the audit ledger into this PostgreSQL database (postgres://...).
+    #[arg(long, env = "COOP_ACCOUNTING_DB", hide_env_values = true)]
+    pub accounting_db: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -360,8 +363,11 @@ pub enum AuditCmd {
     /// first entry that does not match.
     Verify {
         /// An export (JSON lines or CSV) instead of the live cluster.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "db")]
         file: Option<PathBuf>,
+        /// The accounting database (postgres://...) instead of the live cluster.
+        #[arg(long)]
+        db: Option<String>,
     },
 }
 

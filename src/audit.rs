@@ -69,10 +69,16 @@ pub async fn run(cli: &ClientArgs, cmd: AuditCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        AuditCmd::Verify { file } => {
-            let (records, source) = match &file {
-                Some(path) => (read_export(path)?, path.display().to_string()),
-                None => (fetch(cli, 0, 0).await?, "the cluster".to_string()),
+        AuditCmd::Verify { file, db } => {
+            let (records, source) = match (&file, &db) {
+                (Some(path), _) => (read_export(path)?, path.display().to_string()),
+                (None, Some(url)) => (
+                    coop_scheduler::sink::read(url)
+                        .await
+                        .map_err(|e| anyhow!("db: {e:#}"))?,
+                    "the accounting database".to_string(),
+                ),
+                (None, None) => (fetch(cli, 0, 0).await?, "the cluster".to_string()),
             };
             ledger::verify(&records).map_err(|b| anyhow!("{source}: {b}"))?;
             match (records.first(), records.last()) {

@@ -30,6 +30,7 @@ fn scheduler_config(listen: std::net::SocketAddr, data_dir: PathBuf, t: &Timing)
     c.heartbeat_interval = t.heartbeat_interval;
     c.kill_grace = t.kill_grace;
     c.usage_interval = t.usage_interval;
+    c.accounting_db = t.accounting_db.clone();
     c
 }
 

@@ -14,6 +14,7 @@ pub mod policy;
 pub mod replica;
 pub mod server;
 pub mod simulate;
+pub mod sink;
 pub mod state;
 pub mod store;
 pub mod usage;

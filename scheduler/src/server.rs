@@ -40,6 +40,8 @@ pub struct Config {
     pub kill_grace: Duration,
     /// How often agents report the usage of running jobs.
     pub usage_interval: Duration,
+    /// PostgreSQL URL the ledger is streamed to (`sink`), if any.
+    pub accounting_db: Option<String>,
 }
 
 impl Config {
@@ -55,6 +57,7 @@ impl Config {
             heartbeat_interval: Duration::from_secs(1),
             kill_grace: Duration::from_secs(10),
             usage_interval: Duration::from_secs(30),
+            accounting_db: None,
         }
     }
 }
@@ -119,6 +122,9 @@ impl Scheduler {
         let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(scheduling_loop(ctx.clone(), shutdown_rx.clone()));
         tokio::spawn(liveness_monitor(ctx.clone(), shutdown_rx.clone()));
+        if let Some(url) = ctx.config.accounting_db.clone() {
+            tokio::spawn(crate::sink::run(url, replica.clone(), shutdown_rx.clone()));
+        }
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
