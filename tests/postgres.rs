@@ -190,6 +190,21 @@ fn wait_synced(c: &Cluster, pg: &Postgres) -> usize {
     }
 }
 
+/// `$__timeFilter(col)` (a Grafana macro) as a filter that keeps every row.
+fn regex_free_time_filter(sql: &str) -> String {
+    let mut out = String::new();
+    let mut rest = sql;
+    while let Some(i) = rest.find("$__timeFilter(") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        let close = after.find(')').expect("macro closes");
+        out.push_str("TRUE");
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn run_job(c: &Cluster, token: &str) -> String {
     let id = c.submit_as(token, &["--gpus", "2", "--", "sleep", "1"]);
     c.wait_final(&id);
@@ -237,6 +252,39 @@ fn the_ledger_streams_into_postgres_resumes_after_crashes_and_verifies() {
     c.addr = d2.export("COOP_ADDR");
     c.daemons.push(d2);
     run_job(&c, &acme);
+    // A preemption, so that every kind of entry reaches the database.
+    c.ok(&[
+        "policy",
+        "set",
+        "share.default=0",
+        "share.acme=1",
+        "min_runtime=0s",
+        "preempt_grace=1s",
+        "--reason",
+        "equal shares for acme and beta",
+    ]);
+    let beta = c.add_member("beta");
+    let mut floods = Vec::new();
+    for _ in 0..4 {
+        let job = [
+            "--gpus",
+            "1",
+            "--preemptible",
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; sleep 600 & wait",
+        ];
+        floods.push(c.submit_as(&acme, &job));
+    }
+    for id in &floods {
+        c.wait_job(id, "running", |j| !j["started_at"].is_null());
+    }
+    run_job(&c, &beta);
+    for id in &floods {
+        c.ok(&["job", "cancel", id]);
+        c.wait_final(id);
+    }
     let total = wait_synced(&c, &pg);
     assert!(total > m);
     assert!(
@@ -269,7 +317,33 @@ fn the_ledger_streams_into_postgres_resumes_after_crashes_and_verifies() {
         (view - st["gpu_hours"].as_f64().unwrap()).abs() < 1e-9,
         "{view} vs {st:#}"
     );
-    assert_eq!(pg.query("SELECT count(*) FROM policy_history"), "1");
+    assert_eq!(pg.query("SELECT count(*) FROM policy_history"), "2");
+    assert_eq!(
+        pg.query(
+            "SELECT suffered || '/' || caused FROM member_monthly_preemptions WHERE member = 'acme'"
+        ),
+        "2/0"
+    );
+
+    // Every query of the auditor dashboard runs and returns rows (Grafana's
+    // time filter stands for the whole ledger here).
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/auditor-ledger.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for p in dash["panels"].as_array().unwrap() {
+        assert_eq!(p["datasource"]["uid"], "${ledger}");
+        assert!(p["description"].as_str().unwrap().len() > 20);
+        for t in p["targets"].as_array().unwrap() {
+            let sql = t["rawSql"].as_str().unwrap();
+            let sql = regex_free_time_filter(sql);
+            let rows = pg.query(&sql);
+            assert!(!rows.is_empty(), "{}: {sql} returned nothing", p["title"]);
+        }
+    }
 
     // Someone edits a usage row in the database: verification names it.
     let seq = pg.query("SELECT min(seq) FROM ledger WHERE kind = 'usage'");
