@@ -205,6 +205,15 @@ fn summary(
     s
 }
 
+/// A JSON value as a CSV cell: strings bare, null empty.
+fn csv_cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        v => v.to_string(),
+    }
+}
+
 fn write_members_csv(path: &Path, summary: &serde_json::Value) -> anyhow::Result<()> {
     let mut w = csv::Writer::from_path(path)?;
     let cols = [
@@ -221,11 +230,7 @@ fn write_members_csv(path: &Path, summary: &serde_json::Value) -> anyhow::Result
     ];
     w.write_record(cols)?;
     for m in summary["members"].as_array().into_iter().flatten() {
-        w.write_record(cols.iter().map(|c| match &m[*c] {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Null => String::new(),
-            v => v.to_string(),
-        }))?;
+        w.write_record(cols.iter().map(|c| csv_cell(&m[*c])))?;
     }
     w.flush()?;
     Ok(())
@@ -252,11 +257,7 @@ fn write_summary_csv(path: &Path, summary: &serde_json::Value) -> anyhow::Result
     ];
     let mut w = csv::Writer::from_path(path)?;
     w.write_record(cols)?;
-    w.write_record(cols.iter().map(|c| match &summary[*c] {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => String::new(),
-        v => v.to_string(),
-    }))?;
+    w.write_record(cols.iter().map(|c| csv_cell(&summary[*c])))?;
     w.flush()?;
     Ok(())
 }

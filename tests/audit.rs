@@ -125,22 +125,10 @@ fn a_statement_shows_use_by_model_preemptions_contribution_and_balance() {
         "--reason",
         "statement test",
     ]);
-    let job = ["sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait"];
-    let mut floods = Vec::new();
-    for _ in 0..4 {
-        let mut args = vec!["--gpus", "1", "--preemptible", "--"];
-        args.extend(job);
-        floods.push(c.submit_as(&acme, &args));
-    }
-    for id in &floods {
-        c.wait_job(id, "running", |j| !j["started_at"].is_null());
-    }
+    let floods = c.flood(&acme, 4, 4);
     let mine = c.submit_as(&beta, &["--gpus", "2", "--", "sleep", "1"]);
     c.wait_final(&mine);
-    for id in &floods {
-        c.ok(&["job", "cancel", id]);
-        c.wait_final(id);
-    }
+    c.cancel_all(&floods);
 
     let month = |who: &str| {
         let now = std::time::SystemTime::now();

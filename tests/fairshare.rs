@@ -38,22 +38,9 @@ fn a_late_member_gets_its_share_by_preempting_the_one_that_flooded() {
     assert_eq!(change["by"], "operator");
     assert!(change["reason"].as_str().unwrap().contains("assembly vote"));
 
-    // A checkpointing job: on SIGTERM it says so and exits.
-    let job = [
-        "sh",
-        "-c",
-        "trap 'echo checkpoint; exit 0' TERM; echo working; sleep 600 & wait",
-    ];
-    let mut floods = Vec::new();
-    for _ in 0..6 {
-        let mut args = vec!["--gpus", "1", "--preemptible", "--"];
-        args.extend(job);
-        floods.push(c.submit_as(&flood, &args));
-    }
-    // Four run (the cluster has four GPUs; best fit fills in order), two wait.
-    for id in &floods[..4] {
-        c.wait_job(id, "running", |j| !j["started_at"].is_null());
-    }
+    // Checkpointing jobs: four run (the cluster has four GPUs; best fit
+    // fills in order), two wait.
+    let floods = c.flood(&flood, 6, 4);
     let view = c.json(&["fairshare"]);
     assert_eq!(member(&view, "flood")["running_gpus"], 4);
     assert_eq!(member(&view, "flood")["entitlement"], 0.5);

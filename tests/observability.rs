@@ -226,12 +226,7 @@ fn every_dashboard_panel_and_alert_rule_works_against_a_real_prometheus() {
     ]);
     let short = c.submit_as(&alpha, &["--", "sleep", "1"]);
     c.wait_final(&short);
-    let job = ["sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait"];
-    for _ in 0..4 {
-        let mut args = vec!["--gpus", "1", "--preemptible", "--"];
-        args.extend(job);
-        c.submit_as(&alpha, &args);
-    }
+    c.flood(&alpha, 4, 4);
     let big = c.submit_as(&beta, &["--gpus", "2", "--", "sleep", "600"]);
     c.wait_job(&big, "running", |j| !j["started_at"].is_null());
 

@@ -264,27 +264,9 @@ fn the_ledger_streams_into_postgres_resumes_after_crashes_and_verifies() {
         "equal shares for acme and beta",
     ]);
     let beta = c.add_member("beta");
-    let mut floods = Vec::new();
-    for _ in 0..4 {
-        let job = [
-            "--gpus",
-            "1",
-            "--preemptible",
-            "--",
-            "sh",
-            "-c",
-            "trap 'exit 0' TERM; sleep 600 & wait",
-        ];
-        floods.push(c.submit_as(&acme, &job));
-    }
-    for id in &floods {
-        c.wait_job(id, "running", |j| !j["started_at"].is_null());
-    }
+    let floods = c.flood(&acme, 4, 4);
     run_job(&c, &beta);
-    for id in &floods {
-        c.ok(&["job", "cancel", id]);
-        c.wait_final(id);
-    }
+    c.cancel_all(&floods);
     let total = wait_synced(&c, &pg);
     assert!(total > m);
     assert!(

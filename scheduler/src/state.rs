@@ -428,6 +428,12 @@ impl State {
         self.tokens.get(token_hash)
     }
 
+    fn job(&self, id: JobId) -> Result<&Job, Rejection> {
+        self.jobs
+            .get(&id)
+            .ok_or_else(|| Rejection::NotFound(format!("job {id} does not exist")))
+    }
+
     pub fn bootstrapped(&self) -> bool {
         self.operator_token_hash.is_some()
     }
@@ -781,10 +787,7 @@ impl State {
         node_name: &str,
         gpus: &[String],
     ) -> Result<Vec<Event>, Rejection> {
-        let job = self
-            .jobs
-            .get(&id)
-            .ok_or_else(|| Rejection::NotFound(format!("job {id} does not exist")))?;
+        let job = self.job(id)?;
         if job.state != JobState::Pending {
             return Err(Rejection::FailedPrecondition(format!(
                 "job {id} is not pending"
@@ -857,14 +860,8 @@ impl State {
                 "preemption is off in the policy".into(),
             ));
         }
-        let job = self
-            .jobs
-            .get(&id)
-            .ok_or_else(|| Rejection::NotFound(format!("job {id} does not exist")))?;
-        let waiting = self
-            .jobs
-            .get(&for_id)
-            .ok_or_else(|| Rejection::NotFound(format!("job {for_id} does not exist")))?;
+        let job = self.job(id)?;
+        let waiting = self.job(for_id)?;
         if waiting.state != JobState::Pending {
             return Err(Rejection::FailedPrecondition(format!(
                 "job {for_id} is not pending"
@@ -882,16 +879,13 @@ impl State {
         }
         let node = job.node.clone().expect("running jobs have a node");
         let member = waiting.member.clone();
-        ledger::append(
-            &mut self.audit,
-            at,
-            ledger::Entry::Preemption {
-                job: id,
-                member: job.member.clone(),
-                for_job: for_id,
-                for_member: member.clone(),
-            },
-        );
+        let entry = ledger::Entry::Preemption {
+            job: id,
+            member: job.member.clone(),
+            for_job: for_id,
+            for_member: member.clone(),
+        };
+        ledger::append(&mut self.audit, at, entry);
         let job = self.jobs.get_mut(&id).expect("checked");
         job.preempted_for = Some(for_id);
         job.reason = format!("preempted for job {for_id} of member {member}");

@@ -446,3 +446,32 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A job that checkpoints on SIGTERM: it prints "checkpoint" and exits 0.
+pub const CHECKPOINTING: [&str; 3] = [
+    "sh",
+    "-c",
+    "trap 'echo checkpoint; exit 0' TERM; echo working; sleep 600 & wait",
+];
+
+impl Cluster {
+    /// Submits `n` preemptible 1-GPU checkpointing jobs as `token` and waits
+    /// until the first `running` of them run.
+    pub fn flood(&self, token: &str, n: usize, running: usize) -> Vec<String> {
+        let mut args = vec!["--gpus", "1", "--preemptible", "--"];
+        args.extend(CHECKPOINTING);
+        let ids: Vec<String> = (0..n).map(|_| self.submit_as(token, &args)).collect();
+        for id in &ids[..running] {
+            self.wait_job(id, "running", |j| !j["started_at"].is_null());
+        }
+        ids
+    }
+
+    /// Cancels each job and waits for it to end.
+    pub fn cancel_all(&self, ids: &[String]) {
+        for id in ids {
+            self.ok(&["job", "cancel", id]);
+            self.wait_final(id);
+        }
+    }
+}
