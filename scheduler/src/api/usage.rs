@@ -67,8 +67,8 @@ impl UsageService for Usage {
 
     async fn statement(
         &self,
-        req: Request<pb::StatementRequest>,
-    ) -> Result<Response<pb::Statement>, Status> {
+        req: Request<pb::MemberStatementRequest>,
+    ) -> Result<Response<pb::MemberStatement>, Status> {
         let who = self.0.principal(&req)?;
         let r = req.into_inner();
         let member = readable_member(&who, &r.member)?
@@ -80,7 +80,7 @@ impl UsageService for Usage {
         let state = self.0.replica.read();
         check_member(&state, &Some(member.clone()))?;
         let st = crate::usage::statement(&state, &member, r.from_ms, r.to_ms, now);
-        Ok(Response::new(pb::Statement {
+        Ok(Response::new(pb::MemberStatement {
             balance_weighted_gpu_ms: st.balance_weighted_gpu_ms(),
             member: st.member,
             from_ms: st.from_ms,
