@@ -67,7 +67,7 @@ impl UsageService for Usage {
 
     async fn statement(
         &self,
-        req: Request<pb::MemberStatementRequest>,
+        req: Request<pb::StatementRequest>,
     ) -> Result<Response<pb::MemberStatement>, Status> {
         let who = self.0.principal(&req)?;
         let r = req.into_inner();
