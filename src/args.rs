@@ -131,9 +131,23 @@ pub struct SchedulerRunArgs {
     pub id: u64,
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
-    /// All scheduler nodes as ID=ADDR,...; one node until replication lands.
-    #[arg(long)]
+    /// The scheduler nodes of a new cluster as ID=ADDR,... (this one included).
+    /// Read at first boot only; later changes go through `coop cluster add-node`.
+    #[arg(long, conflicts_with = "join")]
     pub peers: Option<String>,
+    /// Start empty and wait to be added with `coop cluster add-node ID ADDR`.
+    #[arg(long)]
+    pub join: bool,
+    /// The address other nodes and clients reach this one at (default: the
+    /// bound --listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Shared secret the scheduler nodes present to each other.
+    #[arg(long, env = "COOP_PEER_TOKEN", hide_env_values = true)]
+    pub peer_token: Option<String>,
+    /// Snapshot the state and compact the raft log every this many entries.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_every: u64,
     #[arg(long)]
     pub data_dir: PathBuf,
     /// Operator credential to create at first boot (generated and printed if absent).
@@ -427,6 +441,16 @@ pub enum PolicyArg {
 pub enum ClusterCmd {
     /// Schedulers, nodes, GPUs and queue at a glance.
     Status,
+    /// Add a scheduler node (started with --join): a learner until it has
+    /// caught up, then a voter.
+    AddNode {
+        /// Its raft id, unique in the cluster.
+        id: u64,
+        /// Where the other schedulers reach it (host:port).
+        address: String,
+    },
+    /// Remove a scheduler node from the voters.
+    RemoveNode { id: u64 },
 }
 
 #[derive(Subcommand, Debug)]

@@ -32,6 +32,11 @@ pub fn normalize_addr(a: &str) -> String {
 
 impl Client {
     pub async fn connect(args: &ClientArgs) -> anyhow::Result<Self> {
+        Self::connect_from(args, 0).await
+    }
+
+    /// Tries the addresses in turn, starting with the `start`-th (mod their number).
+    pub async fn connect_from(args: &ClientArgs, start: usize) -> anyhow::Result<Self> {
         let token = args
             .token
             .as_deref()
@@ -40,7 +45,14 @@ impl Client {
         let auth = MetadataValue::try_from(format!("Bearer {}", token.trim()))
             .map_err(|_| anyhow!("token: not a valid token"))?;
         let mut last_err = None;
-        for addr in args.addr.split(',').filter(|a| !a.trim().is_empty()) {
+        let addrs: Vec<&str> = args
+            .addr
+            .split(',')
+            .filter(|a| !a.trim().is_empty())
+            .collect();
+        let n = addrs.len().max(1);
+        for i in 0..addrs.len() {
+            let addr = addrs[(start + i) % n];
             let url = normalize_addr(addr);
             let endpoint = Endpoint::from_shared(url.clone())
                 .map_err(|_| anyhow!("addr: {addr:?} is not an address"))?

@@ -131,6 +131,38 @@ const JOB_HEADER: [&str; 9] = [
     "ID", "MEMBER", "KIND", "STATE", "GPUS", "NODE", "ATTEMPTS", "EXIT", "AGE",
 ];
 
+/// Submits, and while no scheduler can confirm it (a leader election, a node
+/// down) tries again, rotating through the addresses. The request id makes a
+/// resent submission return the job it created rather than a second one.
+async fn submit_retrying(
+    cli: &ClientArgs,
+    first: Client,
+    req: pb::SubmitJobRequest,
+) -> anyhow::Result<pb::Job> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut client = Ok(first);
+    for attempt in 1.. {
+        let err = match client {
+            Ok(c) => match c.jobs().submit(c.req(req.clone())).await {
+                Ok(r) => return Ok(r.into_inner().job.unwrap_or_default()),
+                // Unknown is how a connection cut mid-call (a node killed)
+                // surfaces; the request id makes resending safe.
+                Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => {
+                    anyhow::Error::from(s)
+                }
+                Err(s) => return Err(s.into()),
+            },
+            Err(e) => e,
+        };
+        if std::time::Instant::now() >= deadline {
+            return Err(err);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client = Client::connect_from(cli, attempt).await;
+    }
+    unreachable!("the loop returns")
+}
+
 pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
     let c = Client::connect(cli).await?;
     let mut jobs = c.jobs();
@@ -164,13 +196,9 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                     Some(d) => d.as_millis() as u64,
                     None => 0,
                 },
+                request_id: uuid::Uuid::new_v4().to_string(),
             };
-            let job = jobs
-                .submit(c.req(req))
-                .await?
-                .into_inner()
-                .job
-                .unwrap_or_default();
+            let job = submit_retrying(cli, c, req).await?;
             match cli.output {
                 Output::Json => print_json(&job_json(&job)),
                 Output::Table => println!("{}", job.id),
@@ -855,7 +883,25 @@ const NODE_HEADER: [&str; 6] = ["NODE", "OWNER", "STATE", "GPUS USED", "MODELS",
 
 pub async fn cluster(cli: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
     let c = Client::connect(cli).await?;
-    let ClusterCmd::Status = cmd;
+    match cmd {
+        ClusterCmd::Status => {}
+        ClusterCmd::AddNode { id, address } => {
+            let r = c
+                .cluster()
+                .add_node(c.req(pb::AddNodeRequest { id, address }))
+                .await?
+                .into_inner();
+            return print_schedulers(cli, &r.schedulers);
+        }
+        ClusterCmd::RemoveNode { id } => {
+            let r = c
+                .cluster()
+                .remove_node(c.req(pb::RemoveNodeRequest { id }))
+                .await?
+                .into_inner();
+            return print_schedulers(cli, &r.schedulers);
+        }
+    }
     let r = c
         .cluster()
         .status(c.req(pb::ClusterStatusRequest {}))
@@ -863,10 +909,7 @@ pub async fn cluster(cli: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
         .into_inner();
     match cli.output {
         Output::Json => print_json(&json!({
-            "schedulers": r.schedulers.iter().map(|s| json!({
-                "id": s.id, "address": s.address, "role": s.role, "term": s.term,
-                "commit_index": s.commit_index, "applied_index": s.applied_index,
-            })).collect::<Vec<_>>(),
+            "schedulers": r.schedulers.iter().map(scheduler_json).collect::<Vec<_>>(),
             "nodes": r.nodes.iter().map(node_json).collect::<Vec<_>>(),
             "gpus_total": r.gpus_total,
             "gpus_free": r.gpus_free,
@@ -874,22 +917,7 @@ pub async fn cluster(cli: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
             "jobs_running": r.jobs_running,
         })),
         Output::Table => {
-            table(
-                &["SCHEDULER", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED"],
-                r.schedulers
-                    .iter()
-                    .map(|s| {
-                        vec![
-                            s.id.to_string(),
-                            s.address.clone(),
-                            s.role.clone(),
-                            s.term.to_string(),
-                            s.commit_index.to_string(),
-                            s.applied_index.to_string(),
-                        ]
-                    })
-                    .collect(),
-            );
+            scheduler_table(&r.schedulers);
             println!();
             table(&NODE_HEADER, node_rows(&r.nodes));
             println!();
@@ -898,6 +926,58 @@ pub async fn cluster(cli: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                 r.gpus_free, r.gpus_total, r.jobs_running, r.jobs_pending
             );
         }
+    }
+    Ok(())
+}
+
+fn scheduler_json(s: &pb::SchedulerNode) -> Value {
+    json!({
+        "id": s.id, "address": s.address, "role": s.role, "term": s.term,
+        "leader": s.leader, "membership": s.membership,
+        "commit_index": s.commit_index, "applied_index": s.applied_index,
+        "last_index": s.last_index, "snapshot_index": s.snapshot_index, "error": s.error,
+    })
+}
+
+fn scheduler_table(schedulers: &[pb::SchedulerNode]) {
+    table(
+        &[
+            "SCHEDULER",
+            "ADDRESS",
+            "ROLE",
+            "MEMBER",
+            "TERM",
+            "COMMIT",
+            "APPLIED",
+        ],
+        schedulers
+            .iter()
+            .map(|s| {
+                let role = if s.error.is_empty() {
+                    s.role.clone()
+                } else {
+                    format!("{} ({})", s.role, s.error)
+                };
+                vec![
+                    s.id.to_string(),
+                    s.address.clone(),
+                    role,
+                    s.membership.clone(),
+                    s.term.to_string(),
+                    s.commit_index.to_string(),
+                    s.applied_index.to_string(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn print_schedulers(cli: &ClientArgs, schedulers: &[pb::SchedulerNode]) -> anyhow::Result<()> {
+    match cli.output {
+        Output::Json => print_json(&Value::Array(
+            schedulers.iter().map(scheduler_json).collect(),
+        )),
+        Output::Table => scheduler_table(schedulers),
     }
     Ok(())
 }

@@ -146,23 +146,23 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
 
 pub async fn scheduler(cmd: SchedulerCmd) -> anyhow::Result<()> {
     let SchedulerCmd::Run(a) = cmd;
-    if let Some(peers) = &a.peers {
-        let others = peers
-            .split(',')
-            .filter(|p| !p.trim().is_empty())
-            .filter(|p| {
-                p.split_once('=').map(|(id, _)| id.trim()) != Some(a.id.to_string().as_str())
-            })
-            .count();
-        if others > 0 {
-            bail!(
-                "peers: replication across several scheduler nodes is not available yet; run one node"
-            );
-        }
-    }
     let mut config = scheduler_config(a.listen, a.data_dir, &a.timing);
     config.id = a.id;
     config.operator_token = a.operator_token;
+    config.join = a.join;
+    config.peer_token = a.peer_token;
+    config.snapshot_every = a.snapshot_every;
+    if let Some(adv) = a.advertise {
+        config.advertise = coop_scheduler::consensus::transport::normalize(&adv);
+    }
+    if let Some(peers) = &a.peers {
+        config.peers = parse_peers(peers)?;
+        match config.peers.get(&a.id) {
+            Some(addr) if config.advertise.is_empty() => config.advertise = addr.clone(),
+            Some(_) => {}
+            None => bail!("peers: must include this node's id {} (ID=ADDR)", a.id),
+        }
+    }
     let mut s = Scheduler::start(config).await?;
     if let Some(t) = &s.generated_operator_token {
         eprintln!("a new cluster: its operator token is shown only now");
@@ -178,6 +178,33 @@ pub async fn scheduler(cmd: SchedulerCmd) -> anyhow::Result<()> {
         _ = stop_signal() => s.stop().await,
     }
     Ok(())
+}
+
+/// `1=host:port,2=host:port` into ids and URLs.
+fn parse_peers(s: &str) -> anyhow::Result<std::collections::BTreeMap<u64, String>> {
+    let mut peers = std::collections::BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("peers: {part:?} is not ID=ADDR"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&i| i > 0)
+            .ok_or_else(|| anyhow::anyhow!("peers: {id:?} is not a positive integer id"))?;
+        let addr = addr.trim();
+        if addr.is_empty() {
+            bail!("peers: node {id} has no address");
+        }
+        if peers
+            .insert(id, coop_scheduler::consensus::transport::normalize(addr))
+            .is_some()
+        {
+            bail!("peers: id {id} appears twice");
+        }
+    }
+    Ok(peers)
 }
 
 pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {

@@ -61,6 +61,28 @@ struct Metered {
     since_ms: i64,
 }
 
+/// The scheduler asked to is not the leader; this one is.
+#[derive(Debug, thiserror::Error)]
+#[error("the leader is at {0}")]
+struct Redirect(String);
+
+/// A scheduler's error, or the leader it points to.
+fn status_error(what: &str, s: &tonic::Status) -> anyhow::Error {
+    match s
+        .metadata()
+        .get(LEADER_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(leader) if s.code() == Code::Unavailable => {
+            anyhow::Error::new(Redirect(leader.to_string()))
+        }
+        _ => anyhow!("{what}: {}", s.message()),
+    }
+}
+
+/// Set by a scheduler that does not lead, on an UNAVAILABLE answer.
+const LEADER_HEADER: &str = "x-coop-leader";
+
 /// The scheduler refused this agent's registration for good.
 #[derive(Debug, thiserror::Error)]
 #[error("registration refused: {0}")]
@@ -101,11 +123,24 @@ impl Agent {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut backoff = Duration::from_millis(100);
         let mut next = 0usize;
+        let mut redirect: Option<String> = None;
         loop {
-            let addr = self.cfg.schedulers[next % self.cfg.schedulers.len()].clone();
-            next += 1;
+            let addr = redirect.take().unwrap_or_else(|| {
+                next += 1;
+                self.cfg.schedulers[(next - 1) % self.cfg.schedulers.len()].clone()
+            });
             match self.session_with(&addr, &mut shutdown).await {
                 Ok(()) => break,
+                Err(e) if e.is::<Redirect>() => {
+                    let to = e.downcast::<Redirect>().expect("checked").0;
+                    tracing::info!("scheduler {addr} does not lead; following the leader at {to}");
+                    redirect = Some(to);
+                    self.registered.send_replace(false);
+                    // On to the leader at once (a pause only so that two
+                    // nodes with stale views cannot bounce it in a tight loop).
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
                 Err(e) if e.is::<Refused>() => {
                     self.runner
                         .stop_all(STOP_ON_SHUTDOWN_GRACE, &mut self.exits)
@@ -189,7 +224,7 @@ impl Agent {
                 | Code::PermissionDenied
                 | Code::Unauthenticated
                 | Code::AlreadyExists => anyhow::Error::new(Refused(s.message().to_string())),
-                _ => anyhow!("register: {}", s.message()),
+                _ => status_error("register", &s),
             })?
             .into_inner();
         let interval = Duration::from_millis(resp.heartbeat_interval_ms.max(50));
@@ -211,7 +246,7 @@ impl Agent {
         let mut inbound = client
             .heartbeat(self.authed(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))?)
             .await
-            .map_err(|s| anyhow!("heartbeat: {}", s.message()))?
+            .map_err(|s| status_error("heartbeat", &s))?
             .into_inner();
         self.out = Some(tx.clone());
         self.registered.send_replace(true);
@@ -228,7 +263,7 @@ impl Agent {
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => self.on_message(m),
                     Ok(None) => break Err(anyhow!("stream closed by the scheduler")),
-                    Err(s) => break Err(anyhow!("{}", s.message())),
+                    Err(s) => break Err(status_error("stream", &s)),
                 },
                 Some(exit) = self.exits.recv() => self.on_exit(exit),
                 _ = usage_tick.tick() => self.report_usage(),

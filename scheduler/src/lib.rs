@@ -1,10 +1,11 @@
 //! coop-scheduler: the replicated state machine (`state`), placement policy
 //! (`placement`) and usage figures (`usage`), which are pure; and the shell
-//! around them: the durable log (`store`, `replica`), agent liveness
+//! around them: raft replication (`consensus`, `replica`), agent liveness
 //! (`liveness`), the gRPC services (`api`) and the process (`server`).
 
 pub mod api;
 pub mod auth;
+pub mod consensus;
 pub mod fairshare;
 pub mod ledger;
 pub mod liveness;
@@ -16,7 +17,6 @@ pub mod server;
 pub mod simulate;
 pub mod sink;
 pub mod state;
-pub mod store;
 pub mod usage;
 
 pub use server::{Config, Scheduler};

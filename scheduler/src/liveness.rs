@@ -31,7 +31,7 @@ pub struct Registry {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
     wake: Notify,
-    started_ms: i64,
+    started_ms: std::sync::atomic::AtomicI64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -52,7 +52,7 @@ impl Registry {
             inner: Mutex::default(),
             next_id: AtomicU64::new(1),
             wake: Notify::new(),
-            started_ms: now_ms(),
+            started_ms: std::sync::atomic::AtomicI64::new(now_ms()),
         }
     }
 
@@ -84,9 +84,17 @@ impl Registry {
         self.lock().seen.get(node).copied()
     }
 
-    /// When a node with no heartbeat since this scheduler started counts from.
+    /// When a node with no heartbeat since this scheduler became leader counts from:
+    /// since when agents have had the chance to reach this scheduler as leader.
     pub fn started_ms(&self) -> i64 {
+        self.started_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Heartbeats seen while following are stale: start counting afresh.
+    pub fn restart_grace(&self) {
         self.started_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        self.lock().seen.clear();
     }
 
     pub fn connection_info(&self, node: &str) -> ConnInfo {

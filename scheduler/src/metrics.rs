@@ -60,6 +60,13 @@ pub static PROPOSAL_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
         prometheus::exponential_buckets(0.0005, 2.0, 14).expect("buckets"),
     )
 });
+pub static RAFT_PERSIST_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "coop_raft_persist_duration_seconds",
+        "Time to make one Ready durable (one SQLite transaction with fsync).",
+        prometheus::exponential_buckets(0.0001, 2.0, 16).expect("buckets"),
+    )
+});
 pub static LEADER_CHANGES: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         "coop_raft_leader_changes_total",
@@ -85,7 +92,8 @@ pub fn registry(
     decayed: Arc<Mutex<DecayedUsage>>,
 ) -> Registry {
     let r = Registry::new();
-    let direct: [Box<dyn Collector>; 6] = [
+    let direct: [Box<dyn Collector>; 7] = [
+        Box::new(RAFT_PERSIST_SECONDS.clone()),
         Box::new(PASS_SECONDS.clone()),
         Box::new(PLACEMENTS.clone()),
         Box::new(PREEMPTIONS.clone()),
@@ -341,9 +349,12 @@ impl Collector for StateCollector {
         v.jain.set(jain(&xs).unwrap_or(1.0));
         v.policy_changes.set(state.policy_log.len() as i64);
         // One scheduler until replication lands: it leads term 1.
-        v.is_leader.set(1);
-        v.term.set(1);
-        v.commit.set(applied as i64);
+        let status = self.replica.view().borrow().status.clone();
+        v.is_leader
+            .set(status.as_ref().is_some_and(|s| s.role == "leader") as i64);
+        v.term.set(status.as_ref().map_or(0, |s| s.term) as i64);
+        v.commit
+            .set(status.as_ref().map_or(applied, |s| s.commit) as i64);
         v.applied.set(applied as i64);
         drop(state);
         let all: [&dyn Collector; 22] = [

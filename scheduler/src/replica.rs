@@ -1,41 +1,119 @@
-//! The log writer: turns proposals into durable, applied commands.
+//! This node's replica of the state machine, kept by raft.
 //!
-//! One task owns the store. It takes every proposal that is waiting, stamps each
-//! with the clock (never going backwards), writes the batch in one transaction,
-//! applies it to the state, and only then answers the proposers. Readers share the
-//! state behind a lock that is held for short, synchronous reads only.
+//! One task owns the raft [`Core`] and the disk. It takes every input that is
+//! waiting (proposals, peer messages, ticks), then handles the Ready: messages
+//! out, one SQLite transaction for everything that must be durable, messages
+//! that had to wait for it, committed entries applied, proposers answered.
+//! Many proposals therefore share one fsync. Readers share the state behind a
+//! lock held for short, synchronous reads only.
+//!
+//! Writes on a follower are forwarded to the leader; reads that must see every
+//! acknowledged write first wait for a ReadIndex.
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use coop_proto::v1 as pb;
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Message};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::state::{Command, Event, Op, Rejection, State};
-use crate::store::Store;
+use crate::consensus::core::{ConfContext, Core, NodeStatus, Timing};
+use crate::consensus::disk::Disk;
+use crate::consensus::log::Log;
+use crate::consensus::transport::{self, Feedback, Transport};
+use crate::state::{Event, Op, Rejection, State};
 
-/// Snapshot (and compact the log) after this many commands.
-const SNAPSHOT_EVERY: u64 = 10_000;
-const MAX_BATCH: usize = 512;
+/// How long a write waits for a leader and for its commit.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Inputs taken before a Ready is handled.
+const MAX_INPUTS: usize = 4096;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
 pub enum ProposeError {
     #[error(transparent)]
     Rejected(#[from] Rejection),
-    #[error("the scheduler's log is unavailable: {0}")]
+    #[error("{}", not_leader_message(.0))]
+    NotLeader(Option<String>),
+    #[error("the scheduler is unavailable: {0}")]
     Unavailable(String),
 }
 
-struct Proposal {
-    op: Op,
-    reply: oneshot::Sender<Result<Vec<Event>, ProposeError>>,
+fn not_leader_message(leader: &Option<String>) -> String {
+    match leader {
+        Some(a) => format!("this scheduler is not the leader; the leader is at {a}"),
+        None => "no scheduler leader is known yet; retry shortly".into(),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub id: u64,
+    /// How peers reach this node.
+    pub address: String,
+    /// The voters of a new cluster, with their addresses (this node included).
+    /// Empty for a node that joins a running cluster (`coop cluster add-node`).
+    pub peers: BTreeMap<u64, String>,
+    pub db: PathBuf,
+    pub timing: Timing,
+    pub tick: Duration,
+    /// Shared secret peers present on the raft service.
+    pub peer_token: Option<String>,
+}
+
+/// A membership change, carried to the leader as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Membership {
+    Add { id: u64, address: String },
+    Remove { id: u64 },
+}
+
+/// This node as the loop last saw it.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub status: Option<NodeStatus>,
+    pub peers: BTreeMap<u64, String>,
+    /// Leader only: how far each peer's log matches.
+    pub progress: BTreeMap<u64, u64>,
+}
+
+impl View {
+    pub fn is_leader(&self) -> bool {
+        self.status.as_ref().is_some_and(|s| s.role == "leader")
+    }
+
+    pub fn leader_address(&self) -> Option<String> {
+        let s = self.status.as_ref()?;
+        self.peers.get(&s.leader).cloned()
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
+
+enum Input {
+    Propose(Op, Reply<Vec<Event>>),
+    ConfChange(ConfChangeV2, Reply<Vec<Event>>),
+    ReadIndex(Reply<u64>),
+    Raft {
+        from: u64,
+        from_address: String,
+        msgs: Vec<Message>,
+    },
+    Stop(oneshot::Sender<()>),
 }
 
 #[derive(Clone)]
 pub struct Replica {
+    id: u64,
     state: Arc<RwLock<State>>,
-    tx: mpsc::Sender<Proposal>,
+    tx: mpsc::Sender<Input>,
     applied: watch::Receiver<u64>,
     events: broadcast::Sender<Event>,
+    view: watch::Receiver<View>,
+    peer_token: Option<String>,
+    leaders: Arc<tokio::sync::Mutex<HashMap<String, tonic::transport::Channel>>>,
 }
 
 pub fn now_ms() -> i64 {
@@ -46,41 +124,191 @@ pub fn now_ms() -> i64 {
 }
 
 impl Replica {
-    /// Loads the state from `store` and starts the writer task.
-    pub async fn start(store: Store) -> anyhow::Result<Self> {
-        let loaded = store.load().await?;
-        let state = Arc::new(RwLock::new(loaded.state));
-        let (tx, rx) = mpsc::channel(4096);
-        let (applied_tx, applied) = watch::channel(loaded.applied);
+    /// Loads the log from disk (or starts a new one) and starts the node loop.
+    pub async fn start(config: ReplicaConfig) -> anyhow::Result<Self> {
+        let disk = Disk::open(&config.db).await?;
+        let log = match disk.load().await? {
+            Some(log) => log,
+            None => {
+                let voters: Vec<u64> = config.peers.keys().copied().collect();
+                let log = Log::with_voters(&voters);
+                // Stored at once, so a restart knows it is no longer new.
+                disk.persist(&crate::consensus::core::Persist {
+                    hard_state: Some(log.hard_state.clone()),
+                    conf_state: Some(log.conf_state.clone()),
+                    ..Default::default()
+                })
+                .await?;
+                log
+            }
+        };
+        let mut peers = config.peers.clone();
+        peers.insert(config.id, config.address.clone());
+        let state = Arc::new(RwLock::new(State::default()));
+        let logger = slog::Logger::root(crate::consensus::TracingDrain, slog::o!());
+        let mut core = Core::new(
+            config.id,
+            log,
+            peers,
+            state.clone(),
+            &config.timing,
+            &logger,
+        )?;
+        // A cluster of one need not wait an election timeout for itself.
+        let status = core.status();
+        if status.voters == [config.id] {
+            core.campaign()?;
+        }
+        let (tx, rx) = mpsc::channel(MAX_INPUTS);
+        let (applied_tx, applied) = watch::channel(core.applied());
         let (events, _) = broadcast::channel(4096);
-        let writer = Writer {
-            store,
-            state: state.clone(),
+        let (view_tx, view) = watch::channel(View::default());
+        let (feedback_tx, feedback) = mpsc::unbounded_channel();
+        let node = Node {
+            transport: Transport::new(
+                config.id,
+                config.address.clone(),
+                config.peer_token.clone(),
+                feedback_tx,
+            ),
+            core,
+            disk,
             applied: applied_tx,
             events: events.clone(),
-            next_index: loaded.applied + 1,
-            last_snapshot: loaded.snapshot_index,
-            last_at: 0,
+            view: view_tx,
+            next_token: 1,
+            proposals: HashMap::new(),
+            reads: HashMap::new(),
         };
-        tokio::spawn(writer.run(rx));
+        tokio::spawn(node.run(rx, feedback, config.tick));
         Ok(Self {
+            id: config.id,
             state,
             tx,
             applied,
             events,
+            view,
+            peer_token: config.peer_token,
+            leaders: Default::default(),
         })
     }
 
-    /// Proposes `op`; returns once it is durable and applied, with apply's result.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Stops the node loop and closes the log; later proposals fail.
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Input::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Proposes `op` and returns once it is committed and applied, with apply's
+    /// result. On a follower it is carried to the leader; while there is no
+    /// leader it waits for one, up to a limit.
     pub async fn propose(&self, op: Op) -> Result<Vec<Event>, ProposeError> {
         let _timer = crate::metrics::PROPOSAL_SECONDS.start_timer();
+        let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let result = match self.propose_local(op.clone()).await {
+                Err(ProposeError::NotLeader(Some(leader))) => {
+                    let r = self.forward(&leader, &op).await;
+                    if r.is_ok() {
+                        // The caller reads here next: let this node catch up
+                        // with its own write first.
+                        let _ = self.read_current().await;
+                    }
+                    r
+                }
+                other => other,
+            };
+            // Retried only where the op was certainly not applied: no leader,
+            // or a leader that could not be reached at all.
+            let retry = matches!(result, Err(ProposeError::NotLeader(_)));
+            if !retry || tokio::time::Instant::now() + backoff >= deadline {
+                return result;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Proposes on this node only: `NotLeader` when it does not lead.
+    pub async fn propose_local(&self, op: Op) -> Result<Vec<Event>, ProposeError> {
         let (reply, rx) = oneshot::channel();
+        self.send(Input::Propose(op, reply)).await?;
+        self.wait(rx).await
+    }
+
+    async fn send(&self, input: Input) -> Result<(), ProposeError> {
         self.tx
-            .send(Proposal { op, reply })
+            .send(input)
             .await
-            .map_err(|_| ProposeError::Unavailable("the log writer has stopped".into()))?;
-        rx.await
-            .map_err(|_| ProposeError::Unavailable("the log writer has stopped".into()))?
+            .map_err(|_| ProposeError::Unavailable("the raft node has stopped".into()))
+    }
+
+    async fn wait<T>(
+        &self,
+        rx: oneshot::Receiver<Result<T, ProposeError>>,
+    ) -> Result<T, ProposeError> {
+        match tokio::time::timeout(PROPOSE_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ProposeError::Unavailable(
+                "the raft node has stopped".into(),
+            )),
+            Err(_) => Err(ProposeError::Unavailable(OUTCOME_UNKNOWN.into())),
+        }
+    }
+
+    async fn forward(&self, leader: &str, op: &Op) -> Result<Vec<Event>, ProposeError> {
+        let mut client = self.leader_client(leader).await?;
+        let body = pb::ForwardRequest {
+            op: serde_json::to_vec(op).expect("ops serialise"),
+        };
+        let resp = client
+            .forward(transport::request(body, &self.peer_token))
+            .await
+            .map_err(|s| {
+                ProposeError::Unavailable(format!("the leader at {leader}: {}", s.message()))
+            })?;
+        serde_json::from_slice::<Result<Vec<Event>, ProposeError>>(&resp.into_inner().result)
+            .map_err(|e| ProposeError::Unavailable(format!("the leader's answer: {e}")))?
+    }
+
+    async fn leader_client(
+        &self,
+        leader: &str,
+    ) -> Result<pb::raft_service_client::RaftServiceClient<tonic::transport::Channel>, ProposeError>
+    {
+        let mut cache = self.leaders.lock().await;
+        if let Some(ch) = cache.get(leader) {
+            return Ok(transport::client(ch.clone()));
+        }
+        let ch = transport::endpoint(leader)
+            .map_err(|e| ProposeError::Unavailable(e.to_string()))?
+            .connect()
+            .await
+            // Nothing was sent: safe to retry once a leader answers.
+            .map_err(|_| ProposeError::NotLeader(None))?;
+        cache.insert(leader.to_string(), ch.clone());
+        Ok(transport::client(ch))
+    }
+
+    /// Waits until this node has applied every write acknowledged before the
+    /// call (raft's ReadIndex), so that a read after it is current.
+    pub async fn read_current(&self) -> Result<(), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::ReadIndex(reply)).await?;
+        let index = self.wait(rx).await?;
+        let mut applied = self.applied.clone();
+        tokio::time::timeout(PROPOSE_TIMEOUT, applied.wait_for(|&a| a >= index))
+            .await
+            .map_err(|_| ProposeError::Unavailable("this node is catching up".into()))?
+            .map_err(|_| ProposeError::Unavailable("the raft node has stopped".into()))?;
+        Ok(())
     }
 
     /// A short, synchronous read of the state. Never hold it across an await.
@@ -88,7 +316,7 @@ impl Replica {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Index of the last applied command; changes after every applied batch.
+    /// Index of the last applied entry; changes after every applied batch.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.applied.clone()
     }
@@ -96,79 +324,339 @@ impl Replica {
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
-}
 
-struct Writer {
-    store: Store,
-    state: Arc<RwLock<State>>,
-    applied: watch::Sender<u64>,
-    events: broadcast::Sender<Event>,
-    next_index: u64,
-    last_snapshot: u64,
-    last_at: i64,
-}
+    pub fn view(&self) -> watch::Receiver<View> {
+        self.view.clone()
+    }
 
-impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Proposal>) {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            let at = now_ms().max(self.last_at);
-            self.last_at = at;
-            let (cmds, replies): (Vec<Command>, Vec<_>) = batch
-                .drain(..)
-                .map(|p| {
-                    (
-                        Command {
-                            at_ms: at,
-                            op: p.op,
-                        },
-                        p.reply,
-                    )
-                })
-                .unzip();
-            if let Err(e) = self.store.append(self.next_index, &cmds).await {
-                // Nothing of this batch is acknowledged; the state is unchanged.
-                tracing::error!("log append failed: {e:#}");
-                for r in replies {
-                    let _ = r.send(Err(ProposeError::Unavailable(format!("{e:#}"))));
-                }
-                continue;
+    pub fn is_leader(&self) -> bool {
+        self.view.borrow().is_leader()
+    }
+
+    /// This node's line in `coop cluster status`.
+    pub fn scheduler_node(&self) -> pb::SchedulerNode {
+        let view = self.view.borrow();
+        let Some(s) = &view.status else {
+            return pb::SchedulerNode {
+                id: self.id,
+                role: "starting".into(),
+                ..Default::default()
+            };
+        };
+        pb::SchedulerNode {
+            id: s.id,
+            address: view.peers.get(&s.id).cloned().unwrap_or_default(),
+            role: s.role.into(),
+            term: s.term,
+            commit_index: s.commit,
+            applied_index: s.applied,
+            leader: s.leader,
+            last_index: s.last_index,
+            snapshot_index: s.snapshot_index,
+            membership: if s.learners.contains(&s.id) {
+                "learner"
+            } else if s.voters.contains(&s.id) {
+                "voter"
+            } else {
+                "none"
             }
-            self.next_index += cmds.len() as u64;
-            let mut results = Vec::with_capacity(cmds.len());
-            {
-                let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-                for cmd in &cmds {
-                    results.push(state.apply(cmd));
-                }
+            .into(),
+            error: String::new(),
+        }
+    }
+
+    pub fn peer_token(&self) -> &Option<String> {
+        &self.peer_token
+    }
+
+    /// Hands peer messages to the node loop; dropped when it is overloaded.
+    pub fn step(&self, from: u64, from_address: String, msgs: Vec<Message>) {
+        let _ = self.tx.try_send(Input::Raft {
+            from,
+            from_address,
+            msgs,
+        });
+    }
+
+    /// Changes the voter set; on a follower the leader carries it out.
+    pub async fn change_membership(&self, change: Membership) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            let leader = self
+                .view
+                .borrow()
+                .leader_address()
+                .ok_or(ProposeError::NotLeader(None))?;
+            let mut client = self.leader_client(&leader).await?;
+            let body = pb::MembershipRequest {
+                change: serde_json::to_vec(&change).expect("changes serialise"),
+            };
+            return client
+                .change_membership(transport::request(body, &self.peer_token))
+                .await
+                .map(|_| ())
+                .map_err(|s| ProposeError::Unavailable(s.message().to_string()));
+        }
+        match change {
+            Membership::Add { id, address } => {
+                let ctx = vec![ConfContext {
+                    id,
+                    address: address.clone(),
+                }];
+                self.conf_change(ConfChangeType::AddLearnerNode, id, &ctx)
+                    .await?;
+                let commit = self.view.borrow().status.as_ref().map_or(0, |s| s.commit);
+                self.wait_caught_up(id, commit).await?;
+                self.conf_change(ConfChangeType::AddNode, id, &ctx).await
             }
-            let applied = self.next_index - 1;
-            self.applied.send_replace(applied);
-            for (result, reply) in results.into_iter().zip(replies) {
-                if let Ok(events) = &result {
-                    for e in events {
-                        let _ = self.events.send(e.clone());
-                    }
-                }
-                let _ = reply.send(result.map_err(ProposeError::from));
-            }
-            if applied - self.last_snapshot >= SNAPSHOT_EVERY {
-                self.snapshot(applied).await;
+            Membership::Remove { id } => {
+                let ctx = vec![ConfContext {
+                    id,
+                    address: String::new(),
+                }];
+                self.conf_change(ConfChangeType::RemoveNode, id, &ctx).await
             }
         }
     }
 
-    async fn snapshot(&mut self, index: u64) {
-        let json = {
-            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-            serde_json::to_string(&*state)
-        };
-        match json {
-            Ok(json) => match self.store.snapshot(index, json).await {
-                Ok(()) => self.last_snapshot = index,
-                Err(e) => tracing::warn!("snapshot at {index} failed: {e:#}"),
-            },
-            Err(e) => tracing::warn!("encoding snapshot failed: {e}"),
+    async fn conf_change(
+        &self,
+        kind: ConfChangeType,
+        id: u64,
+        ctx: &[ConfContext],
+    ) -> Result<(), ProposeError> {
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(kind);
+        single.node_id = id;
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        cc.context = serde_json::to_vec(ctx).expect("contexts serialise").into();
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::ConfChange(cc, reply)).await?;
+        self.wait(rx).await.map(|_| ())
+    }
+
+    /// Waits until a learner's log holds everything committed up to `commit`
+    /// (its own addition included), so that as a voter it does not stall commits.
+    async fn wait_caught_up(&self, id: u64, commit: u64) -> Result<(), ProposeError> {
+        let mut view = self.view.clone();
+        let caught_up = |v: &View| v.progress.get(&id).is_some_and(|&m| m >= commit);
+        tokio::time::timeout(Duration::from_secs(60), view.wait_for(caught_up))
+            .await
+            .map_err(|_| {
+                ProposeError::Unavailable(format!(
+                    "node {id} did not catch up within 60 s; it stays a learner (is it running?)"
+                ))
+            })?
+            .map_err(|_| ProposeError::Unavailable("the raft node has stopped".into()))?;
+        Ok(())
+    }
+}
+
+pub const OUTCOME_UNKNOWN: &str =
+    "the write was not confirmed in time; it may or may not have been applied";
+
+struct Node {
+    core: Core,
+    disk: Disk,
+    transport: Transport,
+    applied: watch::Sender<u64>,
+    events: broadcast::Sender<Event>,
+    view: watch::Sender<View>,
+    next_token: u64,
+    proposals: HashMap<u64, Reply<Vec<Event>>>,
+    reads: HashMap<u64, Reply<u64>>,
+}
+
+impl Node {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        mut feedback: mpsc::UnboundedReceiver<Feedback>,
+        tick: Duration,
+    ) {
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut inputs = Vec::with_capacity(MAX_INPUTS);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    self.core.tick();
+                    // raft drops a read while there is no leader, or while a new
+                    // leader has not committed in its term: ask again.
+                    for &token in self.reads.keys() {
+                        self.core.read_index(token);
+                    }
+                }
+                n = rx.recv_many(&mut inputs, MAX_INPUTS) => {
+                    if n == 0 {
+                        return;
+                    }
+                    for input in inputs.drain(..) {
+                        if let Input::Stop(done) = input {
+                            self.disk.close().await;
+                            let _ = done.send(());
+                            return;
+                        }
+                        self.handle(input);
+                    }
+                }
+                Some(f) = feedback.recv() => match f {
+                    Feedback::Unreachable(id) => self.core.report_unreachable(id),
+                    Feedback::SnapshotFailed(id) => self.core.report_snapshot(id, false),
+                    Feedback::SnapshotSent(id) => self.core.report_snapshot(id, true),
+                },
+            }
+            if let Err(e) = self.drain_ready().await {
+                // A node that cannot make its log durable must not take part:
+                // answering would acknowledge what a restart forgets.
+                tracing::error!("raft storage failed, this node stops: {e:#}");
+                for (_, r) in self.proposals.drain() {
+                    let _ = r.send(Err(ProposeError::Unavailable(format!("{e:#}"))));
+                }
+                return;
+            }
+            self.publish();
         }
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Propose(op, reply) => {
+                let token = self.token();
+                match self.core.propose(token, op, now_ms()) {
+                    Ok(()) => {
+                        self.proposals.insert(token, reply);
+                    }
+                    Err(e) => {
+                        let leader = e.leader.and_then(|l| self.core.peers().get(&l).cloned());
+                        let _ = reply.send(Err(ProposeError::NotLeader(leader)));
+                    }
+                }
+            }
+            Input::ConfChange(cc, reply) => {
+                let token = self.token();
+                match self.core.propose_conf_change(token, cc) {
+                    Ok(()) => {
+                        self.proposals.insert(token, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ProposeError::Unavailable(format!(
+                            "membership change refused: {e} (one change at a time, on the leader)"
+                        ))));
+                    }
+                }
+            }
+            Input::ReadIndex(reply) => {
+                let token = self.token();
+                self.core.read_index(token);
+                self.reads.insert(token, reply);
+            }
+            Input::Stop(_) => unreachable!("handled by the loop"),
+            Input::Raft {
+                from,
+                from_address,
+                msgs,
+            } => {
+                self.core.learn_peer(from, &from_address);
+                for m in msgs {
+                    if let Err(e) = self.core.step(m) {
+                        tracing::debug!("raft message from {from} ignored: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    async fn drain_ready(&mut self) -> anyhow::Result<()> {
+        while let Some(mut staged) = self.core.ready() {
+            let now = std::mem::take(&mut staged.messages);
+            self.send(now);
+            if !staged.persist.is_empty() {
+                let _timer = crate::metrics::RAFT_PERSIST_SECONDS.start_timer();
+                self.disk.persist(&staged.persist).await?;
+            }
+            let done = self.core.persisted(staged);
+            self.send(done.messages);
+            // Before anyone is answered, so that what they read next is current.
+            self.publish();
+            self.applied.send_if_modified(|a| {
+                let changed = *a != self.core.applied();
+                *a = self.core.applied();
+                changed
+            });
+            for e in done.events {
+                let _ = self.events.send(e);
+            }
+            for (token, result) in done.results {
+                if let Some(r) = self.proposals.remove(&token) {
+                    let _ = r.send(result.map_err(ProposeError::from));
+                }
+            }
+            for token in done.dropped {
+                if let Some(r) = self.proposals.remove(&token) {
+                    let _ = r.send(Err(ProposeError::NotLeader(None)));
+                }
+            }
+            for (token, index) in done.reads {
+                if let Some(r) = self.reads.remove(&token) {
+                    let _ = r.send(Ok(index));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        if msgs.is_empty() {
+            return;
+        }
+        let peers = self.core.peers();
+        self.transport.send(msgs, |id| peers.get(&id).cloned());
+    }
+
+    fn publish(&mut self) {
+        let status = self.core.status();
+        let progress = self.core.progress();
+        let peers = self.core.peers();
+        let before = self
+            .view
+            .borrow()
+            .status
+            .as_ref()
+            .map(|s| (s.leader, s.term));
+        if before.is_some_and(|(leader, _)| leader != status.leader) && status.leader != 0 {
+            crate::metrics::LEADER_CHANGES.inc();
+        }
+        if before != Some((status.leader, status.term)) {
+            tracing::info!(
+                "raft: scheduler {} is {} in term {}; leader {}",
+                status.id,
+                status.role,
+                status.term,
+                match status.leader {
+                    0 => "unknown".to_string(),
+                    l => l.to_string(),
+                }
+            );
+        }
+        self.view.send_if_modified(|v| {
+            let changed =
+                v.status.as_ref() != Some(&status) || v.progress != progress || &v.peers != peers;
+            if changed {
+                *v = View {
+                    status: Some(status),
+                    progress,
+                    peers: peers.clone(),
+                };
+            }
+            changed
+        });
+        // Readers that gave up (timed out) are forgotten.
+        self.reads.retain(|_, r| !r.is_closed());
     }
 }

@@ -1,6 +1,7 @@
 //! A scheduler process: the replica, the gRPC services, the scheduling loop and
 //! the liveness monitor.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,13 +14,13 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, Ctx};
 use crate::auth::{hash_token, new_token};
+use crate::consensus::core::Timing as RaftTiming;
 use crate::fairshare::DecayedUsage;
 use crate::liveness::Registry;
 use crate::metrics;
 use crate::placement::plan;
-use crate::replica::{Replica, now_ms};
+use crate::replica::{Replica, ReplicaConfig, now_ms};
 use crate::state::Op;
-use crate::store::Store;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -42,6 +43,17 @@ pub struct Config {
     pub usage_interval: Duration,
     /// PostgreSQL URL the ledger is streamed to (`sink`), if any.
     pub accounting_db: Option<String>,
+    /// The scheduler nodes of a new cluster by raft id, this one included.
+    /// Empty: a cluster of this node alone.
+    pub peers: BTreeMap<u64, String>,
+    /// Start with no configuration and wait to be added (`coop cluster add-node`).
+    pub join: bool,
+    /// Shared secret of the scheduler nodes on their raft service.
+    pub peer_token: Option<String>,
+    /// One raft tick; elections time out after 10 to 20 of them.
+    pub raft_tick: Duration,
+    /// Snapshot the state (and compact the log) every this many entries.
+    pub snapshot_every: u64,
 }
 
 impl Config {
@@ -58,6 +70,11 @@ impl Config {
             kill_grace: Duration::from_secs(10),
             usage_interval: Duration::from_secs(30),
             accounting_db: None,
+            peers: BTreeMap::new(),
+            join: false,
+            peer_token: None,
+            raft_tick: Duration::from_millis(50),
+            snapshot_every: 10_000,
         }
     }
 }
@@ -77,33 +94,6 @@ impl Scheduler {
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
-        let store = Store::open(&config.data_dir.join("scheduler.db")).await?;
-        let replica = Replica::start(store).await?;
-        let mut generated_operator_token = None;
-        if !replica.read().bootstrapped() {
-            let token = match &config.operator_token {
-                Some(t) => t.clone(),
-                None => {
-                    let t = new_token();
-                    generated_operator_token = Some(t.clone());
-                    t
-                }
-            };
-            replica
-                .propose(Op::Bootstrap {
-                    operator_token_hash: hash_token(&token),
-                    default_member: config.default_member.clone(),
-                })
-                .await
-                .context("bootstrapping the cluster")?;
-        } else if let Some(t) = &config.operator_token
-            && replica.read().operator_token_hash.as_deref() != Some(&hash_token(t))
-        {
-            tracing::warn!(
-                "--operator-token differs from the one this cluster was created with; the original stays in force"
-            );
-        }
-
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
@@ -111,6 +101,71 @@ impl Scheduler {
         if config.advertise.is_empty() {
             config.advertise = format!("http://{addr}");
         }
+        let mut peers = config.peers.clone();
+        if !config.join {
+            peers.insert(config.id, config.advertise.clone());
+        }
+        let replica = Replica::start(ReplicaConfig {
+            id: config.id,
+            address: config.advertise.clone(),
+            peers: peers.clone(),
+            db: config.data_dir.join("scheduler.db"),
+            timing: RaftTiming {
+                snapshot_every: config.snapshot_every,
+                ..Default::default()
+            },
+            tick: config.raft_tick,
+            peer_token: config.peer_token.clone(),
+        })
+        .await?;
+
+        let mut generated_operator_token = None;
+        let token = match &config.operator_token {
+            Some(t) => t.clone(),
+            None => {
+                let t = new_token();
+                generated_operator_token = Some(t.clone());
+                t
+            }
+        };
+        let bootstrap = Op::Bootstrap {
+            operator_token_hash: hash_token(&token),
+            default_member: config.default_member.clone(),
+        };
+        let alone = peers.len() == 1 && !config.join;
+        if alone {
+            // Replay the log (the node elects itself and commits at once), so
+            // that what follows sees the state as it was left.
+            replica
+                .read_current()
+                .await
+                .context("replaying the raft log")?;
+        }
+        if replica.read().bootstrapped() {
+            generated_operator_token = None;
+            if let Some(t) = &config.operator_token
+                && replica.read().operator_token_hash.as_deref() != Some(&hash_token(t))
+            {
+                tracing::warn!(
+                    "--operator-token differs from the one this cluster was created with; the original stays in force"
+                );
+            }
+        } else if alone {
+            // A cluster of one elects itself at once: bootstrap before serving,
+            // so that the printed credentials already work.
+            replica
+                .propose(bootstrap)
+                .await
+                .context("bootstrapping the cluster")?;
+        } else {
+            anyhow::ensure!(
+                config.operator_token.is_some() || config.join,
+                "operator-token: a cluster of several schedulers needs the same --operator-token on every node at first boot"
+            );
+            generated_operator_token = None;
+            tokio::spawn(bootstrap_when_leader(replica.clone(), bootstrap));
+        }
+
         let ctx = Ctx {
             replica: replica.clone(),
             decayed: Default::default(),
@@ -157,7 +212,14 @@ impl Scheduler {
             ))
             .add_service(pb::agent_service_server::AgentServiceServer::new(
                 api::agents::Agents(ctx.clone()),
-            ));
+            ))
+            .add_service(
+                pb::raft_service_server::RaftServiceServer::new(crate::consensus::service::Raft(
+                    replica.clone(),
+                ))
+                .max_decoding_message_size(crate::consensus::transport::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(crate::consensus::transport::MAX_MESSAGE_BYTES),
+            );
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown_rx.wait_for(|s| *s).await;
@@ -177,6 +239,7 @@ impl Scheduler {
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
+        self.replica.stop().await;
     }
 
     /// Runs until the server task ends (an error) .
@@ -186,11 +249,43 @@ impl Scheduler {
     }
 }
 
+/// Proposes the cluster's first command once a leader is elected (every node of
+/// a new cluster runs this; the first to lead wins, the others' are refused).
+async fn bootstrap_when_leader(replica: Replica, op: Op) {
+    let mut view = replica.view();
+    loop {
+        if replica.read().bootstrapped() {
+            return;
+        }
+        if view.borrow_and_update().is_leader()
+            && let Err(e) = replica.propose_local(op.clone()).await
+        {
+            tracing::debug!("bootstrap: {e}");
+        }
+        if view.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Resolves when this node leads (at once if it does).
+async fn leading(replica: &Replica, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    let mut view = replica.view();
+    tokio::select! {
+        r = view.wait_for(|v| v.is_leader()) => r.is_ok(),
+        _ = shutdown.wait_for(|s| *s) => false,
+    }
+}
+
 /// Runs a scheduling pass whenever something may have changed, and at least
 /// once a second (back-offs, time limits and minimum run times pass with time
 /// alone). Decisions are proposed as commands; apply checks each again.
 async fn scheduling_loop(ctx: Ctx, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     loop {
+        // Only the leader schedules; its decisions are checked again at apply.
+        if !leading(&ctx.replica, &mut shutdown).await {
+            return;
+        }
         let (ops, waits): (Vec<Op>, Vec<(String, f64)>) = {
             let state = ctx.replica.read();
             let now = now_ms();
@@ -263,10 +358,21 @@ async fn liveness_monitor(ctx: Ctx, mut shutdown: tokio::sync::watch::Receiver<b
     let timeout = ctx.config.node_timeout.as_millis() as i64;
     let period =
         (ctx.config.node_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut was_leader = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
             _ = shutdown.changed() => return,
+        }
+        // Only the leader hears heartbeats. A new leader gives every agent a
+        // full timeout to find it before judging.
+        let leader = ctx.replica.is_leader();
+        if leader && !was_leader {
+            ctx.registry.restart_grace();
+        }
+        was_leader = leader;
+        if !leader {
+            continue;
         }
         let now = now_ms();
         let stale: Vec<(String, i64)> = {

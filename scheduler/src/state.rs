@@ -356,7 +356,7 @@ pub enum RunReport {
 }
 
 /// What changed, for watchers (job watch streams, agent desired-state pushers).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     Job(JobId),
     Node(String),

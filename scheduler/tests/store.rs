@@ -1,9 +1,14 @@
-//! The SQLite log: what was acknowledged is there after a restart, through
-//! snapshots and the log tail alike.
+//! The raft log in SQLite, on one node: what was acknowledged is there after a
+//! restart, through snapshots and the log tail alike.
 
-use coop_scheduler::replica::Replica;
-use coop_scheduler::state::{Command, Op, State};
-use coop_scheduler::store::Store;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use coop_scheduler::consensus::core::Timing;
+use coop_scheduler::consensus::disk::Disk;
+use coop_scheduler::replica::{Replica, ReplicaConfig};
+use coop_scheduler::state::Op;
 
 fn member(i: usize) -> Op {
     Op::AddMember {
@@ -12,53 +17,76 @@ fn member(i: usize) -> Op {
     }
 }
 
-#[tokio::test]
-async fn acknowledged_commands_survive_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.db");
-    let expected = {
-        let replica = Replica::start(Store::open(&path).await.unwrap())
-            .await
-            .unwrap();
-        let results = futures::future::join_all((0..50).map(|i| replica.propose(member(i)))).await;
-        assert!(results.iter().all(|r| r.is_ok()));
-        // A rejected proposal (duplicate name) is logged but changes nothing.
-        assert!(replica.propose(member(3)).await.is_err());
-        replica.read().clone()
-    };
-    let replica = Replica::start(Store::open(&path).await.unwrap())
-        .await
-        .unwrap();
-    assert_eq!(*replica.read(), expected);
-    assert_eq!(replica.read().members.len(), 50);
-    assert_eq!(*replica.applied().borrow(), 51);
+async fn start(db: &Path, snapshot_every: u64) -> Replica {
+    Replica::start(ReplicaConfig {
+        id: 1,
+        address: "http://127.0.0.1:1".into(),
+        peers: BTreeMap::from([(1, "http://127.0.0.1:1".to_string())]),
+        db: db.to_path_buf(),
+        timing: Timing {
+            snapshot_every,
+            ..Default::default()
+        },
+        tick: Duration::from_millis(10),
+        peer_token: None,
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
-async fn a_snapshot_plus_the_log_tail_gives_the_same_state() {
+async fn acknowledged_commands_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("s.db")).await.unwrap();
-    let mut state = State::default();
-    let cmds: Vec<Command> = (0..10)
-        .map(|i| Command {
-            at_ms: i as i64,
-            op: member(i),
-        })
-        .collect();
-    store.append(1, &cmds[..6]).await.unwrap();
-    for c in &cmds[..6] {
-        state.apply(c).unwrap();
+    let db = dir.path().join("s.db");
+    let replica = start(&db, 10_000).await;
+    let results = futures::future::join_all((0..50).map(|i| replica.propose(member(i)))).await;
+    assert!(results.iter().all(|r| r.is_ok()));
+    // A rejected proposal (duplicate name) is logged but changes nothing.
+    assert!(replica.propose(member(3)).await.is_err());
+    let expected = replica.read().clone();
+    let applied = *replica.applied().borrow();
+    replica.stop().await;
+
+    let replica = start(&db, 10_000).await;
+    // The log is replayed as the node commits again in its new term.
+    replica.read_current().await.unwrap();
+    assert_eq!(*replica.read(), expected);
+    assert_eq!(replica.read().members.len(), 50);
+    assert!(*replica.applied().borrow() > applied);
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn snapshots_compact_the_log_and_restore_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let replica = start(&db, 10).await;
+    for i in 0..25 {
+        replica.propose(member(i)).await.unwrap();
     }
-    store
-        .snapshot(6, serde_json::to_string(&state).unwrap())
+    let expected = replica.read().clone();
+    replica.stop().await;
+
+    let log = Disk::open(&db)
         .await
+        .unwrap()
+        .load()
+        .await
+        .unwrap()
         .unwrap();
-    store.append(7, &cmds[6..]).await.unwrap();
-    for c in &cmds[6..] {
-        state.apply(c).unwrap();
-    }
-    let loaded = store.load().await.unwrap();
-    assert_eq!(loaded.state, state);
-    assert_eq!(loaded.applied, 10);
-    assert_eq!(loaded.snapshot_index, 6);
+    assert!(
+        log.snapshot_index() >= 20,
+        "snapshot at {}",
+        log.snapshot_index()
+    );
+    assert!(
+        log.entries.len() < 10,
+        "{} entries left after compaction",
+        log.entries.len()
+    );
+
+    let replica = start(&db, 10).await;
+    replica.read_current().await.unwrap();
+    assert_eq!(*replica.read(), expected);
+    replica.stop().await;
 }

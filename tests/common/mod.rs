@@ -129,10 +129,11 @@ impl Drop for Daemon {
 
 /// A running cluster and a client of it.
 pub struct Cluster {
+    // Daemons first: they are dropped (and their logs read) before the dir goes.
+    pub daemons: Vec<Daemon>,
     pub dir: tempfile::TempDir,
     pub addr: String,
     pub token: String,
-    pub daemons: Vec<Daemon>,
 }
 
 pub fn is_final(job: &Value) -> bool {

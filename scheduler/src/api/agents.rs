@@ -81,6 +81,7 @@ impl AgentService for Agents {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         self.0.operator(&req)?;
+        self.0.leader_only()?;
         let r = req.into_inner();
         if !valid_name(&r.node) {
             return Err(invalid(
@@ -135,6 +136,7 @@ impl AgentService for Agents {
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         self.0.operator(&req)?;
+        self.0.leader_only()?;
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
             Some(pb::AgentMessage {
@@ -184,7 +186,14 @@ async fn read_agent(
     inbound: &mut Streaming<pb::AgentMessage>,
     tx: &AgentTx,
 ) -> Result<(), Status> {
-    while let Some(msg) = inbound.message().await? {
+    let mut view = ctx.replica.view();
+    loop {
+        let msg = tokio::select! {
+            m = inbound.message() => m?,
+            // A deposed leader sends its agents on to the new one.
+            _ = view.wait_for(|v| !v.is_leader()) => return ctx.leader_only(),
+        };
+        let Some(msg) = msg else { break };
         ctx.registry.touch(node);
         match msg.msg {
             Some(Up::Ping(_)) | None => {}

@@ -21,6 +21,7 @@ impl AuditService for Audit {
         req: Request<pb::ExportAuditRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
         self.0.operator(&req)?;
+        self.0.current().await?;
         let r = req.into_inner();
         let to = if r.to_ms == 0 { i64::MAX } else { r.to_ms };
         if r.from_ms > to {

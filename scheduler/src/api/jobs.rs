@@ -9,8 +9,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, invalid, job_to_pb, may_access, parse_job_id, propose_status, rejection_status};
-use crate::replica::now_ms;
-use crate::state::{Event, JobKind, JobSpec, Op, Principal, validate_spec};
+use crate::replica::{ProposeError, now_ms};
+use crate::state::{Event, JobKind, JobSpec, Op, Principal, Rejection, validate_spec};
 
 pub struct Jobs(pub Ctx);
 
@@ -84,12 +84,49 @@ impl JobService for Jobs {
             time_limit_ms: r.time_limit_ms,
         };
         validate_spec(&spec).map_err(rejection_status)?;
-        let id = uuid::Uuid::new_v4();
-        self.0
+        let retry = !r.request_id.trim().is_empty();
+        let id = if retry {
+            parse_job_id("request_id", &r.request_id)?
+        } else {
+            uuid::Uuid::new_v4()
+        };
+        let submitted = self
+            .0
             .replica
-            .propose(Op::SubmitJob { id, member, spec })
-            .await
-            .map_err(propose_status)?;
+            .propose(Op::SubmitJob {
+                id,
+                member: member.clone(),
+                spec: spec.clone(),
+            })
+            .await;
+        if retry
+            && matches!(
+                submitted,
+                Err(ProposeError::Rejected(Rejection::AlreadyExists(_)))
+            )
+        {
+            // The first attempt may have been applied on the leader only yet.
+            self.0.current().await?;
+        }
+        match submitted {
+            Ok(_) => {}
+            // The same request sent again: its job, not a second one.
+            Err(ProposeError::Rejected(Rejection::AlreadyExists(_)))
+                if retry
+                    && self
+                        .0
+                        .replica
+                        .read()
+                        .jobs
+                        .get(&id)
+                        .is_some_and(|j| j.member == member && j.spec == spec) => {}
+            Err(ProposeError::Rejected(Rejection::AlreadyExists(_))) if retry => {
+                return Err(Status::already_exists(format!(
+                    "request_id: {id} was used for a different submission"
+                )));
+            }
+            Err(e) => return Err(propose_status(e)),
+        }
         self.0.registry.wake_scheduler();
         Ok(Response::new(pb::SubmitJobResponse {
             job: Some(self.visible(&who, id)?),
@@ -102,6 +139,7 @@ impl JobService for Jobs {
     ) -> Result<Response<pb::GetJobResponse>, Status> {
         let who = self.0.principal(&req)?;
         let id = parse_job_id("id", &req.get_ref().id)?;
+        self.0.current().await?;
         Ok(Response::new(pb::GetJobResponse {
             job: Some(self.visible(&who, id)?),
         }))
@@ -112,6 +150,7 @@ impl JobService for Jobs {
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let who = self.0.principal(&req)?;
+        self.0.current().await?;
         let r = req.into_inner();
         let mut states = Vec::new();
         for s in &r.states {
@@ -240,6 +279,7 @@ impl JobService for Jobs {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = self.0.principal(&req)?;
         let id = parse_job_id("id", &req.get_ref().id)?;
+        self.0.current().await?;
         // Subscribe before the first read so that no change falls in between.
         let mut events = self.0.replica.subscribe();
         let first = self.visible(&who, id)?;

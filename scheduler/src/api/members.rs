@@ -52,6 +52,7 @@ impl MemberService for Members {
         req: Request<pb::ListMembersRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
         self.0.operator(&req)?;
+        self.0.current().await?;
         let state = self.0.replica.read();
         Ok(Response::new(pb::ListMembersResponse {
             members: state

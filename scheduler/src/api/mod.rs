@@ -49,6 +49,25 @@ impl Ctx {
             .ok_or_else(|| Status::unauthenticated("unknown token"))
     }
 
+    /// Waits until this node has applied every acknowledged write (ReadIndex),
+    /// so that what it answers next is current, on a follower too.
+    pub async fn current(&self) -> Result<(), Status> {
+        self.replica.read_current().await.map_err(propose_status)
+    }
+
+    /// Agents talk to the leader only (it alone schedules and watches them):
+    /// elsewhere they are told where it is.
+    pub fn leader_only(&self) -> Result<(), Status> {
+        let view = self.replica.view().borrow().clone();
+        if view.is_leader() {
+            Ok(())
+        } else {
+            Err(propose_status(ProposeError::NotLeader(
+                view.leader_address(),
+            )))
+        }
+    }
+
     pub fn operator<T>(&self, req: &Request<T>) -> Result<(), Status> {
         match self.principal(req)? {
             Principal::Operator => Ok(()),
@@ -68,10 +87,22 @@ pub fn rejection_status(r: Rejection) -> Status {
     }
 }
 
+/// Metadata naming the leader's address on an UNAVAILABLE answer.
+pub const LEADER_HEADER: &str = "x-coop-leader";
+
 pub fn propose_status(e: ProposeError) -> Status {
     match e {
         ProposeError::Rejected(r) => rejection_status(r),
         ProposeError::Unavailable(m) => Status::unavailable(m),
+        ProposeError::NotLeader(leader) => {
+            let mut s = Status::unavailable(ProposeError::NotLeader(leader.clone()).to_string());
+            if let Some(l) = leader
+                && let Ok(v) = l.parse()
+            {
+                s.metadata_mut().insert(LEADER_HEADER, v);
+            }
+            s
+        }
     }
 }
 

@@ -74,6 +74,7 @@ impl PolicyService for Policies {
         req: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::Policy>, Status> {
         self.0.principal(&req)?;
+        self.0.current().await?;
         Ok(Response::new(policy_to_pb(&self.0.replica.read())))
     }
 
@@ -158,6 +159,7 @@ impl PolicyService for Policies {
         req: Request<pb::ListProposalsRequest>,
     ) -> Result<Response<pb::ListProposalsResponse>, Status> {
         self.0.principal(&req)?;
+        self.0.current().await?;
         let now = now_ms();
         let state = self.0.replica.read();
         Ok(Response::new(pb::ListProposalsResponse {

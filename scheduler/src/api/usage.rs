@@ -30,6 +30,7 @@ impl UsageService for Usage {
         let who = self.0.principal(&req)?;
         let r = req.into_inner();
         let only = readable_member(&who, &r.member)?;
+        self.0.current().await?;
         let now = now_ms();
         let from = r.from_ms.max(0);
         let to = if r.to_ms == 0 { now } else { r.to_ms };
@@ -71,6 +72,7 @@ impl UsageService for Usage {
     ) -> Result<Response<pb::MemberStatement>, Status> {
         let who = self.0.principal(&req)?;
         let r = req.into_inner();
+        self.0.current().await?;
         let member = readable_member(&who, &r.member)?
             .ok_or_else(|| invalid("member", "name the member the statement is for"))?;
         if r.from_ms <= 0 || r.to_ms <= r.from_ms {
@@ -110,6 +112,7 @@ impl UsageService for Usage {
     ) -> Result<Response<pb::FairShareResponse>, Status> {
         let who = self.0.principal(&req)?;
         let only = readable_member(&who, &req.into_inner().member)?;
+        self.0.current().await?;
         let now = now_ms();
         let state = self.0.replica.read();
         check_member(&state, &only)?;

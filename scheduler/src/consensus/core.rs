@@ -1,0 +1,564 @@
+//! One raft node around the scheduler's state machine, with no I/O.
+//!
+//! The shell (a tokio task with SQLite and tonic, or the deterministic
+//! simulation) feeds it ticks, peer messages and proposals, then drains it in
+//! two steps that follow raft-rs's Ready protocol:
+//!
+//! 1. [`Core::ready`] hands out the messages that may go at once, applies a
+//!    received snapshot and the newly committed entries, and stages what must be
+//!    made durable ([`Persist`]);
+//! 2. after the shell has written that in one transaction, [`Core::persisted`]
+//!    releases the messages that had to wait for it, advances raft and applies
+//!    what became committed meanwhile.
+//!
+//! A proposal is answered only when its entry is applied, with apply's result. A
+//! proposal's entry is recognised by (index, term): by raft's log matching, no
+//! other entry can hold both, so a different entry at that index means ours was
+//! never committed and the caller may safely retry.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot};
+use raft::{RawNode, StateRole, Storage};
+use serde::{Deserialize, Serialize};
+
+use super::log::Log;
+use crate::state::{Command, Event, Op, Rejection, State};
+
+/// What a snapshot holds besides raft's metadata.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SnapshotData {
+    pub state: State,
+    /// Addresses of the scheduler nodes, by raft id.
+    pub peers: BTreeMap<u64, String>,
+}
+
+/// The context of a membership change entry: the node's address.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfContext {
+    pub id: u64,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not the leader")]
+pub struct NotLeader {
+    /// The leader this node knows of, if any.
+    pub leader: Option<u64>,
+}
+
+/// What must be durable before [`Core::persisted`].
+#[derive(Debug, Default)]
+pub struct Persist {
+    /// A snapshot to store. With `replace_log`, it came from the leader and
+    /// replaces the whole log; otherwise it is ours and drops the entries it covers.
+    pub snapshot: Option<Snapshot>,
+    pub replace_log: bool,
+    /// Entries to append; any stored entry at or after the first one's index goes.
+    pub entries: Vec<Entry>,
+    pub hard_state: Option<HardState>,
+    pub conf_state: Option<ConfState>,
+}
+
+impl Persist {
+    pub fn is_empty(&self) -> bool {
+        self.snapshot.is_none()
+            && self.entries.is_empty()
+            && self.hard_state.is_none()
+            && self.conf_state.is_none()
+    }
+}
+
+pub type ApplyResult = Result<Vec<Event>, Rejection>;
+
+/// What the shell acts on after a step.
+#[derive(Debug, Default)]
+pub struct Done {
+    /// Messages for peers.
+    pub messages: Vec<Message>,
+    /// Proposals whose entries were applied, with the result.
+    pub results: Vec<(u64, ApplyResult)>,
+    /// Proposals whose entries were replaced: they were never committed.
+    pub dropped: Vec<u64>,
+    /// ReadIndex requests answered: the index the reader must wait for.
+    pub reads: Vec<(u64, u64)>,
+    /// What changed, for watchers.
+    pub events: Vec<Event>,
+}
+
+pub struct Staged {
+    ready: Option<raft::Ready>,
+    /// Send these now (they need nothing durable).
+    pub messages: Vec<Message>,
+    /// Write this in one transaction, then call [`Core::persisted`].
+    pub persist: Persist,
+    done: Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub role: &'static str,
+    pub term: u64,
+    pub leader: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub last_index: u64,
+    pub snapshot_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
+pub struct Core {
+    raw: RawNode<Log>,
+    state: Arc<RwLock<State>>,
+    peers: BTreeMap<u64, String>,
+    applied: u64,
+    /// The latest command time seen: stamps never go backwards.
+    last_at_ms: i64,
+    snapshot_every: u64,
+    /// Our proposals by log index: (token, term).
+    proposals: BTreeMap<u64, (u64, u64)>,
+    /// A snapshot we took that is not durable yet.
+    own_snapshot: Option<Snapshot>,
+    /// The commit index moved outside a Ready; stored with the next write.
+    commit_dirty: bool,
+    /// The conf state as last handed out to be stored.
+    durable_cs: ConfState,
+}
+
+/// Raft timing in ticks, and how often to snapshot.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub election_ticks: usize,
+    /// Randomised election timeouts fall in [min, max).
+    pub min_election_ticks: usize,
+    pub max_election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub snapshot_every: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            election_ticks: 10,
+            min_election_ticks: 10,
+            max_election_ticks: 20,
+            heartbeat_ticks: 2,
+            snapshot_every: 10_000,
+        }
+    }
+}
+
+impl Core {
+    /// A node over `log` (loaded from disk, or fresh). `peers` seeds the address
+    /// book; a snapshot's own book takes over where one exists.
+    pub fn new(
+        id: u64,
+        log: Log,
+        peers: BTreeMap<u64, String>,
+        state: Arc<RwLock<State>>,
+        timing: &Timing,
+        logger: &slog::Logger,
+    ) -> anyhow::Result<Self> {
+        let mut peers = peers;
+        let mut restored = State::default();
+        let applied = log.snapshot_index();
+        if !log.snapshot.data.is_empty() {
+            let data: SnapshotData = serde_json::from_slice(&log.snapshot.data)?;
+            restored = data.state;
+            peers.extend(data.peers);
+        }
+        *state.write().unwrap_or_else(|e| e.into_inner()) = restored;
+        let config = raft::Config {
+            id,
+            election_tick: timing.election_ticks,
+            min_election_tick: timing.min_election_ticks,
+            max_election_tick: timing.max_election_ticks,
+            heartbeat_tick: timing.heartbeat_ticks,
+            applied,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            // A leader cut off from a quorum steps down, so two nodes never both
+            // believe they schedule; pre-vote keeps a rejoining node from
+            // deposing a healthy leader.
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        config.validate()?;
+        let durable_cs = log.conf_state.clone();
+        let raw = RawNode::new(&config, log, logger)?;
+        Ok(Self {
+            raw,
+            state,
+            peers,
+            applied,
+            last_at_ms: 0,
+            snapshot_every: timing.snapshot_every.max(1),
+            proposals: BTreeMap::new(),
+            own_snapshot: None,
+            commit_dirty: false,
+            durable_cs,
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.raw.raft.id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn leader(&self) -> Option<u64> {
+        Some(self.raw.raft.leader_id).filter(|&l| l != raft::INVALID_ID)
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn peers(&self) -> &BTreeMap<u64, String> {
+        &self.peers
+    }
+
+    /// Learns a peer's address from a message it sent (a node joining the
+    /// cluster hears from the leader before it has the address book).
+    pub fn learn_peer(&mut self, id: u64, address: &str) {
+        if !address.is_empty() && id != self.id() {
+            self.peers.insert(id, address.to_string());
+        }
+    }
+
+    pub fn log(&self) -> &Log {
+        self.raw.store()
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let role = match self.raw.raft.state {
+            StateRole::Leader => "leader",
+            StateRole::Follower => "follower",
+            StateRole::Candidate => "candidate",
+            StateRole::PreCandidate => "pre-candidate",
+        };
+        let cs = &self.raw.store().conf_state;
+        NodeStatus {
+            id: self.id(),
+            role,
+            term: self.term(),
+            leader: self.raw.raft.leader_id,
+            commit: self.raw.raft.raft_log.committed,
+            applied: self.applied,
+            last_index: self.raw.raft.raft_log.last_index(),
+            snapshot_index: self.raw.store().snapshot_index(),
+            voters: cs.voters.clone(),
+            learners: cs.learners.clone(),
+        }
+    }
+
+    /// How far each peer's log matches the leader's (leader only).
+    pub fn progress(&self) -> BTreeMap<u64, u64> {
+        if !self.is_leader() {
+            return BTreeMap::new();
+        }
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, pr)| (*id, pr.matched))
+            .collect()
+    }
+
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    pub fn step(&mut self, mut msg: Message) -> raft::Result<()> {
+        // A node whose disk was wiped hears the old commit index in heartbeats;
+        // raft-rs panics on a commit beyond the log. Clamped, the node answers,
+        // the leader probes back to the start of its log and sends a snapshot.
+        if msg.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat {
+            msg.commit = msg.commit.min(self.raw.raft.raft_log.last_index());
+        }
+        self.raw.step(msg)
+    }
+
+    pub fn report_unreachable(&mut self, id: u64) {
+        self.raw.report_unreachable(id);
+    }
+
+    pub fn report_snapshot(&mut self, id: u64, delivered: bool) {
+        let status = if delivered {
+            raft::SnapshotStatus::Finish
+        } else {
+            raft::SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(id, status);
+    }
+
+    pub fn campaign(&mut self) -> raft::Result<()> {
+        self.raw.campaign()
+    }
+
+    /// Appends `op`, stamped with the leader's clock, to the log.
+    pub fn propose(&mut self, token: u64, op: Op, now_ms: i64) -> Result<(), NotLeader> {
+        self.check_leader()?;
+        let at_ms = now_ms.max(self.last_at_ms);
+        let data = serde_json::to_vec(&Command { at_ms, op }).expect("commands serialise");
+        self.raw
+            .propose(vec![], data)
+            .map_err(|_| self.not_leader())?;
+        self.last_at_ms = at_ms;
+        self.track(token);
+        Ok(())
+    }
+
+    pub fn propose_conf_change(&mut self, token: u64, cc: ConfChangeV2) -> Result<(), raft::Error> {
+        if !self.is_leader() {
+            return Err(raft::Error::ProposalDropped);
+        }
+        self.raw.propose_conf_change(vec![], cc)?;
+        self.track(token);
+        Ok(())
+    }
+
+    /// Asks for the commit index a read must wait for to see every write
+    /// acknowledged before it (answered in [`Done::reads`]).
+    pub fn read_index(&mut self, token: u64) {
+        self.raw.read_index(token.to_be_bytes().to_vec());
+    }
+
+    fn track(&mut self, token: u64) {
+        let index = self.raw.raft.raft_log.last_index();
+        self.proposals.insert(index, (token, self.term()));
+    }
+
+    fn check_leader(&self) -> Result<(), NotLeader> {
+        if self.is_leader() {
+            Ok(())
+        } else {
+            Err(self.not_leader())
+        }
+    }
+
+    fn not_leader(&self) -> NotLeader {
+        NotLeader {
+            leader: self.leader().filter(|&l| l != self.id()),
+        }
+    }
+
+    /// The first half of handling a Ready; `None` when there is nothing to do.
+    pub fn ready(&mut self) -> Option<Staged> {
+        let cs_dirty = self.raw.store().conf_state != self.durable_cs;
+        if !self.raw.has_ready() && self.own_snapshot.is_none() && !cs_dirty {
+            return None;
+        }
+        let mut staged = Staged {
+            ready: None,
+            messages: vec![],
+            persist: Persist::default(),
+            done: Done::default(),
+        };
+        if let Some(snap) = self.own_snapshot.take() {
+            staged.persist.snapshot = Some(snap);
+            // Stored with it: a restart must not find a commit index behind
+            // its snapshot (raft-rs refuses to start on that).
+            staged.persist.hard_state = Some(self.raw.store().hard_state.clone());
+        }
+        if !self.raw.has_ready() {
+            self.stage_conf_state(&mut staged.persist);
+            return Some(staged);
+        }
+        let mut rd = self.raw.ready();
+        staged.messages = rd.take_messages();
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.restore(&snap);
+            self.raw.mut_store().install(snap.clone());
+            staged.persist.snapshot = Some(snap);
+            staged.persist.replace_log = true;
+        }
+        let committed = rd.take_committed_entries();
+        self.apply_entries(committed, &mut staged.done);
+        if !rd.entries().is_empty() {
+            self.raw.mut_store().append(rd.entries());
+            staged.persist.entries = rd.take_entries();
+        }
+        if let Some(hs) = rd.hs() {
+            self.raw.mut_store().hard_state = hs.clone();
+        }
+        if rd.hs().is_some() || self.commit_dirty || staged.persist.hard_state.is_some() {
+            staged.persist.hard_state = Some(self.raw.store().hard_state.clone());
+            self.commit_dirty = false;
+        }
+        for rs in rd.take_read_states() {
+            if let Ok(bytes) = <[u8; 8]>::try_from(&rs.request_ctx[..]) {
+                staged
+                    .done
+                    .reads
+                    .push((u64::from_be_bytes(bytes), rs.index));
+            }
+        }
+        self.stage_conf_state(&mut staged.persist);
+        staged.ready = Some(rd);
+        Some(staged)
+    }
+
+    /// The second half: `staged.persist` is durable now.
+    pub fn persisted(&mut self, staged: Staged) -> Done {
+        let Staged {
+            ready, mut done, ..
+        } = staged;
+        if let Some(mut rd) = ready {
+            done.messages.extend(rd.take_persisted_messages());
+            let mut light = self.raw.advance(rd);
+            if let Some(commit) = light.commit_index() {
+                self.raw.mut_store().hard_state.set_commit(commit);
+                self.commit_dirty = true;
+            }
+            done.messages.extend(light.take_messages());
+            // A conf change applied here is stored by the next `ready`.
+            self.apply_entries(light.take_committed_entries(), &mut done);
+            self.raw.advance_apply();
+        }
+        self.maybe_snapshot();
+        done
+    }
+
+    fn stage_conf_state(&mut self, persist: &mut Persist) {
+        let cs = &self.raw.store().conf_state;
+        if *cs != self.durable_cs {
+            persist.conf_state = Some(cs.clone());
+            self.durable_cs = cs.clone();
+        }
+    }
+
+    fn restore(&mut self, snap: &Snapshot) {
+        match serde_json::from_slice::<SnapshotData>(&snap.data) {
+            Ok(data) => {
+                *self.state.write().unwrap_or_else(|e| e.into_inner()) = data.state;
+                self.peers.extend(data.peers);
+            }
+            // A snapshot we cannot read is a bug on the sender's side; keeping
+            // the old state would diverge silently, so stop loudly.
+            Err(e) => panic!("undecodable snapshot at {}: {e}", snap.get_metadata().index),
+        }
+        self.applied = snap.get_metadata().index;
+        self.proposals.retain(|&i, _| i > self.applied);
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>, done: &mut Done) {
+        if entries.is_empty() {
+            return;
+        }
+        let shared = self.state.clone();
+        let mut state = shared.write().unwrap_or_else(|e| e.into_inner());
+        for entry in entries {
+            if entry.index <= self.applied {
+                continue;
+            }
+            let result = match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => Ok(vec![]),
+                EntryType::EntryNormal => match serde_json::from_slice::<Command>(&entry.data) {
+                    Ok(cmd) => {
+                        self.last_at_ms = self.last_at_ms.max(cmd.at_ms);
+                        state.apply(&cmd)
+                    }
+                    Err(e) => Err(Rejection::FailedPrecondition(format!(
+                        "undecodable log entry {}: {e}",
+                        entry.index
+                    ))),
+                },
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_conf_change(&entry)
+                }
+            };
+            self.applied = entry.index;
+            if let Ok(events) = &result {
+                done.events.extend(events.iter().cloned());
+            }
+            // Our earlier proposals at indexes passed over can no longer commit.
+            while let Some((&index, &(token, term))) = self.proposals.first_key_value() {
+                if index > entry.index {
+                    break;
+                }
+                self.proposals.pop_first();
+                if index == entry.index && term == entry.term {
+                    done.results.push((token, result.clone()));
+                } else {
+                    done.dropped.push(token);
+                }
+            }
+        }
+    }
+
+    fn apply_conf_change(&mut self, entry: &Entry) -> ApplyResult {
+        // This node proposes only V2 changes (they can join several at once).
+        if entry.get_entry_type() != EntryType::EntryConfChangeV2 {
+            return Err(Rejection::FailedPrecondition(
+                "a version 1 membership change; only version 2 is proposed here".into(),
+            ));
+        }
+        let mut cc = ConfChangeV2::default();
+        cc.merge_from_bytes(&entry.data)
+            .map_err(|e| Rejection::FailedPrecondition(e.to_string()))?;
+        let cs = self
+            .raw
+            .apply_conf_change(&cc)
+            .map_err(|e| Rejection::FailedPrecondition(e.to_string()))?;
+        if let Ok(ctx) = serde_json::from_slice::<Vec<ConfContext>>(&cc.context) {
+            for c in ctx {
+                if cs.voters.contains(&c.id) || cs.learners.contains(&c.id) {
+                    self.peers.insert(c.id, c.address);
+                } else {
+                    self.peers.remove(&c.id);
+                }
+            }
+        }
+        self.raw.mut_store().conf_state = cs;
+        Ok(vec![])
+    }
+
+    /// Snapshots the applied state every `snapshot_every` entries; the log up to
+    /// it is dropped once the snapshot is durable.
+    fn maybe_snapshot(&mut self) {
+        let log = self.raw.store();
+        if self.applied < log.snapshot_index() + self.snapshot_every {
+            return;
+        }
+        let Ok(term) = log.term(self.applied) else {
+            return;
+        };
+        let data = {
+            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            serde_json::to_vec(&SnapshotDataRef {
+                state: &state,
+                peers: &self.peers,
+            })
+            .expect("state serialises")
+        };
+        let mut snap = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
+        let meta = snap.mut_metadata();
+        meta.index = self.applied;
+        meta.term = term;
+        meta.set_conf_state(log.conf_state.clone());
+        self.raw.mut_store().compact(snap.clone());
+        self.own_snapshot = Some(snap);
+    }
+}
+
+#[derive(Serialize)]
+struct SnapshotDataRef<'a> {
+    state: &'a State,
+    peers: &'a BTreeMap<u64, String>,
+}

@@ -1,0 +1,34 @@
+//! Raft replication of the state machine (raft-rs): the in-memory log raft
+//! reads (`log`), the pure node around the state machine (`core`), the log on
+//! disk (`disk`), the messages between nodes (`transport`, `service`).
+
+pub mod core;
+pub mod disk;
+pub mod log;
+pub mod service;
+pub mod transport;
+
+/// Metadata key carrying the shared secret of the scheduler nodes.
+pub const PEER_TOKEN_HEADER: &str = "x-coop-peer-token";
+
+/// Sends raft-rs's slog records to `tracing`.
+pub struct TracingDrain;
+
+impl slog::Drain for TracingDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, record: &slog::Record, _: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        match record.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", "{}", record.msg())
+            }
+            slog::Level::Warning => tracing::warn!(target: "raft", "{}", record.msg()),
+            // raft-rs logs every election step at info: detail for operators.
+            slog::Level::Info | slog::Level::Debug | slog::Level::Trace => {
+                tracing::debug!(target: "raft", "{}", record.msg())
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,222 @@
+//! Raft messages between scheduler nodes over tonic: one sender task per peer,
+//! a bounded queue in front of it, reconnects with back-off.
+//!
+//! A full queue or a failed call drops messages: raft retransmits what matters,
+//! and hearing that a peer is unreachable lets it slow down instead of piling up.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use coop_proto::v1 as pb;
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+/// Messages waiting for one peer; beyond this they are dropped.
+const QUEUE: usize = 4096;
+/// Messages sent in one call.
+const BATCH: usize = 256;
+/// Snapshots are whole-state; they must not be cut by gRPC's 4 MiB default.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+/// What the node loop hears back from senders.
+#[derive(Debug)]
+pub enum Feedback {
+    Unreachable(u64),
+    SnapshotFailed(u64),
+    /// Delivered: the leader resumes replicating after it.
+    SnapshotSent(u64),
+}
+
+pub struct Transport {
+    from: u64,
+    from_address: String,
+    token: Option<String>,
+    peers: HashMap<u64, Peer>,
+    feedback: mpsc::UnboundedSender<Feedback>,
+}
+
+struct Peer {
+    address: String,
+    tx: mpsc::Sender<Message>,
+}
+
+impl Transport {
+    pub fn new(
+        from: u64,
+        from_address: String,
+        token: Option<String>,
+        feedback: mpsc::UnboundedSender<Feedback>,
+    ) -> Self {
+        Self {
+            from,
+            from_address,
+            token,
+            peers: HashMap::new(),
+            feedback,
+        }
+    }
+
+    /// Queues `msgs`; `address` tells where each peer is.
+    pub fn send(&mut self, msgs: Vec<Message>, address: impl Fn(u64) -> Option<String>) {
+        for msg in msgs {
+            let to = msg.to;
+            let Some(addr) = address(to) else {
+                tracing::debug!("no address for raft peer {to}; message dropped");
+                continue;
+            };
+            let peer = self
+                .peers
+                .entry(to)
+                .and_modify(|p| {
+                    if p.address != addr {
+                        *p = spawn_peer(
+                            self.from,
+                            &self.from_address,
+                            &self.token,
+                            to,
+                            &addr,
+                            &self.feedback,
+                        );
+                    }
+                })
+                .or_insert_with(|| {
+                    spawn_peer(
+                        self.from,
+                        &self.from_address,
+                        &self.token,
+                        to,
+                        &addr,
+                        &self.feedback,
+                    )
+                });
+            let snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
+            if peer.tx.try_send(msg).is_err() {
+                let _ = self.feedback.send(Feedback::Unreachable(to));
+                if snapshot {
+                    let _ = self.feedback.send(Feedback::SnapshotFailed(to));
+                }
+            }
+        }
+    }
+
+    /// Forgets peers no longer in the cluster (their sender tasks end).
+    pub fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        self.peers.retain(|id, _| keep(*id));
+    }
+}
+
+fn spawn_peer(
+    from: u64,
+    from_address: &str,
+    token: &Option<String>,
+    to: u64,
+    address: &str,
+    feedback: &mpsc::UnboundedSender<Feedback>,
+) -> Peer {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let sender = Sender {
+        from,
+        from_address: from_address.to_string(),
+        token: token.clone(),
+        to,
+        address: address.to_string(),
+        feedback: feedback.clone(),
+    };
+    tokio::spawn(sender.run(rx));
+    Peer {
+        address: address.to_string(),
+        tx,
+    }
+}
+
+struct Sender {
+    from: u64,
+    from_address: String,
+    token: Option<String>,
+    to: u64,
+    address: String,
+    feedback: mpsc::UnboundedSender<Feedback>,
+}
+
+/// `host:port` or a URL into a URL.
+pub fn normalize(address: &str) -> String {
+    let address = address.trim();
+    if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    }
+}
+
+pub fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(normalize(address))?
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true))
+}
+
+pub fn client(channel: Channel) -> pb::raft_service_client::RaftServiceClient<Channel> {
+    pb::raft_service_client::RaftServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Attaches the peer credential to a raft-service request.
+pub fn request<T>(body: T, token: &Option<String>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(body);
+    if let Some(t) = token
+        && let Ok(v) = t.parse()
+    {
+        req.metadata_mut().insert(super::PEER_TOKEN_HEADER, v);
+    }
+    req
+}
+
+impl Sender {
+    async fn run(self, mut rx: mpsc::Receiver<Message>) {
+        let mut conn = None;
+        let mut backoff = Duration::from_millis(50);
+        let mut batch = Vec::with_capacity(BATCH);
+        while rx.recv_many(&mut batch, BATCH).await > 0 {
+            let snapshot = batch
+                .iter()
+                .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+            let messages = batch
+                .drain(..)
+                .filter_map(|m| m.write_to_bytes().ok())
+                .collect();
+            let body = pb::RaftBatch {
+                from: self.from,
+                from_address: self.from_address.clone(),
+                messages,
+            };
+            if conn.is_none() {
+                conn = match endpoint(&self.address) {
+                    Ok(ep) => ep.connect().await.ok().map(client),
+                    Err(_) => None,
+                };
+            }
+            let sent = match conn.as_mut() {
+                Some(c) => c.send(request(body, &self.token)).await.is_ok(),
+                None => false,
+            };
+            if sent {
+                if snapshot {
+                    let _ = self.feedback.send(Feedback::SnapshotSent(self.to));
+                }
+                backoff = Duration::from_millis(50);
+                continue;
+            }
+            conn = None;
+            let _ = self.feedback.send(Feedback::Unreachable(self.to));
+            if snapshot {
+                let _ = self.feedback.send(Feedback::SnapshotFailed(self.to));
+            }
+            // What queued up meanwhile is stale; raft will resend what it needs.
+            while rx.try_recv().is_ok() {}
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
