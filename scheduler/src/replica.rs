@@ -576,39 +576,48 @@ impl Node {
         while let Some(mut staged) = self.core.ready() {
             let now = std::mem::take(&mut staged.messages);
             self.send(now);
+            // Committed entries are durable on a quorum already: answer their
+            // proposers without waiting for this node's own write.
+            let early = std::mem::take(&mut staged.done);
+            self.finish(early);
             if !staged.persist.is_empty() {
                 let _timer = crate::metrics::RAFT_PERSIST_SECONDS.start_timer();
                 self.disk.persist(&staged.persist).await?;
             }
             let done = self.core.persisted(staged);
-            self.send(done.messages);
-            // Before anyone is answered, so that what they read next is current.
-            self.publish();
-            self.applied.send_if_modified(|a| {
-                let changed = *a != self.core.applied();
-                *a = self.core.applied();
-                changed
-            });
-            for e in done.events {
-                let _ = self.events.send(e);
-            }
-            for (token, result) in done.results {
-                if let Some(r) = self.proposals.remove(&token) {
-                    let _ = r.send(result.map_err(ProposeError::from));
-                }
-            }
-            for token in done.dropped {
-                if let Some(r) = self.proposals.remove(&token) {
-                    let _ = r.send(Err(ProposeError::NotLeader(None)));
-                }
-            }
-            for (token, index) in done.reads {
-                if let Some(r) = self.reads.remove(&token) {
-                    let _ = r.send(Ok(index));
-                }
-            }
+            self.finish(done);
         }
         Ok(())
+    }
+
+    /// Publishes what was applied and answers proposers and readers.
+    fn finish(&mut self, mut done: crate::consensus::core::Done) {
+        self.send(std::mem::take(&mut done.messages));
+        // Before anyone is answered, so that what they read next is current.
+        self.applied.send_if_modified(|a| {
+            let changed = *a != self.core.applied();
+            *a = self.core.applied();
+            changed
+        });
+        self.publish();
+        for e in done.events {
+            let _ = self.events.send(e);
+        }
+        for (token, result) in done.results {
+            if let Some(r) = self.proposals.remove(&token) {
+                let _ = r.send(result.map_err(ProposeError::from));
+            }
+        }
+        for token in done.dropped {
+            if let Some(r) = self.proposals.remove(&token) {
+                let _ = r.send(Err(ProposeError::NotLeader(None)));
+            }
+        }
+        for (token, index) in done.reads {
+            if let Some(r) = self.reads.remove(&token) {
+                let _ = r.send(Ok(index));
+            }
+        }
     }
 
     fn send(&mut self, msgs: Vec<Message>) {

@@ -11,7 +11,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::{Arc, RwLock};
 
-use coop_scheduler::consensus::core::{Core, Staged, Timing};
+use coop_scheduler::consensus::core::{Core, Done, Staged, Timing};
 use coop_scheduler::consensus::log::Log;
 use coop_scheduler::placement::plan;
 use coop_scheduler::state::{GpuInfo, JobId, JobKind, JobSpec, JobState, Op, RunReport, State};
@@ -419,6 +419,9 @@ impl Sim {
             };
             let now = std::mem::take(&mut staged.messages);
             self.send(now);
+            let early = std::mem::take(&mut staged.done);
+            let id = self.nodes[i].id;
+            self.finish(id, early);
             // A crash before the write is durable loses it, and all in memory.
             if self.faults && self.rng.random_bool(0.0005) {
                 self.crash(i);
@@ -427,22 +430,25 @@ impl Sim {
             let node = &mut self.nodes[i];
             node.disk.persist(&staged.persist);
             let done = node.core.as_mut().expect("live").persisted(staged);
-            let id = node.id;
-            self.send(done.messages);
-            for (token, result) in done.results {
-                match self.pending.remove(&(id, token)) {
-                    Some(Pending::Submit(job)) if result.is_ok() => {
-                        self.acked.insert(job);
-                    }
-                    Some(Pending::Report(a, seq)) => {
-                        self.agents[a].outbox.retain(|(s, _)| *s != seq);
-                    }
-                    _ => {}
+            self.finish(id, done);
+        }
+    }
+
+    fn finish(&mut self, id: u64, done: Done) {
+        self.send(done.messages);
+        for (token, result) in done.results {
+            match self.pending.remove(&(id, token)) {
+                Some(Pending::Submit(job)) if result.is_ok() => {
+                    self.acked.insert(job);
                 }
+                Some(Pending::Report(a, seq)) => {
+                    self.agents[a].outbox.retain(|(s, _)| *s != seq);
+                }
+                _ => {}
             }
-            for token in done.dropped {
-                self.pending.remove(&(id, token));
-            }
+        }
+        for token in done.dropped {
+            self.pending.remove(&(id, token));
         }
     }
 

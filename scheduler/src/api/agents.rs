@@ -80,7 +80,7 @@ impl AgentService for Agents {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.0.operator(&req)?;
+        self.0.operator(&req).await?;
         self.0.leader_only()?;
         let r = req.into_inner();
         if !valid_name(&r.node) {
@@ -135,7 +135,7 @@ impl AgentService for Agents {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
-        self.0.operator(&req)?;
+        self.0.operator(&req).await?;
         self.0.leader_only()?;
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {

@@ -106,7 +106,7 @@ impl ClusterService for Cluster {
         &self,
         req: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::AddNodeResponse>, Status> {
-        self.0.operator(&req)?;
+        self.0.operator(&req).await?;
         let r = req.into_inner();
         if r.id == 0 {
             return Err(invalid("id", "must be a positive integer"));
@@ -133,7 +133,7 @@ impl ClusterService for Cluster {
         &self,
         req: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
-        self.0.operator(&req)?;
+        self.0.operator(&req).await?;
         let id = req.into_inner().id;
         if !self.0.replica.view().borrow().peers.contains_key(&id) {
             return Err(Status::not_found(format!(
@@ -148,7 +148,7 @@ impl ClusterService for Cluster {
         &self,
         req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        self.0.principal(&req)?;
+        self.0.principal(&req).await?;
         let schedulers = self.schedulers().await;
         let state = self.0.replica.read();
         let nodes = self.nodes(&state);
@@ -169,7 +169,7 @@ impl ClusterService for Cluster {
         &self,
         req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        self.0.principal(&req)?;
+        self.0.principal(&req).await?;
         self.0.current().await?;
         let state = self.0.replica.read();
         Ok(Response::new(pb::ListNodesResponse {

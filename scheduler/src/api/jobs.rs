@@ -41,7 +41,7 @@ impl JobService for Jobs {
         &self,
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let who = self.0.principal(&req)?;
+        let who = self.0.principal(&req).await?;
         let r = req.into_inner();
         let kind = match pb::JobKind::try_from(r.kind) {
             Ok(pb::JobKind::Finetune) => JobKind::Finetune,
@@ -137,7 +137,7 @@ impl JobService for Jobs {
         &self,
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
-        let who = self.0.principal(&req)?;
+        let who = self.0.principal(&req).await?;
         let id = parse_job_id("id", &req.get_ref().id)?;
         self.0.current().await?;
         Ok(Response::new(pb::GetJobResponse {
@@ -149,7 +149,7 @@ impl JobService for Jobs {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let who = self.0.principal(&req)?;
+        let who = self.0.principal(&req).await?;
         self.0.current().await?;
         let r = req.into_inner();
         let mut states = Vec::new();
@@ -196,7 +196,7 @@ impl JobService for Jobs {
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        let who = self.0.principal(&req)?;
+        let who = self.0.principal(&req).await?;
         let id = parse_job_id("id", &req.get_ref().id)?;
         self.visible(&who, id)?;
         self.0
@@ -213,7 +213,7 @@ impl JobService for Jobs {
         &self,
         req: Request<pb::JobLogsRequest>,
     ) -> Result<Response<pb::JobLogsResponse>, Status> {
-        let who = self.0.principal(&req)?;
+        let who = self.0.principal(&req).await?;
         let r = req.into_inner();
         let id = parse_job_id("id", &r.id)?;
         let job = self.visible(&who, id)?;
@@ -277,7 +277,7 @@ impl JobService for Jobs {
         &self,
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let who = self.0.principal(&req)?;
+        let who = self.0.principal(&req).await?;
         let id = parse_job_id("id", &req.get_ref().id)?;
         self.0.current().await?;
         // Subscribe before the first read so that no change falls in between.

@@ -15,7 +15,7 @@ impl MemberService for Members {
         &self,
         req: Request<pb::AddMemberRequest>,
     ) -> Result<Response<pb::AddMemberResponse>, Status> {
-        self.0.operator(&req)?;
+        self.0.operator(&req).await?;
         let name = req.into_inner().name.trim().to_string();
         if !crate::state::valid_name(&name) {
             return Err(super::invalid(
@@ -51,7 +51,7 @@ impl MemberService for Members {
         &self,
         req: Request<pb::ListMembersRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
-        self.0.operator(&req)?;
+        self.0.operator(&req).await?;
         self.0.current().await?;
         let state = self.0.replica.read();
         Ok(Response::new(pb::ListMembersResponse {

@@ -30,8 +30,11 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// The caller's principal, from `authorization: Bearer <token>`.
-    pub fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+    /// The caller's principal, from `authorization: Bearer <token>`. A token
+    /// this node does not know yet may have been created on the leader a moment
+    /// ago (or this node is replaying its log after a restart): it catches up
+    /// before refusing.
+    pub async fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
         let header = req.metadata().get("authorization").ok_or_else(|| {
             Status::unauthenticated(
                 "no credential: send authorization: Bearer <token> (COOP_TOKEN)",
@@ -42,11 +45,13 @@ impl Ctx {
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))?;
-        self.replica
-            .read()
-            .principal(&hash_token(token.trim()))
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("unknown token"))
+        let hash = hash_token(token.trim());
+        let known = || self.replica.read().principal(&hash).cloned();
+        if let Some(p) = known() {
+            return Ok(p);
+        }
+        self.current().await?;
+        known().ok_or_else(|| Status::unauthenticated("unknown token"))
     }
 
     /// Waits until this node has applied every acknowledged write (ReadIndex),
@@ -68,8 +73,8 @@ impl Ctx {
         }
     }
 
-    pub fn operator<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        match self.principal(req)? {
+    pub async fn operator<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match self.principal(req).await? {
             Principal::Operator => Ok(()),
             Principal::Member(m) => Err(Status::permission_denied(format!(
                 "member {m} may not do this: operator only"

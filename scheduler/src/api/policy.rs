@@ -73,7 +73,7 @@ impl PolicyService for Policies {
         &self,
         req: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::Policy>, Status> {
-        self.0.principal(&req)?;
+        self.0.principal(&req).await?;
         self.0.current().await?;
         Ok(Response::new(policy_to_pb(&self.0.replica.read())))
     }
@@ -82,7 +82,7 @@ impl PolicyService for Policies {
         &self,
         req: Request<pb::SetPolicyRequest>,
     ) -> Result<Response<pb::Policy>, Status> {
-        self.0.operator(&req)?;
+        self.0.operator(&req).await?;
         let r = req.into_inner();
         let settings = parse_settings(&r.settings, &r.reason)?;
         self.0
@@ -102,7 +102,7 @@ impl PolicyService for Policies {
         &self,
         req: Request<pb::ProposePolicyRequest>,
     ) -> Result<Response<pb::PolicyProposal>, Status> {
-        let by = match self.0.principal(&req)? {
+        let by = match self.0.principal(&req).await? {
             Principal::Operator => "operator".to_string(),
             Principal::Member(m) => m,
         };
@@ -132,7 +132,7 @@ impl PolicyService for Policies {
         &self,
         req: Request<pb::ApprovePolicyRequest>,
     ) -> Result<Response<pb::PolicyProposal>, Status> {
-        let member = match self.0.principal(&req)? {
+        let member = match self.0.principal(&req).await? {
             Principal::Member(m) => m,
             Principal::Operator => {
                 return Err(Status::permission_denied(
@@ -158,7 +158,7 @@ impl PolicyService for Policies {
         &self,
         req: Request<pb::ListProposalsRequest>,
     ) -> Result<Response<pb::ListProposalsResponse>, Status> {
-        self.0.principal(&req)?;
+        self.0.principal(&req).await?;
         self.0.current().await?;
         let now = now_ms();
         let state = self.0.replica.read();

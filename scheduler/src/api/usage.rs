@@ -27,7 +27,7 @@ impl UsageService for Usage {
         &self,
         req: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
-        let who = self.0.principal(&req)?;
+        let who = self.0.principal(&req).await?;
         let r = req.into_inner();
         let only = readable_member(&who, &r.member)?;
         self.0.current().await?;
@@ -70,7 +70,7 @@ impl UsageService for Usage {
         &self,
         req: Request<pb::StatementRequest>,
     ) -> Result<Response<pb::MemberStatement>, Status> {
-        let who = self.0.principal(&req)?;
+        let who = self.0.principal(&req).await?;
         let r = req.into_inner();
         self.0.current().await?;
         let member = readable_member(&who, &r.member)?
@@ -110,7 +110,7 @@ impl UsageService for Usage {
         &self,
         req: Request<pb::FairShareRequest>,
     ) -> Result<Response<pb::FairShareResponse>, Status> {
-        let who = self.0.principal(&req)?;
+        let who = self.0.principal(&req).await?;
         let only = readable_member(&who, &req.into_inner().member)?;
         self.0.current().await?;
         let now = now_ms();

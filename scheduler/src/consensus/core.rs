@@ -94,7 +94,9 @@ pub struct Staged {
     pub messages: Vec<Message>,
     /// Write this in one transaction, then call [`Core::persisted`].
     pub persist: Persist,
-    done: Done,
+    /// Entries committed (durable on a quorum) and applied: their proposers
+    /// may be answered before `persist` is written.
+    pub done: Done,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -127,6 +129,8 @@ pub struct Core {
     commit_dirty: bool,
     /// The conf state as last handed out to be stored.
     durable_cs: ConfState,
+    /// The hard state as last handed out to be stored.
+    durable_hs: HardState,
 }
 
 /// Raft timing in ticks, and how often to snapshot.
@@ -190,6 +194,7 @@ impl Core {
         };
         config.validate()?;
         let durable_cs = log.conf_state.clone();
+        let durable_hs = log.hard_state.clone();
         let raw = RawNode::new(&config, log, logger)?;
         Ok(Self {
             raw,
@@ -202,6 +207,7 @@ impl Core {
             own_snapshot: None,
             commit_dirty: false,
             durable_cs,
+            durable_hs,
         })
     }
 
@@ -370,7 +376,9 @@ impl Core {
             staged.persist.snapshot = Some(snap);
             // Stored with it: a restart must not find a commit index behind
             // its snapshot (raft-rs refuses to start on that).
-            staged.persist.hard_state = Some(self.raw.store().hard_state.clone());
+            let hs = self.raw.store().hard_state.clone();
+            staged.persist.hard_state = Some(hs.clone());
+            self.durable_hs = hs;
         }
         if !self.raw.has_ready() {
             self.stage_conf_state(&mut staged.persist);
@@ -391,11 +399,20 @@ impl Core {
             self.raw.mut_store().append(rd.entries());
             staged.persist.entries = rd.take_entries();
         }
+        self.stage_conf_state(&mut staged.persist);
+        // Term and vote must be durable before anyone hears of them. The commit
+        // index alone needs no fsync of its own (raft learns it again after a
+        // restart): it rides along with the next write.
+        let mut must = staged.persist.hard_state.is_some();
         if let Some(hs) = rd.hs() {
+            must |= hs.term != self.durable_hs.term || hs.vote != self.durable_hs.vote;
+            self.commit_dirty |= hs.commit != self.durable_hs.commit;
             self.raw.mut_store().hard_state = hs.clone();
         }
-        if rd.hs().is_some() || self.commit_dirty || staged.persist.hard_state.is_some() {
-            staged.persist.hard_state = Some(self.raw.store().hard_state.clone());
+        if must || (self.commit_dirty && !staged.persist.is_empty()) {
+            let hs = self.raw.store().hard_state.clone();
+            staged.persist.hard_state = Some(hs.clone());
+            self.durable_hs = hs;
             self.commit_dirty = false;
         }
         for rs in rd.take_read_states() {
@@ -406,16 +423,14 @@ impl Core {
                     .push((u64::from_be_bytes(bytes), rs.index));
             }
         }
-        self.stage_conf_state(&mut staged.persist);
         staged.ready = Some(rd);
         Some(staged)
     }
 
     /// The second half: `staged.persist` is durable now.
     pub fn persisted(&mut self, staged: Staged) -> Done {
-        let Staged {
-            ready, mut done, ..
-        } = staged;
+        let Staged { ready, .. } = staged;
+        let mut done = Done::default();
         if let Some(mut rd) = ready {
             done.messages.extend(rd.take_persisted_messages());
             let mut light = self.raw.advance(rd);
