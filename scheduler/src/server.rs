@@ -249,6 +249,9 @@ impl Scheduler {
     }
 }
 
+/// The least time from the start of one scheduling pass to the next.
+const MIN_PASS_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Proposes the cluster's first command once a leader is elected (every node of
 /// a new cluster runs this; the first to lead wins, the others' are refused).
 async fn bootstrap_when_leader(replica: Replica, op: Op) {
@@ -286,6 +289,7 @@ async fn scheduling_loop(ctx: Ctx, mut shutdown: tokio::sync::watch::Receiver<bo
         if !leading(&ctx.replica, &mut shutdown).await {
             return;
         }
+        let pass_started = tokio::time::Instant::now();
         let (ops, waits): (Vec<Op>, Vec<(String, f64)>) = {
             let state = ctx.replica.read();
             let now = now_ms();
@@ -348,6 +352,13 @@ async fn scheduling_loop(ctx: Ctx, mut shutdown: tokio::sync::watch::Receiver<bo
         tokio::select! {
             _ = ctx.registry.scheduler_woken() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+        // A storm of submissions wakes the loop for each one; like Slurm's
+        // sched_min_interval, passes are spaced so that they cannot starve the
+        // log of CPU (what arrives meanwhile is taken by the next pass).
+        tokio::select! {
+            _ = tokio::time::sleep_until(pass_started + MIN_PASS_INTERVAL) => {}
             _ = shutdown.changed() => return,
         }
     }
