@@ -136,12 +136,18 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     eprintln!("try: coop job submit --gpus 2 -- sh -c 'echo $CUDA_VISIBLE_DEVICES; sleep 2'");
     eprintln!("stop with Ctrl-C");
 
-    stop_signal().await;
+    let failed = tokio::select! {
+        _ = stop_signal() => None,
+        why = scheduler.replica.failure() => Some(why),
+    };
     eprintln!("stopping: running jobs get SIGTERM, then SIGKILL after their grace period");
     let _ = stop_tx.send(true);
     let _ = agent_task.await;
     scheduler.stop().await;
-    Ok(())
+    match failed {
+        Some(why) => bail!("the raft log failed: {why}"),
+        None => Ok(()),
+    }
 }
 
 pub async fn scheduler(cmd: SchedulerCmd) -> anyhow::Result<()> {

@@ -114,6 +114,8 @@ pub struct Replica {
     view: watch::Receiver<View>,
     peer_token: Option<String>,
     leaders: Arc<tokio::sync::Mutex<HashMap<String, tonic::transport::Channel>>>,
+    /// Why the node loop stopped, if it failed.
+    failed: watch::Receiver<Option<String>>,
 }
 
 pub fn now_ms() -> i64 {
@@ -180,7 +182,12 @@ impl Replica {
             proposals: HashMap::new(),
             reads: HashMap::new(),
         };
-        tokio::spawn(node.run(rx, feedback, config.tick));
+        let (failed_tx, failed) = watch::channel(None);
+        tokio::spawn(async move {
+            if let Err(e) = node.run(rx, feedback, config.tick).await {
+                failed_tx.send_replace(Some(format!("{e:#}")));
+            }
+        });
         Ok(Self {
             id: config.id,
             state,
@@ -190,11 +197,23 @@ impl Replica {
             view,
             peer_token: config.peer_token,
             leaders: Default::default(),
+            failed,
         })
     }
 
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Resolves if the node loop fails (its log cannot be written): the
+    /// process should then exit rather than serve without a log.
+    pub async fn failure(&self) -> String {
+        let mut failed = self.failed.clone();
+        match failed.wait_for(Option::is_some).await {
+            Ok(f) => f.clone().unwrap_or_default(),
+            // The loop ended without failing (stopped): never resolves.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Stops the node loop and closes the log; later proposals fail.
@@ -268,9 +287,11 @@ impl Replica {
         let body = pb::ForwardRequest {
             op: serde_json::to_vec(op).expect("ops serialise"),
         };
-        let resp = client
-            .forward(transport::request(body, &self.peer_token))
+        // A leader that stops answering (frozen, cut off) must not hang the caller.
+        let call = client.forward(transport::request(body, &self.peer_token));
+        let resp = tokio::time::timeout(PROPOSE_TIMEOUT + Duration::from_secs(1), call)
             .await
+            .map_err(|_| ProposeError::Unavailable(OUTCOME_UNKNOWN.into()))?
             .map_err(|s| {
                 ProposeError::Unavailable(format!("the leader at {leader}: {}", s.message()))
             })?;
@@ -473,7 +494,7 @@ impl Node {
         mut rx: mpsc::Receiver<Input>,
         mut feedback: mpsc::UnboundedReceiver<Feedback>,
         tick: Duration,
-    ) {
+    ) -> anyhow::Result<()> {
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut inputs = Vec::with_capacity(MAX_INPUTS);
@@ -489,13 +510,13 @@ impl Node {
                 }
                 n = rx.recv_many(&mut inputs, MAX_INPUTS) => {
                     if n == 0 {
-                        return;
+                        return Ok(());
                     }
                     for input in inputs.drain(..) {
                         if let Input::Stop(done) = input {
                             self.disk.close().await;
                             let _ = done.send(());
-                            return;
+                            return Ok(());
                         }
                         self.handle(input);
                     }
@@ -513,7 +534,7 @@ impl Node {
                 for (_, r) in self.proposals.drain() {
                     let _ = r.send(Err(ProposeError::Unavailable(format!("{e:#}"))));
                 }
-                return;
+                return Err(e);
             }
             self.publish();
         }

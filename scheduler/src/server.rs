@@ -243,8 +243,13 @@ impl Scheduler {
     }
 
     /// Runs until the server task ends (an error) .
+    /// Runs until the server ends, or the raft log fails (then an error: a
+    /// scheduler that cannot write its log must not go on answering).
     pub async fn wait(&mut self) -> anyhow::Result<()> {
-        (&mut self.server).await??;
+        tokio::select! {
+            r = &mut self.server => r??,
+            why = self.replica.failure() => anyhow::bail!("the raft log failed: {why}"),
+        }
         Ok(())
     }
 }

@@ -90,3 +90,95 @@ async fn snapshots_compact_the_log_and_restore_the_same_state() {
     assert_eq!(*replica.read(), expected);
     replica.stop().await;
 }
+
+/// The simulation's disk (`Log::persist`) and the SQLite one make the same
+/// changes: appends that replace a suffix, our own snapshots that compact, a
+/// leader's snapshot that replaces the log, hard and conf states.
+#[tokio::test]
+async fn the_sqlite_log_and_the_simulated_disk_agree() {
+    use coop_scheduler::consensus::core::Persist;
+    use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+
+    fn entries(from: u64, to: u64, term: u64) -> Vec<Entry> {
+        (from..=to)
+            .map(|index| Entry {
+                index,
+                term,
+                data: format!("e{index}t{term}").into_bytes().into(),
+                ..Default::default()
+            })
+            .collect()
+    }
+    fn snapshot(index: u64, term: u64, voters: Vec<u64>) -> Snapshot {
+        let mut s = Snapshot {
+            data: format!("state at {index}").into_bytes().into(),
+            ..Default::default()
+        };
+        s.mut_metadata().index = index;
+        s.mut_metadata().term = term;
+        s.mut_metadata().mut_conf_state().voters = voters;
+        s
+    }
+    fn hs(term: u64, vote: u64, commit: u64) -> HardState {
+        HardState {
+            term,
+            vote,
+            commit,
+            ..Default::default()
+        }
+    }
+    let steps = [
+        Persist {
+            entries: entries(1, 10, 1),
+            hard_state: Some(hs(1, 1, 4)),
+            conf_state: Some(ConfState {
+                voters: vec![1, 2, 3],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        // A new leader overwrites an uncommitted suffix.
+        Persist {
+            entries: entries(7, 12, 2),
+            hard_state: Some(hs(2, 2, 8)),
+            ..Default::default()
+        },
+        // Our own snapshot at 9 drops the entries it covers.
+        Persist {
+            snapshot: Some(snapshot(9, 2, vec![1, 2, 3])),
+            ..Default::default()
+        },
+        Persist {
+            entries: entries(13, 15, 2),
+            ..Default::default()
+        },
+        // A leader's snapshot replaces everything.
+        Persist {
+            snapshot: Some(snapshot(20, 3, vec![1, 2, 3, 4])),
+            replace_log: true,
+            hard_state: Some(hs(3, 0, 20)),
+            ..Default::default()
+        },
+        Persist {
+            entries: entries(21, 22, 3),
+            ..Default::default()
+        },
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Disk::open(&dir.path().join("log.db")).await.unwrap();
+    let mut mem = coop_scheduler::consensus::log::Log::default();
+    for (i, p) in steps.iter().enumerate() {
+        disk.persist(p).await.unwrap();
+        mem.persist(p);
+        let loaded = disk.load().await.unwrap().unwrap();
+        let mem = mem.clone().normalised();
+        assert_eq!(loaded.hard_state, mem.hard_state, "step {i}");
+        assert_eq!(loaded.conf_state, mem.conf_state, "step {i}");
+        assert_eq!(loaded.snapshot, mem.snapshot, "step {i}");
+        assert_eq!(loaded.entries, mem.entries, "step {i}");
+    }
+    let end = disk.load().await.unwrap().unwrap();
+    assert_eq!(end.first(), 21);
+    assert_eq!(end.last(), 22);
+    assert_eq!(end.conf_state.voters, vec![1, 2, 3, 4]);
+}
