@@ -116,6 +116,8 @@ pub struct Replica {
     leaders: Arc<tokio::sync::Mutex<HashMap<String, tonic::transport::Channel>>>,
     /// Why the node loop stopped, if it failed.
     failed: watch::Receiver<Option<String>>,
+    /// This start found no raft log on disk.
+    fresh: bool,
 }
 
 pub fn now_ms() -> i64 {
@@ -129,7 +131,9 @@ impl Replica {
     /// Loads the log from disk (or starts a new one) and starts the node loop.
     pub async fn start(config: ReplicaConfig) -> anyhow::Result<Self> {
         let disk = Disk::open(&config.db).await?;
-        let log = match disk.load().await? {
+        let loaded = disk.load().await?;
+        let fresh = loaded.is_none();
+        let log = match loaded {
             Some(log) => log,
             None => {
                 let voters: Vec<u64> = config.peers.keys().copied().collect();
@@ -198,11 +202,18 @@ impl Replica {
             peer_token: config.peer_token,
             leaders: Default::default(),
             failed,
+            fresh,
         })
     }
 
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Whether this start created the raft log (a new node) rather than
+    /// loading one.
+    pub fn fresh(&self) -> bool {
+        self.fresh
     }
 
     /// Resolves if the node loop fails (its log cannot be written): the

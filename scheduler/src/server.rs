@@ -158,12 +158,18 @@ impl Scheduler {
                 .await
                 .context("bootstrapping the cluster")?;
         } else {
-            anyhow::ensure!(
-                config.operator_token.is_some() || config.join,
-                "operator-token: a cluster of several schedulers needs the same --operator-token on every node at first boot"
-            );
             generated_operator_token = None;
-            tokio::spawn(bootstrap_when_leader(replica.clone(), bootstrap));
+            if config.operator_token.is_some() {
+                // Whichever node leads first bootstraps; the others' proposals
+                // are refused at apply. A restarted node (its log still
+                // replaying) may try too: harmless for the same reason.
+                tokio::spawn(bootstrap_when_leader(replica.clone(), bootstrap));
+            } else {
+                anyhow::ensure!(
+                    !replica.fresh() || config.join,
+                    "operator-token: a cluster of several schedulers needs the same --operator-token on every node at first boot"
+                );
+            }
         }
 
         let ctx = Ctx {
