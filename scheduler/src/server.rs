@@ -196,6 +196,7 @@ impl Scheduler {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
         let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(pb::job_service_server::JobServiceServer::new(
