@@ -184,7 +184,7 @@ impl Scheduler {
         tokio::spawn(scheduling_loop(ctx.clone(), shutdown_rx.clone()));
         tokio::spawn(liveness_monitor(ctx.clone(), shutdown_rx.clone()));
         if let Some(url) = ctx.config.accounting_db.clone() {
-            tokio::spawn(crate::sink::run(url, replica.clone(), shutdown_rx.clone()));
+            tokio::spawn(sink_on_leader(url, replica.clone(), shutdown_rx.clone()));
         }
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -280,6 +280,30 @@ async fn bootstrap_when_leader(replica: Replica, op: Op) {
         if view.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Streams the ledger to PostgreSQL while this node leads: every node holds
+/// the same ledger, one writer is enough (inserts are idempotent, so a brief
+/// overlap at a leader change is harmless).
+async fn sink_on_leader(
+    url: String,
+    replica: Replica,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        if !leading(&replica, &mut shutdown).await {
+            return;
+        }
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let sink = tokio::spawn(crate::sink::run(url.clone(), replica.clone(), stop_rx));
+        let mut view = replica.view();
+        tokio::select! {
+            _ = view.wait_for(|v| !v.is_leader()) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+        let _ = stop.send(true);
+        let _ = sink.await;
     }
 }
 
