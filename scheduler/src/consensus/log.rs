@@ -60,10 +60,10 @@ impl Log {
     pub fn install(&mut self, snapshot: Snapshot) {
         let meta = snapshot.get_metadata();
         self.entries.clear();
+        // Only committed state is snapshotted. Term and vote stay raft's own:
+        // it reports them in the Ready's hard state.
         self.hard_state
             .set_commit(self.hard_state.commit.max(meta.index));
-        self.hard_state
-            .set_term(self.hard_state.term.max(meta.term));
         self.conf_state = meta.get_conf_state().clone();
         self.snapshot = snapshot;
     }
