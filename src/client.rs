@@ -21,14 +21,7 @@ pub struct Client {
 }
 
 /// `host:port` or `http://host:port` into a URL.
-pub fn normalize_addr(a: &str) -> String {
-    let a = a.trim();
-    if a.contains("://") {
-        a.to_string()
-    } else {
-        format!("http://{a}")
-    }
-}
+pub use coop_scheduler::consensus::transport::normalize as normalize_addr;
 
 impl Client {
     pub async fn connect(args: &ClientArgs) -> anyhow::Result<Self> {

@@ -66,31 +66,19 @@ impl Transport {
                 tracing::debug!("no address for raft peer {to}; message dropped");
                 continue;
             };
-            let peer = self
-                .peers
-                .entry(to)
-                .and_modify(|p| {
-                    if p.address != addr {
-                        *p = spawn_peer(
-                            self.from,
-                            &self.from_address,
-                            &self.token,
-                            to,
-                            &addr,
-                            &self.feedback,
-                        );
-                    }
-                })
-                .or_insert_with(|| {
-                    spawn_peer(
-                        self.from,
-                        &self.from_address,
-                        &self.token,
-                        to,
-                        &addr,
-                        &self.feedback,
-                    )
-                });
+            // A peer seen at a new address gets a new sender (the old one ends).
+            if self.peers.get(&to).is_none_or(|p| p.address != addr) {
+                let peer = spawn_peer(
+                    self.from,
+                    &self.from_address,
+                    &self.token,
+                    to,
+                    &addr,
+                    &self.feedback,
+                );
+                self.peers.insert(to, peer);
+            }
+            let peer = &self.peers[&to];
             let snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
             if peer.tx.try_send(msg).is_err() {
                 let _ = self.feedback.send(Feedback::Unreachable(to));
