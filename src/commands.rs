@@ -141,7 +141,9 @@ async fn submit_retrying(
 ) -> anyhow::Result<pb::Job> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut client = Ok(first);
-    for attempt in 1.. {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         let err = match client {
             Ok(c) => match c.jobs().submit(c.req(req.clone())).await {
                 Ok(r) => return Ok(r.into_inner().job.unwrap_or_default()),
@@ -160,7 +162,6 @@ async fn submit_retrying(
         tokio::time::sleep(Duration::from_millis(200)).await;
         client = Client::connect_from(cli, attempt).await;
     }
-    unreachable!("the loop returns")
 }
 
 pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {

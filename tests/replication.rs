@@ -99,17 +99,7 @@ impl Schedulers {
 
     /// The client pointed at node `i` alone.
     fn via(&self, i: usize, args: &[&str]) -> Option<Value> {
-        let mut a = args.to_vec();
-        a.extend(["--output", "json"]);
-        let out = Command::new(BIN)
-            .args(&a)
-            .env("COOP_ADDR", self.addr(i))
-            .env("COOP_TOKEN", OPERATOR)
-            .output()
-            .unwrap();
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+        json_via(&self.addr(i), args).ok()
     }
 
     fn schedulers_seen_by(&self, i: usize) -> Vec<Value> {
@@ -189,6 +179,22 @@ impl Schedulers {
             &[("COOP_TOKEN", OPERATOR)],
         );
         self.client.daemons.push(d);
+    }
+}
+
+/// The client pointed at one address alone: its JSON output, or its error.
+fn json_via(addr: &str, args: &[&str]) -> Result<Value, String> {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--output", "json"])
+        .env("COOP_ADDR", addr)
+        .env("COOP_TOKEN", OPERATOR)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 
@@ -444,21 +450,7 @@ fn scheduler_nodes_are_added_as_learners_then_voters_and_removed() {
     }
 
     // It has the cluster's state and answers clients itself.
-    let via4 = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .args(args)
-            .args(["--output", "json"])
-            .env("COOP_ADDR", format!("http://{listen}"))
-            .env("COOP_TOKEN", OPERATOR)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    };
+    let via4 = |args: &[&str]| json_via(&format!("http://{listen}"), args).unwrap();
     let members = via4(&["member", "list"]);
     assert!(members.to_string().contains("before"), "{members}");
     s.client.ok(&["member", "add", "after"]);

@@ -625,6 +625,9 @@ impl Node {
     /// Publishes what was applied and answers proposers and readers.
     fn finish(&mut self, mut done: crate::consensus::core::Done) {
         self.send(std::mem::take(&mut done.messages));
+        // Senders to nodes removed from the cluster end.
+        let peers = self.core.peers();
+        self.transport.retain(|id| peers.contains_key(&id));
         // Before anyone is answered, so that what they read next is current.
         self.applied.send_if_modified(|a| {
             let changed = *a != self.core.applied();
