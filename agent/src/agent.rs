@@ -1,8 +1,9 @@
 //! The agent's connection to the schedulers: register, then one heartbeat stream
 //! on which it reconciles its runs with the desired set it is sent, and reports
-//! run starts, usage intervals and exits until each is acknowledged. Reports
-//! survive reconnects (they are resent on the next stream); the scheduler
-//! applies each once.
+//! run starts, usage intervals and exits until each is acknowledged. Every
+//! report is in the spool before it is sent, so it survives reconnects, long
+//! scheduler outages and the agent's own crash; the scheduler applies each
+//! (identity, sequence) once.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
@@ -19,7 +20,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
 use crate::gpu::GpuInfo;
-use crate::runner::{Exit, RunKey, Runner, Spawned};
+use crate::runner::{Exit, RunKey, Runner, Spawned, now_ms, process_tag};
+use crate::spool::{RunRecord, Spool};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -36,30 +38,34 @@ pub struct AgentConfig {
 
 pub struct Agent {
     cfg: AgentConfig,
-    session: String,
+    spool: Spool,
+    /// Held while the agent runs: one agent per data dir.
+    _lock: nix::fcntl::Flock<std::fs::File>,
     runner: Runner,
     exits: mpsc::UnboundedReceiver<Exit>,
-    /// Runs of this session that have ended: never started again.
+    /// Runs that have ended here: never started again.
     ended: BTreeSet<RunKey>,
-    /// Reports not yet acknowledged, in sequence order.
+    /// Reports not yet acknowledged, in sequence order (also in the spool).
     unacked: VecDeque<pb::Report>,
-    next_seq: u64,
+    /// Highest sequence acknowledged and not yet cleared from the spool.
+    acked_to: u64,
     /// Sends on the current stream, if any.
     out: Option<mpsc::UnboundedSender<pb::AgentMessage>>,
     /// Watch on "registered at least once", for callers that wait for readiness.
     registered: watch::Sender<bool>,
-    /// Runs that have started, with their GPUs and where their usage was last
-    /// reported up to.
-    metered: BTreeMap<RunKey, Metered>,
-    /// How often usage is reported (the scheduler says, at registration).
+    /// Runs that have started and not ended, with what was measured of them.
+    metered: BTreeMap<RunKey, RunRecord>,
+    /// How often usage is reported (the scheduler says, at registration),
+    /// and when next: connected or not, usage goes to the spool on time.
     usage_interval: Duration,
+    next_usage: tokio::time::Instant,
     last_telemetry: std::time::Instant,
+    last_prune: std::time::Instant,
 }
 
-struct Metered {
-    gpus: Vec<String>,
-    since_ms: i64,
-}
+/// Ended runs are kept in the spool this long (for `coop agent status`)
+/// once the schedulers have acknowledged everything about them.
+const RUN_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
 /// The scheduler asked to is not the leader; this one is.
 #[derive(Debug, thiserror::Error)]
@@ -95,23 +101,49 @@ impl Agent {
         if cfg.schedulers.is_empty() {
             anyhow::bail!("scheduler: at least one address is needed");
         }
-        Runner::kill_orphans(&cfg.data_dir, Duration::from_secs(5)).await;
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        let lock = lock_data_dir(&cfg.data_dir)?;
+        let mut spool = Spool::open(&cfg.data_dir).await?;
+        recover_orphans(&mut spool, &cfg.gpus).await?;
+        let unacked: VecDeque<_> = spool.pending().await?.into();
+        let ended = spool
+            .runs()
+            .await?
+            .into_iter()
+            .filter(|r| r.ended_ms.is_some())
+            .map(|r| r.key())
+            .collect();
+        if !unacked.is_empty() {
+            tracing::info!(
+                "{} reports in the spool wait for a scheduler's acknowledgement",
+                unacked.len()
+            );
+        }
         let (tx, exits) = mpsc::unbounded_channel();
         let runner = Runner::new(cfg.data_dir.clone(), tx)?;
         Ok(Self {
             cfg,
-            session: uuid::Uuid::new_v4().to_string(),
+            spool,
+            _lock: lock,
             runner,
             exits,
-            ended: BTreeSet::new(),
-            unacked: VecDeque::new(),
-            next_seq: 1,
+            ended,
+            unacked,
+            acked_to: 0,
             out: None,
             registered: watch::channel(false).0,
             metered: BTreeMap::new(),
             usage_interval: Duration::from_secs(30),
+            next_usage: tokio::time::Instant::now() + Duration::from_secs(30),
             last_telemetry: std::time::Instant::now(),
+            last_prune: std::time::Instant::now(),
         })
+    }
+
+    /// This agent's identity (kept in its spool across restarts).
+    pub fn identity(&self) -> &str {
+        self.spool.identity()
     }
 
     /// Becomes true once the node is registered.
@@ -142,9 +174,7 @@ impl Agent {
                     continue;
                 }
                 Err(e) if e.is::<Refused>() => {
-                    self.runner
-                        .stop_all(STOP_ON_SHUTDOWN_GRACE, &mut self.exits)
-                        .await;
+                    self.stop_all_runs("the agent was refused").await;
                     return Err(e);
                 }
                 Err(e) => {
@@ -154,24 +184,40 @@ impl Agent {
                     }
                 }
             }
-            // Keep collecting exits while disconnected; they are reported later.
+            // Keep running, metering and spooling while disconnected: the
+            // spool is sent on the next stream.
             let until = tokio::time::Instant::now() + backoff;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => break,
-                    Some(exit) = self.exits.recv() => self.on_exit(exit),
+                    Some(exit) = self.exits.recv() => self.on_exit(exit).await,
+                    _ = tokio::time::sleep_until(self.next_usage) => self.report_usage().await,
                     _ = stopped(&mut shutdown) => {
-                        self.runner.stop_all(STOP_ON_SHUTDOWN_GRACE, &mut self.exits).await;
+                        self.stop_all_runs("the agent shut down").await;
                         return Ok(());
                     }
                 }
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
-        self.runner
-            .stop_all(STOP_ON_SHUTDOWN_GRACE, &mut self.exits)
-            .await;
+        self.stop_all_runs("the agent shut down").await;
         Ok(())
+    }
+
+    /// Stops every run and records each as lost (the job is not at fault),
+    /// with its usage up to its exit.
+    async fn stop_all_runs(&mut self, why: &str) {
+        for key in self.runner.keys() {
+            self.runner.stop(&key, STOP_ON_SHUTDOWN_GRACE);
+        }
+        while !self.runner.keys().is_empty() {
+            let Some(exit) = self.exits.recv().await else {
+                break;
+            };
+            self.finish(exit, Some(why)).await;
+        }
+        self.flush_acks().await;
+        self.spool.close().await;
     }
 
     fn authed<T>(&self, msg: T) -> anyhow::Result<Request<T>> {
@@ -197,6 +243,7 @@ impl Agent {
             .await
             .context("connecting")?;
         let mut client = AgentServiceClient::new(channel);
+        let identity = self.spool.identity().to_string();
         let reg = pb::RegisterRequest {
             node: self.cfg.node.clone(),
             owner: self.cfg.owner.clone(),
@@ -212,7 +259,7 @@ impl Agent {
                     job: String::new(),
                 })
                 .collect(),
-            session: self.session.clone(),
+            session: identity.clone(),
         };
         let resp = client
             .register(self.authed(reg)?)
@@ -229,14 +276,29 @@ impl Agent {
             .into_inner();
         let interval = Duration::from_millis(resp.heartbeat_interval_ms.max(50));
         if resp.usage_interval_ms > 0 {
-            self.usage_interval = Duration::from_millis(resp.usage_interval_ms.max(50));
+            let every = Duration::from_millis(resp.usage_interval_ms.max(50));
+            if every != self.usage_interval {
+                self.usage_interval = every;
+                self.next_usage = tokio::time::Instant::now() + every;
+            }
         }
+        if resp.last_seq >= self.spool.next_seq() {
+            // The scheduler applied reports this spool no longer numbers above
+            // (it lost its last writes): go on above them, or new reports
+            // would be taken for retransmissions.
+            tracing::warn!(
+                "the schedulers applied report {} of this agent, beyond its spool's numbering; renumbering",
+                resp.last_seq
+            );
+            self.spool.skip_to(resp.last_seq + 1).await?;
+        }
+        self.on_ack(resp.last_seq);
 
         let (tx, rx) = mpsc::unbounded_channel();
         let hello = pb::AgentMessage {
             msg: Some(Up::Hello(pb::Hello {
                 node: self.cfg.node.clone(),
-                session: self.session.clone(),
+                session: identity,
             })),
         };
         tx.send(hello)?;
@@ -256,19 +318,18 @@ impl Agent {
         tracing::info!("node {} connected to {addr}", self.cfg.node);
 
         let mut tick = tokio::time::interval(interval);
-        let mut usage_tick = tokio::time::interval(self.usage_interval);
-        usage_tick.tick().await;
         let result = loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
-                    Ok(Some(m)) => self.on_message(m),
+                    Ok(Some(m)) => self.on_message(m).await,
                     Ok(None) => break Err(anyhow!("stream closed by the scheduler")),
                     Err(s) => break Err(status_error("stream", &s)),
                 },
-                Some(exit) = self.exits.recv() => self.on_exit(exit),
-                _ = usage_tick.tick() => self.report_usage(),
+                Some(exit) = self.exits.recv() => self.on_exit(exit).await,
+                _ = tokio::time::sleep_until(self.next_usage) => self.report_usage().await,
                 _ = tick.tick() => {
                     self.publish_metrics();
+                    self.flush_acks().await;
                     let ping = pb::AgentMessage { msg: Some(Up::Ping(pb::Ping {})) };
                     if tx.send(ping).is_err() {
                         break Err(anyhow!("stream closed"));
@@ -298,21 +359,45 @@ impl Agent {
         m.set_backlog(&self.cfg.node, self.unacked.len());
     }
 
-    fn on_message(&mut self, msg: pb::SchedulerMessage) {
+    async fn on_message(&mut self, msg: pb::SchedulerMessage) {
         match msg.msg {
-            Some(Down::Desired(d)) => self.reconcile(d.runs),
-            Some(Down::Ack(a)) => {
-                while self.unacked.front().is_some_and(|r| r.seq <= a.seq) {
-                    self.unacked.pop_front();
-                }
-            }
+            Some(Down::Desired(d)) => self.reconcile(d.runs).await,
+            Some(Down::Ack(a)) => self.on_ack(a.seq),
             Some(Down::LogRequest(r)) => self.serve_log(r),
             None => {}
         }
     }
 
+    fn on_ack(&mut self, seq: u64) {
+        while self.unacked.front().is_some_and(|r| r.seq <= seq) {
+            self.unacked.pop_front();
+        }
+        self.acked_to = self.acked_to.max(seq);
+    }
+
+    /// Clears acknowledged reports from the spool, in one write for many acks
+    /// (a report cleared late is only resent, and applied once).
+    async fn flush_acks(&mut self) {
+        if self.acked_to == 0 {
+            return;
+        }
+        if let Err(e) = self.spool.ack(self.acked_to).await {
+            tracing::warn!("clearing acknowledged reports from the spool: {e:#}");
+            return;
+        }
+        self.acked_to = 0;
+        if self.last_prune.elapsed() > Duration::from_secs(3600) {
+            self.last_prune = std::time::Instant::now();
+            match self.spool.prune(now_ms() - RUN_RETENTION_MS).await {
+                Ok(n) if n > 0 => tracing::info!("forgot {n} runs ended over 7 days ago"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("pruning the spool: {e:#}"),
+            }
+        }
+    }
+
     /// Makes the local runs match the desired set.
-    fn reconcile(&mut self, runs: Vec<pb::Run>) {
+    async fn reconcile(&mut self, runs: Vec<pb::Run>) {
         let mut wanted = BTreeSet::new();
         for run in runs {
             let key = RunKey {
@@ -330,29 +415,41 @@ impl Agent {
                     // Cancelled before it started here: nothing to stop.
                     self.on_exit(Exit {
                         key,
-                        at_ms: crate::runner::now_ms(),
+                        at_ms: now_ms(),
                         exit_code: 143,
                         reason: "cancelled before it started".into(),
-                    });
+                    })
+                    .await;
                     continue;
                 }
                 tracing::info!("starting run {key} on {:?}", run.gpus);
                 match self.runner.spawn(key.clone(), &run.command, &run.gpus) {
-                    Spawned::Started { at_ms } => {
-                        self.metered.insert(
-                            key.clone(),
-                            Metered {
-                                gpus: run.gpus.clone(),
-                                since_ms: at_ms,
-                            },
-                        );
-                        self.report(pb::report::Event::Started(pb::RunStarted {
-                            job_id: key.job,
+                    Spawned::Started { at_ms, pgid } => {
+                        let record = RunRecord {
+                            job: key.job.clone(),
+                            attempt: key.attempt,
+                            gpus: run.gpus.clone(),
+                            pgid,
+                            process: process_tag(pgid),
+                            started_ms: at_ms,
+                            metered_to_ms: at_ms,
+                            counters_mj: vec![],
+                            gpu_ms: 0,
+                            energy_mj: 0,
+                            ended_ms: None,
+                            exit_code: None,
+                            reason: String::new(),
+                            lost: false,
+                        };
+                        let event = pb::report::Event::Started(pb::RunStarted {
+                            job_id: key.job.clone(),
                             attempt: key.attempt,
                             at_ms,
-                        }))
+                        });
+                        self.report(vec![event], &[&record]).await;
+                        self.metered.insert(key, record);
                     }
-                    Spawned::Failed(exit) => self.on_exit(exit),
+                    Spawned::Failed(exit) => self.on_exit(exit).await,
                 }
             }
         }
@@ -365,7 +462,13 @@ impl Agent {
         }
     }
 
-    fn on_exit(&mut self, exit: Exit) {
+    async fn on_exit(&mut self, exit: Exit) {
+        self.finish(exit, None).await;
+    }
+
+    /// Records a run's end with its usage since the last report; `lost` says
+    /// why the agent ended it when the job is not at fault.
+    async fn finish(&mut self, exit: Exit, lost: Option<&str>) {
         tracing::info!(
             "run {} exited with {} {}",
             exit.key,
@@ -374,30 +477,42 @@ impl Agent {
         );
         self.runner.finished(&exit.key);
         self.ended.insert(exit.key.clone());
-        let energy_mj = self
-            .metered
-            .remove(&exit.key)
-            .map_or(0, |m| self.energy_mj(&m.gpus, m.since_ms, exit.at_ms));
-        self.report(pb::report::Event::Exited(pb::RunExited {
+        let mut record = self.metered.remove(&exit.key).unwrap_or_else(|| {
+            // Never started (spawn failed, or cancelled first): nothing measured.
+            RunRecord::never_started(&exit.key, exit.at_ms)
+        });
+        let energy_mj = measure(&self.cfg.gpus, &mut record, exit.at_ms);
+        let reason = match lost {
+            Some(why) if exit.reason.is_empty() => why.to_string(),
+            Some(why) => format!("{why} ({})", exit.reason),
+            None => exit.reason,
+        };
+        record.ended_ms = Some(exit.at_ms);
+        record.exit_code = Some(exit.exit_code);
+        record.reason = reason.clone();
+        record.lost = lost.is_some();
+        let event = pb::report::Event::Exited(pb::RunExited {
             job_id: exit.key.job,
             attempt: exit.key.attempt,
             at_ms: exit.at_ms,
             exit_code: exit.exit_code,
-            reason: exit.reason,
+            reason,
             energy_mj,
-        }));
+            lost: lost.is_some(),
+        });
+        self.report(vec![event], &[&record]).await;
     }
 
-    /// Reports every running run's usage since its last report.
-    fn report_usage(&mut self) {
-        let now = crate::runner::now_ms();
+    /// Reports every running run's usage since its last report, in one spool write.
+    async fn report_usage(&mut self) {
+        self.next_usage = tokio::time::Instant::now() + self.usage_interval;
+        let now = now_ms();
         let mut events = Vec::new();
-        for (key, m) in self.metered.iter_mut() {
-            if now <= m.since_ms {
+        for (key, r) in self.metered.iter_mut() {
+            if now <= r.metered_to_ms {
                 continue;
             }
-            let energy_mj = energy_mj(&self.cfg.gpus, &m.gpus, m.since_ms, now);
-            m.since_ms = now;
+            let energy_mj = measure(&self.cfg.gpus, r, now);
             events.push(pb::report::Event::Usage(pb::RunUsage {
                 job_id: key.job.clone(),
                 attempt: key.attempt,
@@ -405,25 +520,28 @@ impl Agent {
                 energy_mj,
             }));
         }
-        for e in events {
-            self.report(e);
+        if events.is_empty() {
+            return;
         }
+        let records: Vec<RunRecord> = self.metered.values().cloned().collect();
+        let refs: Vec<&RunRecord> = records.iter().collect();
+        self.report(events, &refs).await;
     }
 
-    fn energy_mj(&self, gpus: &[String], from_ms: i64, to_ms: i64) -> u64 {
-        energy_mj(&self.cfg.gpus, gpus, from_ms, to_ms)
-    }
-
-    fn report(&mut self, event: pb::report::Event) {
-        let report = pb::Report {
-            seq: self.next_seq,
-            event: Some(event),
-        };
-        self.next_seq += 1;
-        self.unacked.push_back(report.clone());
-        if let Some(tx) = &self.out {
-            // A closed stream is fine: unacked reports are resent on the next.
-            let _ = tx.send(report_msg(report));
+    /// Spools the events with the runs' new records, then sends them.
+    async fn report(&mut self, events: Vec<pb::report::Event>, runs: &[&RunRecord]) {
+        let (reports, written) = self.spool.record(events, runs).await;
+        if let Err(e) = written {
+            // Still sent: the usage is lost only if the agent also dies before
+            // the scheduler acknowledges it.
+            tracing::error!("writing the spool failed: {e:#}; reports are held in memory only");
+        }
+        for report in reports {
+            self.unacked.push_back(report.clone());
+            if let Some(tx) = &self.out {
+                // A closed stream is fine: unacked reports are resent on the next.
+                let _ = tx.send(report_msg(report));
+            }
         }
     }
 
@@ -450,6 +568,96 @@ impl Agent {
             });
         }
     }
+}
+
+/// One agent per data dir: a second one would share the spool's identity.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow!(
+            "data-dir: {} is in use by another agent ({e}); each agent needs its own",
+            dir.display()
+        )
+    })
+}
+
+/// Runs that a previous agent process left unfinished (it crashed or was
+/// killed): those still running are stopped, and every one is recorded as
+/// lost with its usage up to its end as far as this agent can measure it.
+async fn recover_orphans(spool: &mut Spool, gpus: &[GpuInfo]) -> anyhow::Result<()> {
+    let orphans: Vec<RunRecord> = spool
+        .runs()
+        .await?
+        .into_iter()
+        .filter(|r| r.ended_ms.is_none())
+        .collect();
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    // Only a process that is provably the run's (same boot, same start time).
+    let ours = |r: &RunRecord| r.process.is_some() && process_tag(r.pgid) == r.process;
+    let alive: Vec<i32> = orphans.iter().filter(|r| ours(r)).map(|r| r.pgid).collect();
+    for r in orphans.iter().filter(|r| ours(r)) {
+        tracing::warn!(
+            "stopping run {} (process group {}) left by a previous agent process",
+            r.key(),
+            r.pgid
+        );
+    }
+    crate::runner::stop_groups(&alive, Duration::from_secs(5)).await;
+    let now = now_ms();
+    let mut events = Vec::new();
+    let mut records = Vec::new();
+    for mut r in orphans {
+        let was_alive = alive.contains(&r.pgid);
+        // A run found gone ended at some unknown time since it was last
+        // measured: it is billed up to there, no further.
+        let at_ms = if was_alive {
+            now
+        } else {
+            r.metered_to_ms
+        };
+        let energy_mj = measure(gpus, &mut r, at_ms);
+        let reason = if was_alive {
+            "the agent restarted; the run it left was stopped"
+        } else {
+            "the agent restarted; the run had ended meanwhile"
+        };
+        r.ended_ms = Some(at_ms);
+        r.exit_code = Some(if was_alive { 143 } else { -1 });
+        r.reason = reason.into();
+        r.lost = true;
+        events.push(pb::report::Event::Exited(pb::RunExited {
+            job_id: r.job.clone(),
+            attempt: r.attempt,
+            at_ms,
+            exit_code: r.exit_code.unwrap_or(-1),
+            reason: reason.into(),
+            energy_mj,
+            lost: true,
+        }));
+        records.push(r);
+    }
+    let refs: Vec<&RunRecord> = records.iter().collect();
+    let (_, written) = spool.record(events, &refs).await;
+    written
+}
+
+/// Measures a run from where it was last measured up to `to_ms`: adds its
+/// GPU time and energy to its record and returns the energy of the interval.
+fn measure(all: &[GpuInfo], r: &mut RunRecord, to_ms: i64) -> u64 {
+    let to_ms = to_ms.max(r.metered_to_ms);
+    let energy = energy_mj(all, &r.gpus, r.metered_to_ms, to_ms);
+    r.gpu_ms += (to_ms - r.metered_to_ms) as u64 * r.gpus.len() as u64;
+    r.energy_mj += energy;
+    r.metered_to_ms = to_ms;
+    energy
 }
 
 /// Energy the run's GPUs drew over `[from, to]`: simulated GPUs draw their

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -57,7 +57,7 @@ pub struct Runner {
 
 /// What `spawn` did.
 pub enum Spawned {
-    Started { at_ms: i64 },
+    Started { at_ms: i64, pgid: i32 },
     Failed(Exit),
 }
 
@@ -105,10 +105,9 @@ impl Runner {
                         stopping: false,
                     },
                 );
-                self.save_pgids();
                 let exits = self.exits.clone();
                 tokio::spawn(wait_child(key, pgid, child, exited, exits));
-                Spawned::Started { at_ms }
+                Spawned::Started { at_ms, pgid }
             }
             Err(e) => Spawned::Failed(Exit {
                 key,
@@ -174,9 +173,7 @@ impl Runner {
 
     /// Forgets a run whose exit was received.
     pub fn finished(&mut self, key: &RunKey) {
-        if self.runs.remove(key).is_some() {
-            self.save_pgids();
-        }
+        self.runs.remove(key);
     }
 
     /// Stops every run and waits until all have exited (SIGKILL after `grace`).
@@ -210,52 +207,33 @@ impl Runner {
         Ok((data, eof))
     }
 
-    fn pgid_file(&self) -> PathBuf {
-        self.dir.join("runs.json")
-    }
+}
 
-    /// Remembers the process groups, so that a restarted agent can stop runs
-    /// that its crashed predecessor left behind.
-    fn save_pgids(&self) {
-        let pgids: BTreeMap<String, i32> = self
-            .runs
-            .iter()
-            .map(|(k, r)| (k.to_string(), r.pgid))
-            .collect();
-        let tmp = self.dir.join("runs.json.tmp");
-        let result = serde_json::to_vec(&pgids)
-            .map_err(anyhow::Error::from)
-            .and_then(|b| Ok(std::fs::write(&tmp, b)?))
-            .and_then(|()| Ok(std::fs::rename(&tmp, self.pgid_file())?));
-        if let Err(e) = result {
-            tracing::warn!("recording running process groups failed: {e:#}");
-        }
-    }
+/// Identifies a process across agent restarts: the boot and the process's
+/// start time, so that a recycled pid is never taken for a run's.
+pub fn process_tag(pid: i32) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    // starttime is field 22; `rest` starts at field 3.
+    let start = rest.split_whitespace().nth(19)?;
+    Some(format!("{}:{start}", boot.trim()))
+}
 
-    /// Stops the process groups a previous agent process left running. Their
-    /// runs were requeued by the scheduler when this agent registered anew.
-    pub async fn kill_orphans(dir: &Path, grace: Duration) {
-        let Ok(bytes) = std::fs::read(dir.join("runs.json")) else {
-            return;
-        };
-        let pgids: BTreeMap<String, i32> = serde_json::from_slice(&bytes).unwrap_or_default();
-        let alive = |pgid: i32| killpg(Pid::from_raw(pgid), None).is_ok();
-        for (run, pgid) in &pgids {
-            if alive(*pgid) {
-                tracing::warn!(
-                    "stopping run {run} (process group {pgid}) left by a previous agent"
-                );
-                let _ = killpg(Pid::from_raw(*pgid), Signal::SIGTERM);
-            }
-        }
-        let deadline = tokio::time::Instant::now() + grace;
-        while pgids.values().any(|p| alive(*p)) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        for pgid in pgids.values() {
-            let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
-        }
-        let _ = std::fs::remove_file(dir.join("runs.json"));
+/// Stops process groups a previous agent process left running: SIGTERM, then
+/// SIGKILL to those still there after `grace`.
+pub async fn stop_groups(pgids: &[i32], grace: Duration) {
+    let alive = |pgid: i32| killpg(Pid::from_raw(pgid), None).is_ok();
+    for pgid in pgids {
+        let _ = killpg(Pid::from_raw(*pgid), Signal::SIGTERM);
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    while pgids.iter().any(|p| alive(*p)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for pgid in pgids {
+        let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
     }
 }
 

@@ -353,6 +353,16 @@ pub enum RunReport {
         to_ms: i64,
         energy_mj: u64,
     },
+    /// The agent lost the run through no fault of the job (it restarted and
+    /// stopped the orphan, or found it gone): billed up to `at_ms`, requeued.
+    Lost {
+        job: JobId,
+        attempt: u32,
+        at_ms: i64,
+        reason: String,
+        /// Energy since the last usage report.
+        energy_mj: u64,
+    },
 }
 
 /// What changed, for watchers (job watch streams, agent desired-state pushers).
@@ -1144,6 +1154,20 @@ impl State {
                 self.bill(*job, *to_ms, *energy_mj);
                 Ok(vec![])
             }
+            RunReport::Lost {
+                job,
+                attempt,
+                at_ms,
+                reason,
+                energy_mj,
+            } => {
+                if !current(self, job, *attempt) {
+                    return Ok(vec![]);
+                }
+                self.close_run(*job, *at_ms, *energy_mj);
+                self.after_lost_run(*job, *at_ms, reason);
+                Ok(vec![Event::Job(*job), Event::Node(node_name.to_string())])
+            }
             RunReport::Exited {
                 job,
                 attempt,
@@ -1287,6 +1311,12 @@ impl State {
     /// queue, unless it was being cancelled or has used up its attempts.
     fn end_run_lost(&mut self, id: JobId, end_ms: i64, why: &str) {
         self.close_run(id, end_ms, 0);
+        self.after_lost_run(id, end_ms, why);
+    }
+
+    /// A run that ended through no fault of its job: the job goes back to the
+    /// queue (or is lost for good after too many attempts).
+    fn after_lost_run(&mut self, id: JobId, end_ms: i64, why: &str) {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };

@@ -56,6 +56,13 @@ fn to_report(r: pb::Report) -> Result<RunReport, Status> {
             attempt: s.attempt,
             at_ms: s.at_ms,
         },
+        Some(pb::report::Event::Exited(e)) if e.lost => RunReport::Lost {
+            job: parse_job_id("exited.job_id", &e.job_id)?,
+            attempt: e.attempt,
+            at_ms: e.at_ms,
+            reason: e.reason,
+            energy_mj: e.energy_mj,
+        },
         Some(pb::report::Event::Exited(e)) => RunReport::Exited {
             job: parse_job_id("exited.job_id", &e.job_id)?,
             attempt: e.attempt,
@@ -108,6 +115,7 @@ impl AgentService for Agents {
                 memory_mb: g.memory_mb,
             })
             .collect();
+        let session = r.session;
         let registry = &self.0.registry;
         let orphaned_runs_end_ms = registry.last_seen(&r.node).unwrap_or_else(now_ms);
         self.0
@@ -116,16 +124,25 @@ impl AgentService for Agents {
                 node: r.node.clone(),
                 owner: r.owner,
                 gpus,
-                session: r.session,
+                session: session.clone(),
                 orphaned_runs_end_ms,
             })
             .await
             .map_err(propose_status)?;
         registry.touch(&r.node);
         registry.wake_scheduler();
+        let last_seq = self
+            .0
+            .replica
+            .read()
+            .nodes
+            .get(&r.node)
+            .filter(|n| n.session == session)
+            .map_or(0, |n| n.last_seq);
         Ok(Response::new(pb::RegisterResponse {
             heartbeat_interval_ms: self.0.config.heartbeat_interval.as_millis() as u64,
             usage_interval_ms: self.0.config.usage_interval.as_millis() as u64,
+            last_seq,
         }))
     }
 
