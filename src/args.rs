@@ -164,6 +164,16 @@ pub struct SchedulerRunArgs {
 pub enum AgentCmd {
     /// Run the agent of this machine.
     Run(AgentRunArgs),
+    /// What an agent measured and what waits for a scheduler, read from its
+    /// spool (works while the agent runs, and when no scheduler answers).
+    Status(AgentStatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AgentStatusArgs {
+    /// The agent's data dir.
+    #[arg(long)]
+    pub data_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]

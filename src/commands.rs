@@ -998,3 +998,69 @@ pub async fn node(cli: &ClientArgs, cmd: NodeCmd) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `coop agent status`: the agent's identity, its unacknowledged reports and
+/// every run it remembers with what it measured.
+pub async fn agent_status(c: &ClientArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    let spool = coop_agent::spool::Spool::open_read_only(dir).await?;
+    let pending = spool.pending().await?;
+    let runs = spool.runs().await?;
+    match c.output {
+        Output::Json => print_json(&json!({
+            "identity": spool.identity(),
+            "pending_reports": pending.len(),
+            "runs": runs.iter().map(|r| json!({
+                "job": r.job,
+                "attempt": r.attempt,
+                "gpus": r.gpus,
+                "started_ms": r.started_ms,
+                "measured_to_ms": r.metered_to_ms,
+                "ended_ms": r.ended_ms,
+                "exit_code": r.exit_code,
+                "reason": r.reason,
+                "lost": r.lost,
+                "gpu_ms": r.gpu_ms,
+                "gpu_seconds": r.gpu_ms as f64 / 1000.0,
+                "energy_mj": r.energy_mj,
+                "energy_j": r.energy_mj as f64 / 1000.0,
+            })).collect::<Vec<_>>(),
+        })),
+        Output::Table => {
+            println!("identity        {}", spool.identity());
+            println!("spool           {}", spool.path().display());
+            println!("pending reports {}", pending.len());
+            println!();
+            table(
+                &[
+                    "JOB",
+                    "ATTEMPT",
+                    "GPUS",
+                    "STATE",
+                    "GPU-SECONDS",
+                    "ENERGY-J",
+                    "REASON",
+                ],
+                runs.iter()
+                    .map(|r| {
+                        let state = match (r.ended_ms, r.exit_code, r.lost) {
+                            (None, _, _) => "running".to_string(),
+                            (Some(_), _, true) => "lost".to_string(),
+                            (Some(_), Some(code), false) => format!("exited {code}"),
+                            (Some(_), None, false) => "ended".to_string(),
+                        };
+                        vec![
+                            r.job.clone(),
+                            r.attempt.to_string(),
+                            r.gpus.len().to_string(),
+                            state,
+                            format!("{:.3}", r.gpu_ms as f64 / 1000.0),
+                            format!("{:.3}", r.energy_mj as f64 / 1000.0),
+                            r.reason.clone(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+    }
+    Ok(())
+}

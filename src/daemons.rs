@@ -214,7 +214,10 @@ fn parse_peers(s: &str) -> anyhow::Result<std::collections::BTreeMap<u64, String
 }
 
 pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
-    let AgentCmd::Run(a) = cmd;
+    let a = match cmd {
+        AgentCmd::Run(a) => a,
+        AgentCmd::Status(a) => return crate::commands::agent_status(client, &a.data_dir).await,
+    };
     let token = client
         .token
         .clone()

@@ -9,79 +9,8 @@ use common::*;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-const OPERATOR: &str = "coop_test-operator-token";
-
-struct Split {
-    c: Cluster,
-    scheduler: Daemon,
-}
-
 fn scheduler() -> Split {
-    scheduler_with(&[])
-}
-
-fn scheduler_with(extra: &[&str]) -> Split {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("scheduler");
-    let mut args = vec![
-        "scheduler",
-        "run",
-        "--id",
-        "1",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
-    args.extend(FAST);
-    args.extend(extra);
-    let s = Daemon::spawn(
-        "scheduler",
-        dir.path(),
-        &args,
-        &[("COOP_OPERATOR_TOKEN", OPERATOR)],
-    );
-    let addr = s.export("COOP_ADDR");
-    Split {
-        c: Cluster {
-            dir,
-            addr,
-            token: OPERATOR.into(),
-            daemons: vec![],
-        },
-        scheduler: s,
-    }
-}
-
-impl Split {
-    fn agent(&self, name: &str, owner: &str, gpus: &str) -> Daemon {
-        self.agent_with(name, owner, gpus, &[])
-    }
-
-    fn agent_with(&self, name: &str, owner: &str, gpus: &str, extra: &[&str]) -> Daemon {
-        let data = self.c.dir.path().join(format!("agent-{name}"));
-        let mut args = vec![
-            "agent",
-            "run",
-            "--scheduler",
-            &self.c.addr,
-            "--name",
-            name,
-            "--owner",
-            owner,
-            "--gpus",
-            gpus,
-            "--data-dir",
-            data.to_str().unwrap(),
-        ];
-        args.extend(extra);
-        Daemon::spawn(
-            &format!("agent-{name}"),
-            self.c.dir.path(),
-            &args,
-            &[("COOP_TOKEN", OPERATOR)],
-        )
-    }
+    Split::start(&[])
 }
 
 fn pid_in(text: &str) -> i32 {
@@ -254,7 +183,7 @@ fn an_agent_cut_off_too_long_is_told_to_stop_what_it_no_longer_owns() {
 
 #[test]
 fn scheduler_and_agent_processes_serve_their_own_metrics() {
-    let s = scheduler_with(&["--metrics", "127.0.0.1:0"]);
+    let s = Split::start(&["--metrics", "127.0.0.1:0"]);
     let sched_metrics = s.scheduler.export("COOP_METRICS");
     let c = &s.c;
     c.add_member("acme");

@@ -618,11 +618,7 @@ async fn recover_orphans(spool: &mut Spool, gpus: &[GpuInfo]) -> anyhow::Result<
         let was_alive = alive.contains(&r.pgid);
         // A run found gone ended at some unknown time since it was last
         // measured: it is billed up to there, no further.
-        let at_ms = if was_alive {
-            now
-        } else {
-            r.metered_to_ms
-        };
+        let at_ms = if was_alive { now } else { r.metered_to_ms };
         let energy_mj = measure(gpus, &mut r, at_ms);
         let reason = if was_alive {
             "the agent restarted; the run it left was stopped"

@@ -206,7 +206,6 @@ impl Runner {
         let eof = offset + data.len() as u64 >= len && !self.is_running(key);
         Ok((data, eof))
     }
-
 }
 
 /// Identifies a process across agent restarts: the boot and the process's

@@ -150,10 +150,9 @@ impl Spool {
             path.display()
         );
         let pool = connect(&path, false).await?;
-        let identity: String =
-            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'identity'")
-                .fetch_one(&pool)
-                .await?;
+        let identity: String = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'identity'")
+            .fetch_one(&pool)
+            .await?;
         Ok(Self {
             pool,
             path,
@@ -348,7 +347,7 @@ mod tests {
         assert_eq!(s.identity(), id, "the identity is kept");
         let pending = s.pending().await.unwrap();
         assert_eq!(pending, sent[1..]);
-        assert_eq!(s.runs().await.unwrap(), [a.clone()]);
+        assert_eq!(s.runs().await.unwrap(), vec![a]);
         // Numbering goes on after the acknowledged reports were forgotten.
         s.ack(2).await.unwrap();
         let (next, written) = s.record(vec![usage("j1", 4_000)], &[]).await;
@@ -373,9 +372,7 @@ mod tests {
         let mut s = Spool::open(dir.path()).await.unwrap();
         let old = record("old", Some(5_000));
         let running = record("running", None);
-        let (sent, written) = s
-            .record(vec![usage("old", 5_000)], &[&old, &running])
-            .await;
+        let (sent, written) = s.record(vec![usage("old", 5_000)], &[&old, &running]).await;
         written.unwrap();
         assert_eq!(s.prune(10_000).await.unwrap(), 0, "a report is pending");
         s.ack(sent[0].seq).await.unwrap();

@@ -476,3 +476,140 @@ impl Cluster {
         }
     }
 }
+
+pub const OPERATOR: &str = "coop_test-operator-token";
+
+/// A scheduler and agents as separate processes (`coop scheduler run`,
+/// `coop agent run`), as on real machines.
+pub struct Split {
+    // The scheduler first: it is dropped (and its log read) before the dir goes.
+    pub scheduler: Daemon,
+    pub c: Cluster,
+    /// How the scheduler was started, to start it again on the same address.
+    args: Vec<String>,
+}
+
+impl Split {
+    /// One scheduler on a free port, with `FAST` timing and `extra` flags.
+    pub fn start(extra: &[&str]) -> Split {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("scheduler");
+        let mut args: Vec<String> = [
+            "scheduler",
+            "run",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // FAST's timing, unless `extra` sets its own.
+        for pair in FAST.chunks(2) {
+            if !extra.contains(&pair[0]) {
+                args.extend(pair.iter().map(|s| s.to_string()));
+            }
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let s = spawn_scheduler(dir.path(), &args);
+        let addr = s.export("COOP_ADDR");
+        // Restarts listen where the agents and the CLI already look.
+        let port = addr.rsplit(':').next().unwrap();
+        args[5] = format!("127.0.0.1:{port}");
+        Split {
+            scheduler: s,
+            c: Cluster {
+                dir,
+                addr,
+                token: OPERATOR.into(),
+                daemons: vec![],
+            },
+            args,
+        }
+    }
+
+    /// Starts the scheduler again (same data dir, same address) after it was
+    /// stopped or killed; returns once it serves.
+    pub fn restart_scheduler(&mut self) {
+        self.scheduler = spawn_scheduler(self.c.dir.path(), &self.args);
+        assert_eq!(self.scheduler.export("COOP_ADDR"), self.c.addr);
+    }
+
+    pub fn agent_dir(&self, name: &str) -> PathBuf {
+        self.c.dir.path().join(format!("agent-{name}"))
+    }
+
+    pub fn agent(&self, name: &str, owner: &str, gpus: &str) -> Daemon {
+        self.agent_with(name, owner, gpus, &[])
+    }
+
+    pub fn agent_with(&self, name: &str, owner: &str, gpus: &str, extra: &[&str]) -> Daemon {
+        let data = self.agent_dir(name);
+        let mut args = vec![
+            "agent",
+            "run",
+            "--scheduler",
+            &self.c.addr,
+            "--name",
+            name,
+            "--owner",
+            owner,
+            "--gpus",
+            gpus,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        Daemon::spawn(
+            &format!("agent-{name}"),
+            self.c.dir.path(),
+            &args,
+            &[("COOP_TOKEN", OPERATOR)],
+        )
+    }
+
+    /// `coop agent status` of agent `name`, as JSON.
+    pub fn agent_status(&self, name: &str) -> Value {
+        let dir = self.agent_dir(name);
+        let out = Command::new(BIN)
+            .args(["agent", "status", "--output", "json", "--data-dir"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "coop agent status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Polls `coop agent status` until `pred` holds.
+    pub fn wait_agent(&self, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let status = self.agent_status(name);
+            if pred(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {name} never {what}: {status:#}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn spawn_scheduler(dir: &Path, args: &[String]) -> Daemon {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Daemon::spawn(
+        "scheduler",
+        dir,
+        &args,
+        &[("COOP_OPERATOR_TOKEN", OPERATOR)],
+    )
+}

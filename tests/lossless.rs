@@ -1,0 +1,180 @@
+//! Usage is never lost and never counted twice: the ledger holds exactly what
+//! the agent measured (as its spool says, through `coop agent status`), across
+//! a 30 s outage of every scheduler and across the agent's own kill -9.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// What the agent measured of each job, summed over its attempts: (GPU-ms, mJ).
+fn measured(status: &Value) -> BTreeMap<String, (u64, u64)> {
+    let mut by_job = BTreeMap::new();
+    for r in status["runs"].as_array().unwrap() {
+        let e = by_job
+            .entry(r["job"].as_str().unwrap().to_string())
+            .or_insert((0, 0));
+        e.0 += r["gpu_ms"].as_u64().unwrap();
+        e.1 += r["energy_mj"].as_u64().unwrap();
+    }
+    by_job
+}
+
+/// What the ledger holds of a job: (GPU-ms, mJ).
+fn billed(c: &Cluster, id: &str) -> (u64, u64) {
+    let job = c.job(id);
+    (
+        (job["gpu_seconds"].as_f64().unwrap() * 1000.0).round() as u64,
+        (job["energy_j"].as_f64().unwrap() * 1000.0).round() as u64,
+    )
+}
+
+/// Every job's ledger totals equal the agent's measurements, and the member's
+/// usage is their sum.
+fn assert_ledger_matches_agent(s: &Split, agent: &str, ids: &[&str]) {
+    let status = s.wait_agent(agent, "had every report acknowledged", |st| {
+        st["pending_reports"] == 0
+    });
+    let measured = measured(&status);
+    let mut total_ms = 0;
+    for id in ids {
+        let m = measured[*id];
+        assert_eq!(billed(&s.c, id), m, "job {id}: ledger vs agent {status:#}");
+        assert!(m.0 > 0 && m.1 > 0, "job {id} was measured: {status:#}");
+        total_ms += m.0;
+    }
+    let usage = s.c.json(&["usage", "--member", "acme"]);
+    let member = usage["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["member"] == "acme")
+        .unwrap_or_else(|| panic!("no usage for acme: {usage:#}"));
+    assert_eq!(
+        (member["gpu_seconds"].as_f64().unwrap() * 1000.0).round() as u64,
+        total_ms,
+        "{usage:#}"
+    );
+}
+
+fn run_of<'a>(status: &'a Value, id: &str, attempt: u64) -> Option<&'a Value> {
+    status["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["job"] == id && r["attempt"] == attempt)
+}
+
+#[test]
+fn usage_of_jobs_that_ran_and_ended_while_every_scheduler_was_down_is_billed_once() {
+    let outage = Duration::from_secs(30);
+    let mut s = Split::start(&["--usage-interval", "300ms", "--node-timeout", "5s"]);
+    s.c.add_member("acme");
+    let _agent = s.agent("box", "acme", "sim:4xA100-80GB");
+    s.c.wait_node("box", "up", |n| n["state"] == "up");
+
+    let short = s.c.submit(&["--member", "acme", "--", "sleep", "2"]);
+    let medium =
+        s.c.submit(&["--member", "acme", "--gpus", "2", "--", "sleep", "4"]);
+    let long = s.c.submit(&["--member", "acme", "--", "sleep", "300"]);
+    for id in [&short, &medium, &long] {
+        s.c.wait_job(id, "billed while running", |j| {
+            j["state"] == "running" && j["gpu_seconds"].as_f64().unwrap() > 0.0
+        });
+    }
+
+    // Every scheduler goes (there is one), without a chance to say goodbye.
+    s.scheduler.kill9();
+    let down_at = Instant::now();
+    // The two shorter jobs end meanwhile; the agent spools their ends.
+    let status = s.wait_agent("box", "recorded both ends", |st| {
+        [&short, &medium]
+            .iter()
+            .all(|id| run_of(st, id, 1).is_some_and(|r| r["exit_code"] == 0))
+    });
+    assert!(
+        status["pending_reports"].as_u64().unwrap() > 0,
+        "{status:#}"
+    );
+    // The outage lasts its full length while the long job keeps running.
+    std::thread::sleep(outage.saturating_sub(down_at.elapsed()));
+    s.restart_scheduler();
+
+    for id in [&short, &medium] {
+        let job = s.c.wait_final(id);
+        assert_eq!(job["state"], "completed", "{job:#}");
+    }
+    let job = s.c.job(&long);
+    assert_eq!(
+        (job["state"].as_str(), job["attempts"].as_u64()),
+        (Some("running"), Some(1)),
+        "the run that went on through the outage is still the same: {job:#}"
+    );
+    s.c.ok(&["job", "cancel", &long]);
+    assert_eq!(s.c.wait_final(&long)["state"], "cancelled");
+
+    assert_ledger_matches_agent(&s, "box", &[&short, &medium, &long]);
+    let (long_ms, _) = billed(&s.c, &long);
+    assert!(
+        long_ms >= outage.as_millis() as u64,
+        "the long job is billed for the outage too: {long_ms} ms"
+    );
+}
+
+#[test]
+fn an_agent_killed_with_sigkill_and_restarted_loses_no_usage() {
+    let s = Split::start(&["--usage-interval", "300ms", "--node-timeout", "20s"]);
+    s.c.add_member("acme");
+    let mut agent = s.agent("box", "acme", "sim:2xA100-80GB");
+    s.c.wait_node("box", "up", |n| n["state"] == "up");
+    let id = s.c.submit(&[
+        "--member",
+        "acme",
+        "--gpus",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "echo pid $$; exec sleep 300",
+    ]);
+    let pid = pid_in(&s.c.wait_log(&id, "pid "));
+    s.c.wait_job(&id, "billed", |j| j["gpu_seconds"].as_f64().unwrap() > 0.0);
+
+    agent.kill9();
+    assert!(process_alive(pid), "the run outlives its agent");
+    let _agent = s.agent("box", "acme", "sim:2xA100-80GB");
+    // The new agent stops what its predecessor left and reports it lost, with
+    // its usage up to then; the job runs again.
+    wait_gone(pid, "the run left by the killed agent");
+    s.c.wait_job(&id, "running again", |j| {
+        j["state"] == "running" && j["attempts"] == 2
+    });
+    let status = s.agent_status("box");
+    let first = run_of(&status, &id, 1).unwrap();
+    assert_eq!(first["lost"], true, "{status:#}");
+    assert!(
+        first["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the agent restarted"),
+        "{status:#}"
+    );
+    let pid2 = pid_in(&s.c.wait_log(&id, "pid "));
+    assert_ne!(pid, pid2);
+
+    s.c.ok(&["job", "cancel", &id]);
+    assert_eq!(s.c.wait_final(&id)["state"], "cancelled");
+    assert_ledger_matches_agent(&s, "box", &[&id]);
+}
+
+fn pid_in(text: &str) -> i32 {
+    text.split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
