@@ -100,9 +100,13 @@ pub struct Timing {
 
 #[derive(Args, Debug)]
 pub struct DevArgs {
-    /// GPUs of the local agent.
-    #[arg(long, default_value = "sim:4xA100-80GB")]
+    /// GPUs of the local agent: `auto` (the real ones through NVML where a
+    /// driver is present, else 4 simulated A100s), `nvml`, or `sim:COUNTxMODEL[,..]`.
+    #[arg(long, default_value = "auto")]
     pub gpus: String,
+    /// How often the local agent reads its GPUs.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub telemetry_interval: Duration,
     /// Where the cluster keeps its SQLite files [default: $XDG_DATA_HOME/coop/dev].
     #[arg(long, env = "COOP_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -193,6 +197,9 @@ pub struct AgentRunArgs {
     /// Where run output and bookkeeping are kept.
     #[arg(long)]
     pub data_dir: PathBuf,
+    /// How often the GPUs are read (metrics, each job's utilisation).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub telemetry_interval: Duration,
     /// Serve Prometheus metrics (GPU telemetry, report backlog) at http://ADDR/metrics.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,

@@ -1023,6 +1023,7 @@ pub async fn agent_status(c: &ClientArgs, dir: &std::path::Path) -> anyhow::Resu
                 "gpu_seconds": r.gpu_ms as f64 / 1000.0,
                 "energy_mj": r.energy_mj,
                 "energy_j": r.energy_mj as f64 / 1000.0,
+                "utilization_pct": r.utilization_pct(),
             })).collect::<Vec<_>>(),
         })),
         Output::Table => {
@@ -1055,6 +1056,8 @@ pub async fn agent_status(c: &ClientArgs, dir: &std::path::Path) -> anyhow::Resu
                             state,
                             format!("{:.3}", r.gpu_ms as f64 / 1000.0),
                             format!("{:.3}", r.energy_mj as f64 / 1000.0),
+                            r.utilization_pct()
+                                .map_or("-".into(), |u| format!("{u:.0}")),
                             r.reason.clone(),
                         ]
                     })

@@ -82,8 +82,8 @@ fn default_dev_dir() -> PathBuf {
 }
 
 pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
-    let gpus: GpuSource = a.gpus.parse()?;
-    let gpu_list = gpus.discover(&a.node)?;
+    let gpus = a.gpus.parse::<GpuSource>()?.open(&a.node)?;
+    let gpu_summary = describe_gpus(&gpus);
     let dir = a.data_dir.unwrap_or_else(default_dev_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let creds = dev_credentials(&dir)?;
@@ -104,9 +104,10 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         token: creds.operator_token.clone(),
         node: a.node.clone(),
         owner: creds.member.clone(),
-        gpus: gpu_list.clone(),
+        gpus,
         data_dir: dir.join("agent"),
         metrics: Some(agent_metrics),
+        telemetry_interval: a.telemetry_interval,
     })
     .await?;
     let mut registered = agent.registered();
@@ -118,10 +119,8 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         .context("the local agent stopped")?;
 
     eprintln!(
-        "coop dev: scheduler on {addr}, node {} with {} simulated GPUs ({}), data in {}",
+        "coop dev: scheduler on {addr}, node {} with {gpu_summary}, data in {}",
         a.node,
-        gpu_list.len(),
-        a.gpus,
         dir.display()
     );
     eprintln!(
@@ -223,8 +222,8 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         .clone()
         .filter(|t| !t.trim().is_empty())
         .context("token: the agent needs a credential (--token or COOP_TOKEN)")?;
-    let gpus: GpuSource = a.gpus.parse()?;
-    let gpu_list = gpus.discover(&a.name)?;
+    let gpus = a.gpus.parse::<GpuSource>()?.open(&a.name)?;
+    let gpu_summary = describe_gpus(&gpus);
     let schedulers: Vec<String> = a
         .scheduler
         .split(',')
@@ -244,12 +243,13 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         token,
         node: a.name.clone(),
         owner: a.owner,
-        gpus: gpu_list.clone(),
+        gpus,
         data_dir: a.data_dir,
         metrics: Some(agent_metrics),
+        telemetry_interval: a.telemetry_interval,
     })
     .await?;
-    eprintln!("agent {}: {} GPUs: {}", a.name, gpu_list.len(), a.gpus);
+    eprintln!("agent {}: {gpu_summary}", a.name);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut task = tokio::spawn(agent.run(stop_rx));
     tokio::select! {
@@ -259,4 +259,16 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     task.await??;
     Ok(())
+}
+
+/// "4 GPUs (A100-80GB), simulated" or "8 GPUs (H100-80GB-HBM3), driver 550.54, CUDA 12.4".
+fn describe_gpus(g: &coop_agent::Gpus) -> String {
+    let mut models: Vec<&str> = g.info.iter().map(|i| i.model.as_str()).collect();
+    models.dedup();
+    let source = match (&g.driver_version, &g.cuda_version) {
+        (Some(d), Some(c)) => format!("driver {d}, CUDA {c}"),
+        (Some(d), None) => format!("driver {d}"),
+        _ => "simulated".to_string(),
+    };
+    format!("{} GPUs ({}), {source}", g.info.len(), models.join(", "))
 }

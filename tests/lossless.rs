@@ -117,6 +117,11 @@ fn usage_of_jobs_that_ran_and_ended_while_every_scheduler_was_down_is_billed_onc
     assert_eq!(s.c.wait_final(&long)["state"], "cancelled");
 
     assert_ledger_matches_agent(&s, "box", &[&short, &medium, &long]);
+    // Each run's GPUs' utilisation is attributed to it (simulated GPUs are
+    // flat out while busy).
+    let status = s.agent_status("box");
+    let long_run = run_of(&status, &long, 1).unwrap();
+    assert_eq!(long_run["utilization_pct"], 100.0, "{status:#}");
     let (long_ms, _) = billed(&s.c, &long);
     assert!(
         long_ms >= outage.as_millis() as u64,

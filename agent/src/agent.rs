@@ -19,19 +19,21 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
-use crate::gpu::GpuInfo;
+use crate::gpu::{Gpus, Telemetry};
 use crate::runner::{Exit, RunKey, Runner, Spawned, now_ms, process_tag};
 use crate::spool::{RunRecord, Spool};
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct AgentConfig {
     /// Scheduler addresses (`http://host:port`); any of them will do.
     pub schedulers: Vec<String>,
     pub token: String,
     pub node: String,
     pub owner: String,
-    pub gpus: Vec<GpuInfo>,
+    pub gpus: Gpus,
     pub data_dir: PathBuf,
+    /// How often the GPUs are read (metrics, and each run's utilisation).
+    pub telemetry_interval: Duration,
     /// Where to publish telemetry and the report backlog, if anywhere.
     pub metrics: Option<crate::metrics::AgentMetrics>,
 }
@@ -59,7 +61,7 @@ pub struct Agent {
     /// and when next: connected or not, usage goes to the spool on time.
     usage_interval: Duration,
     next_usage: tokio::time::Instant,
-    last_telemetry: std::time::Instant,
+    next_telemetry: tokio::time::Instant,
     last_prune: std::time::Instant,
 }
 
@@ -97,15 +99,18 @@ pub struct Refused(String);
 const STOP_ON_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 impl Agent {
-    pub async fn new(cfg: AgentConfig) -> anyhow::Result<Self> {
+    pub async fn new(mut cfg: AgentConfig) -> anyhow::Result<Self> {
         if cfg.schedulers.is_empty() {
             anyhow::bail!("scheduler: at least one address is needed");
+        }
+        if cfg.telemetry_interval < Duration::from_millis(10) {
+            anyhow::bail!("telemetry-interval: must be at least 10ms");
         }
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
         let lock = lock_data_dir(&cfg.data_dir)?;
         let mut spool = Spool::open(&cfg.data_dir).await?;
-        recover_orphans(&mut spool, &cfg.gpus).await?;
+        recover_orphans(&mut spool, cfg.gpus.telemetry.as_mut()).await?;
         let unacked: VecDeque<_> = spool.pending().await?.into();
         let ended = spool
             .runs()
@@ -136,7 +141,7 @@ impl Agent {
             metered: BTreeMap::new(),
             usage_interval: Duration::from_secs(30),
             next_usage: tokio::time::Instant::now() + Duration::from_secs(30),
-            last_telemetry: std::time::Instant::now(),
+            next_telemetry: tokio::time::Instant::now(),
             last_prune: std::time::Instant::now(),
         })
     }
@@ -192,6 +197,7 @@ impl Agent {
                     _ = tokio::time::sleep_until(until) => break,
                     Some(exit) = self.exits.recv() => self.on_exit(exit).await,
                     _ = tokio::time::sleep_until(self.next_usage) => self.report_usage().await,
+                    _ = tokio::time::sleep_until(self.next_telemetry) => self.read_gpus(),
                     _ = stopped(&mut shutdown) => {
                         self.stop_all_runs("the agent shut down").await;
                         return Ok(());
@@ -250,6 +256,7 @@ impl Agent {
             gpus: self
                 .cfg
                 .gpus
+                .info
                 .iter()
                 .map(|g| pb::Gpu {
                     uuid: g.uuid.clone(),
@@ -327,8 +334,8 @@ impl Agent {
                 },
                 Some(exit) = self.exits.recv() => self.on_exit(exit).await,
                 _ = tokio::time::sleep_until(self.next_usage) => self.report_usage().await,
+                _ = tokio::time::sleep_until(self.next_telemetry) => self.read_gpus(),
                 _ = tick.tick() => {
-                    self.publish_metrics();
                     self.flush_acks().await;
                     let ping = pb::AgentMessage { msg: Some(Up::Ping(pb::Ping {})) };
                     if tx.send(ping).is_err() {
@@ -345,18 +352,23 @@ impl Agent {
         result
     }
 
-    /// One telemetry reading of every GPU, and the report backlog.
-    fn publish_metrics(&mut self) {
-        let Some(m) = &self.cfg.metrics else { return };
-        let dt = self.last_telemetry.elapsed().as_secs_f64();
-        self.last_telemetry = std::time::Instant::now();
-        let busy = |uuid: &str| {
-            self.metered
-                .values()
-                .any(|r| r.gpus.iter().any(|g| g == uuid))
-        };
-        m.publish(&self.cfg.node, &self.cfg.gpus, &busy, dt);
-        m.set_backlog(&self.cfg.node, self.unacked.len());
+    /// One reading of every GPU: published as metrics, and each running
+    /// run's utilisation accumulated.
+    fn read_gpus(&mut self) {
+        self.next_telemetry = tokio::time::Instant::now() + self.cfg.telemetry_interval;
+        let readings = self.cfg.gpus.telemetry.read(now_ms());
+        for r in self.metered.values_mut() {
+            for u in readings.iter().filter(|x| r.gpus.contains(&x.uuid)) {
+                if let Some(pct) = u.utilization_pct {
+                    r.utilization_sum += pct as u64;
+                    r.utilization_samples += 1;
+                }
+            }
+        }
+        if let Some(m) = &self.cfg.metrics {
+            m.publish(&self.cfg.node, &self.cfg.gpus.info, &readings);
+            m.set_backlog(&self.cfg.node, self.unacked.len());
+        }
     }
 
     async fn on_message(&mut self, msg: pb::SchedulerMessage) {
@@ -425,6 +437,10 @@ impl Agent {
                 tracing::info!("starting run {key} on {:?}", run.gpus);
                 match self.runner.spawn(key.clone(), &run.command, &run.gpus) {
                     Spawned::Started { at_ms, pgid } => {
+                        let t = self.cfg.gpus.telemetry.as_mut();
+                        for g in &run.gpus {
+                            t.set_busy(g, true, at_ms);
+                        }
                         let record = RunRecord {
                             job: key.job.clone(),
                             attempt: key.attempt,
@@ -433,7 +449,10 @@ impl Agent {
                             process: process_tag(pgid),
                             started_ms: at_ms,
                             metered_to_ms: at_ms,
-                            counters_mj: vec![],
+                            counters_mj: t.energy_mj(&run.gpus, at_ms),
+                            epoch: t.epoch().to_string(),
+                            utilization_sum: 0,
+                            utilization_samples: 0,
                             gpu_ms: 0,
                             energy_mj: 0,
                             ended_ms: None,
@@ -481,7 +500,11 @@ impl Agent {
             // Never started (spawn failed, or cancelled first): nothing measured.
             RunRecord::never_started(&exit.key, exit.at_ms)
         });
-        let energy_mj = measure(&self.cfg.gpus, &mut record, exit.at_ms);
+        let t = self.cfg.gpus.telemetry.as_mut();
+        let energy_mj = measure(t, &mut record, exit.at_ms);
+        for g in &record.gpus {
+            t.set_busy(g, false, exit.at_ms);
+        }
         let reason = match lost {
             Some(why) if exit.reason.is_empty() => why.to_string(),
             Some(why) => format!("{why} ({})", exit.reason),
@@ -512,7 +535,7 @@ impl Agent {
             if now <= r.metered_to_ms {
                 continue;
             }
-            let energy_mj = measure(&self.cfg.gpus, r, now);
+            let energy_mj = measure(self.cfg.gpus.telemetry.as_mut(), r, now);
             events.push(pb::report::Event::Usage(pb::RunUsage {
                 job_id: key.job.clone(),
                 attempt: key.attempt,
@@ -590,7 +613,7 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std:
 /// Runs that a previous agent process left unfinished (it crashed or was
 /// killed): those still running are stopped, and every one is recorded as
 /// lost with its usage up to its end as far as this agent can measure it.
-async fn recover_orphans(spool: &mut Spool, gpus: &[GpuInfo]) -> anyhow::Result<()> {
+async fn recover_orphans(spool: &mut Spool, telemetry: &mut dyn Telemetry) -> anyhow::Result<()> {
     let orphans: Vec<RunRecord> = spool
         .runs()
         .await?
@@ -619,7 +642,7 @@ async fn recover_orphans(spool: &mut Spool, gpus: &[GpuInfo]) -> anyhow::Result<
         // A run found gone ended at some unknown time since it was last
         // measured: it is billed up to there, no further.
         let at_ms = if was_alive { now } else { r.metered_to_ms };
-        let energy_mj = measure(gpus, &mut r, at_ms);
+        let energy_mj = measure(telemetry, &mut r, at_ms);
         let reason = if was_alive {
             "the agent restarted; the run it left was stopped"
         } else {
@@ -647,23 +670,32 @@ async fn recover_orphans(spool: &mut Spool, gpus: &[GpuInfo]) -> anyhow::Result<
 
 /// Measures a run from where it was last measured up to `to_ms`: adds its
 /// GPU time and energy to its record and returns the energy of the interval.
-fn measure(all: &[GpuInfo], r: &mut RunRecord, to_ms: i64) -> u64 {
+/// Energy is the difference of the GPUs' counters; where a counter cannot
+/// tell (it restarted with the machine or the agent, or there is none) it is
+/// what the backend knows a busy GPU draws.
+fn measure(t: &mut dyn Telemetry, r: &mut RunRecord, to_ms: i64) -> u64 {
     let to_ms = to_ms.max(r.metered_to_ms);
-    let energy = energy_mj(all, &r.gpus, r.metered_to_ms, to_ms);
-    r.gpu_ms += (to_ms - r.metered_to_ms) as u64 * r.gpus.len() as u64;
+    let ms = (to_ms - r.metered_to_ms) as u64;
+    let now = t.energy_mj(&r.gpus, to_ms);
+    let same_epoch = r.epoch == t.epoch();
+    let energy: u64 = r
+        .gpus
+        .iter()
+        .enumerate()
+        .map(|(i, uuid)| {
+            let before = r.counters_mj.get(i).copied().flatten();
+            match (before, now.get(i).copied().flatten()) {
+                (Some(a), Some(b)) if same_epoch && b >= a => b - a,
+                _ => t.busy_energy_mj(uuid, ms),
+            }
+        })
+        .sum();
+    r.counters_mj = now;
+    r.epoch = t.epoch().to_string();
+    r.gpu_ms += ms * r.gpus.len() as u64;
     r.energy_mj += energy;
     r.metered_to_ms = to_ms;
     energy
-}
-
-/// Energy the run's GPUs drew over `[from, to]`: simulated GPUs draw their
-/// model's typical board power while busy (W x ms = mJ).
-fn energy_mj(all: &[GpuInfo], gpus: &[String], from_ms: i64, to_ms: i64) -> u64 {
-    let ms = (to_ms - from_ms).max(0) as u64;
-    gpus.iter()
-        .filter_map(|u| all.iter().find(|g| &g.uuid == u))
-        .map(|g| crate::gpu::sim_power_w(&g.model) * ms)
-        .sum()
 }
 
 async fn stopped(rx: &mut watch::Receiver<bool>) {

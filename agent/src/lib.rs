@@ -10,4 +10,4 @@ pub mod runner;
 pub mod spool;
 
 pub use agent::{Agent, AgentConfig};
-pub use gpu::{GpuInfo, GpuSource};
+pub use gpu::{GpuInfo, GpuSource, Gpus};

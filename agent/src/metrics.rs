@@ -1,12 +1,13 @@
-//! Prometheus metrics of an agent: per-GPU telemetry and the report backlog.
-//!
-//! Simulated GPUs report simulated telemetry: busy GPUs at full utilisation and
-//! their model's board power, idle ones at a tenth of it. The NVML backend
-//! will report the real readings through the same gauges.
+//! Prometheus metrics of an agent: per-GPU telemetry (NVML's readings, or the
+//! simulation's) and the report backlog. A reading a GPU cannot give (a MIG
+//! slice's power) leaves its gauge unset rather than at a made-up value.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use prometheus::{CounterVec, GaugeVec, IntGaugeVec, Opts, Registry};
 
-use crate::gpu::{GpuInfo, sim_power_w};
+use crate::gpu::{GpuInfo, Reading};
 
 #[derive(Clone)]
 pub struct AgentMetrics {
@@ -16,8 +17,12 @@ pub struct AgentMetrics {
     temperature: GaugeVec,
     healthy: IntGaugeVec,
     energy: CounterVec,
+    ecc: IntGaugeVec,
+    throttled: IntGaugeVec,
     backlog: IntGaugeVec,
     connected: IntGaugeVec,
+    /// Each GPU's energy counter at the last reading, for the counter's increments.
+    last_energy: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 impl std::fmt::Debug for AgentMetrics {
@@ -54,6 +59,20 @@ impl AgentMetrics {
                 ),
                 GPU,
             )?,
+            ecc: IntGaugeVec::new(
+                Opts::new(
+                    "coop_gpu_ecc_uncorrected_errors",
+                    "Uncorrected ECC errors since the driver loaded.",
+                ),
+                GPU,
+            )?,
+            throttled: IntGaugeVec::new(
+                Opts::new(
+                    "coop_gpu_throttled",
+                    "1 while the GPU's clocks are held down by the hardware, by reason.",
+                ),
+                &["node", "gpu", "model", "reason"],
+            )?,
             backlog: IntGaugeVec::new(
                 Opts::new(
                     "coop_agent_spool_backlog",
@@ -68,6 +87,7 @@ impl AgentMetrics {
                 ),
                 &["node"],
             )?,
+            last_energy: Arc::default(),
         };
         registry.register(Box::new(m.utilization.clone()))?;
         registry.register(Box::new(m.memory_used.clone()))?;
@@ -75,35 +95,54 @@ impl AgentMetrics {
         registry.register(Box::new(m.temperature.clone()))?;
         registry.register(Box::new(m.healthy.clone()))?;
         registry.register(Box::new(m.energy.clone()))?;
+        registry.register(Box::new(m.ecc.clone()))?;
+        registry.register(Box::new(m.throttled.clone()))?;
         registry.register(Box::new(m.backlog.clone()))?;
         registry.register(Box::new(m.connected.clone()))?;
         Ok(m)
     }
 
-    /// Publishes one reading of every GPU: `busy` says which ones run a job;
-    /// `dt_s` is the time since the last reading (for the energy counter).
-    pub fn publish(&self, node: &str, gpus: &[GpuInfo], busy: &dyn Fn(&str) -> bool, dt_s: f64) {
-        for g in gpus {
-            let l = &[node, g.uuid.as_str(), g.model.as_str()];
-            let on = busy(&g.uuid);
-            let watts = sim_power_w(&g.model) as f64 * if on { 1.0 } else { 0.1 };
-            self.utilization
-                .with_label_values(l)
-                .set(if on { 1.0 } else { 0.0 });
-            let mem = if on {
-                g.memory_mb as f64 * 1024.0 * 1024.0 / 2.0
-            } else {
-                0.0
-            };
-            self.memory_used.with_label_values(l).set(mem);
-            self.power.with_label_values(l).set(watts);
-            self.temperature
-                .with_label_values(l)
-                .set(if on { 70.0 } else { 35.0 });
-            self.healthy.with_label_values(l).set(1);
-            self.energy
-                .with_label_values(l)
-                .inc_by(watts * dt_s.max(0.0));
+    /// Publishes one reading of every GPU.
+    pub fn publish(&self, node: &str, gpus: &[GpuInfo], readings: &[Reading]) {
+        let mut last = self.last_energy.lock().expect("metrics lock");
+        for r in readings {
+            let model = gpus
+                .iter()
+                .find(|g| g.uuid == r.uuid)
+                .map_or("", |g| g.model.as_str());
+            let l = &[node, r.uuid.as_str(), model];
+            if let Some(u) = r.utilization_pct {
+                self.utilization.with_label_values(l).set(u as f64 / 100.0);
+            }
+            if let Some(b) = r.memory_used_bytes {
+                self.memory_used.with_label_values(l).set(b as f64);
+            }
+            if let Some(mw) = r.power_mw {
+                self.power.with_label_values(l).set(mw as f64 / 1000.0);
+            }
+            if let Some(c) = r.temperature_c {
+                self.temperature.with_label_values(l).set(c as f64);
+            }
+            if let Some(e) = r.ecc_uncorrected {
+                self.ecc.with_label_values(l).set(e as i64);
+            }
+            for reason in ["hw_slowdown", "hw_thermal", "hw_power_brake", "sw_thermal"] {
+                self.throttled
+                    .with_label_values(&[node, r.uuid.as_str(), model, reason])
+                    .set(r.throttle.contains(&reason) as i64);
+            }
+            self.healthy.with_label_values(l).set(r.healthy as i64);
+            if let Some(mj) = r.energy_mj {
+                // The first reading is the baseline; a counter that went back
+                // (driver reload) starts a new one.
+                if let Some(prev) = last.insert(r.uuid.clone(), mj)
+                    && mj > prev
+                {
+                    self.energy
+                        .with_label_values(l)
+                        .inc_by((mj - prev) as f64 / 1000.0);
+                }
+            }
         }
     }
 

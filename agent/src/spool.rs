@@ -33,9 +33,17 @@ pub struct RunRecord {
     pub started_ms: i64,
     /// Usage has been measured and reported up to here.
     pub metered_to_ms: i64,
-    /// Each GPU's energy counter at `metered_to_ms` (mJ), where it has one.
+    /// Each GPU's energy counter at `metered_to_ms` (mJ), where it has one,
+    /// and the counters' epoch (`Telemetry::epoch`).
     #[serde(default)]
     pub counters_mj: Vec<Option<u64>>,
+    #[serde(default)]
+    pub epoch: String,
+    /// Sum and count of the run's GPUs' utilisation readings (percent).
+    #[serde(default)]
+    pub utilization_sum: u64,
+    #[serde(default)]
+    pub utilization_samples: u64,
     /// Measured so far: GPU-milliseconds and energy.
     pub gpu_ms: u64,
     pub energy_mj: u64,
@@ -60,6 +68,9 @@ impl RunRecord {
             started_ms: at_ms,
             metered_to_ms: at_ms,
             counters_mj: vec![],
+            epoch: String::new(),
+            utilization_sum: 0,
+            utilization_samples: 0,
             gpu_ms: 0,
             energy_mj: 0,
             ended_ms: None,
@@ -67,6 +78,12 @@ impl RunRecord {
             reason: String::new(),
             lost: false,
         }
+    }
+
+    /// Mean utilisation of the run's GPUs over its readings, in percent.
+    pub fn utilization_pct(&self) -> Option<f64> {
+        (self.utilization_samples > 0)
+            .then(|| self.utilization_sum as f64 / self.utilization_samples as f64)
     }
 
     pub fn key(&self) -> RunKey {
@@ -311,6 +328,9 @@ mod tests {
             started_ms: 1_000,
             metered_to_ms: 2_000,
             counters_mj: vec![Some(7)],
+            epoch: "boot:1".into(),
+            utilization_sum: 90,
+            utilization_samples: 1,
             gpu_ms: 1_000,
             energy_mj: 300_000,
             ended_ms: ended,
