@@ -54,6 +54,7 @@ fn main() -> anyhow::Result<()> {
                     model: "A100-80GB".into(),
                     memory_mb: 81_920,
                     job: String::new(),
+                    measured: None,
                 }],
                 session: "bench".into(),
             }))

@@ -171,6 +171,9 @@ pub enum AgentCmd {
     /// What an agent measured and what waits for a scheduler, read from its
     /// spool (works while the agent runs, and when no scheduler answers).
     Status(AgentStatusArgs),
+    /// Check each GPU (an NVRTC-compiled kernel must compute the right
+    /// answer) and measure it: cuBLAS fp16/bf16 matmul, memory bandwidth.
+    Probe,
 }
 
 #[derive(Args, Debug)]
@@ -200,6 +203,10 @@ pub struct AgentRunArgs {
     /// How often the GPUs are read (metrics, each job's utilisation).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub telemetry_interval: Duration,
+    /// Do not probe real GPUs at start. By default each is checked and
+    /// measured first (as `coop agent probe`); one that fails is not offered.
+    #[arg(long)]
+    pub no_probe: bool,
     /// Serve Prometheus metrics (GPU telemetry, report backlog) at http://ADDR/metrics.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,

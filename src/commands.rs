@@ -852,6 +852,11 @@ fn node_json(n: &pb::Node) -> Value {
         "gpus": n.gpus.iter().map(|g| json!({
             "uuid": g.uuid, "index": g.index, "model": g.model, "memory_mb": g.memory_mb,
             "job": if g.job.is_empty() { Value::Null } else { json!(g.job) },
+            "measured": g.measured.as_ref().map(|m| json!({
+                "fp16_tflops": m.fp16_gflops as f64 / 1000.0,
+                "bf16_tflops": m.bf16_gflops as f64 / 1000.0,
+                "memory_gb_per_s": m.memory_mb_per_s as f64 / 1000.0,
+            })),
         })).collect::<Vec<_>>(),
     })
 }
@@ -995,6 +1000,52 @@ pub async fn node(cli: &ClientArgs, cmd: NodeCmd) -> anyhow::Result<()> {
     match cli.output {
         Output::Json => print_json(&Value::Array(nodes.iter().map(node_json).collect())),
         Output::Table => table(&NODE_HEADER, node_rows(&nodes)),
+    }
+    Ok(())
+}
+
+/// `coop agent probe`: checks and measures every GPU; fails when there is no
+/// driver or when any GPU fails its check.
+pub async fn agent_probe(c: &ClientArgs) -> anyhow::Result<()> {
+    let probes = tokio::task::spawn_blocking(coop_agent::probe::probe_all).await??;
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    match c.output {
+        Output::Json => print_json(&serde_json::to_value(&probes)?),
+        Output::Table => table(
+            &[
+                "GPU",
+                "UUID",
+                "NAME",
+                "CHECK",
+                "FP16-TFLOPS",
+                "BF16-TFLOPS",
+                "MEM-GB/S",
+                "NOTE",
+            ],
+            probes
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.ordinal.to_string(),
+                        p.uuid.clone(),
+                        p.name.clone(),
+                        if p.ok { "ok" } else { "FAILED" }.to_string(),
+                        opt(p.fp16_tflops),
+                        opt(p.bf16_tflops),
+                        opt(p.memory_gb_per_s),
+                        p.error.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect(),
+        ),
+    }
+    let failed: Vec<String> = probes
+        .iter()
+        .filter(|p| !p.ok)
+        .map(|p| p.ordinal.to_string())
+        .collect();
+    if !failed.is_empty() {
+        bail!("probe: GPU {} failed the check", failed.join(", "));
     }
     Ok(())
 }

@@ -216,13 +216,17 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
     let a = match cmd {
         AgentCmd::Run(a) => a,
         AgentCmd::Status(a) => return crate::commands::agent_status(client, &a.data_dir).await,
+        AgentCmd::Probe => return crate::commands::agent_probe(client).await,
     };
     let token = client
         .token
         .clone()
         .filter(|t| !t.trim().is_empty())
         .context("token: the agent needs a credential (--token or COOP_TOKEN)")?;
-    let gpus = a.gpus.parse::<GpuSource>()?.open(&a.name)?;
+    let mut gpus = a.gpus.parse::<GpuSource>()?.open(&a.name)?;
+    if gpus.driver_version.is_some() && !a.no_probe {
+        probe_gpus(&mut gpus).await?;
+    }
     let gpu_summary = describe_gpus(&gpus);
     let schedulers: Vec<String> = a
         .scheduler
@@ -258,6 +262,24 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     task.await??;
+    Ok(())
+}
+
+/// Checks and measures real GPUs before they are offered: those that fail
+/// are left out. A probe that cannot run at all (no NVRTC) leaves them
+/// unmeasured, with a warning.
+async fn probe_gpus(gpus: &mut coop_agent::Gpus) -> anyhow::Result<()> {
+    match tokio::task::spawn_blocking(coop_agent::probe::probe_all).await? {
+        Ok(probes) => {
+            for (uuid, why) in coop_agent::probe::apply(&mut gpus.info, &probes) {
+                tracing::error!("GPU {uuid} failed its check and is not offered: {why}");
+            }
+            if gpus.info.is_empty() {
+                bail!("gpus: every GPU failed its check (see coop agent probe)");
+            }
+        }
+        Err(e) => tracing::warn!("{e:#}; GPUs are offered unmeasured"),
+    }
     Ok(())
 }
 

@@ -235,3 +235,33 @@ fn scheduler_and_agent_processes_serve_their_own_metrics() {
         "member figures come from the scheduler"
     );
 }
+
+#[test]
+fn without_a_driver_probe_and_nvml_say_so_in_one_line_and_exit_non_zero() {
+    if std::path::Path::new("/proc/driver/nvidia/version").exists() {
+        // A machine with a GPU: scripts/gpu-check covers it.
+        return;
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["agent", "probe"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: probe: "), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+
+    let s = scheduler();
+    s.c.add_member("acme");
+    let mut agent = s.agent("box", "acme", "nvml");
+    let status = agent.child.wait().unwrap();
+    assert!(!status.success());
+    let err = agent.stderr();
+    assert!(err.contains("gpus: cannot load NVML"), "{err}");
+    assert!(
+        err.contains("--gpus sim:"),
+        "says what to do instead: {err}"
+    );
+    // Nothing was registered.
+    assert_eq!(s.c.json(&["node", "list"]), serde_json::json!([]));
+}

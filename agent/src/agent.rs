@@ -264,6 +264,11 @@ impl Agent {
                     model: g.model.clone(),
                     memory_mb: g.memory_mb,
                     job: String::new(),
+                    measured: g.measured.map(|m| pb::GpuCapacity {
+                        fp16_gflops: m.fp16_gflops,
+                        bf16_gflops: m.bf16_gflops,
+                        memory_mb_per_s: m.memory_mb_per_s,
+                    }),
                 })
                 .collect(),
             session: identity.clone(),

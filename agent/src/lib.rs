@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod gpu;
 pub mod metrics;
+pub mod probe;
 pub mod runner;
 pub mod spool;
 

@@ -59,6 +59,7 @@ fn cluster(ordering: Ordering) -> State {
                 index: i,
                 model: model.into(),
                 memory_mb: 80 * 1024,
+                measured: None,
             })
             .collect();
         apply(

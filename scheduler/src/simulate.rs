@@ -225,6 +225,7 @@ impl<'a> Sim<'a> {
                         index: i,
                         model: g.model.clone(),
                         memory_mb: g.memory_mb,
+                        measured: None,
                     })
                     .collect();
                 s.apply(Op::RegisterNode {

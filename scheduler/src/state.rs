@@ -63,6 +63,17 @@ pub struct Gpu {
     pub memory_mb: u64,
     /// The job holding this GPU; `None` when free.
     pub job: Option<JobId>,
+    /// Throughput measured by the agent's probe.
+    #[serde(default)]
+    pub measured: Option<Capacity>,
+}
+
+/// A GPU's throughput as the agent's probe measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub fp16_gflops: u64,
+    pub bf16_gflops: u64,
+    pub memory_mb_per_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +262,8 @@ pub struct GpuInfo {
     pub index: u32,
     pub model: String,
     pub memory_mb: u64,
+    #[serde(default)]
+    pub measured: Option<Capacity>,
 }
 
 /// A command of the replicated log, stamped with the proposer's clock.
@@ -667,6 +680,7 @@ impl State {
                         model: g.model.clone(),
                         memory_mb: g.memory_mb,
                         job: held.get(&g.uuid).copied(),
+                        measured: g.measured,
                     })
                     .collect(),
                 up: true,

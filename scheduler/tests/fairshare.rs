@@ -80,6 +80,7 @@ fn cluster(nodes: u32, per_node: u32, members: &[(&str, u64)]) -> State {
                 index: i,
                 model: "A100-80GB".into(),
                 memory_mb: 80 * 1024,
+                measured: None,
             })
             .collect();
         apply(

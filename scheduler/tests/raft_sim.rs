@@ -652,6 +652,7 @@ fn setup_ops(state: &State) -> Vec<Op> {
                         index: g,
                         model: "A100-80GB".into(),
                         memory_mb: 81_920,
+                        measured: None,
                     })
                     .collect(),
                 session: "s".into(),

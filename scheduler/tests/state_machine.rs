@@ -18,6 +18,7 @@ fn gpus(node: &str, n: u32, model: &str) -> Vec<GpuInfo> {
             index: i,
             model: model.into(),
             memory_mb: 80 * 1024,
+            measured: None,
         })
         .collect()
 }

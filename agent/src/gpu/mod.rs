@@ -79,6 +79,8 @@ pub struct GpuInfo {
     pub index: u32,
     pub model: String,
     pub memory_mb: u64,
+    /// Throughput the probe measured (`coop agent probe`), if it ran.
+    pub measured: Option<crate::probe::Capacity>,
 }
 
 /// Where the agent's GPUs come from (`--gpus nvml` or `--gpus sim:SPEC`).

@@ -84,6 +84,7 @@ fn describe(d: &Device, index: u32, what: &str) -> anyhow::Result<GpuInfo> {
             .with_context(|| format!("gpus: memory of {what}"))?
             .total
             / (1024 * 1024),
+        measured: None,
     })
 }
 

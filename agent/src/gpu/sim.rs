@@ -69,6 +69,7 @@ pub(super) fn open(node: &str, groups: &[(u32, String)]) -> anyhow::Result<Gpus>
                 index,
                 model: model.clone(),
                 memory_mb,
+                measured: None,
             });
         }
     }

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{Ctx, invalid, parse_job_id, propose_status};
 use crate::liveness::AgentTx;
 use crate::replica::now_ms;
-use crate::state::{GpuInfo, JobState, Op, RunReport, State, valid_name};
+use crate::state::{Capacity, GpuInfo, JobState, Op, RunReport, State, valid_name};
 
 pub struct Agents(pub Ctx);
 
@@ -113,6 +113,11 @@ impl AgentService for Agents {
                 index: g.index,
                 model: g.model,
                 memory_mb: g.memory_mb,
+                measured: g.measured.map(|m| Capacity {
+                    fp16_gflops: m.fp16_gflops,
+                    bf16_gflops: m.bf16_gflops,
+                    memory_mb_per_s: m.memory_mb_per_s,
+                }),
             })
             .collect();
         let session = r.session;

@@ -36,6 +36,11 @@ impl Cluster {
                             model: g.model.clone(),
                             memory_mb: g.memory_mb,
                             job: g.job.map(|j| j.to_string()).unwrap_or_default(),
+                            measured: g.measured.map(|m| pb::GpuCapacity {
+                                fp16_gflops: m.fp16_gflops,
+                                bf16_gflops: m.bf16_gflops,
+                                memory_mb_per_s: m.memory_mb_per_s,
+                            }),
                         })
                         .collect(),
                     registered_at_ms: n.registered_at_ms,
