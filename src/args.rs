@@ -107,6 +107,20 @@ pub struct DevArgs {
     /// How often the local agent reads its GPUs.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub telemetry_interval: Duration,
+    /// Put runs with --cpus/--memory limits in cgroups under this cgroup v2
+    /// directory [default: the agent's own cgroup, if delegated to it].
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Do not use cgroups (limits are then not enforced).
+    #[arg(long, conflicts_with = "cgroup_root")]
+    pub no_cgroups: bool,
+    /// Container runtime for jobs with --image: auto (podman, else docker), a
+    /// program name or path, or none.
+    #[arg(long, default_value = "auto")]
+    pub container_runtime: String,
+    /// Remove a run's directory (its output and files) this long after it ended.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
+    pub keep_runs: Duration,
     /// Where the cluster keeps its SQLite files [default: $XDG_DATA_HOME/coop/dev].
     #[arg(long, env = "COOP_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -167,7 +181,7 @@ pub struct SchedulerRunArgs {
 #[derive(Subcommand, Debug)]
 pub enum AgentCmd {
     /// Run the agent of this machine.
-    Run(AgentRunArgs),
+    Run(Box<AgentRunArgs>),
     /// What an agent measured and what waits for a scheduler, read from its
     /// spool (works while the agent runs, and when no scheduler answers).
     Status(AgentStatusArgs),
@@ -203,6 +217,20 @@ pub struct AgentRunArgs {
     /// How often the GPUs are read (metrics, each job's utilisation).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub telemetry_interval: Duration,
+    /// Put runs with --cpus/--memory limits in cgroups under this cgroup v2
+    /// directory [default: the agent's own cgroup, if delegated to it].
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Do not use cgroups (limits are then not enforced).
+    #[arg(long, conflicts_with = "cgroup_root")]
+    pub no_cgroups: bool,
+    /// Container runtime for jobs with --image: auto (podman, else docker), a
+    /// program name or path, or none.
+    #[arg(long, default_value = "auto")]
+    pub container_runtime: String,
+    /// Remove a run's directory (its output and files) this long after it ended.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
+    pub keep_runs: Duration,
     /// Do not probe real GPUs at start. By default each is checked and
     /// measured first (as `coop agent probe`); one that fails is not offered.
     #[arg(long)]
@@ -262,6 +290,16 @@ pub struct SubmitArgs {
     /// Stop the run and fail the job after this long (e.g. 4h); lets short jobs backfill.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub time_limit: Option<Duration>,
+    /// CPU limit of the run's cgroup, in CPUs (e.g. 8 or 0.5).
+    #[arg(long, value_parser = parse_cpus)]
+    pub cpus: Option<u64>,
+    /// Memory limit of the run's cgroup (e.g. 64G, 512M; a bare number is MiB).
+    #[arg(long, value_parser = parse_memory_mb)]
+    pub memory: Option<u64>,
+    /// Run the command in a container of this image (docker or podman on the
+    /// agent), with only the job's GPUs passed in.
+    #[arg(long)]
+    pub image: Option<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -481,4 +519,63 @@ pub enum ClusterCmd {
 pub enum NodeCmd {
     /// Agent nodes and their GPUs.
     List,
+}
+
+/// CPUs as thousandths: "8" -> 8000, "0.5" -> 500.
+pub fn parse_cpus(s: &str) -> Result<u64, String> {
+    let cpus: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of CPUs"))?;
+    if !cpus.is_finite() || cpus <= 0.0 {
+        return Err(format!("{s:?} must be more than 0"));
+    }
+    Ok((cpus * 1000.0).round() as u64)
+}
+
+/// Memory in MiB from "64G", "512M", "1.5GiB", "2T" or a bare number of MiB
+/// (units are binary, as in Slurm's --mem).
+pub fn parse_memory_mb(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not an amount of memory (e.g. 64G)"))?;
+    let per_mib = match unit.trim().to_ascii_uppercase().as_str() {
+        "K" | "KB" | "KIB" => 1.0 / 1024.0,
+        "" | "M" | "MB" | "MIB" => 1.0,
+        "G" | "GB" | "GIB" => 1024.0,
+        "T" | "TB" | "TIB" => 1024.0 * 1024.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (K, M, G or T)")),
+    };
+    let mb = (n * per_mib).round();
+    if !mb.is_finite() || mb < 1.0 {
+        return Err(format!("{s:?} must be at least 1M"));
+    }
+    Ok(mb as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpus_and_memory_parse_as_slurm_users_write_them() {
+        assert_eq!(parse_cpus("8"), Ok(8000));
+        assert_eq!(parse_cpus("0.5"), Ok(500));
+        assert!(parse_cpus("0").is_err());
+        assert!(parse_cpus("-1").is_err());
+        assert!(parse_cpus("many").is_err());
+        assert_eq!(parse_memory_mb("64G"), Ok(65536));
+        assert_eq!(parse_memory_mb("1.5GiB"), Ok(1536));
+        assert_eq!(parse_memory_mb("512"), Ok(512));
+        assert_eq!(parse_memory_mb("512m"), Ok(512));
+        assert_eq!(parse_memory_mb("2T"), Ok(2 * 1024 * 1024));
+        assert!(parse_memory_mb("12X").is_err());
+        assert!(parse_memory_mb("0").is_err());
+        assert!(parse_memory_mb("G").is_err());
+    }
 }

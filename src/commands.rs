@@ -65,6 +65,9 @@ fn job_json(j: &pb::Job) -> Value {
         "time_limit_s": if j.time_limit_ms == 0 { Value::Null } else { json!(j.time_limit_ms as f64 / 1000.0) },
         "preemptions": j.preemptions,
         "preempted_for": if j.preempted_for.is_empty() { Value::Null } else { json!(j.preempted_for) },
+        "cpus": if j.cpu_millis == 0 { Value::Null } else { json!(j.cpu_millis as f64 / 1000.0) },
+        "memory_mb": if j.memory_mb == 0 { Value::Null } else { json!(j.memory_mb) },
+        "image": if j.image.is_empty() { Value::Null } else { json!(j.image) },
     })
 }
 
@@ -198,6 +201,9 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                     None => 0,
                 },
                 request_id: uuid::Uuid::new_v4().to_string(),
+                cpu_millis: a.cpus.unwrap_or(0),
+                memory_mb: a.memory.unwrap_or(0),
+                image: a.image.unwrap_or_default(),
             };
             let job = submit_retrying(cli, c, req).await?;
             match cli.output {

@@ -84,6 +84,7 @@ fn default_dev_dir() -> PathBuf {
 pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let gpus = a.gpus.parse::<GpuSource>()?.open(&a.node)?;
     let gpu_summary = describe_gpus(&gpus);
+    let real = gpus.driver_version.is_some();
     let dir = a.data_dir.unwrap_or_else(default_dev_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let creds = dev_credentials(&dir)?;
@@ -108,6 +109,13 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         data_dir: dir.join("agent"),
         metrics: Some(agent_metrics),
         telemetry_interval: a.telemetry_interval,
+        isolation: isolation(
+            a.no_cgroups,
+            a.cgroup_root.as_deref(),
+            &a.container_runtime,
+            real,
+        )?,
+        keep_runs: a.keep_runs,
     })
     .await?;
     let mut registered = agent.registered();
@@ -228,6 +236,7 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         probe_gpus(&mut gpus).await?;
     }
     let gpu_summary = describe_gpus(&gpus);
+    let real = gpus.driver_version.is_some();
     let schedulers: Vec<String> = a
         .scheduler
         .split(',')
@@ -251,6 +260,13 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         data_dir: a.data_dir,
         metrics: Some(agent_metrics),
         telemetry_interval: a.telemetry_interval,
+        isolation: isolation(
+            a.no_cgroups,
+            a.cgroup_root.as_deref(),
+            &a.container_runtime,
+            real,
+        )?,
+        keep_runs: a.keep_runs,
     })
     .await?;
     eprintln!("agent {}: {gpu_summary}", a.name);
@@ -263,6 +279,53 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     task.await??;
     Ok(())
+}
+
+/// How this agent keeps runs apart, said once at start: what limits mean
+/// here, and whether image jobs can run.
+fn isolation(
+    no_cgroups: bool,
+    root: Option<&std::path::Path>,
+    runtime: &str,
+    real_gpus: bool,
+) -> anyhow::Result<coop_agent::runner::Isolation> {
+    use coop_agent::isolation::{Cgroups, Runtime};
+    let cgroups = if no_cgroups {
+        tracing::info!("cgroups off (--no-cgroups): --cpus and --memory are not enforced");
+        None
+    } else {
+        match Cgroups::detect(root) {
+            Ok(cg) => {
+                tracing::info!("runs with --cpus/--memory get their own cgroup");
+                Some(cg)
+            }
+            // An explicit root that does not work is a configuration error.
+            Err(why) if root.is_some() => bail!("cgroup-root: {why}"),
+            Err(why) => {
+                tracing::warn!("no per-run cgroups ({why}): --cpus and --memory are not enforced");
+                None
+            }
+        }
+    };
+    let runtime = match runtime {
+        "none" => None,
+        choice => {
+            let found = Runtime::find(choice);
+            match &found {
+                Some(rt) => tracing::info!("jobs with --image run in {} containers", rt.program),
+                None if choice == "auto" => {
+                    tracing::info!("no docker or podman on PATH: jobs with --image fail here")
+                }
+                None => bail!("container-runtime: {choice:?} is not an executable on PATH"),
+            }
+            found
+        }
+    };
+    Ok(coop_agent::runner::Isolation {
+        cgroups,
+        runtime,
+        real_gpus,
+    })
 }
 
 /// Checks and measures real GPUs before they are offered: those that fail

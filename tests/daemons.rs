@@ -265,3 +265,104 @@ fn without_a_driver_probe_and_nvml_say_so_in_one_line_and_exit_non_zero() {
     // Nothing was registered.
     assert_eq!(s.c.json(&["node", "list"]), serde_json::json!([]));
 }
+
+#[test]
+fn limits_go_to_the_runs_cgroup_where_one_can_be_made_and_image_jobs_need_a_runtime() {
+    let s = scheduler();
+    s.c.add_member("acme");
+    let agent = s.agent_with(
+        "box",
+        "acme",
+        "sim:2xA100-80GB",
+        &["--container-runtime", "none"],
+    );
+    s.c.wait_node("box", "up", |n| n["state"] == "up");
+
+    let id = s.c.submit(&[
+        "--member",
+        "acme",
+        "--cpus",
+        "0.5",
+        "--memory",
+        "256M",
+        "--",
+        "sh",
+        "-c",
+        r#"echo "cg=${COOP_CGROUP:-none}"; if [ -n "$COOP_CGROUP" ]; then grep -q "$(basename "$COOP_CGROUP")" /proc/self/cgroup && echo inside; cat "$COOP_CGROUP/cpu.max" "$COOP_CGROUP/memory.max"; fi"#,
+    ]);
+    let job = s.c.wait_final(&id);
+    assert_eq!(job["state"], "completed", "{job:#}");
+    assert_eq!(
+        (job["cpus"].as_f64(), job["memory_mb"].as_u64()),
+        (Some(0.5), Some(256))
+    );
+    let out = s.c.logs(&id);
+    if out.contains("cg=none") {
+        // No delegated cgroup v2 here: the agent said so when it started.
+        assert!(
+            agent
+                .stderr()
+                .contains("--cpus and --memory are not enforced"),
+            "{}",
+            agent.stderr()
+        );
+    } else {
+        assert!(out.contains("inside"), "the run is in its cgroup: {out}");
+        assert!(out.contains("50000 100000"), "half a CPU: {out}");
+        assert!(out.contains(&(256u64 << 20).to_string()), "256 MiB: {out}");
+    }
+
+    // An image job on an agent without a container runtime fails, saying why.
+    let id =
+        s.c.submit(&["--member", "acme", "--image", "alpine:3", "--", "true"]);
+    let job = s.c.wait_final(&id);
+    assert_eq!(job["state"], "failed", "{job:#}");
+    assert!(
+        job["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no container runtime"),
+        "{job:#}"
+    );
+    // A malformed image or limit is refused before anything is queued.
+    let err = s.c.fails(&[
+        "job", "submit", "--member", "acme", "--image", "my image", "--", "true",
+    ]);
+    assert!(err.contains("image"), "{err}");
+    let err = s.c.fails(&[
+        "job", "submit", "--member", "acme", "--memory", "12X", "--", "true",
+    ]);
+    assert!(err.contains("--memory"), "{err}");
+}
+
+#[test]
+fn run_directories_are_removed_after_the_retention_and_running_ones_are_kept() {
+    let s = scheduler();
+    s.c.add_member("acme");
+    let _agent = s.agent_with("box", "acme", "sim:2xA100-80GB", &["--keep-runs", "2s"]);
+    s.c.wait_node("box", "up", |n| n["state"] == "up");
+    let long = s.c.submit(&[
+        "--member",
+        "acme",
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 300",
+    ]);
+    s.c.wait_log(&long, "started");
+    let quick = s.c.submit(&["--member", "acme", "--", "echo", "hello"]);
+    assert_eq!(s.c.wait_final(&quick)["state"], "completed");
+    assert_eq!(s.c.logs(&quick).trim(), "hello");
+
+    let jobs = s.agent_dir("box").join("jobs");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while jobs.join(&quick).exists() {
+        assert!(std::time::Instant::now() < deadline, "never removed");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let err = s.c.fails(&["job", "logs", &quick]);
+    assert!(err.contains("no output is kept"), "{err}");
+    // The running job's directory stays, however old its last write.
+    assert!(jobs.join(&long).join("1").join("output.log").exists());
+    assert!(s.c.logs(&long).contains("started"));
+}

@@ -34,6 +34,11 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// How often the GPUs are read (metrics, and each run's utilisation).
     pub telemetry_interval: Duration,
+    /// How runs are kept apart (cgroups, containers).
+    pub isolation: crate::runner::Isolation,
+    /// Run directories (output, working files) are removed this long after
+    /// their run ended.
+    pub keep_runs: Duration,
     /// Where to publish telemetry and the report backlog, if anywhere.
     pub metrics: Option<crate::metrics::AgentMetrics>,
 }
@@ -63,6 +68,7 @@ pub struct Agent {
     next_usage: tokio::time::Instant,
     next_telemetry: tokio::time::Instant,
     last_prune: std::time::Instant,
+    next_sweep: tokio::time::Instant,
 }
 
 /// Ended runs are kept in the spool this long (for `coop agent status`)
@@ -126,7 +132,7 @@ impl Agent {
             );
         }
         let (tx, exits) = mpsc::unbounded_channel();
-        let runner = Runner::new(cfg.data_dir.clone(), tx)?;
+        let runner = Runner::new(cfg.data_dir.clone(), tx, cfg.isolation.clone())?;
         Ok(Self {
             cfg,
             spool,
@@ -143,6 +149,7 @@ impl Agent {
             next_usage: tokio::time::Instant::now() + Duration::from_secs(30),
             next_telemetry: tokio::time::Instant::now(),
             last_prune: std::time::Instant::now(),
+            next_sweep: tokio::time::Instant::now(),
         })
     }
 
@@ -198,6 +205,7 @@ impl Agent {
                     Some(exit) = self.exits.recv() => self.on_exit(exit).await,
                     _ = tokio::time::sleep_until(self.next_usage) => self.report_usage().await,
                     _ = tokio::time::sleep_until(self.next_telemetry) => self.read_gpus(),
+                    _ = tokio::time::sleep_until(self.next_sweep) => self.sweep_run_dirs(),
                     _ = stopped(&mut shutdown) => {
                         self.stop_all_runs("the agent shut down").await;
                         return Ok(());
@@ -340,6 +348,7 @@ impl Agent {
                 Some(exit) = self.exits.recv() => self.on_exit(exit).await,
                 _ = tokio::time::sleep_until(self.next_usage) => self.report_usage().await,
                 _ = tokio::time::sleep_until(self.next_telemetry) => self.read_gpus(),
+                _ = tokio::time::sleep_until(self.next_sweep) => self.sweep_run_dirs(),
                 _ = tick.tick() => {
                     self.flush_acks().await;
                     let ping = pb::AgentMessage { msg: Some(Up::Ping(pb::Ping {})) };
@@ -355,6 +364,19 @@ impl Agent {
             m.set_connected(&self.cfg.node, false);
         }
         result
+    }
+
+    /// Removes the directories of runs that ended over `keep_runs` ago.
+    fn sweep_run_dirs(&mut self) {
+        let keep = self.cfg.keep_runs;
+        self.next_sweep = tokio::time::Instant::now()
+            + (keep / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        let cutoff = std::time::SystemTime::now() - keep;
+        match self.runner.sweep(cutoff) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} run directories older than {keep:?}"),
+            Err(e) => tracing::warn!("removing old run directories: {e:#}"),
+        }
     }
 
     /// One reading of every GPU: published as metrics, and each running
@@ -440,7 +462,7 @@ impl Agent {
                     continue;
                 }
                 tracing::info!("starting run {key} on {:?}", run.gpus);
-                match self.runner.spawn(key.clone(), &run.command, &run.gpus) {
+                match self.runner.spawn(key.clone(), &run) {
                     Spawned::Started { at_ms, pgid } => {
                         let t = self.cfg.gpus.telemetry.as_mut();
                         for g in &run.gpus {

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod gpu;
+pub mod isolation;
 pub mod metrics;
 pub mod probe;
 pub mod runner;

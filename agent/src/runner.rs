@@ -1,5 +1,7 @@
 //! Runs jobs as child processes: one process group each, only their GPUs
-//! visible, output kept in a file per run, stopped with SIGTERM then SIGKILL.
+//! visible, in their own cgroup or container where the job asks for limits or
+//! an image (`isolation`), output kept in a directory per run, stopped with
+//! SIGTERM then SIGKILL. Run directories are removed by a retention rule.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -9,11 +11,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::os::fd::AsRawFd;
+
 use anyhow::Context;
+use coop_proto::v1 as pb;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+
+use crate::isolation::{Cgroups, RunCgroup, Runtime};
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -46,6 +53,19 @@ struct Running {
     pgid: i32,
     exited: Arc<AtomicBool>,
     stopping: bool,
+    /// The runtime and name of its container, if it runs in one.
+    container: Option<(Runtime, String)>,
+}
+
+/// How runs are kept apart (see `isolation`).
+#[derive(Debug, Clone, Default)]
+pub struct Isolation {
+    /// Per-run cgroups, where the agent could set them up.
+    pub cgroups: Option<Cgroups>,
+    /// docker or podman, for jobs that name an image.
+    pub runtime: Option<Runtime>,
+    /// The GPUs are real devices (containers get them passed in).
+    pub real_gpus: bool,
 }
 
 /// The runs of this agent process. Exits arrive on the channel given to `new`.
@@ -53,6 +73,7 @@ pub struct Runner {
     dir: PathBuf,
     runs: BTreeMap<RunKey, Running>,
     exits: mpsc::UnboundedSender<Exit>,
+    isolation: Isolation,
 }
 
 /// What `spawn` did.
@@ -62,13 +83,18 @@ pub enum Spawned {
 }
 
 impl Runner {
-    pub fn new(dir: PathBuf, exits: mpsc::UnboundedSender<Exit>) -> anyhow::Result<Self> {
+    pub fn new(
+        dir: PathBuf,
+        exits: mpsc::UnboundedSender<Exit>,
+        isolation: Isolation,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("jobs"))
             .with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self {
             dir,
             runs: BTreeMap::new(),
             exits,
+            isolation,
         })
     }
 
@@ -91,10 +117,11 @@ impl Runner {
         self.run_dir(key).join("output.log")
     }
 
-    /// Starts `command` with exactly `gpus` visible, in a process group of its own.
-    pub fn spawn(&mut self, key: RunKey, command: &[String], gpus: &[String]) -> Spawned {
-        match self.try_spawn(&key, command, gpus) {
-            Ok((pgid, child)) => {
+    /// Starts the run's command with exactly its GPUs visible, in a process
+    /// group of its own, in its cgroup or container.
+    pub fn spawn(&mut self, key: RunKey, run: &pb::Run) -> Spawned {
+        match self.try_spawn(&key, run) {
+            Ok((pgid, child, cgroup, container)) => {
                 let at_ms = now_ms();
                 let exited = Arc::new(AtomicBool::new(false));
                 self.runs.insert(
@@ -103,10 +130,16 @@ impl Runner {
                         pgid,
                         exited: exited.clone(),
                         stopping: false,
+                        container: container.clone(),
                     },
                 );
                 let exits = self.exits.clone();
-                tokio::spawn(wait_child(key, pgid, child, exited, exits));
+                let ends = Ends {
+                    cgroup,
+                    container,
+                    memory_mb: run.memory_mb,
+                };
+                tokio::spawn(wait_child(key, pgid, child, exited, exits, ends));
                 Spawned::Started { at_ms, pgid }
             }
             Err(e) => Spawned::Failed(Exit {
@@ -118,35 +151,90 @@ impl Runner {
         }
     }
 
+    #[allow(clippy::type_complexity)]
     fn try_spawn(
         &self,
         key: &RunKey,
-        command: &[String],
-        gpus: &[String],
-    ) -> anyhow::Result<(i32, tokio::process::Child)> {
+        run: &pb::Run,
+    ) -> anyhow::Result<(
+        i32,
+        tokio::process::Child,
+        Option<RunCgroup>,
+        Option<(Runtime, String)>,
+    )> {
         let dir = self.run_dir(key);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("output.log"))?;
-        let (program, args) = command.split_first().context("empty command")?;
-        let visible = gpus.join(",");
-        let child = tokio::process::Command::new(program)
-            .args(args)
+        let visible = run.gpus.join(",");
+        let env = [
+            ("CUDA_VISIBLE_DEVICES", visible.clone()),
+            ("NVIDIA_VISIBLE_DEVICES", visible),
+            ("COOP_JOB_ID", key.job.clone()),
+            ("COOP_JOB_ATTEMPT", key.attempt.to_string()),
+        ];
+        let name = format!("coop-{}-{}", key.job, key.attempt);
+        let iso = &self.isolation;
+        let (argv, container, cgroup) = if run.image.is_empty() {
+            // Limits need a cgroup; without one the run goes unlimited.
+            let wants_limits = run.cpu_millis > 0 || run.memory_mb > 0;
+            let cgroup = match &iso.cgroups {
+                Some(cg) if wants_limits => {
+                    Some(cg.create(&name, run.cpu_millis, run.memory_mb)?)
+                }
+                _ => None,
+            };
+            (run.command.clone(), None, cgroup)
+        } else {
+            let rt = iso.runtime.clone().context(
+                "the job names an image, and this agent has no container runtime (docker or podman)",
+            )?;
+            let argv = rt.command(
+                &name,
+                &run.image,
+                &dir,
+                &run.gpus,
+                iso.real_gpus,
+                run.cpu_millis,
+                run.memory_mb,
+                &env,
+                &run.command,
+            );
+            (argv, Some((rt, name)), None)
+        };
+        let (program, args) = argv.split_first().context("empty command")?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
             .current_dir(&dir)
-            .env("CUDA_VISIBLE_DEVICES", &visible)
-            .env("NVIDIA_VISIBLE_DEVICES", &visible)
-            .env("COOP_JOB_ID", &key.job)
-            .env("COOP_JOB_ATTEMPT", key.attempt.to_string())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("{program:?}"))?;
+            .process_group(0);
+        if let Some(cg) = &cgroup {
+            cmd.env("COOP_CGROUP", &cg.dir);
+            let procs = cg.procs()?;
+            let fd = procs.as_raw_fd();
+            // SAFETY: between fork and exec only a write(2) to an open file
+            // descriptor: no allocation, no lock. "0" moves the writer itself.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                    nix::unistd::write(fd, b"0")
+                        .map(|_| ())
+                        .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
+                });
+            }
+            let child = cmd.spawn().with_context(|| format!("{program:?}"))?;
+            drop(procs);
+            let pid = child.id().context("child has no pid")? as i32;
+            return Ok((pid, child, cgroup, container));
+        }
+        let child = cmd.spawn().with_context(|| format!("{program:?}"))?;
         let pid = child.id().context("child has no pid")? as i32;
-        Ok((pid, child))
+        Ok((pid, child, cgroup, container))
     }
 
     /// SIGTERM to the run's process group now, SIGKILL after `grace` if it is
@@ -162,11 +250,16 @@ impl Runner {
         let pgid = run.pgid;
         let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
         let exited = run.exited.clone();
+        let container = run.container.clone();
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             // The group id is not reused while the waiter has not reaped the leader.
             if !exited.load(Ordering::SeqCst) {
                 let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                // The container outlives its killed client: kill it too.
+                if let Some((rt, name)) = container {
+                    remove_container(&rt, &name).await;
+                }
             }
         });
     }
@@ -189,6 +282,38 @@ impl Runner {
         }
     }
 
+    /// Removes the directories of runs that are not running and were last
+    /// written before `cutoff` (their output with them); returns how many.
+    pub fn sweep(&self, cutoff: SystemTime) -> anyhow::Result<usize> {
+        let mut removed = 0;
+        let jobs = self.dir.join("jobs");
+        for job in std::fs::read_dir(&jobs)? {
+            let job = job?;
+            let job_name = job.file_name().to_string_lossy().to_string();
+            for attempt in std::fs::read_dir(job.path())? {
+                let attempt = attempt?;
+                let running = attempt
+                    .file_name()
+                    .to_str()
+                    .and_then(|a| a.parse().ok())
+                    .is_some_and(|attempt| {
+                        self.is_running(&RunKey {
+                            job: job_name.clone(),
+                            attempt,
+                        })
+                    });
+                if running || last_written(&attempt.path()) >= cutoff {
+                    continue;
+                }
+                std::fs::remove_dir_all(attempt.path())?;
+                removed += 1;
+            }
+            // The job's directory goes with its last run.
+            let _ = std::fs::remove_dir(job.path());
+        }
+        Ok(removed)
+    }
+
     /// Reads up to `limit` bytes of a run's output from `offset`.
     pub fn read_log(
         &self,
@@ -206,6 +331,23 @@ impl Runner {
         let eof = offset + data.len() as u64 >= len && !self.is_running(key);
         Ok((data, eof))
     }
+}
+
+/// When anything directly in `dir` (or `dir` itself) was last modified.
+fn last_written(dir: &std::path::Path) -> SystemTime {
+    let modified = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .unwrap_or(UNIX_EPOCH)
+    };
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| modified(&e.path()))
+        .chain([modified(dir)])
+        .max()
+        .unwrap_or(UNIX_EPOCH)
 }
 
 /// Identifies a process across agent restarts: the boot and the process's
@@ -236,12 +378,29 @@ pub async fn stop_groups(pgids: &[i32], grace: Duration) {
     }
 }
 
+/// What to clean up and look at when a run ends.
+struct Ends {
+    cgroup: Option<RunCgroup>,
+    container: Option<(Runtime, String)>,
+    memory_mb: u64,
+}
+
+async fn remove_container(rt: &Runtime, name: &str) {
+    let _ = tokio::process::Command::new(&rt.program)
+        .args(["rm", "--force", name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await;
+}
+
 async fn wait_child(
     key: RunKey,
     pgid: i32,
     mut child: tokio::process::Child,
     exited: Arc<AtomicBool>,
     exits: mpsc::UnboundedSender<Exit>,
+    ends: Ends,
 ) {
     let (exit_code, reason) = match child.wait().await {
         Ok(status) => match (status.code(), status.signal()) {
@@ -254,6 +413,16 @@ async fn wait_child(
     exited.store(true, Ordering::SeqCst);
     // A job ends with its main process: whatever it left in its group goes too.
     let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    let mut reason = reason;
+    if let Some(cg) = &ends.cgroup {
+        if cg.oom_killed() {
+            reason = format!("out of memory: its limit is {} MiB", ends.memory_mb);
+        }
+        cg.remove().await;
+    }
+    if let Some((rt, name)) = &ends.container {
+        remove_container(rt, name).await;
+    }
     let _ = exits.send(Exit {
         key,
         at_ms: now_ms(),

@@ -88,6 +88,7 @@ fn spec(gpus: u32, model: Option<&str>) -> JobSpec {
         kill_grace_ms: 30_000,
         priority: 0,
         time_limit_ms: 3_600_000,
+        isolation: Default::default(),
     }
 }
 

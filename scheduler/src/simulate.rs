@@ -363,6 +363,7 @@ impl<'a> Sim<'a> {
             kill_grace_ms: self.cfg.preempt_grace_s * 1000,
             priority: 0,
             time_limit_ms: (j.duration_s.max(1) * MS) as u64,
+            isolation: Default::default(),
         };
         let op = Op::SubmitJob {
             id,

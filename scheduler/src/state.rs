@@ -154,6 +154,20 @@ pub struct JobSpec {
     /// uses it to know when GPUs will be free.
     #[serde(default)]
     pub time_limit_ms: u64,
+    /// How the agent keeps the run apart from others.
+    #[serde(default)]
+    pub isolation: Isolation,
+}
+
+/// What a run may use besides its GPUs, and what it runs in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Isolation {
+    /// CPU limit in thousandths of a CPU (0 = none).
+    pub cpu_millis: u64,
+    /// Memory limit in MiB (0 = none).
+    pub memory_mb: u64,
+    /// Container image the command runs in (none = a plain process).
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1412,6 +1426,26 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Rejection> {
     }
     if !(-1000..=1000).contains(&spec.priority) {
         return Err(invalid("priority", "must be from -1000 to 1000"));
+    }
+    let iso = &spec.isolation;
+    if iso.cpu_millis > 1_000_000 {
+        return Err(invalid("cpus", "must be at most 1000"));
+    }
+    if iso.cpu_millis > 0 && iso.cpu_millis < 10 {
+        return Err(invalid("cpus", "must be at least 0.01"));
+    }
+    if iso.memory_mb > 0 && iso.memory_mb < 4 {
+        return Err(invalid("memory", "must be at least 4 MiB"));
+    }
+    if let Some(image) = &iso.image
+        && (image.is_empty()
+            || image.starts_with('-')
+            || image.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        return Err(invalid(
+            "image",
+            format!("{image:?} is not an image reference (e.g. docker.io/library/python:3.12)"),
+        ));
     }
     Ok(())
 }

@@ -29,6 +29,7 @@ fn spec(gpus: u32, preemptible: bool, priority: i32) -> JobSpec {
         kill_grace_ms: 1000,
         priority,
         time_limit_ms: 0,
+        isolation: Default::default(),
     }
 }
 

@@ -624,6 +624,7 @@ fn spec(gpus: u32) -> JobSpec {
         kill_grace_ms: 1_000,
         priority: 0,
         time_limit_ms: 0,
+        isolation: Default::default(),
     }
 }
 

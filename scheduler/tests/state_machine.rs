@@ -34,6 +34,7 @@ fn spec(kind: JobKind, n: u32) -> JobSpec {
         kill_grace_ms: 1000,
         priority: 0,
         time_limit_ms: 0,
+        isolation: Default::default(),
     }
 }
 

@@ -45,6 +45,9 @@ pub fn desired_runs(state: &State, node: &str) -> Vec<pb::Run> {
                 j.spec.kill_grace_ms
             },
             stop: j.stopping(),
+            cpu_millis: j.spec.isolation.cpu_millis,
+            memory_mb: j.spec.isolation.memory_mb,
+            image: j.spec.isolation.image.clone().unwrap_or_default(),
         })
         .collect()
 }

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Ctx, invalid, job_to_pb, may_access, parse_job_id, propose_status, rejection_status};
 use crate::replica::{ProposeError, now_ms};
-use crate::state::{Event, JobKind, JobSpec, Op, Principal, Rejection, validate_spec};
+use crate::state::{Event, Isolation, JobKind, JobSpec, Op, Principal, Rejection, validate_spec};
 
 pub struct Jobs(pub Ctx);
 
@@ -82,6 +82,11 @@ impl JobService for Jobs {
             },
             priority: r.priority,
             time_limit_ms: r.time_limit_ms,
+            isolation: Isolation {
+                cpu_millis: r.cpu_millis,
+                memory_mb: r.memory_mb,
+                image: Some(r.image.trim().to_string()).filter(|i| !i.is_empty()),
+            },
         };
         validate_spec(&spec).map_err(rejection_status)?;
         let retry = !r.request_id.trim().is_empty();

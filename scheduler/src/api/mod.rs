@@ -178,6 +178,9 @@ pub fn job_to_pb(state: &State, job: &Job, now_ms: i64) -> pb::Job {
         energy_mj: job.energy_mj,
         preemptions: job.preemptions,
         preempted_for: job.preempted_for.map(|j| j.to_string()).unwrap_or_default(),
+        cpu_millis: job.spec.isolation.cpu_millis,
+        memory_mb: job.spec.isolation.memory_mb,
+        image: job.spec.isolation.image.clone().unwrap_or_default(),
     }
 }
 

@@ -1,0 +1,369 @@
+//! Keeping runs apart beyond their GPUs: a cgroup v2 per run with the CPU and
+//! memory limits its job asked for, where the agent has a delegated, writable
+//! cgroup (systemd `Delegate=yes`, or root on a cgroup v2 machine); and, for
+//! jobs that name an image, a container through docker or podman with only
+//! the run's GPUs passed in.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+/// Per-run cgroups under `base`, whose children get the cpu and memory
+/// controllers.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    base: PathBuf,
+}
+
+/// The cgroup v2 path of this process, from the contents of /proc/self/cgroup.
+pub fn own_cgroup(proc_self_cgroup: &str) -> Option<&str> {
+    proc_self_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::trim)
+}
+
+/// Where the cgroup v2 hierarchy is mounted, from /proc/self/mountinfo.
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+impl Cgroups {
+    /// Prepares per-run cgroups under `root`, or under the agent's own cgroup;
+    /// says why not where that cannot be done.
+    pub fn detect(root: Option<&Path>) -> Result<Cgroups, String> {
+        let base = match root {
+            Some(r) => r.to_path_buf(),
+            None => {
+                let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+                let own = own_cgroup(&own)
+                    .ok_or("cgroup v2 is not in use (no 0:: line in /proc/self/cgroup)")?
+                    .to_string();
+                let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+                let mount = cgroup2_mount(&mounts).ok_or("no cgroup2 file system is mounted")?;
+                mount.join(own.trim_start_matches('/'))
+            }
+        };
+        let controllers = std::fs::read_to_string(base.join("cgroup.controllers"))
+            .map_err(|e| format!("{}: {e}", base.display()))?;
+        let have: Vec<&str> = controllers.split_whitespace().collect();
+        if !(have.contains(&"cpu") && have.contains(&"memory")) {
+            return Err(format!(
+                "{}: the cpu and memory controllers are not delegated here (it has: {})",
+                base.display(),
+                controllers.trim()
+            ));
+        }
+        // A cgroup that holds processes cannot hand controllers to children:
+        // the agent moves itself into a leaf of its own first.
+        let procs = std::fs::read_to_string(base.join("cgroup.procs")).unwrap_or_default();
+        let me = std::process::id().to_string();
+        if procs.split_whitespace().any(|p| p != me) {
+            // Not ours to rearrange (a login session, a shared container).
+            return Err(format!(
+                "{}: other processes share the agent's cgroup; run the agent as a systemd \
+                 service with Delegate=yes, or give --cgroup-root",
+                base.display()
+            ));
+        }
+        if !procs.trim().is_empty() {
+            let leaf = base.join("coop-agent");
+            create_dir(&leaf).map_err(|e| format!("{e:#}"))?;
+            write(&leaf.join("cgroup.procs"), "0").map_err(|e| format!("{e:#}"))?;
+        }
+        write(&base.join("cgroup.subtree_control"), "+cpu +memory")
+            .map_err(|e| format!("{e:#}"))?;
+        Ok(Cgroups { base })
+    }
+
+    /// A cgroup for one run, with its limits (0 = none).
+    pub fn create(&self, name: &str, cpu_millis: u64, memory_mb: u64) -> anyhow::Result<RunCgroup> {
+        let dir = self.base.join(name);
+        // Left by a crashed agent: empty by now (its processes were stopped).
+        let _ = std::fs::remove_dir(&dir);
+        create_dir(&dir)?;
+        let cg = RunCgroup { dir };
+        if cpu_millis > 0 {
+            // Quota per 100 ms period: a thousandth of a CPU is 100 µs.
+            write(
+                &cg.dir.join("cpu.max"),
+                &format!("{} 100000", cpu_millis * 100),
+            )?;
+        }
+        if memory_mb > 0 {
+            write(
+                &cg.dir.join("memory.max"),
+                &(memory_mb * 1024 * 1024).to_string(),
+            )?;
+        }
+        Ok(cg)
+    }
+}
+
+/// One run's cgroup. Its processes join it between fork and exec.
+#[derive(Debug)]
+pub struct RunCgroup {
+    pub dir: PathBuf,
+}
+
+impl RunCgroup {
+    /// Opens `cgroup.procs` for the child to write itself into.
+    pub fn procs(&self) -> anyhow::Result<std::fs::File> {
+        let p = self.dir.join("cgroup.procs");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .with_context(|| format!("opening {}", p.display()))
+    }
+
+    /// Whether the kernel's OOM killer killed something in it.
+    pub fn oom_killed(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("memory.events"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.strip_prefix("oom_kill ").is_some_and(|n| n.trim() != "0"))
+    }
+
+    /// Removes the cgroup once its processes are gone.
+    pub async fn remove(&self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            // The killed processes are still being reaped.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tracing::warn!("could not remove cgroup {}", self.dir.display());
+    }
+}
+
+fn create_dir(p: &Path) -> anyhow::Result<()> {
+    match std::fs::create_dir(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating cgroup {}", p.display())),
+    }
+}
+
+fn write(p: &Path, value: &str) -> anyhow::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .with_context(|| format!("writing {value:?} to {}", p.display()))
+}
+
+/// docker or podman, and how each is told which GPUs a container gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Runtime {
+    pub program: String,
+}
+
+impl Runtime {
+    /// `auto` takes podman, then docker, whichever is on PATH.
+    pub fn find(choice: &str) -> Option<Runtime> {
+        let candidates: &[&str] = match choice {
+            "auto" => &["podman", "docker"],
+            other => {
+                return on_path(other).then(|| Runtime {
+                    program: other.into(),
+                });
+            }
+        };
+        candidates.iter().find(|p| on_path(p)).map(|p| Runtime {
+            program: p.to_string(),
+        })
+    }
+
+    fn is_podman(&self) -> bool {
+        Path::new(&self.program)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains("podman"))
+    }
+
+    /// The command that runs `command` in `image` as container `name`, with
+    /// the run's directory as its working directory, only `gpus` (real ones)
+    /// passed in, and the job's limits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn command(
+        &self,
+        name: &str,
+        image: &str,
+        workdir: &Path,
+        gpus: &[String],
+        real_gpus: bool,
+        cpu_millis: u64,
+        memory_mb: u64,
+        env: &[(&str, String)],
+        command: &[String],
+    ) -> Vec<String> {
+        let mut c: Vec<String> = vec![
+            self.program.clone(),
+            "run".into(),
+            "--rm".into(),
+            "--init".into(),
+            "--name".into(),
+            name.into(),
+            "--volume".into(),
+            format!("{}:/work", workdir.display()),
+            "--workdir".into(),
+            "/work".into(),
+        ];
+        if real_gpus && !gpus.is_empty() {
+            if self.is_podman() {
+                // Podman passes GPUs through CDI (nvidia-ctk cdi generate).
+                for g in gpus {
+                    c.extend(["--device".into(), format!("nvidia.com/gpu={g}")]);
+                }
+            } else {
+                c.extend(["--gpus".into(), format!("\"device={}\"", gpus.join(","))]);
+            }
+        }
+        if cpu_millis > 0 {
+            c.extend([
+                "--cpus".into(),
+                format!("{}.{:03}", cpu_millis / 1000, cpu_millis % 1000),
+            ]);
+        }
+        if memory_mb > 0 {
+            c.extend(["--memory".into(), format!("{memory_mb}m")]);
+        }
+        for (k, v) in env {
+            c.extend(["--env".into(), format!("{k}={v}")]);
+        }
+        c.push(image.into());
+        c.extend(command.iter().cloned());
+        c
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_cgroup_and_the_cgroup2_mount_are_read_from_proc() {
+        let hybrid = "4:memory:/user\n1:cpu:/\n0::/system.slice/coop-agent.service\n";
+        assert_eq!(own_cgroup(hybrid), Some("/system.slice/coop-agent.service"));
+        assert_eq!(own_cgroup("4:memory:/x\n"), None, "cgroup v1 only");
+        let mounts = "\
+25 30 0:22 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+26 30 0:23 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            cgroup2_mount(mounts),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_mount("25 30 0:22 / /x rw - ext4 /dev/sda rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn limits_are_written_as_the_kernel_reads_them() {
+        // A directory standing in for a delegated cgroup: the files the
+        // kernel would provide are created by hand.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        std::fs::write(dir.path().join("cgroup.subtree_control"), "").unwrap();
+        let cg = Cgroups::detect(Some(dir.path())).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("cgroup.subtree_control")).unwrap(),
+            "+cpu +memory"
+        );
+        let run_dir = dir.path().join("run");
+        std::fs::create_dir(&run_dir).unwrap();
+        for f in ["cpu.max", "memory.max"] {
+            std::fs::write(run_dir.join(f), "").unwrap();
+        }
+        let run = cg.create("run", 1500, 2048).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(run.dir.join("cpu.max")).unwrap(),
+            "150000 100000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(run.dir.join("memory.max")).unwrap(),
+            (2048u64 << 20).to_string()
+        );
+    }
+
+    #[test]
+    fn a_cgroup_without_the_controllers_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cgroup.controllers"), "hugetlb\n").unwrap();
+        let err = Cgroups::detect(Some(dir.path())).unwrap_err();
+        assert!(
+            err.contains("cpu and memory controllers are not delegated"),
+            "{err}"
+        );
+        assert!(err.contains("hugetlb"), "{err}");
+    }
+
+    #[test]
+    fn containers_get_only_their_gpus_and_their_limits() {
+        let docker = Runtime {
+            program: "docker".into(),
+        };
+        let gpus = vec!["GPU-a".to_string(), "GPU-b".to_string()];
+        let env = [("COOP_JOB_ID", "j".to_string())];
+        let cmd = ["python".to_string(), "train.py".to_string()];
+        let c = docker.command(
+            "coop-j-1",
+            "pytorch:24",
+            Path::new("/d/j/1"),
+            &gpus,
+            true,
+            1500,
+            4096,
+            &env,
+            &cmd,
+        );
+        let line = c.join(" ");
+        assert!(
+            line.starts_with(
+                "docker run --rm --init --name coop-j-1 --volume /d/j/1:/work --workdir /work"
+            ),
+            "{line}"
+        );
+        assert!(line.contains("--gpus \"device=GPU-a,GPU-b\""), "{line}");
+        assert!(
+            line.contains(
+                "--cpus 1.500 --memory 4096m --env COOP_JOB_ID=j pytorch:24 python train.py"
+            ),
+            "{line}"
+        );
+
+        let podman = Runtime {
+            program: "/usr/bin/podman".into(),
+        };
+        let c = podman.command("n", "img", Path::new("/w"), &gpus, true, 0, 0, &[], &cmd);
+        let line = c.join(" ");
+        assert!(
+            line.contains("--device nvidia.com/gpu=GPU-a --device nvidia.com/gpu=GPU-b img"),
+            "{line}"
+        );
+        // Simulated GPUs are not devices: nothing to pass.
+        let c = podman.command("n", "img", Path::new("/w"), &gpus, false, 0, 0, &[], &cmd);
+        assert!(!c.join(" ").contains("nvidia"), "{c:?}");
+    }
+}
