@@ -36,7 +36,7 @@ pub fn entitlements(state: &State) -> BTreeMap<String, f64> {
             *c += n
                 .gpus
                 .iter()
-                .map(|g| p.weight_milli(&g.model) as f64 / 1000.0)
+                .map(|g| state.weight_milli(&g.model) as f64 / 1000.0)
                 .sum::<f64>();
         }
     }

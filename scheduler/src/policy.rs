@@ -70,6 +70,10 @@ pub struct Policy {
     /// How long a proposed change waits for its approvals.
     #[serde(default = "default_proposal_ttl")]
     pub proposal_ttl_s: u64,
+    /// fp16 TFLOPS worth one unit per GPU-hour: a model without a declared
+    /// weight is weighted by its GPUs' probed throughput (0 = off: one unit).
+    #[serde(default)]
+    pub weight_reference_tflops: u64,
 }
 
 fn default_proposal_ttl() -> u64 {
@@ -93,6 +97,7 @@ impl Default for Policy {
             preempt_grace_s: 30,
             approvals_required: 0,
             proposal_ttl_s: DEFAULT_PROPOSAL_TTL_S,
+            weight_reference_tflops: 0,
         }
     }
 }
@@ -105,12 +110,27 @@ impl Policy {
             .unwrap_or(self.default_share)
     }
 
-    /// Thousandths of a normalised unit per GPU-hour for `model` (case-insensitive).
+    /// Thousandths of a normalised unit per GPU-hour for `model` (case-insensitive),
+    /// as declared; see `State::weight_milli` for measured weights.
     pub fn weight_milli(&self, model: &str) -> u64 {
+        self.declared_weight_milli(model)
+            .unwrap_or(UNIT_WEIGHT_MILLI)
+    }
+
+    pub fn declared_weight_milli(&self, model: &str) -> Option<u64> {
         self.model_weights_milli
             .iter()
             .find(|(m, _)| m.eq_ignore_ascii_case(model))
-            .map_or(UNIT_WEIGHT_MILLI, |(_, w)| *w)
+            .map(|(_, w)| *w)
+    }
+
+    /// The weight of a model measured at `fp16_gflops` by the agents' probe,
+    /// when the policy weighs by measurement.
+    pub fn measured_weight_milli(&self, fp16_gflops: u64) -> Option<u64> {
+        (self.weight_reference_tflops > 0 && fp16_gflops > 0).then(|| {
+            // units = TFLOPS / reference; thousandths = GFLOPS / reference.
+            (fp16_gflops / self.weight_reference_tflops).clamp(1, MAX_WEIGHT_MILLI)
+        })
     }
 
     /// Applies one setting; the caller checks members exist.
@@ -132,6 +152,7 @@ impl Policy {
             Setting::PreemptGraceS(s) => self.preempt_grace_s = *s,
             Setting::Approvals(k) => self.approvals_required = *k,
             Setting::ProposalTtlS(s) => self.proposal_ttl_s = *s,
+            Setting::WeightReferenceTflops(t) => self.weight_reference_tflops = *t,
         }
     }
 
@@ -162,6 +183,7 @@ impl Policy {
             Setting::PreemptGraceS(self.preempt_grace_s),
             Setting::Approvals(self.approvals_required),
             Setting::ProposalTtlS(self.proposal_ttl_s),
+            Setting::WeightReferenceTflops(self.weight_reference_tflops),
         ]);
         out
     }
@@ -182,9 +204,10 @@ pub enum Setting {
     PreemptGraceS(u64),
     Approvals(u32),
     ProposalTtlS(u64),
+    WeightReferenceTflops(u64),
 }
 
-pub const SETTING_KEYS: &str = "ordering, share.MEMBER, default_share, capacity_blend, weight.MODEL, half_life, preemption, preempt_inference, min_runtime, preempt_grace, approvals, proposal_ttl";
+pub const SETTING_KEYS: &str = "ordering, share.MEMBER, default_share, capacity_blend, weight.MODEL, weight_reference_tflops, half_life, preemption, preempt_inference, min_runtime, preempt_grace, approvals, proposal_ttl";
 
 /// Shares and weights are capped so that sums and products stay far from overflow.
 const MAX_SHARES: u64 = 1_000_000;
@@ -245,6 +268,7 @@ impl Setting {
             "min_runtime" => Setting::MinRuntimeS(secs()?),
             "preempt_grace" => Setting::PreemptGraceS(secs()?),
             "approvals" => Setting::Approvals(int(1000)? as u32),
+            "weight_reference_tflops" => Setting::WeightReferenceTflops(int(1_000_000)?),
             "proposal_ttl" => {
                 let s = secs()?;
                 if s == 0 {
@@ -291,6 +315,7 @@ impl fmt::Display for Setting {
             Setting::PreemptGraceS(s) => write!(f, "preempt_grace={}", fmt_duration_s(*s)),
             Setting::Approvals(k) => write!(f, "approvals={k}"),
             Setting::ProposalTtlS(s) => write!(f, "proposal_ttl={}", fmt_duration_s(*s)),
+            Setting::WeightReferenceTflops(t) => write!(f, "weight_reference_tflops={t}"),
         }
     }
 }

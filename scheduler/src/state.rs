@@ -450,6 +450,10 @@ pub struct State {
     pub capacity: Vec<CapacityRecord>,
     #[serde(default)]
     pub proposals: BTreeMap<u64, Proposal>,
+    /// Mean probed throughput of each GPU model's registered GPUs (kept up to
+    /// date at registration), for measured weights.
+    #[serde(default)]
+    pub measured_models: BTreeMap<String, Capacity>,
 }
 
 pub fn valid_name(s: &str) -> bool {
@@ -704,6 +708,7 @@ impl State {
                 up_since_ms,
             },
         );
+        self.remeasure_models();
         Ok(events)
     }
 
@@ -1298,6 +1303,50 @@ impl State {
 
     /// The model of a run's GPUs and the policy's weight for it, in thousandths
     /// (the mean weight if a run ever held mixed models).
+    /// Thousandths of a unit per GPU-hour of `model`: the declared weight, or
+    /// where the policy weighs by measurement, the model's probed throughput
+    /// against the reference; else one unit.
+    pub fn weight_milli(&self, model: &str) -> u64 {
+        let p = &self.policy;
+        p.declared_weight_milli(model)
+            .or_else(|| {
+                let m = self.measured_models.get(model)?;
+                p.measured_weight_milli(m.fp16_gflops)
+            })
+            .unwrap_or(crate::policy::UNIT_WEIGHT_MILLI)
+    }
+
+    /// Recomputes each model's mean probed throughput from the registered GPUs.
+    fn remeasure_models(&mut self) {
+        let mut sums: BTreeMap<String, (Capacity, u64)> = BTreeMap::new();
+        for g in self.nodes.values().flat_map(|n| &n.gpus) {
+            let Some(m) = g.measured else { continue };
+            let (s, n) = sums.entry(g.model.clone()).or_insert((
+                Capacity {
+                    fp16_gflops: 0,
+                    bf16_gflops: 0,
+                    memory_mb_per_s: 0,
+                },
+                0,
+            ));
+            s.fp16_gflops += m.fp16_gflops;
+            s.bf16_gflops += m.bf16_gflops;
+            s.memory_mb_per_s += m.memory_mb_per_s;
+            *n += 1;
+        }
+        self.measured_models = sums
+            .into_iter()
+            .map(|(model, (s, n))| {
+                let mean = Capacity {
+                    fp16_gflops: s.fp16_gflops / n,
+                    bf16_gflops: s.bf16_gflops / n,
+                    memory_mb_per_s: s.memory_mb_per_s / n,
+                };
+                (model, mean)
+            })
+            .collect();
+    }
+
     pub fn run_weight(&self, job: &Job) -> (String, u64) {
         let node = job.node.as_ref().and_then(|n| self.nodes.get(n));
         let models: Vec<&str> = job
@@ -1309,7 +1358,7 @@ impl State {
         if models.is_empty() {
             return (String::new(), crate::policy::UNIT_WEIGHT_MILLI);
         }
-        let sum: u64 = models.iter().map(|m| self.policy.weight_milli(m)).sum();
+        let sum: u64 = models.iter().map(|m| self.weight_milli(m)).sum();
         (models[0].to_string(), sum / models.len() as u64)
     }
 

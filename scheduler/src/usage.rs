@@ -200,7 +200,7 @@ pub fn statement(state: &State, member: &str, from_ms: i64, to_ms: i64, now_ms: 
         let ms = (e - s) as u64 * c.gpus as u64;
         st.contributed_gpu_ms += ms;
         st.contributed_weighted_gpu_ms +=
-            (ms as u128 * state.policy.weight_milli(&c.model) as u128 / 1000) as u64;
+            (ms as u128 * state.weight_milli(&c.model) as u128 / 1000) as u64;
     }
     st
 }

@@ -652,3 +652,49 @@ fn an_exiting_service_is_restarted_with_back_off() {
     assert_eq!(place_all(&mut s, at + 5 + 1_000), 1);
     assert_eq!(s.jobs[&id].attempts, 2);
 }
+
+#[test]
+fn probed_throughput_weighs_models_without_a_declared_weight_when_the_policy_says_so() {
+    let (mut s, mut at) = base();
+    let measured = |fp16_tflops: u64| {
+        Some(Capacity {
+            fp16_gflops: fp16_tflops * 1000,
+            bf16_gflops: fp16_tflops * 1000,
+            memory_mb_per_s: 3_000_000,
+        })
+    };
+    let mut h100 = gpus("n3", 2, "H100-80GB-HBM3");
+    h100[0].measured = measured(700);
+    h100[1].measured = measured(600);
+    let mut step = |s: &mut State, op: Op| {
+        s.apply(&Command { at_ms: at, op }).expect("applies");
+        at += 1;
+    };
+    step(
+        &mut s,
+        Op::RegisterNode {
+            node: "n3".into(),
+            owner: "beta".into(),
+            gpus: h100,
+            session: "s1".into(),
+            orphaned_runs_end_ms: 0,
+        },
+    );
+    // Measurements alone change nothing: the policy has not asked for them.
+    assert_eq!(s.weight_milli("H100-80GB-HBM3"), 1000);
+    let set = |settings: &[&str]| Op::SetPolicy {
+        settings: settings
+            .iter()
+            .map(|kv| Setting::parse(kv).unwrap())
+            .collect(),
+        by: "operator".into(),
+        reason: "weigh by the probe".into(),
+    };
+    step(&mut s, set(&["weight_reference_tflops=325"]));
+    // The mean of 700 and 600 TFLOPS against 325 TFLOPS a unit.
+    assert_eq!(s.weight_milli("H100-80GB-HBM3"), 2000);
+    // Unprobed models stay at one unit; a declared weight wins over a measurement.
+    assert_eq!(s.weight_milli("T4-16GB"), 1000);
+    step(&mut s, set(&["weight.H100-80GB-HBM3=3"]));
+    assert_eq!(s.weight_milli("H100-80GB-HBM3"), 3000);
+}
