@@ -187,7 +187,15 @@ pub enum AgentCmd {
     Status(AgentStatusArgs),
     /// Check each GPU (an NVRTC-compiled kernel must compute the right
     /// answer) and measure it: cuBLAS fp16/bf16 matmul, memory bandwidth.
-    Probe,
+    Probe(ProbeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// Afterwards keep every visible GPU busy with fp16 matmuls this long
+    /// (e.g. 30s): a known load for checking telemetry and accounting.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub burn: Option<Duration>,
 }
 
 #[derive(Args, Debug)]

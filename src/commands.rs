@@ -77,6 +77,10 @@ fn print_json(v: &Value) {
 
 /// Prints rows as aligned columns.
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    debug_assert!(
+        rows.iter().all(|r| r.len() == header.len()),
+        "a row does not match the header {header:?}"
+    );
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -1012,7 +1016,7 @@ pub async fn node(cli: &ClientArgs, cmd: NodeCmd) -> anyhow::Result<()> {
 
 /// `coop agent probe`: checks and measures every GPU; fails when there is no
 /// driver or when any GPU fails its check.
-pub async fn agent_probe(c: &ClientArgs) -> anyhow::Result<()> {
+pub async fn agent_probe(c: &ClientArgs, burn: Option<Duration>) -> anyhow::Result<()> {
     let probes = tokio::task::spawn_blocking(coop_agent::probe::probe_all).await??;
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     match c.output {
@@ -1052,6 +1056,11 @@ pub async fn agent_probe(c: &ClientArgs) -> anyhow::Result<()> {
         .collect();
     if !failed.is_empty() {
         bail!("probe: GPU {} failed the check", failed.join(", "));
+    }
+    if let Some(d) = burn {
+        let secs = d.as_secs_f64();
+        let done = tokio::task::spawn_blocking(move || coop_agent::probe::burn(secs)).await??;
+        eprintln!("burn: {secs:.0} s of 8192x8192 fp16 matmuls: {done:?} per GPU");
     }
     Ok(())
 }
@@ -1096,6 +1105,7 @@ pub async fn agent_status(c: &ClientArgs, dir: &std::path::Path) -> anyhow::Resu
                     "STATE",
                     "GPU-SECONDS",
                     "ENERGY-J",
+                    "UTIL%",
                     "REASON",
                 ],
                 runs.iter()

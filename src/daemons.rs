@@ -224,7 +224,7 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
     let a = match cmd {
         AgentCmd::Run(a) => a,
         AgentCmd::Status(a) => return crate::commands::agent_status(client, &a.data_dir).await,
-        AgentCmd::Probe => return crate::commands::agent_probe(client).await,
+        AgentCmd::Probe(p) => return crate::commands::agent_probe(client, p.burn).await,
     };
     let token = client
         .token

@@ -167,6 +167,13 @@ fn an_agent_killed_with_sigkill_and_restarted_loses_no_usage() {
             .contains("the agent restarted"),
         "{status:#}"
     );
+    // The table an operator reads says the same.
+    let table = s.agent_status_as("box", "table");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(id.as_str()) && l.contains(" lost "))
+        .unwrap_or_else(|| panic!("no lost row for {id}: {table}"));
+    assert!(row.contains("the agent restarted"), "{table}");
     let pid2 = pid_in(&s.c.wait_log(&id, "pid "));
     assert_ne!(pid, pid2);
 

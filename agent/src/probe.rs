@@ -177,6 +177,63 @@ fn probe_one(ordinal: usize, ptx: cudarc::nvrtc::Ptx, blas: bool) -> GpuProbe {
     p
 }
 
+/// Keeps every visible GPU busy with fp16 matrix multiplies for `secs`,
+/// holding their buffers: a known load for checking telemetry and
+/// accounting. Returns the multiplies done per GPU.
+pub fn burn(secs: f64) -> anyhow::Result<Vec<u64>> {
+    // SAFETY: only tries to dlopen the libraries.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        bail!("probe: cannot load the CUDA driver (libcuda.so.1): is the NVIDIA driver installed?");
+    }
+    // SAFETY: as above.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        bail!("probe: cannot load cuBLAS (libcublas.so): install the CUDA libraries");
+    }
+    let count = CudaContext::device_count().map_err(|e| anyhow!("probe: {e}"))?;
+    let threads: Vec<_> = (0..count.max(0) as usize)
+        .map(|ordinal| {
+            std::thread::spawn(move || -> anyhow::Result<u64> {
+                let ctx = CudaContext::new(ordinal)?;
+                let stream = ctx.default_stream();
+                let n = 8192usize;
+                let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS: {e:?}"))?;
+                let host = vec![half::f16::from_f32(0.5); n * n];
+                let a = stream.clone_htod(&host)?;
+                let mut c = stream.alloc_zeros::<half::f16>(n * n)?;
+                let cfg = GemmConfig {
+                    transa: cublasOperation_t::CUBLAS_OP_N,
+                    transb: cublasOperation_t::CUBLAS_OP_N,
+                    m: n as i32,
+                    n: n as i32,
+                    k: n as i32,
+                    alpha: half::f16::ONE,
+                    lda: n as i32,
+                    ldb: n as i32,
+                    beta: half::f16::ZERO,
+                    ldc: n as i32,
+                };
+                let t = Instant::now();
+                let mut done = 0;
+                while t.elapsed().as_secs_f64() < secs {
+                    // SAFETY: a and c are n x n, as the configuration says.
+                    unsafe { blas.gemm(cfg, &a, &a, &mut c) }
+                        .map_err(|e| anyhow!("gemm: {e:?}"))?;
+                    stream.synchronize()?;
+                    done += 1;
+                }
+                Ok(done)
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| {
+            t.join()
+                .map_err(|_| anyhow!("probe: a burn thread panicked"))?
+        })
+        .collect()
+}
+
 /// NVML writes a GPU's UUID as `GPU-` and 8-4-4-4-12 hex digits.
 fn format_uuid(bytes: &[std::ffi::c_char; 16]) -> String {
     let h: Vec<String> = bytes.iter().map(|b| format!("{:02x}", *b as u8)).collect();

@@ -573,9 +573,14 @@ impl Split {
 
     /// `coop agent status` of agent `name`, as JSON.
     pub fn agent_status(&self, name: &str) -> Value {
+        serde_json::from_str(&self.agent_status_as(name, "json")).unwrap()
+    }
+
+    /// `coop agent status` of agent `name` in an output format.
+    pub fn agent_status_as(&self, name: &str, format: &str) -> String {
         let dir = self.agent_dir(name);
         let out = Command::new(BIN)
-            .args(["agent", "status", "--output", "json", "--data-dir"])
+            .args(["agent", "status", "--output", format, "--data-dir"])
             .arg(&dir)
             .output()
             .unwrap();
@@ -584,7 +589,7 @@ impl Split {
             "coop agent status: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout).unwrap()
+        String::from_utf8(out.stdout).unwrap()
     }
 
     /// Polls `coop agent status` until `pred` holds.
