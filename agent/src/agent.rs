@@ -428,7 +428,14 @@ impl Agent {
         if self.last_prune.elapsed() > Duration::from_secs(3600) {
             self.last_prune = std::time::Instant::now();
             match self.spool.prune(now_ms() - RUN_RETENTION_MS).await {
-                Ok(n) if n > 0 => tracing::info!("forgot {n} runs ended over 7 days ago"),
+                Ok(n) if n > 0 => {
+                    tracing::info!("forgot {n} runs ended over 7 days ago");
+                    // No scheduler still wants runs that old: forget them here too.
+                    if let Ok(runs) = self.spool.runs().await {
+                        let kept: BTreeSet<RunKey> = runs.iter().map(|r| r.key()).collect();
+                        self.ended.retain(|k| kept.contains(k));
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!("pruning the spool: {e:#}"),
             }
