@@ -179,7 +179,7 @@ async fn spool(dir: &Path, writes: usize) -> anyhow::Result<()> {
         let mut spool = Spool::open(&d).await?;
         let runs: Vec<RunRecord> = (0..batch)
             .map(|i| {
-                let mut r = RunRecord::never_started(
+                let mut r = RunRecord::new(
                     &coop_agent::runner::RunKey {
                         job: format!("00000000-0000-0000-0000-{i:012}"),
                         attempt: 1,

@@ -98,13 +98,10 @@ pub struct Timing {
     pub accounting_db: Option<String>,
 }
 
+/// How an agent reads its GPUs and keeps its runs (`coop dev`, `coop agent run`).
 #[derive(Args, Debug)]
-pub struct DevArgs {
-    /// GPUs of the local agent: `auto` (the real ones through NVML where a
-    /// driver is present, else 4 simulated A100s), `nvml`, or `sim:COUNTxMODEL[,..]`.
-    #[arg(long, default_value = "auto")]
-    pub gpus: String,
-    /// How often the local agent reads its GPUs.
+pub struct RunArgs {
+    /// How often the GPUs are read (metrics, each job's utilisation).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub telemetry_interval: Duration,
     /// Put runs with --cpus/--memory limits in cgroups under this cgroup v2
@@ -121,6 +118,16 @@ pub struct DevArgs {
     /// Remove a run's directory (its output and files) this long after it ended.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
     pub keep_runs: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// GPUs of the local agent: `auto` (the real ones through NVML where a
+    /// driver is present, else 4 simulated A100s), `nvml`, or `sim:COUNTxMODEL[,..]`.
+    #[arg(long, default_value = "auto")]
+    pub gpus: String,
+    #[command(flatten)]
+    pub runs: RunArgs,
     /// Where the cluster keeps its SQLite files [default: $XDG_DATA_HOME/coop/dev].
     #[arg(long, env = "COOP_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -222,23 +229,8 @@ pub struct AgentRunArgs {
     /// Where run output and bookkeeping are kept.
     #[arg(long)]
     pub data_dir: PathBuf,
-    /// How often the GPUs are read (metrics, each job's utilisation).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
-    pub telemetry_interval: Duration,
-    /// Put runs with --cpus/--memory limits in cgroups under this cgroup v2
-    /// directory [default: the agent's own cgroup, if delegated to it].
-    #[arg(long)]
-    pub cgroup_root: Option<PathBuf>,
-    /// Do not use cgroups (limits are then not enforced).
-    #[arg(long, conflicts_with = "cgroup_root")]
-    pub no_cgroups: bool,
-    /// Container runtime for jobs with --image: auto (podman, else docker), a
-    /// program name or path, or none.
-    #[arg(long, default_value = "auto")]
-    pub container_runtime: String,
-    /// Remove a run's directory (its output and files) this long after it ended.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
-    pub keep_runs: Duration,
+    #[command(flatten)]
+    pub runs: RunArgs,
     /// Do not probe real GPUs at start. By default each is checked and
     /// measured first (as `coop agent probe`); one that fails is not offered.
     #[arg(long)]

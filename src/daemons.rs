@@ -108,14 +108,9 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         gpus,
         data_dir: dir.join("agent"),
         metrics: Some(agent_metrics),
-        telemetry_interval: a.telemetry_interval,
-        isolation: isolation(
-            a.no_cgroups,
-            a.cgroup_root.as_deref(),
-            &a.container_runtime,
-            real,
-        )?,
-        keep_runs: a.keep_runs,
+        telemetry_interval: a.runs.telemetry_interval,
+        isolation: isolation(&a.runs, real)?,
+        keep_runs: a.runs.keep_runs,
     })
     .await?;
     let mut registered = agent.registered();
@@ -259,14 +254,9 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         gpus,
         data_dir: a.data_dir,
         metrics: Some(agent_metrics),
-        telemetry_interval: a.telemetry_interval,
-        isolation: isolation(
-            a.no_cgroups,
-            a.cgroup_root.as_deref(),
-            &a.container_runtime,
-            real,
-        )?,
-        keep_runs: a.keep_runs,
+        telemetry_interval: a.runs.telemetry_interval,
+        isolation: isolation(&a.runs, real)?,
+        keep_runs: a.runs.keep_runs,
     })
     .await?;
     eprintln!("agent {}: {gpu_summary}", a.name);
@@ -283,13 +273,13 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
 
 /// How this agent keeps runs apart, said once at start: what limits mean
 /// here, and whether image jobs can run.
-fn isolation(
-    no_cgroups: bool,
-    root: Option<&std::path::Path>,
-    runtime: &str,
-    real_gpus: bool,
-) -> anyhow::Result<coop_agent::runner::Isolation> {
+fn isolation(a: &RunArgs, real_gpus: bool) -> anyhow::Result<coop_agent::runner::Isolation> {
     use coop_agent::isolation::{Cgroups, Runtime};
+    let (no_cgroups, root, runtime) = (
+        a.no_cgroups,
+        a.cgroup_root.as_deref(),
+        a.container_runtime.as_str(),
+    );
     let cgroups = if no_cgroups {
         tracing::info!("cgroups off (--no-cgroups): --cpus and --memory are not enforced");
         None

@@ -13,15 +13,6 @@ fn scheduler() -> Split {
     Split::start(&[])
 }
 
-fn pid_in(text: &str) -> i32 {
-    text.split_whitespace()
-        .skip_while(|w| *w != "pid")
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn an_agent_process_registers_its_node_and_gpus_and_runs_jobs() {
     let s = scheduler();

@@ -181,12 +181,3 @@ fn an_agent_killed_with_sigkill_and_restarted_loses_no_usage() {
     assert_eq!(s.c.wait_final(&id)["state"], "cancelled");
     assert_ledger_matches_agent(&s, "box", &[&id]);
 }
-
-fn pid_in(text: &str) -> i32 {
-    text.split_whitespace()
-        .skip_while(|w| *w != "pid")
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap()
-}

@@ -476,23 +476,12 @@ impl Agent {
                             t.set_busy(g, true, at_ms);
                         }
                         let record = RunRecord {
-                            job: key.job.clone(),
-                            attempt: key.attempt,
                             gpus: run.gpus.clone(),
                             pgid,
                             process: process_tag(pgid),
-                            started_ms: at_ms,
-                            metered_to_ms: at_ms,
                             counters_mj: t.energy_mj(&run.gpus, at_ms),
                             epoch: t.epoch().to_string(),
-                            utilization_sum: 0,
-                            utilization_samples: 0,
-                            gpu_ms: 0,
-                            energy_mj: 0,
-                            ended_ms: None,
-                            exit_code: None,
-                            reason: String::new(),
-                            lost: false,
+                            ..RunRecord::new(&key, at_ms)
                         };
                         let event = pb::report::Event::Started(pb::RunStarted {
                             job_id: key.job.clone(),
@@ -532,7 +521,7 @@ impl Agent {
         self.ended.insert(exit.key.clone());
         let mut record = self.metered.remove(&exit.key).unwrap_or_else(|| {
             // Never started (spawn failed, or cancelled first): nothing measured.
-            RunRecord::never_started(&exit.key, exit.at_ms)
+            RunRecord::new(&exit.key, exit.at_ms)
         });
         let t = self.cfg.gpus.telemetry.as_mut();
         let energy_mj = measure(t, &mut record, exit.at_ms);

@@ -200,18 +200,7 @@ pub fn burn(secs: f64) -> anyhow::Result<Vec<u64>> {
                 let host = vec![half::f16::from_f32(0.5); n * n];
                 let a = stream.clone_htod(&host)?;
                 let mut c = stream.alloc_zeros::<half::f16>(n * n)?;
-                let cfg = GemmConfig {
-                    transa: cublasOperation_t::CUBLAS_OP_N,
-                    transb: cublasOperation_t::CUBLAS_OP_N,
-                    m: n as i32,
-                    n: n as i32,
-                    k: n as i32,
-                    alpha: half::f16::ONE,
-                    lda: n as i32,
-                    ldb: n as i32,
-                    beta: half::f16::ZERO,
-                    ldc: n as i32,
-                };
+                let cfg = square(n, half::f16::ONE, half::f16::ZERO);
                 let t = Instant::now();
                 let mut done = 0;
                 while t.elapsed().as_secs_f64() < secs {
@@ -299,6 +288,22 @@ fn bandwidth(stream: &Arc<CudaStream>) -> anyhow::Result<f64> {
     Ok(bytes / t.elapsed().as_secs_f64() / 1e9)
 }
 
+/// `C = alpha A B + beta C` for n x n matrices, none transposed.
+fn square<T>(n: usize, alpha: T, beta: T) -> GemmConfig<T> {
+    GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_N,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: n as i32,
+        n: n as i32,
+        k: n as i32,
+        alpha,
+        lda: n as i32,
+        ldb: n as i32,
+        beta,
+        ldc: n as i32,
+    }
+}
+
 /// Square 4096 matrix multiplies through cuBLAS: TFLOP/s.
 fn matmul<T>(stream: &Arc<CudaStream>, from_f32: fn(f32) -> T) -> anyhow::Result<f64>
 where
@@ -311,18 +316,7 @@ where
     let a = stream.clone_htod(&host)?;
     let b = stream.clone_htod(&host)?;
     let mut c = stream.alloc_zeros::<T>(n * n)?;
-    let cfg = GemmConfig {
-        transa: cublasOperation_t::CUBLAS_OP_N,
-        transb: cublasOperation_t::CUBLAS_OP_N,
-        m: n as i32,
-        n: n as i32,
-        k: n as i32,
-        alpha: from_f32(1.0),
-        lda: n as i32,
-        ldb: n as i32,
-        beta: from_f32(0.0),
-        ldc: n as i32,
-    };
+    let cfg = square(n, from_f32(1.0), from_f32(0.0));
     let run = |c: &mut cudarc::driver::CudaSlice<T>| {
         // SAFETY: a, b and c are n x n, as the configuration says.
         unsafe { blas.gemm(cfg, &a, &b, c) }.map_err(|e| anyhow!("gemm: {e:?}"))

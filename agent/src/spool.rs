@@ -57,8 +57,9 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
-    /// A run that ended before it started (spawn failed, cancelled first).
-    pub fn never_started(key: &RunKey, at_ms: i64) -> Self {
+    /// A run with nothing measured yet, as of `at_ms` (as it stands: one that
+    /// never started, its spawn failed or it was cancelled first).
+    pub fn new(key: &RunKey, at_ms: i64) -> Self {
         Self {
             job: key.job.clone(),
             attempt: key.attempt,

@@ -324,6 +324,16 @@ pub fn start_dev(dir: &Path, extra: &[&str]) -> Daemon {
     Daemon::spawn("coop-dev", dir, &args, &[])
 }
 
+/// The number after "pid" in a job's output (`echo pid $$`).
+pub fn pid_in(text: &str) -> i32 {
+    text.split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 pub fn ms(v: &Value) -> i64 {
     let s = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
     let t = humantime::parse_rfc3339(s).unwrap();
