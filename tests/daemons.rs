@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -356,4 +357,43 @@ fn run_directories_are_removed_after_the_retention_and_running_ones_are_kept() {
     // The running job's directory stays, however old its last write.
     assert!(jobs.join(&long).join("1").join("output.log").exists());
     assert!(s.c.logs(&long).contains("started"));
+}
+
+#[test]
+fn a_restarted_agent_stops_processes_of_its_runs_that_its_spool_never_recorded() {
+    let s = scheduler();
+    s.c.add_member("acme");
+    let mut agent = s.agent("box", "acme", "sim:1xA100-80GB");
+    s.c.wait_node("box", "up", |n| n["state"] == "up");
+    let identity = s.agent_status("box")["identity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    agent.stop();
+    // What a run started in the instant before its agent crashed looks like:
+    // its own process group, the agent's identity in its environment, and no
+    // record in the spool. Another agent's run is left alone.
+    let spawn = |id: &str| {
+        std::process::Command::new("sleep")
+            .arg("300")
+            .env("COOP_AGENT_ID", id)
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let mut unrecorded = spawn(&identity);
+    let mut other = spawn("another-agent");
+    let _agent = s.agent("box", "acme", "sim:1xA100-80GB");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = unrecorded.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "never stopped");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.signal(), Some(15), "stopped with SIGTERM: {status}");
+    assert!(process_alive(other.id() as i32));
+    let _ = other.kill();
+    let _ = other.wait();
 }

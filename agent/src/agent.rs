@@ -117,6 +117,7 @@ impl Agent {
         let lock = lock_data_dir(&cfg.data_dir)?;
         let mut spool = Spool::open(&cfg.data_dir).await?;
         recover_orphans(&mut spool, cfg.gpus.telemetry.as_mut()).await?;
+        stop_unrecorded(spool.identity()).await;
         let unacked: VecDeque<_> = spool.pending().await?.into();
         let ended = spool
             .runs()
@@ -132,7 +133,12 @@ impl Agent {
             );
         }
         let (tx, exits) = mpsc::unbounded_channel();
-        let runner = Runner::new(cfg.data_dir.clone(), tx, cfg.isolation.clone())?;
+        let runner = Runner::new(
+            cfg.data_dir.clone(),
+            tx,
+            cfg.isolation.clone(),
+            spool.identity().to_string(),
+        )?;
         Ok(Self {
             cfg,
             spool,
@@ -631,6 +637,22 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std:
             dir.display()
         )
     })
+}
+
+/// Stops what is left of runs the spool does not know: a process started
+/// just before its agent crashed (before the spool recorded it), or one that
+/// left its run's process group. Every run carries its agent's identity in
+/// its environment; at start no run of this agent should exist.
+async fn stop_unrecorded(identity: &str) {
+    let groups = crate::runner::groups_with_env(crate::runner::AGENT_ENV, identity);
+    if groups.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        "stopping {} process groups of runs this agent's spool does not know",
+        groups.len()
+    );
+    crate::runner::stop_groups(&groups, Duration::from_secs(5)).await;
 }
 
 /// Runs that a previous agent process left unfinished (it crashed or was

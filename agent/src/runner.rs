@@ -74,7 +74,13 @@ pub struct Runner {
     runs: BTreeMap<RunKey, Running>,
     exits: mpsc::UnboundedSender<Exit>,
     isolation: Isolation,
+    /// The agent's identity, in every run's environment (`AGENT_ENV`).
+    agent: String,
 }
+
+/// Names the agent (its identity) in each run's environment, so that a
+/// restarted agent finds its runs' processes even where it has no record.
+pub const AGENT_ENV: &str = "COOP_AGENT_ID";
 
 /// What `spawn` did.
 pub enum Spawned {
@@ -87,6 +93,7 @@ impl Runner {
         dir: PathBuf,
         exits: mpsc::UnboundedSender<Exit>,
         isolation: Isolation,
+        agent: String,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("jobs"))
             .with_context(|| format!("creating {}", dir.display()))?;
@@ -95,6 +102,7 @@ impl Runner {
             runs: BTreeMap::new(),
             exits,
             isolation,
+            agent,
         })
     }
 
@@ -174,6 +182,7 @@ impl Runner {
             ("NVIDIA_VISIBLE_DEVICES", visible),
             ("COOP_JOB_ID", key.job.clone()),
             ("COOP_JOB_ATTEMPT", key.attempt.to_string()),
+            (AGENT_ENV, self.agent.clone()),
         ];
         let name = format!("coop-{}-{}", key.job, key.attempt);
         let iso = &self.isolation;
@@ -360,6 +369,29 @@ pub fn process_tag(pid: i32) -> Option<String> {
     // starttime is field 22; `rest` starts at field 3.
     let start = rest.split_whitespace().nth(19)?;
     Some(format!("{}:{start}", boot.trim()))
+}
+
+/// The process groups of processes whose environment holds `name=value`
+/// (other than this process's own group).
+pub fn groups_with_env(name: &str, value: &str) -> Vec<i32> {
+    let needle = format!("{name}={value}");
+    let own = nix::unistd::getpgrp().as_raw();
+    let mut groups: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+        })
+        .filter_map(|pid| nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok())
+        .map(|g| g.as_raw())
+        .filter(|g| *g != own)
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
 }
 
 /// Stops process groups a previous agent process left running: SIGTERM, then
