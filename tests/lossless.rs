@@ -181,3 +181,41 @@ fn an_agent_killed_with_sigkill_and_restarted_loses_no_usage() {
     assert_eq!(s.c.wait_final(&id)["state"], "cancelled");
     assert_ledger_matches_agent(&s, "box", &[&id]);
 }
+
+#[test]
+fn an_agent_stopped_cleanly_hands_its_runs_back_at_once_billed_to_their_end() {
+    // A node timeout far beyond the test's patience: only the agent's own
+    // goodbye can mark the node down in time.
+    let s = Split::start(&["--usage-interval", "300ms", "--node-timeout", "10m"]);
+    s.c.add_member("acme");
+    let mut agent = s.agent("box", "acme", "sim:2xA100-80GB");
+    s.c.wait_node("box", "up", |n| n["state"] == "up");
+    let id = s.c.submit(&[
+        "--member",
+        "acme",
+        "--gpus",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "echo pid $$; exec sleep 300",
+    ]);
+    let pid = pid_in(&s.c.wait_log(&id, "pid "));
+
+    agent.stop(); // SIGTERM, and a clean exit
+    assert!(
+        !process_alive(pid),
+        "the run was stopped before the agent exited"
+    );
+    s.c.wait_node("box", "down", |n| n["state"] == "down");
+    let job = s.c.job(&id);
+    assert_eq!(job["state"], "pending", "{job:#}");
+    assert!(
+        job["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the agent shut down"),
+        "{job:#}"
+    );
+    assert_ledger_matches_agent(&s, "box", &[&id]);
+}

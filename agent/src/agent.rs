@@ -69,6 +69,8 @@ pub struct Agent {
     next_telemetry: tokio::time::Instant,
     last_prune: std::time::Instant,
     next_sweep: tokio::time::Instant,
+    /// Shutting down: no new runs are started.
+    stopping: bool,
 }
 
 /// Ended runs are kept in the spool this long (for `coop agent status`)
@@ -156,6 +158,7 @@ impl Agent {
             next_telemetry: tokio::time::Instant::now(),
             last_prune: std::time::Instant::now(),
             next_sweep: tokio::time::Instant::now(),
+            stopping: false,
         })
     }
 
@@ -224,9 +227,43 @@ impl Agent {
         Ok(())
     }
 
+    /// On shutdown with a scheduler still there: stops every run and stays
+    /// until their ends (reported lost, so that their jobs are requeued at
+    /// once and billed exactly) are acknowledged, or the grace runs out.
+    async fn stop_while_connected(&mut self, inbound: &mut tonic::Streaming<pb::SchedulerMessage>) {
+        self.stopping = true;
+        for key in self.runner.keys() {
+            self.runner.stop(&key, STOP_ON_SHUTDOWN_GRACE);
+        }
+        let deadline =
+            tokio::time::Instant::now() + STOP_ON_SHUTDOWN_GRACE + Duration::from_secs(5);
+        while !(self.runner.keys().is_empty() && self.unacked.is_empty()) {
+            tokio::select! {
+                Some(exit) = self.exits.recv() => self.finish(exit, Some("the agent shut down")).await,
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => self.on_message(m).await,
+                    _ => return,
+                },
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+        // Everything acknowledged: the node can go down now, not after its timeout.
+        if let Some(tx) = &self.out {
+            let _ = tx.send(pb::AgentMessage {
+                msg: Some(Up::Goodbye(pb::Goodbye {})),
+            });
+            // Until the scheduler has taken it and closed the stream.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Ok(Some(_)) = inbound.message().await {}
+            })
+            .await;
+        }
+    }
+
     /// Stops every run and records each as lost (the job is not at fault),
     /// with its usage up to its exit.
     async fn stop_all_runs(&mut self, why: &str) {
+        self.stopping = true;
         for key in self.runner.keys() {
             self.runner.stop(&key, STOP_ON_SHUTDOWN_GRACE);
         }
@@ -362,7 +399,10 @@ impl Agent {
                         break Err(anyhow!("stream closed"));
                     }
                 }
-                _ = stopped(shutdown) => break Ok(()),
+                _ = stopped(shutdown) => {
+                    self.stop_while_connected(&mut inbound).await;
+                    break Ok(());
+                }
             }
         };
         self.out = None;
@@ -462,7 +502,7 @@ impl Agent {
                 if run.stop {
                     self.runner.stop(&key, grace);
                 }
-            } else if !self.ended.contains(&key) {
+            } else if !self.ended.contains(&key) && !self.stopping {
                 if run.stop {
                     // Cancelled before it started here: nothing to stop.
                     self.on_exit(Exit {

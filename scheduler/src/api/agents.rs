@@ -222,6 +222,17 @@ async fn read_agent(
         ctx.registry.touch(node);
         match msg.msg {
             Some(Up::Ping(_)) | None => {}
+            Some(Up::Goodbye(_)) => {
+                ctx.replica
+                    .propose(Op::NodeDown {
+                        node: node.to_string(),
+                        last_seen_ms: now_ms(),
+                    })
+                    .await
+                    .map_err(propose_status)?;
+                ctx.registry.wake_scheduler();
+                return Ok(());
+            }
             Some(Up::Hello(_)) => return Err(invalid("hello", "sent twice")),
             Some(Up::LogChunk(c)) => ctx.registry.complete_log(c),
             Some(Up::Report(r)) => {
