@@ -68,6 +68,7 @@ fn job_json(j: &pb::Job) -> Value {
         "cpus": if j.cpu_millis == 0 { Value::Null } else { json!(j.cpu_millis as f64 / 1000.0) },
         "memory_mb": if j.memory_mb == 0 { Value::Null } else { json!(j.memory_mb) },
         "image": if j.image.is_empty() { Value::Null } else { json!(j.image) },
+        "gpu_utilization_pct": j.gpu_utilization_pct,
     })
 }
 

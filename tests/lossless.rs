@@ -122,6 +122,9 @@ fn usage_of_jobs_that_ran_and_ended_while_every_scheduler_was_down_is_billed_onc
     let status = s.agent_status("box");
     let long_run = run_of(&status, &long, 1).unwrap();
     assert_eq!(long_run["utilization_pct"], 100.0, "{status:#}");
+    // ...and reaches the scheduler with the job.
+    let job = s.c.job(&long);
+    assert_eq!(job["gpu_utilization_pct"], 100.0, "{job:#}");
     let (long_ms, _) = billed(&s.c, &long);
     assert!(
         long_ms >= outage.as_millis() as u64,

@@ -583,7 +583,8 @@ impl Agent {
         record.exit_code = Some(exit.exit_code);
         record.reason = reason.clone();
         record.lost = lost.is_some();
-        let event = pb::report::Event::Exited(pb::RunExited {
+        let mut events: Vec<pb::report::Event> = utilization(&record).into_iter().collect();
+        events.push(pb::report::Event::Exited(pb::RunExited {
             job_id: exit.key.job,
             attempt: exit.key.attempt,
             at_ms: exit.at_ms,
@@ -591,8 +592,8 @@ impl Agent {
             reason,
             energy_mj,
             lost: lost.is_some(),
-        });
-        self.report(vec![event], &[&record]).await;
+        }));
+        self.report(events, &[&record]).await;
     }
 
     /// Reports every running run's usage since its last report, in one spool write.
@@ -611,6 +612,7 @@ impl Agent {
                 to_ms: now,
                 energy_mj,
             }));
+            events.extend(utilization(r));
         }
         if events.is_empty() {
             return;
@@ -737,6 +739,7 @@ async fn recover_orphans(spool: &mut Spool, telemetry: &mut dyn Telemetry) -> an
         r.exit_code = Some(if was_alive { 143 } else { -1 });
         r.reason = reason.into();
         r.lost = true;
+        events.extend(utilization(&r));
         events.push(pb::report::Event::Exited(pb::RunExited {
             job_id: r.job.clone(),
             attempt: r.attempt,
@@ -751,6 +754,18 @@ async fn recover_orphans(spool: &mut Spool, telemetry: &mut dyn Telemetry) -> an
     let refs: Vec<&RunRecord> = records.iter().collect();
     let (_, written) = spool.record(events, &refs).await;
     written
+}
+
+/// The run's utilisation so far, for the scheduler, once there are readings.
+fn utilization(r: &RunRecord) -> Option<pb::report::Event> {
+    (r.utilization_samples > 0).then(|| {
+        pb::report::Event::Utilization(pb::RunUtilization {
+            job_id: r.job.clone(),
+            attempt: r.attempt,
+            sum_pct: r.utilization_sum,
+            samples: r.utilization_samples,
+        })
+    })
 }
 
 /// Measures a run from where it was last measured up to `to_ms`: adds its

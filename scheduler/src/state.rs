@@ -211,12 +211,27 @@ pub struct Job {
     /// Runs of other members preempted to make room for this job.
     #[serde(default)]
     pub preemptions_caused: u32,
+    /// GPU utilisation readings (sum of percents, count) of the finished
+    /// runs, and of the current run so far.
+    #[serde(default)]
+    pub utilization: (u64, u64),
+    #[serde(default)]
+    pub run_utilization: (u64, u64),
     /// GPUs are being freed for this job on this node by preemption.
     #[serde(default)]
     pub nominated_node: Option<String>,
 }
 
 impl Job {
+    /// Mean utilisation of the job's GPUs over all its runs, percent.
+    pub fn utilization_pct(&self) -> Option<f64> {
+        let (sum, n) = (
+            self.utilization.0 + self.run_utilization.0,
+            self.utilization.1 + self.run_utilization.1,
+        );
+        (n > 0).then(|| sum as f64 / n as f64)
+    }
+
     /// The agent must stop the current run (cancel, preemption or time limit).
     pub fn stopping(&self) -> bool {
         self.cancel_requested || self.preempted_for.is_some() || self.timed_out
@@ -379,6 +394,14 @@ pub enum RunReport {
         attempt: u32,
         to_ms: i64,
         energy_mj: u64,
+    },
+    /// Utilisation readings of the run's GPUs since it started: their sum
+    /// (percent) and count. Each report replaces the previous one.
+    Utilization {
+        job: JobId,
+        attempt: u32,
+        sum_pct: u64,
+        samples: u64,
     },
     /// The agent lost the run through no fault of the job (it restarted and
     /// stopped the orphan, or found it gone): billed up to `at_ms`, requeued.
@@ -792,6 +815,8 @@ impl State {
                 timed_out: false,
                 preemptions: 0,
                 preemptions_caused: 0,
+                utilization: (0, 0),
+                run_utilization: (0, 0),
                 nominated_node: None,
             },
         );
@@ -1187,6 +1212,18 @@ impl State {
                 self.bill(*job, *to_ms, *energy_mj);
                 Ok(vec![])
             }
+            RunReport::Utilization {
+                job,
+                attempt,
+                sum_pct,
+                samples,
+            } => {
+                if current(self, job, *attempt) {
+                    let j = self.jobs.get_mut(job).expect("checked");
+                    j.run_utilization = (*sum_pct, *samples);
+                }
+                Ok(vec![])
+            }
             RunReport::Lost {
                 job,
                 attempt,
@@ -1366,9 +1403,12 @@ impl State {
     fn close_run(&mut self, id: JobId, end_ms: i64, energy_mj: u64) {
         self.bill(id, end_ms, energy_mj);
         self.running.remove(&id);
-        let Some(job) = self.jobs.get(&id) else {
+        let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
+        let (sum, n) = std::mem::take(&mut job.run_utilization);
+        job.utilization = (job.utilization.0 + sum, job.utilization.1 + n);
+        let job = &self.jobs[&id];
         if let Some(node) = job.node.as_ref().and_then(|n| self.nodes.get_mut(n)) {
             for g in node.gpus.iter_mut().filter(|g| g.job == Some(id)) {
                 g.job = None;

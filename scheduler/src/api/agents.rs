@@ -74,6 +74,12 @@ fn to_report(r: pb::Report) -> Result<RunReport, Status> {
             reason: e.reason,
             energy_mj: e.energy_mj,
         },
+        Some(pb::report::Event::Utilization(u)) => RunReport::Utilization {
+            job: parse_job_id("utilization.job_id", &u.job_id)?,
+            attempt: u.attempt,
+            sum_pct: u.sum_pct,
+            samples: u.samples,
+        },
         Some(pb::report::Event::Usage(u)) => RunReport::Usage {
             job: parse_job_id("usage.job_id", &u.job_id)?,
             attempt: u.attempt,

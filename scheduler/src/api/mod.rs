@@ -181,6 +181,7 @@ pub fn job_to_pb(state: &State, job: &Job, now_ms: i64) -> pb::Job {
         cpu_millis: job.spec.isolation.cpu_millis,
         memory_mb: job.spec.isolation.memory_mb,
         image: job.spec.isolation.image.clone().unwrap_or_default(),
+        gpu_utilization_pct: job.utilization_pct(),
     }
 }
 
