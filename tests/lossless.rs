@@ -222,3 +222,44 @@ fn an_agent_stopped_cleanly_hands_its_runs_back_at_once_billed_to_their_end() {
     );
     assert_ledger_matches_agent(&s, "box", &[&id]);
 }
+
+#[test]
+fn usage_an_agent_measured_while_cut_off_past_the_node_timeout_is_billed_when_it_returns() {
+    let s = Split::start(&["--usage-interval", "300ms"]); // FAST: nodes down after 2 s
+    s.c.add_member("acme");
+    let agent = s.agent("box", "acme", "sim:2xA100-80GB");
+    s.c.wait_node("box", "up", |n| n["state"] == "up");
+    let id = s.c.submit(&[
+        "--member",
+        "acme",
+        "--gpus",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "echo pid $$; exec sleep 300",
+    ]);
+    let pid = pid_in(&s.c.wait_log(&id, "pid "));
+
+    // The agent goes silent (frozen): the scheduler gives the run up and bills
+    // it up to the last heartbeat, but the run goes on.
+    agent.signal(nix::sys::signal::Signal::SIGSTOP);
+    s.c.wait_node("box", "down", |n| n["state"] == "down");
+    assert_eq!(s.c.job(&id)["state"], "pending");
+    assert!(process_alive(pid));
+    // Back again: it stops the run it no longer owns and reports what it
+    // measured, up to the stop; the job runs again there.
+    agent.signal(nix::sys::signal::Signal::SIGCONT);
+    wait_gone(pid, "the run given up on");
+    s.c.wait_job(&id, "running again", |j| {
+        j["state"] == "running" && j["attempts"] == 2
+    });
+    s.c.ok(&["job", "cancel", &id]);
+    assert_eq!(s.c.wait_final(&id)["state"], "cancelled");
+    assert_ledger_matches_agent(&s, "box", &[&id]);
+    let first = run_of(&s.agent_status("box"), &id, 1).unwrap().clone();
+    assert!(
+        first["gpu_ms"].as_u64().unwrap() >= 2 * 2_000,
+        "the first run was measured through the silence: {first:#}"
+    );
+}

@@ -90,6 +90,22 @@ pub struct Node {
     /// Since when the node has offered its GPUs as they are now (while up).
     #[serde(default)]
     pub up_since_ms: i64,
+    /// Runs ended by the node going down while its agent may still have run
+    /// them: what that agent reports of them later is billed too.
+    #[serde(default)]
+    pub cut_off: Vec<CutOff>,
+}
+
+/// A run the scheduler gave up on when its node went silent. The agent kept
+/// metering it; its late reports bill the time past `billed_to_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutOff {
+    pub job: JobId,
+    pub attempt: u32,
+    pub billed_to_ms: i64,
+    pub gpus: u32,
+    pub model: String,
+    pub weight_milli: u64,
 }
 
 /// GPUs a member's node offered to the cluster over a time: what statements
@@ -703,10 +719,10 @@ impl State {
             None => at,
         };
         let same_session = self.nodes.get(name).is_some_and(|n| n.session == session);
-        let last_seq = if same_session {
-            self.nodes[name].last_seq
-        } else {
-            0
+        let (last_seq, cut_off) = match self.nodes.get(name) {
+            // The same agent: it still owes reports of the runs cut off.
+            Some(n) if same_session => (n.last_seq, n.cut_off.clone()),
+            _ => (0, vec![]),
         };
         self.nodes.insert(
             name.to_string(),
@@ -727,6 +743,7 @@ impl State {
                 up: true,
                 session: session.to_string(),
                 last_seq,
+                cut_off,
                 registered_at_ms,
                 up_since_ms,
             },
@@ -751,7 +768,29 @@ impl State {
         let jobs: BTreeSet<JobId> = node.gpus.iter().filter_map(|g| g.job).collect();
         let mut events = vec![Event::Node(name.to_string())];
         for job in jobs {
+            let cut = self
+                .jobs
+                .get(&job)
+                .filter(|j| j.started_at_ms.is_some())
+                .map(|j| {
+                    let (model, weight_milli) = self.run_weight(j);
+                    CutOff {
+                        job,
+                        attempt: j.attempts,
+                        billed_to_ms: last_seen.max(j.billed_to_ms),
+                        gpus: j.spec.gpus,
+                        model,
+                        weight_milli,
+                    }
+                });
             self.end_run_lost(job, last_seen, "node down");
+            if let Some(cut) = cut {
+                self.nodes
+                    .get_mut(name)
+                    .expect("checked above")
+                    .cut_off
+                    .push(cut);
+            }
             events.push(Event::Job(job));
         }
         Ok(events)
@@ -1177,6 +1216,9 @@ impl State {
             return Ok(vec![]); // already applied: a retransmission
         }
         node.last_seq = seq;
+        if self.bill_cut_off(node_name, report) {
+            return Ok(vec![]);
+        }
         // A report about a run that is no longer current (requeued meanwhile, or
         // stopped after it was reassigned) is acknowledged and otherwise ignored.
         let current = |s: &State, job: &JobId, attempt: u32| {
@@ -1297,6 +1339,81 @@ impl State {
         }
     }
 
+    /// Bills a late report about a run cut off when its node went down: the
+    /// agent measured it past the point the scheduler billed it to. Returns
+    /// whether the report was about such a run.
+    fn bill_cut_off(&mut self, node_name: &str, report: &RunReport) -> bool {
+        let (job, attempt, to_ms, energy_mj, last) = match report {
+            RunReport::Usage {
+                job,
+                attempt,
+                to_ms,
+                energy_mj,
+            } => (job, *attempt, *to_ms, *energy_mj, false),
+            RunReport::Exited {
+                job,
+                attempt,
+                at_ms,
+                energy_mj,
+                ..
+            }
+            | RunReport::Lost {
+                job,
+                attempt,
+                at_ms,
+                energy_mj,
+                ..
+            } => (job, *attempt, *at_ms, *energy_mj, true),
+            RunReport::Started { .. } | RunReport::Utilization { .. } => return false,
+        };
+        let Some(node) = self.nodes.get_mut(node_name) else {
+            return false;
+        };
+        let Some(i) = node
+            .cut_off
+            .iter()
+            .position(|c| c.job == *job && c.attempt == attempt)
+        else {
+            return false;
+        };
+        let cut = if last {
+            node.cut_off.remove(i)
+        } else {
+            let c = &mut node.cut_off[i];
+            let before = c.clone();
+            c.billed_to_ms = to_ms.max(c.billed_to_ms);
+            before
+        };
+        let Some(j) = self.jobs.get_mut(job) else {
+            return true;
+        };
+        let to = to_ms.max(cut.billed_to_ms);
+        let gpu_ms = (to - cut.billed_to_ms) as u64 * cut.gpus as u64;
+        if gpu_ms == 0 && energy_mj == 0 {
+            return true;
+        }
+        let weighted = (gpu_ms as u128 * cut.weight_milli as u128 / 1000) as u64;
+        j.gpu_ms += gpu_ms;
+        j.weighted_gpu_ms += weighted;
+        j.energy_mj += energy_mj;
+        let record = UsageRecord {
+            job: *job,
+            attempt,
+            member: j.member.clone(),
+            node: node_name.to_string(),
+            model: cut.model,
+            gpus: cut.gpus,
+            start_ms: cut.billed_to_ms,
+            end_ms: to,
+            gpu_ms,
+            weighted_gpu_ms: weighted,
+            energy_mj,
+        };
+        ledger::append(&mut self.audit, to, ledger::Entry::Usage(record.clone()));
+        self.ledger.push(record);
+        true
+    }
+
     /// Bills the current run of `id` from where it was billed to up to `to_ms`.
     /// A run that has not reported its start has no time to bill.
     fn bill(&mut self, id: JobId, to_ms: i64, energy_mj: u64) {
@@ -1338,8 +1455,6 @@ impl State {
         self.ledger.push(record);
     }
 
-    /// The model of a run's GPUs and the policy's weight for it, in thousandths
-    /// (the mean weight if a run ever held mixed models).
     /// Thousandths of a unit per GPU-hour of `model`: the declared weight, or
     /// where the policy weighs by measurement, the model's probed throughput
     /// against the reference; else one unit.
@@ -1384,6 +1499,8 @@ impl State {
             .collect();
     }
 
+    /// The model of a run's GPUs and the policy's weight for it, in thousandths
+    /// (the mean weight if a run ever held mixed models).
     pub fn run_weight(&self, job: &Job) -> (String, u64) {
         let node = job.node.as_ref().and_then(|n| self.nodes.get(n));
         let models: Vec<&str> = job

@@ -543,7 +543,7 @@ fn too_large_or_empty_jobs_are_rejected_with_the_field() {
 }
 
 #[test]
-fn node_loss_requeues_and_bills_up_to_the_last_heartbeat() {
+fn node_loss_requeues_bills_up_to_the_last_heartbeat_then_what_the_agent_measured() {
     let (mut s, at) = base();
     let id = Uuid::from_u128(7);
     s.apply(&Command {
@@ -598,21 +598,33 @@ fn node_loss_requeues_and_bills_up_to_the_last_heartbeat() {
     assert_eq!(j.state, JobState::Pending);
     assert_eq!(j.gpu_ms, 4 * 1_000);
     check_invariants(&s);
-    // The old agent's late exit report is about a run that no longer exists.
-    s.apply(&report(
+    // The agent was only cut off: it kept the run going and metering it, and
+    // its late reports bill what it measured past the last heartbeat, once.
+    let late = report(
         2,
         RunReport::Exited {
             job: id,
             attempt: 1,
             at_ms: at + 30_000,
-            exit_code: 0,
+            exit_code: 143,
             reason: String::new(),
-            energy_mj: 0,
+            energy_mj: 7_000,
         },
-    ))
-    .unwrap();
-    assert_eq!(s.jobs[&id].state, JobState::Pending);
-    assert_eq!(s.jobs[&id].gpu_ms, 4 * 1_000);
+    );
+    s.apply(&late).unwrap();
+    let j = &s.jobs[&id];
+    assert_eq!(j.state, JobState::Pending, "the job itself has moved on");
+    assert_eq!(j.gpu_ms, 4 * 1_000 + 4 * (30_000 - 1_010));
+    assert_eq!(j.energy_mj, 7_000);
+    let last = s.ledger.last().unwrap();
+    assert_eq!(
+        (last.attempt, last.start_ms, last.end_ms),
+        (1, at + 1_010, at + 30_000)
+    );
+    let billed = s.clone();
+    s.apply(&late).unwrap();
+    assert_eq!(s, billed, "a retransmission bills nothing");
+    check_invariants(&s);
 }
 
 #[test]
