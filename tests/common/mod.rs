@@ -320,6 +320,10 @@ pub fn start_dev(dir: &Path, extra: &[&str]) -> Daemon {
     let data = data.to_str().unwrap();
     let mut args = vec!["dev", "--listen", "127.0.0.1:0", "--data-dir", data];
     args.extend(FAST);
+    // The tests count on 4 simulated A100s, also on a machine with real GPUs.
+    if !extra.contains(&"--gpus") {
+        args.extend(["--gpus", "sim:4xA100-80GB"]);
+    }
     args.extend(extra);
     Daemon::spawn("coop-dev", dir, &args, &[])
 }

@@ -86,11 +86,19 @@ impl Cluster {
     async fn membership(&self, change: Membership) -> Result<Vec<pb::SchedulerNode>, Status> {
         self.0
             .replica
-            .change_membership(change)
+            .change_membership(change.clone())
             .await
             .map_err(propose_status)?;
-        // List the schedulers as of the change, on a follower too.
+        // List the schedulers as of the change, on a follower too: the change
+        // is answered once committed, and this node's view of its peers
+        // follows when it has applied it.
         self.0.current().await?;
+        let settled = |v: &crate::replica::View| match &change {
+            Membership::Add { id, .. } => v.peers.contains_key(id),
+            Membership::Remove { id } => !v.peers.contains_key(id),
+        };
+        let mut view = self.0.replica.view();
+        let _ = tokio::time::timeout(Duration::from_secs(5), view.wait_for(settled)).await;
         Ok(self.schedulers().await)
     }
 }

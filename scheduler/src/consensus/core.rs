@@ -16,7 +16,7 @@
 //! other entry can hold both, so a different entry at that index means ours was
 //! never committed and the caller may safely retry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use protobuf::Message as _;
@@ -117,6 +117,9 @@ pub struct Core {
     raw: RawNode<Log>,
     state: Arc<RwLock<State>>,
     peers: BTreeMap<u64, String>,
+    /// Nodes removed from the cluster: a removed node that does not know it
+    /// yet keeps sending, and must not be learnt back as a peer.
+    removed: BTreeSet<u64>,
     applied: u64,
     /// The latest command time seen: stamps never go backwards.
     last_at_ms: i64,
@@ -200,6 +203,7 @@ impl Core {
             raw,
             state,
             peers,
+            removed: BTreeSet::new(),
             applied,
             last_at_ms: 0,
             snapshot_every: timing.snapshot_every.max(1),
@@ -238,7 +242,7 @@ impl Core {
     /// Learns a peer's address from a message it sent (a node joining the
     /// cluster hears from the leader before it has the address book).
     pub fn learn_peer(&mut self, id: u64, address: &str) {
-        if !address.is_empty() && id != self.id() {
+        if !address.is_empty() && id != self.id() && !self.removed.contains(&id) {
             self.peers.insert(id, address.to_string());
         }
     }
@@ -531,8 +535,10 @@ impl Core {
         if let Ok(ctx) = serde_json::from_slice::<Vec<ConfContext>>(&cc.context) {
             for c in ctx {
                 if cs.voters.contains(&c.id) || cs.learners.contains(&c.id) {
+                    self.removed.remove(&c.id);
                     self.peers.insert(c.id, c.address);
                 } else {
+                    self.removed.insert(c.id);
                     self.peers.remove(&c.id);
                 }
             }
