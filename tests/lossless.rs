@@ -60,6 +60,30 @@ fn assert_ledger_matches_agent(s: &Split, agent: &str, ids: &[&str]) {
     );
 }
 
+/// A scheduler (usage reported every 300 ms, and `timing`), an agent "box"
+/// with 2 simulated A100s, and a 2-GPU job running on it: (cluster, agent,
+/// job id, the job's pid).
+fn one_running_job(timing: &[&str]) -> (Split, Daemon, String, i32) {
+    let mut flags = vec!["--usage-interval", "300ms"];
+    flags.extend(timing);
+    let s = Split::start(&flags);
+    s.c.add_member("acme");
+    let agent = s.agent("box", "acme", "sim:2xA100-80GB");
+    s.c.wait_node("box", "up", |n| n["state"] == "up");
+    let id = s.c.submit(&[
+        "--member",
+        "acme",
+        "--gpus",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "echo pid $$; exec sleep 300",
+    ]);
+    let pid = pid_in(&s.c.wait_log(&id, "pid "));
+    (s, agent, id, pid)
+}
+
 fn run_of<'a>(status: &'a Value, id: &str, attempt: u64) -> Option<&'a Value> {
     status["runs"]
         .as_array()
@@ -134,21 +158,7 @@ fn usage_of_jobs_that_ran_and_ended_while_every_scheduler_was_down_is_billed_onc
 
 #[test]
 fn an_agent_killed_with_sigkill_and_restarted_loses_no_usage() {
-    let s = Split::start(&["--usage-interval", "300ms", "--node-timeout", "20s"]);
-    s.c.add_member("acme");
-    let mut agent = s.agent("box", "acme", "sim:2xA100-80GB");
-    s.c.wait_node("box", "up", |n| n["state"] == "up");
-    let id = s.c.submit(&[
-        "--member",
-        "acme",
-        "--gpus",
-        "2",
-        "--",
-        "sh",
-        "-c",
-        "echo pid $$; exec sleep 300",
-    ]);
-    let pid = pid_in(&s.c.wait_log(&id, "pid "));
+    let (s, mut agent, id, pid) = one_running_job(&["--node-timeout", "20s"]);
     s.c.wait_job(&id, "billed", |j| j["gpu_seconds"].as_f64().unwrap() > 0.0);
 
     agent.kill9();
@@ -189,21 +199,7 @@ fn an_agent_killed_with_sigkill_and_restarted_loses_no_usage() {
 fn an_agent_stopped_cleanly_hands_its_runs_back_at_once_billed_to_their_end() {
     // A node timeout far beyond the test's patience: only the agent's own
     // goodbye can mark the node down in time.
-    let s = Split::start(&["--usage-interval", "300ms", "--node-timeout", "10m"]);
-    s.c.add_member("acme");
-    let mut agent = s.agent("box", "acme", "sim:2xA100-80GB");
-    s.c.wait_node("box", "up", |n| n["state"] == "up");
-    let id = s.c.submit(&[
-        "--member",
-        "acme",
-        "--gpus",
-        "2",
-        "--",
-        "sh",
-        "-c",
-        "echo pid $$; exec sleep 300",
-    ]);
-    let pid = pid_in(&s.c.wait_log(&id, "pid "));
+    let (s, mut agent, id, pid) = one_running_job(&["--node-timeout", "10m"]);
 
     agent.stop(); // SIGTERM, and a clean exit
     assert!(
@@ -225,21 +221,7 @@ fn an_agent_stopped_cleanly_hands_its_runs_back_at_once_billed_to_their_end() {
 
 #[test]
 fn usage_an_agent_measured_while_cut_off_past_the_node_timeout_is_billed_when_it_returns() {
-    let s = Split::start(&["--usage-interval", "300ms"]); // FAST: nodes down after 2 s
-    s.c.add_member("acme");
-    let agent = s.agent("box", "acme", "sim:2xA100-80GB");
-    s.c.wait_node("box", "up", |n| n["state"] == "up");
-    let id = s.c.submit(&[
-        "--member",
-        "acme",
-        "--gpus",
-        "2",
-        "--",
-        "sh",
-        "-c",
-        "echo pid $$; exec sleep 300",
-    ]);
-    let pid = pid_in(&s.c.wait_log(&id, "pid "));
+    let (s, agent, id, pid) = one_running_job(&[]); // FAST: nodes down after 2 s
 
     // The agent goes silent (frozen): the scheduler gives the run up and bills
     // it up to the last heartbeat, but the run goes on.

@@ -232,6 +232,12 @@ impl Agent {
     /// once and billed exactly) are acknowledged, or the grace runs out.
     async fn stop_while_connected(&mut self, inbound: &mut tonic::Streaming<pb::SchedulerMessage>) {
         self.stopping = true;
+        // First, so that the jobs handed back are not placed here again.
+        if let Some(tx) = &self.out {
+            let _ = tx.send(pb::AgentMessage {
+                msg: Some(Up::Leaving(pb::Leaving {})),
+            });
+        }
         for key in self.runner.keys() {
             self.runner.stop(&key, STOP_ON_SHUTDOWN_GRACE);
         }

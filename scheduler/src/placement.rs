@@ -641,7 +641,11 @@ struct Pool<'a> {
 
 impl<'a> Pool<'a> {
     fn new(state: &'a State) -> Self {
-        let nodes: Vec<&Node> = state.nodes.values().filter(|n| n.up).collect();
+        let nodes: Vec<&Node> = state
+            .nodes
+            .values()
+            .filter(|n| n.up && !n.draining)
+            .collect();
         let mut classes: Vec<(&str, u64)> = nodes
             .iter()
             .flat_map(|n| n.gpus.iter().map(|g| (g.model.as_str(), g.memory_mb)))

@@ -94,6 +94,9 @@ pub struct Node {
     /// them: what that agent reports of them later is billed too.
     #[serde(default)]
     pub cut_off: Vec<CutOff>,
+    /// Its agent is shutting down: nothing new is placed on it.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A run the scheduler gave up on when its node went silent. The agent kept
@@ -342,6 +345,10 @@ pub enum Op {
         node: String,
         last_seen_ms: i64,
     },
+    /// The node's agent is shutting down: no new placements on it.
+    DrainNode {
+        node: String,
+    },
     SubmitJob {
         id: JobId,
         member: String,
@@ -535,6 +542,14 @@ impl State {
                 orphaned_runs_end_ms,
             } => self.register_node(at, node, owner, gpus, session, *orphaned_runs_end_ms),
             Op::NodeDown { node, last_seen_ms } => self.node_down(node, *last_seen_ms),
+            Op::DrainNode { node } => {
+                let n = self
+                    .nodes
+                    .get_mut(node)
+                    .ok_or_else(|| Rejection::NotFound(format!("node {node:?} does not exist")))?;
+                n.draining = n.up;
+                Ok(vec![Event::Node(node.clone())])
+            }
             Op::SubmitJob { id, member, spec } => self.submit(at, *id, member, spec),
             Op::CancelJob { id } => self.cancel(at, *id),
             Op::Place { job, node, gpus } => self.place(at, *job, node, gpus),
@@ -744,6 +759,7 @@ impl State {
                 session: session.to_string(),
                 last_seq,
                 cut_off,
+                draining: false,
                 registered_at_ms,
                 up_since_ms,
             },
@@ -912,6 +928,11 @@ impl State {
         if !node.up {
             return Err(Rejection::FailedPrecondition(format!(
                 "node {node_name} is down"
+            )));
+        }
+        if node.draining {
+            return Err(Rejection::FailedPrecondition(format!(
+                "node {node_name} is draining: its agent is shutting down"
             )));
         }
         let distinct: BTreeSet<&String> = gpus.iter().collect();
@@ -1384,7 +1405,7 @@ impl State {
             c.billed_to_ms = to_ms.max(c.billed_to_ms);
             before
         };
-        let Some(j) = self.jobs.get_mut(job) else {
+        let Some(j) = self.jobs.get(job) else {
             return true;
         };
         let to = to_ms.max(cut.billed_to_ms);
@@ -1392,10 +1413,6 @@ impl State {
         if gpu_ms == 0 && energy_mj == 0 {
             return true;
         }
-        let weighted = (gpu_ms as u128 * cut.weight_milli as u128 / 1000) as u64;
-        j.gpu_ms += gpu_ms;
-        j.weighted_gpu_ms += weighted;
-        j.energy_mj += energy_mj;
         let record = UsageRecord {
             job: *job,
             attempt,
@@ -1406,11 +1423,10 @@ impl State {
             start_ms: cut.billed_to_ms,
             end_ms: to,
             gpu_ms,
-            weighted_gpu_ms: weighted,
+            weighted_gpu_ms: (gpu_ms as u128 * cut.weight_milli as u128 / 1000) as u64,
             energy_mj,
         };
-        ledger::append(&mut self.audit, to, ledger::Entry::Usage(record.clone()));
-        self.ledger.push(record);
+        self.add_usage(record);
         true
     }
 
@@ -1434,9 +1450,6 @@ impl State {
         if gpu_ms == 0 && energy_mj == 0 {
             return;
         }
-        job.gpu_ms += gpu_ms;
-        job.weighted_gpu_ms += weighted;
-        job.energy_mj += energy_mj;
         let record = UsageRecord {
             job: id,
             attempt: job.attempts,
@@ -1450,8 +1463,19 @@ impl State {
             weighted_gpu_ms: weighted,
             energy_mj,
         };
+        self.add_usage(record);
+    }
+
+    /// Adds a usage record to its job's totals and to both ledgers.
+    fn add_usage(&mut self, record: UsageRecord) {
+        if let Some(j) = self.jobs.get_mut(&record.job) {
+            j.gpu_ms += record.gpu_ms;
+            j.weighted_gpu_ms += record.weighted_gpu_ms;
+            j.energy_mj += record.energy_mj;
+        }
         // Stamped with the interval's end: when the usage happened.
-        ledger::append(&mut self.audit, to, ledger::Entry::Usage(record.clone()));
+        let at = record.end_ms;
+        ledger::append(&mut self.audit, at, ledger::Entry::Usage(record.clone()));
         self.ledger.push(record);
     }
 

@@ -228,6 +228,14 @@ async fn read_agent(
         ctx.registry.touch(node);
         match msg.msg {
             Some(Up::Ping(_)) | None => {}
+            Some(Up::Leaving(_)) => {
+                ctx.replica
+                    .propose(Op::DrainNode {
+                        node: node.to_string(),
+                    })
+                    .await
+                    .map_err(propose_status)?;
+            }
             Some(Up::Goodbye(_)) => {
                 ctx.replica
                     .propose(Op::NodeDown {
