@@ -40,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         members(&c)
             .add(req(pb::AddMemberRequest {
                 name: "bench".into(),
+                token_ttl_s: 0,
             }))
             .await?;
         // Submissions are checked against the GPUs registered: one node with

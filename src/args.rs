@@ -22,16 +22,16 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
     /// Scheduler addresses, comma-separated; any node of the cluster will do.
-    #[arg(
-        long,
-        env = "COOP_ADDR",
-        default_value = "http://127.0.0.1:7070",
-        global = true
-    )]
+    /// An address without a scheme means https:// when --ca is given.
+    #[arg(long, env = "COOP_ADDR", default_value = "127.0.0.1:7070", global = true)]
     pub addr: String,
-    /// Bearer token: the operator's or a member's.
+    /// Bearer token: the operator's, a member's or an auditor's.
     #[arg(long, env = "COOP_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+    /// The cluster CA's certificate (ca.pem): the schedulers are verified
+    /// against it. `coop dev` prints it as COOP_CA.
+    #[arg(long, env = "COOP_CA", global = true)]
+    pub ca: Option<PathBuf>,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
@@ -74,9 +74,68 @@ pub enum Command {
     /// Cluster overview.
     #[command(subcommand)]
     Cluster(ClusterCmd),
-    /// Agent nodes and their GPUs.
+    /// Agent nodes and their GPUs; enrolling and revoking machines.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Read-only accounts for auditors (operator only).
+    #[command(subcommand)]
+    Auditor(AuditorCmd),
+    /// The operator's own credential.
+    #[command(subcommand)]
+    Operator(OperatorCmd),
+    /// The cluster's certificate authority and the schedulers' certificates.
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditorCmd {
+    /// Add an auditor; prints its read-only token (shown once).
+    Add { name: String },
+    /// List auditors.
+    List,
+    /// Remove an auditor: its token dies at once.
+    Remove { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OperatorCmd {
+    /// The operator's token.
+    #[command(subcommand)]
+    Token(OperatorTokenCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OperatorTokenCmd {
+    /// A new operator token, printed once; the old one is dead on every node
+    /// once this returns.
+    Rotate,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCmd {
+    /// Make a cluster CA in DIR (ca.pem, and ca.key readable by you only).
+    /// Keep ca.key off the schedulers if you can: it is needed only to issue.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Sign a scheduler's certificate: writes cert.pem, key.pem and ca.pem
+    /// into --out, which becomes that scheduler's --tls-dir.
+    Issue {
+        /// The CA's directory (from `coop ca init`).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// A name for the certificate (e.g. the scheduler's id).
+        #[arg(long)]
+        name: String,
+        /// Every name and address clients, agents and peers reach the
+        /// scheduler at (repeatable, or comma-separated).
+        #[arg(long, required = true, value_delimiter = ',')]
+        host: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -133,6 +192,10 @@ pub struct DevArgs {
     pub data_dir: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// Serve clients in plain text instead of TLS (credentials then cross
+    /// the network unencrypted).
+    #[arg(long)]
+    pub insecure: bool,
     /// Name of the local agent's node.
     #[arg(long, default_value = "local")]
     pub node: String,
@@ -154,22 +217,31 @@ pub struct SchedulerRunArgs {
     /// This node's id among --peers.
     #[arg(long, default_value_t = 1)]
     pub id: u64,
+    /// Where clients and agents call (TLS).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
-    /// The scheduler nodes of a new cluster as ID=ADDR,... (this one included).
-    /// Read at first boot only; later changes go through `coop cluster add-node`.
-    #[arg(long, conflicts_with = "join")]
+    /// Where the other schedulers call (raft; mutual TLS). Needed with --peers.
+    #[arg(long)]
+    pub peer_listen: Option<SocketAddr>,
+    /// The schedulers' peer addresses as ID=HOST:PORT,... (their
+    /// --peer-listen; this one included). With --join: the running cluster's.
+    #[arg(long)]
     pub peers: Option<String>,
-    /// Start empty and wait to be added with `coop cluster add-node ID ADDR`.
+    /// Start empty and wait to be added with `coop cluster add-node ID PEER-ADDR`.
     #[arg(long)]
     pub join: bool,
-    /// The address other nodes and clients reach this one at (default: the
-    /// bound --listen address).
+    /// The address clients and agents reach this node at (default: the bound
+    /// --listen address; with an unspecified IP, --peers' host for this id).
     #[arg(long)]
     pub advertise: Option<String>,
-    /// Shared secret the scheduler nodes present to each other.
-    #[arg(long, env = "COOP_PEER_TOKEN", hide_env_values = true)]
-    pub peer_token: Option<String>,
+    /// This scheduler's TLS: ca.pem, cert.pem and key.pem (coop ca issue).
+    /// Without it a lone scheduler makes a CA of its own in DATA_DIR/tls.
+    #[arg(long, env = "COOP_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Serve clients and agents in plain text (their credentials then cross
+    /// the network unencrypted). The peers still use mutual TLS.
+    #[arg(long)]
+    pub insecure: bool,
     /// Snapshot the state and compact the raft log every this many entries.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_every: u64,
@@ -217,12 +289,16 @@ pub struct AgentRunArgs {
     /// Scheduler addresses, comma-separated.
     #[arg(long, env = "COOP_ADDR")]
     pub scheduler: String,
-    /// This node's name.
+    /// A join token from `coop node enroll`: exchanged once for this
+    /// machine's node credential, kept in --data-dir.
+    #[arg(long, env = "COOP_JOIN_TOKEN", hide_env_values = true)]
+    pub join: Option<String>,
+    /// This node's name (checked against the enrollment).
     #[arg(long)]
-    pub name: String,
-    /// The member that owns this machine.
+    pub name: Option<String>,
+    /// The member that owns this machine (checked against the enrollment).
     #[arg(long)]
-    pub owner: String,
+    pub owner: Option<String>,
     /// `nvml` for the real GPUs, or `sim:COUNTxMODEL[,..]` (e.g. sim:8xH100-80GB).
     #[arg(long, default_value = "nvml")]
     pub gpus: String,
@@ -344,9 +420,36 @@ pub struct LogsArgs {
 #[derive(Subcommand, Debug)]
 pub enum MemberCmd {
     /// Add a member; prints its token (shown once).
-    Add { name: String },
+    Add {
+        name: String,
+        /// The token stops working after this long (e.g. 90d) [default: never].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+    },
     /// List members.
     List,
+    /// A member's token.
+    #[command(subcommand)]
+    Token(MemberTokenCmd),
+    /// Refuse a member's token and hold its pending jobs (running ones go on).
+    Suspend { name: String },
+    /// Undo `suspend`.
+    Resume { name: String },
+    /// Remove a member: its pending jobs are cancelled, running ones stopped,
+    /// its machines revoked and its token dies; its ledger history stays.
+    Remove { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MemberTokenCmd {
+    /// A new token for the member (operator, or the member itself), printed
+    /// once; the old one is dead once this returns.
+    Rotate {
+        name: String,
+        /// The new token stops working after this long [default: never].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -519,6 +622,20 @@ pub enum ClusterCmd {
 pub enum NodeCmd {
     /// Agent nodes and their GPUs.
     List,
+    /// Print a one-time join token for a machine's agent (`coop agent run
+    /// --join TOKEN`); the operator, or the member that owns the machine.
+    Enroll {
+        name: String,
+        /// The member that owns the machine.
+        #[arg(long)]
+        owner: String,
+        /// The join token expires after this long (at most 7d).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        ttl: Duration,
+    },
+    /// Make a node's credential useless at once; its runs are handled as if
+    /// the node was lost.
+    Revoke { name: String },
 }
 
 /// CPUs as thousandths: "8" -> 8000, "0.5" -> 500.

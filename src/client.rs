@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
 use coop_proto::v1::{
     audit_service_client::AuditServiceClient, cluster_service_client::ClusterServiceClient,
     job_service_client::JobServiceClient, member_service_client::MemberServiceClient,
@@ -11,7 +11,7 @@ use coop_proto::v1::{
 };
 use tonic::Request;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::args::ClientArgs;
 
@@ -20,8 +20,22 @@ pub struct Client {
     auth: MetadataValue<tonic::metadata::Ascii>,
 }
 
-/// `host:port` or `http://host:port` into a URL.
+/// `host:port` or a URL into a URL (`https://` where TLS is used).
 pub use coop_scheduler::consensus::transport::normalize as normalize_addr;
+
+/// The TLS settings of `--ca`/`COOP_CA`, if given.
+pub fn tls(ca: Option<&std::path::Path>) -> anyhow::Result<Option<ClientTlsConfig>> {
+    match ca {
+        None => Ok(None),
+        Some(p) => {
+            let pem = std::fs::read(p).with_context(|| format!("ca: reading {}", p.display()))?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                bail!("ca: {} is not a PEM certificate (ca.pem)", p.display());
+            }
+            Ok(Some(coop_scheduler::tls::client(&pem)))
+        }
+    }
+}
 
 impl Client {
     pub async fn connect(args: &ClientArgs) -> anyhow::Result<Self> {
@@ -37,6 +51,7 @@ impl Client {
             .ok_or_else(|| anyhow!("token: no credential given (--token or COOP_TOKEN)"))?;
         let auth = MetadataValue::try_from(format!("Bearer {}", token.trim()))
             .map_err(|_| anyhow!("token: not a valid token"))?;
+        let tls = tls(args.ca.as_deref())?;
         let mut last_err = None;
         let addrs: Vec<&str> = args
             .addr
@@ -46,17 +61,29 @@ impl Client {
         let n = addrs.len().max(1);
         for i in 0..addrs.len() {
             let addr = addrs[(start + i) % n];
-            let url = normalize_addr(addr);
-            let endpoint = Endpoint::from_shared(url.clone())
+            let url = normalize_addr(addr, tls.is_some());
+            let mut endpoint = Endpoint::from_shared(url.clone())
                 .map_err(|_| anyhow!("addr: {addr:?} is not an address"))?
                 .connect_timeout(Duration::from_secs(3));
+            match &tls {
+                Some(t) => endpoint = endpoint.tls_config(t.clone())?,
+                None if url.starts_with("https://") => bail!(
+                    "ca: {url} is served over TLS: give the cluster CA with --ca or COOP_CA"
+                ),
+                None => {}
+            }
             match endpoint.connect().await {
                 Ok(channel) => return Ok(Self { channel, auth }),
                 Err(e) => last_err = Some(anyhow!("{url}: {e}")),
             }
         }
+        let hint = if tls.is_none() {
+            " (if the schedulers serve TLS, set COOP_CA to the cluster's ca.pem)"
+        } else {
+            ""
+        };
         Err(last_err.unwrap_or_else(|| anyhow!("addr: no scheduler address given")))
-            .context("no scheduler reachable")
+            .with_context(|| format!("no scheduler reachable{hint}"))
     }
 
     pub fn req<T>(&self, msg: T) -> Request<T> {

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::args::*;
 use crate::client::Client;
 
-fn rfc3339(ms: i64) -> Value {
+pub(crate) fn rfc3339(ms: i64) -> Value {
     if ms <= 0 {
         return Value::Null;
     }
@@ -72,12 +72,12 @@ fn job_json(j: &pb::Job) -> Value {
     })
 }
 
-fn print_json(v: &Value) {
+pub(crate) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
 
 /// Prints rows as aligned columns.
-fn table(header: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) {
     debug_assert!(
         rows.iter().all(|r| r.len() == header.len()),
         "a row does not match the header {header:?}"
@@ -377,49 +377,7 @@ fn print_job_detail(j: &pb::Job) {
     }
 }
 
-pub async fn member(cli: &ClientArgs, cmd: MemberCmd) -> anyhow::Result<()> {
-    let c = Client::connect(cli).await?;
-    let mut members = c.members();
-    match cmd {
-        MemberCmd::Add { name } => {
-            let r = members
-                .add(c.req(pb::AddMemberRequest { name }))
-                .await?
-                .into_inner();
-            let name = r.member.map(|m| m.name).unwrap_or_default();
-            match cli.output {
-                Output::Json => print_json(&json!({ "name": name, "token": r.token })),
-                Output::Table => {
-                    eprintln!("added member {name}; its token is shown only now:");
-                    println!("{}", r.token);
-                }
-            }
-        }
-        MemberCmd::List => {
-            let list = members
-                .list(c.req(pb::ListMembersRequest {}))
-                .await?
-                .into_inner()
-                .members;
-            match cli.output {
-                Output::Json => print_json(&Value::Array(
-                    list.iter()
-                        .map(|m| json!({"name": m.name, "created_at": rfc3339(m.created_at_ms)}))
-                        .collect(),
-                )),
-                Output::Table => table(
-                    &["NAME", "CREATED"],
-                    list.iter()
-                        .map(|m| vec![m.name.clone(), show_time(m.created_at_ms)])
-                        .collect(),
-                ),
-            }
-        }
-    }
-    Ok(())
-}
-
-fn show_time(ms: i64) -> String {
+pub(crate) fn show_time(ms: i64) -> String {
     rfc3339(ms).as_str().unwrap_or("-").to_string()
 }
 
@@ -1001,7 +959,9 @@ fn print_schedulers(cli: &ClientArgs, schedulers: &[pb::SchedulerNode]) -> anyho
 
 pub async fn node(cli: &ClientArgs, cmd: NodeCmd) -> anyhow::Result<()> {
     let c = Client::connect(cli).await?;
-    let NodeCmd::List = cmd;
+    if !matches!(cmd, NodeCmd::List) {
+        return crate::accounts::node(cli, &c, cmd).await;
+    }
     let nodes = c
         .cluster()
         .list_nodes(c.req(pb::ListNodesRequest {}))

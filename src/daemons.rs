@@ -2,11 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use coop_agent::metrics::AgentMetrics;
 use coop_agent::{Agent, AgentConfig, GpuSource};
 use coop_scheduler::auth::{hash_token, new_token};
 use coop_scheduler::metrics;
+use coop_scheduler::state::Op;
+use coop_scheduler::tls;
 use coop_scheduler::{Config, Scheduler};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -54,24 +56,10 @@ fn dev_credentials(dir: &Path) -> anyhow::Result<DevCredentials> {
         member: "default".into(),
         member_token: new_token(),
     };
-    write_private(&path, &serde_json::to_vec_pretty(&creds)?)?;
+    tls::write_file(&path, &serde_json::to_vec_pretty(&creds)?, 0o600)?;
     Ok(creds)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
-}
 
 fn default_dev_dir() -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
@@ -86,13 +74,20 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let gpu_summary = describe_gpus(&gpus);
     let real = gpus.driver_version.is_some();
     let dir = a.data_dir.unwrap_or_else(default_dev_dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    tls::private_dir(&dir)?;
     let creds = dev_credentials(&dir)?;
     let mut config = scheduler_config(a.listen, dir.join("scheduler"), &a.timing);
     config.operator_token = Some(creds.operator_token.clone());
     config.default_member = Some((creds.member.clone(), hash_token(&creds.member_token)));
+    // The everyday path is the secure one: a CA of this cluster's own.
+    config.tls = if a.insecure {
+        None
+    } else {
+        Some(tls::SchedulerTls::local(&dir.join("tls"), a.listen.ip())?)
+    };
+    let ca_path = config.tls.as_ref().map(|t| t.ca_path());
     let scheduler = Scheduler::start(config).await?;
-    let addr = format!("http://{}", scheduler.addr);
+    let addr = client_url(scheduler.addr, ca_path.is_some());
     // One endpoint for both: the agent's metrics join the scheduler's registry.
     let agent_metrics = AgentMetrics::new(&scheduler.registry)?;
     let metrics_addr = match a.metrics {
@@ -100,13 +95,37 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         None => None,
     };
 
+    // The local agent enrolls like any other machine: a join token, exchanged
+    // for a node credential it makes and keeps in its own data dir.
+    let agent_dir = dir.join("agent");
+    coop_agent::agent::private_dir(&agent_dir)?;
+    let agent_tls = crate::client::tls(ca_path.as_deref())?;
+    let cred = match coop_agent::enroll::load(&agent_dir)? {
+        Some(c) if c.node == a.node => c,
+        _ => {
+            let join = new_token();
+            scheduler
+                .replica
+                .propose(Op::EnrollNode {
+                    node: a.node.clone(),
+                    owner: creds.member.clone(),
+                    join_hash: hash_token(&join),
+                    expires_at_ms: coop_scheduler::replica::now_ms() + 60_000,
+                })
+                .await
+                .context("enrolling the local node")?;
+            coop_agent::enroll::join(&agent_dir, &[addr.clone()], agent_tls.as_ref(), &join)
+                .await?
+        }
+    };
     let agent = Agent::new(AgentConfig {
         schedulers: vec![addr.clone()],
-        token: creds.operator_token.clone(),
+        token: cred.token,
+        tls: agent_tls,
         node: a.node.clone(),
-        owner: creds.member.clone(),
+        owner: cred.owner,
         gpus,
-        data_dir: dir.join("agent"),
+        data_dir: agent_dir,
         metrics: Some(agent_metrics),
         telemetry_interval: a.runs.telemetry_interval,
         isolation: isolation(&a.runs, real)?,
@@ -132,6 +151,9 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     );
     println!("export COOP_ADDR={addr}");
     println!("export COOP_TOKEN={}", creds.operator_token);
+    if let Some(ca) = &ca_path {
+        println!("export COOP_CA={}", ca.display());
+    }
     if let Some(m) = metrics_addr {
         println!("export COOP_METRICS={m}");
     }
@@ -147,36 +169,68 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let _ = agent_task.await;
     scheduler.stop().await;
     match failed {
-        Some(why) => bail!("the raft log failed: {why}"),
+        Some(why) => bail!("{why}"),
         None => Ok(()),
     }
 }
 
 pub async fn scheduler(cmd: SchedulerCmd) -> anyhow::Result<()> {
     let SchedulerCmd::Run(a) = cmd;
-    let mut config = scheduler_config(a.listen, a.data_dir, &a.timing);
+    if let Some(t) = &a.operator_token {
+        coop_scheduler::auth::check_strength(t).map_err(|e| anyhow!("operator-token: {e}"))?;
+    }
+    let mut config = scheduler_config(a.listen, a.data_dir.clone(), &a.timing);
     config.id = a.id;
     config.operator_token = a.operator_token;
     config.join = a.join;
-    config.peer_token = a.peer_token;
     config.snapshot_every = a.snapshot_every;
-    if let Some(adv) = a.advertise {
-        config.advertise = coop_scheduler::consensus::transport::normalize(&adv);
-    }
+    config.peer_listen = a.peer_listen;
     if let Some(peers) = &a.peers {
         config.peers = parse_peers(peers)?;
-        match config.peers.get(&a.id) {
-            Some(addr) if config.advertise.is_empty() => config.advertise = addr.clone(),
-            Some(_) => {}
-            None => bail!("peers: must include this node's id {} (ID=ADDR)", a.id),
+        if !a.join && !config.peers.contains_key(&a.id) {
+            bail!("peers: must include this node's id {} (ID=HOST:PORT)", a.id);
         }
+    } else if a.join {
+        bail!("peers: --join needs the running cluster's schedulers (--peers ID=HOST:PORT,..)");
     }
+    let several = a.join || config.peers.keys().any(|&id| id != a.id);
+    config.tls = match (&a.tls_dir, a.insecure) {
+        (Some(d), _) => Some(tls::SchedulerTls::load(d)?),
+        (None, true) => None,
+        (None, false) if several => bail!(
+            "tls-dir: schedulers of one cluster need certificates from one CA (coop ca init, coop ca issue)"
+        ),
+        (None, false) => Some(tls::SchedulerTls::local(
+            &a.data_dir.join("tls"),
+            a.listen.ip(),
+        )?),
+    };
+    config.insecure = a.insecure;
+    let tls_on = config.tls.is_some() && !a.insecure;
+    config.advertise = match &a.advertise {
+        Some(adv) => coop_scheduler::consensus::transport::normalize(adv, tls_on),
+        // Bound to every interface: clients reach it where peers do.
+        None if a.listen.ip().is_unspecified() => config
+            .peers
+            .get(&a.id)
+            .and_then(|p| url_host(p))
+            .map(|h| client_url_host(&h, a.listen.port(), tls_on))
+            .unwrap_or_default(),
+        None => String::new(),
+    };
+    let ca_path = config.tls.as_ref().filter(|_| tls_on).map(|t| t.ca_path());
     let mut s = Scheduler::start(config).await?;
     if let Some(t) = &s.generated_operator_token {
         eprintln!("a new cluster: its operator token is shown only now");
         println!("export COOP_TOKEN={t}");
     }
-    println!("export COOP_ADDR=http://{}", s.addr);
+    println!("export COOP_ADDR={}", client_url(s.addr, tls_on));
+    if let Some(ca) = ca_path {
+        println!("export COOP_CA={}", ca.display());
+    }
+    if let Some(p) = s.peer_addr {
+        println!("export COOP_PEER_ADDR={p}");
+    }
     if let Some(m) = a.metrics {
         let bound = metrics::serve(m, s.registry.clone()).await?;
         println!("export COOP_METRICS={bound}");
@@ -186,6 +240,30 @@ pub async fn scheduler(cmd: SchedulerCmd) -> anyhow::Result<()> {
         _ = stop_signal() => s.stop().await,
     }
     Ok(())
+}
+
+/// How clients reach a scheduler bound to `addr` (loopback for a wildcard).
+fn client_url(addr: std::net::SocketAddr, tls: bool) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    coop_scheduler::consensus::transport::normalize(
+        &std::net::SocketAddr::new(ip, addr.port()).to_string(),
+        tls,
+    )
+}
+
+fn client_url_host(host: &str, port: u16, tls: bool) -> String {
+    coop_scheduler::consensus::transport::normalize(&format!("{host}:{port}"), tls)
+}
+
+/// The host of `scheme://host:port`.
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
+    Some(host.to_string()).filter(|h| !h.is_empty())
 }
 
 /// `1=host:port,2=host:port` into ids and URLs.
@@ -206,7 +284,7 @@ fn parse_peers(s: &str) -> anyhow::Result<std::collections::BTreeMap<u64, String
             bail!("peers: node {id} has no address");
         }
         if peers
-            .insert(id, coop_scheduler::consensus::transport::normalize(addr))
+            .insert(id, coop_scheduler::consensus::transport::normalize(addr, true))
             .is_some()
         {
             bail!("peers: id {id} appears twice");
@@ -221,36 +299,67 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         AgentCmd::Status(a) => return crate::commands::agent_status(client, &a.data_dir).await,
         AgentCmd::Probe(p) => return crate::commands::agent_probe(client, p.burn).await,
     };
-    let token = client
-        .token
-        .clone()
-        .filter(|t| !t.trim().is_empty())
-        .context("token: the agent needs a credential (--token or COOP_TOKEN)")?;
-    let mut gpus = a.gpus.parse::<GpuSource>()?.open(&a.name)?;
+    if client.token.is_some() {
+        tracing::warn!(
+            "COOP_TOKEN is not used by agents: they act with their node's own credential"
+        );
+    }
+    let agent_tls = crate::client::tls(client.ca.as_deref())?;
+    let schedulers: Vec<String> = a
+        .scheduler
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| normalize_addr(s, agent_tls.is_some()))
+        .collect();
+    if agent_tls.is_none() {
+        if let Some(s) = schedulers.iter().find(|s| s.starts_with("https://")) {
+            bail!("ca: {s} is served over TLS: give the cluster CA with --ca or COOP_CA");
+        }
+        tracing::warn!(
+            "no --ca: talking to the schedulers in PLAIN TEXT; the node credential crosses the network unencrypted"
+        );
+    }
+    coop_agent::agent::private_dir(&a.data_dir)?;
+    let existing = coop_agent::enroll::load(&a.data_dir)?;
+    let cred = match (&a.join, existing) {
+        (Some(j), Some(c)) if c.joined_with == coop_agent::enroll::hash(j) => c,
+        (Some(j), _) => {
+            let c =
+                coop_agent::enroll::join(&a.data_dir, &schedulers, agent_tls.as_ref(), j).await?;
+            eprintln!("enrolled: this machine is node {} of {}", c.node, c.owner);
+            c
+        }
+        (None, Some(c)) => c,
+        (None, None) => bail!(
+            "join: this machine has no node credential yet: run `coop node enroll NAME --owner MEMBER` \
+             where the operator's or the owner's token is, then start the agent with --join TOKEN"
+        ),
+    };
+    if let Some(n) = a.name.as_deref().filter(|n| *n != cred.node) {
+        bail!("name: this machine is enrolled as node {}, not {n}", cred.node);
+    }
+    if let Some(o) = a.owner.as_deref().filter(|o| *o != cred.owner) {
+        bail!("owner: this machine is enrolled for {}, not {o}", cred.owner);
+    }
+    let mut gpus = a.gpus.parse::<GpuSource>()?.open(&cred.node)?;
     if gpus.driver_version.is_some() && !a.no_probe {
         probe_gpus(&mut gpus).await?;
     }
     let gpu_summary = describe_gpus(&gpus);
     let real = gpus.driver_version.is_some();
-    let schedulers: Vec<String> = a
-        .scheduler
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(normalize_addr)
-        .collect();
-    std::fs::create_dir_all(&a.data_dir)
-        .with_context(|| format!("creating {}", a.data_dir.display()))?;
     let registry = prometheus::Registry::new();
     let agent_metrics = AgentMetrics::new(&registry)?;
     if let Some(m) = a.metrics {
         let bound = metrics::serve(m, registry).await?;
         println!("export COOP_METRICS={bound}");
     }
+    let node = cred.node.clone();
     let agent = Agent::new(AgentConfig {
         schedulers,
-        token,
-        node: a.name.clone(),
-        owner: a.owner,
+        token: cred.token,
+        tls: agent_tls,
+        node: cred.node,
+        owner: cred.owner,
         gpus,
         data_dir: a.data_dir,
         metrics: Some(agent_metrics),
@@ -259,7 +368,7 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         keep_runs: a.runs.keep_runs,
     })
     .await?;
-    eprintln!("agent {}: {gpu_summary}", a.name);
+    eprintln!("agent {node}: {gpu_summary}");
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut task = tokio::spawn(agent.run(stop_rx));
     tokio::select! {

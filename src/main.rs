@@ -1,5 +1,6 @@
 //! `coop`: the CLI and the daemons of a co-op GPU cluster.
 
+mod accounts;
 mod args;
 mod audit;
 mod client;
@@ -66,7 +67,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Scheduler(cmd) => daemons::scheduler(cmd).await,
         Command::Agent(cmd) => daemons::agent(c, cmd).await,
         Command::Job(cmd) => commands::job(c, cmd).await,
-        Command::Member(cmd) => commands::member(c, cmd).await,
+        Command::Member(cmd) => accounts::member(c, cmd).await,
+        Command::Auditor(cmd) => accounts::auditor(c, cmd).await,
+        Command::Operator(cmd) => accounts::operator(c, cmd).await,
+        Command::Ca(cmd) => accounts::ca(cmd),
         Command::Usage(a) => commands::usage(c, a).await,
         Command::Fairshare(a) => commands::fairshare(c, a).await,
         Command::Policy(cmd) => commands::policy(c, cmd).await,

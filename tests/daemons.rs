@@ -52,11 +52,21 @@ fn an_agent_process_registers_its_node_and_gpus_and_runs_jobs() {
     let seen: BTreeSet<String> = c.logs(&id).trim().split(',').map(String::from).collect();
     assert_eq!(seen, uuids.iter().map(|u| u.to_string()).collect());
 
-    // An agent whose owner is not a member is refused, and says why.
-    let mut stray = s.agent("stray", "nobody", "sim:1xT4-16GB");
-    let status = stray.child.wait().unwrap();
-    assert!(!status.success());
-    assert!(stray.stderr().contains("owner"), "{}", stray.stderr());
+    // A machine cannot be enrolled for an owner that is not a member...
+    let err = c.fails(&["node", "enroll", "stray", "--owner", "nobody"]);
+    assert!(err.contains("owner"), "{err}");
+    // ...and an agent without an enrollment is refused, and says what to do.
+    let dir = s.agent_dir("stray");
+    let out = std::process::Command::new(BIN)
+        .args(["agent", "run", "--scheduler", &c.addr, "--gpus", "sim:1xT4-16GB"])
+        .arg("--data-dir")
+        .arg(&dir)
+        .env("COOP_CA", c.ca.as_ref().unwrap())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("join: ") && err.contains("coop node enroll"), "{err}");
     let names: Vec<Value> = c
         .json(&["node", "list"])
         .as_array()

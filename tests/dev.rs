@@ -372,6 +372,7 @@ fn a_restart_keeps_members_jobs_and_usage() {
     let mut c = Cluster {
         addr: d.export("COOP_ADDR"),
         token: d.export("COOP_TOKEN"),
+        ca: Some(d.export("COOP_CA")),
         dir,
         daemons: vec![],
     };
@@ -425,6 +426,7 @@ fn a_job_running_when_coop_dev_is_killed_runs_again_after_the_restart() {
     let mut c = Cluster {
         addr: d.export("COOP_ADDR"),
         token: d.export("COOP_TOKEN"),
+        ca: Some(d.export("COOP_CA")),
         dir,
         daemons: vec![],
     };
@@ -453,7 +455,12 @@ fn grpc_health_and_reflection_are_served() {
     let c = Cluster::dev(&[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
+        let ca = std::fs::read(c.ca.as_ref().unwrap()).unwrap();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca));
         let channel = tonic::transport::Endpoint::from_shared(c.addr.clone())
+            .unwrap()
+            .tls_config(tls)
             .unwrap()
             .connect()
             .await

@@ -221,6 +221,7 @@ fn the_ledger_streams_into_postgres_resumes_after_crashes_and_verifies() {
     let mut c = Cluster {
         addr: d.export("COOP_ADDR"),
         token: d.export("COOP_TOKEN"),
+        ca: Some(d.export("COOP_CA")),
         dir,
         daemons: vec![],
     };

@@ -42,6 +42,7 @@ fn a_member_submits_watches_and_reads_usage_from_python() {
             .args(["--", "sh", "-c", "echo hello from python; sleep 1"])
             .env("PYTHONPATH", stubs.path())
             .env("COOP_ADDR", &c.addr)
+            .env("COOP_CA", c.ca.as_ref().unwrap())
             .env("COOP_TOKEN", token)
             .output()
             .unwrap()

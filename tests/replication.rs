@@ -13,24 +13,54 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-const OPERATOR: &str = "coop_test-operator-token";
-const PEER: &str = "coop_test-peer-token";
+const OPERATOR: &str = "coop_0f5e1a7c3b9d24e68a1c5f7b3d9e2a4c6b8d0f1e3a5c7b9d";
 
 struct Schedulers {
     // Before `client`, whose dir holds their logs.
     nodes: Vec<Option<Daemon>>,
     client: Cluster,
+    /// Client ports, and peer (raft, mutual TLS) ports.
     ports: Vec<u16>,
+    peer_ports: Vec<u16>,
     extra: Vec<String>,
+}
+
+/// Runs `coop` to completion; panics with its stderr if it fails.
+fn coop_ok(args: &[&str]) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "coop {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Schedulers {
     fn start(n: usize, extra: &[&str]) -> Self {
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let peer_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let dir = tempfile::tempdir().unwrap();
+        // The cluster CA, and a certificate for each scheduler (5 at most).
+        let ca = dir.path().join("ca");
+        coop_ok(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+        for id in 1..=5 {
+            let out = dir.path().join(format!("tls-{id}"));
+            coop_ok(&[
+                "ca",
+                "issue",
+                "--ca-dir",
+                ca.to_str().unwrap(),
+                "--name",
+                &id.to_string(),
+                "--host",
+                "127.0.0.1,localhost",
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+        }
         let addr = ports
             .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
+            .map(|p| format!("https://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",");
         let mut s = Schedulers {
@@ -38,9 +68,11 @@ impl Schedulers {
                 dir,
                 addr,
                 token: OPERATOR.into(),
+                ca: Some(ca.join("ca.pem").to_str().unwrap().to_string()),
                 daemons: vec![],
             },
             ports,
+            peer_ports,
             nodes: (0..n).map(|_| None).collect(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
@@ -51,7 +83,7 @@ impl Schedulers {
     }
 
     fn peers(&self) -> String {
-        self.ports
+        self.peer_ports
             .iter()
             .enumerate()
             .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
@@ -67,8 +99,10 @@ impl Schedulers {
     fn spawn(&mut self, i: usize) {
         let id = (i + 1).to_string();
         let listen = format!("127.0.0.1:{}", self.ports[i]);
+        let peer_listen = format!("127.0.0.1:{}", self.peer_ports[i]);
         let data = self.data(i);
         let peers = self.peers();
+        let tls = self.tls_dir(i + 1);
         let mut args = vec![
             "scheduler",
             "run",
@@ -76,8 +110,12 @@ impl Schedulers {
             &id,
             "--listen",
             &listen,
+            "--peer-listen",
+            &peer_listen,
             "--peers",
             &peers,
+            "--tls-dir",
+            &tls,
             "--data-dir",
             data.to_str().unwrap(),
         ];
@@ -87,19 +125,28 @@ impl Schedulers {
             &format!("scheduler-{id}"),
             self.client.dir.path(),
             &args,
-            &[("COOP_OPERATOR_TOKEN", OPERATOR), ("COOP_PEER_TOKEN", PEER)],
+            &[("COOP_OPERATOR_TOKEN", OPERATOR)],
         );
         d.export("COOP_ADDR");
         self.nodes[i] = Some(d);
     }
 
     fn addr(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.ports[i])
+        format!("https://127.0.0.1:{}", self.ports[i])
+    }
+
+    fn tls_dir(&self, id: usize) -> String {
+        let d = self.client.dir.path().join(format!("tls-{id}"));
+        d.to_str().unwrap().to_string()
+    }
+
+    fn ca(&self) -> &str {
+        self.client.ca.as_deref().unwrap()
     }
 
     /// The client pointed at node `i` alone.
     fn via(&self, i: usize, args: &[&str]) -> Option<Value> {
-        json_via(&self.addr(i), args).ok()
+        json_via(&self.addr(i), self.ca(), args).ok()
     }
 
     fn schedulers_seen_by(&self, i: usize) -> Vec<Value> {
@@ -158,15 +205,14 @@ impl Schedulers {
 
     fn agent(&mut self, name: &str, gpus: &str) {
         let data = self.client.dir.path().join(format!("agent-{name}"));
+        let join = self.client.enroll(name, "coop");
         let args = [
             "agent",
             "run",
             "--scheduler",
             &self.client.addr,
-            "--name",
-            name,
-            "--owner",
-            "coop",
+            "--join",
+            &join,
             "--gpus",
             gpus,
             "--data-dir",
@@ -176,18 +222,19 @@ impl Schedulers {
             &format!("agent-{name}"),
             self.client.dir.path(),
             &args,
-            &[("COOP_TOKEN", OPERATOR)],
+            &[("COOP_CA", self.ca())],
         );
         self.client.daemons.push(d);
     }
 }
 
 /// The client pointed at one address alone: its JSON output, or its error.
-fn json_via(addr: &str, args: &[&str]) -> Result<Value, String> {
+fn json_via(addr: &str, ca: &str, args: &[&str]) -> Result<Value, String> {
     let out = Command::new(BIN)
         .args(args)
         .args(["--output", "json"])
         .env("COOP_ADDR", addr)
+        .env("COOP_CA", ca)
         .env("COOP_TOKEN", OPERATOR)
         .output()
         .unwrap();
@@ -202,6 +249,7 @@ fn json_via(addr: &str, args: &[&str]) -> Result<Value, String> {
 /// that were acknowledged.
 fn submitter(
     addr: String,
+    ca: String,
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Vec<String>>>,
     failed: Arc<Mutex<Vec<String>>>,
@@ -212,6 +260,7 @@ fn submitter(
                 "job", "submit", "--member", "coop", "--gpus", "1", "--", "sleep", "0.2",
             ])
             .env("COOP_ADDR", &addr)
+            .env("COOP_CA", &ca)
             .env("COOP_TOKEN", OPERATOR)
             .output()
             .unwrap();
@@ -254,8 +303,9 @@ fn acknowledged_jobs_survive_two_leader_kills_and_run_once() {
     let failed = Arc::new(Mutex::new(Vec::new()));
     let load = {
         let (addr, stop) = (s.client.addr.clone(), stop.clone());
+        let ca = s.ca().to_string();
         let (acked, failed) = (acked.clone(), failed.clone());
-        std::thread::spawn(move || submitter(addr, stop, acked, failed))
+        std::thread::spawn(move || submitter(addr, ca, stop, acked, failed))
     };
 
     for round in 0..2 {
@@ -395,10 +445,15 @@ fn scheduler_nodes_are_added_as_learners_then_voters_and_removed() {
     s.leader();
     s.client.ok(&["member", "add", "before"]);
 
-    // A fourth node starts empty and waits to be added.
+    // A fourth node starts empty, knowing the running cluster's peers from
+    // its configuration, and waits to be added.
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
+    let peer_port = free_port();
+    let peer_listen = format!("127.0.0.1:{peer_port}");
     let data = s.client.dir.path().join("s4");
+    let peers = s.peers();
+    let tls = s.tls_dir(4);
     let mut args = vec![
         "scheduler",
         "run",
@@ -406,27 +461,28 @@ fn scheduler_nodes_are_added_as_learners_then_voters_and_removed() {
         "4",
         "--listen",
         &listen,
+        "--peer-listen",
+        &peer_listen,
+        "--peers",
+        &peers,
+        "--tls-dir",
+        &tls,
         "--join",
         "--data-dir",
         data.to_str().unwrap(),
     ];
     args.extend(FAST);
-    let d = Daemon::spawn(
-        "scheduler-4",
-        s.client.dir.path(),
-        &args,
-        &[("COOP_PEER_TOKEN", PEER)],
-    );
+    let d = Daemon::spawn("scheduler-4", s.client.dir.path(), &args, &[]);
     d.export("COOP_ADDR");
     s.client.daemons.push(d);
 
     // Bad input changes nothing.
-    let err = s.client.fails(&["cluster", "add-node", "0", &listen]);
+    let err = s.client.fails(&["cluster", "add-node", "0", &peer_listen]);
     assert!(err.contains("id"), "{err}");
-    let err = s.client.fails(&["cluster", "add-node", "2", &listen]);
+    let err = s.client.fails(&["cluster", "add-node", "2", &peer_listen]);
     assert!(err.contains("already"), "{err}");
 
-    let added = s.client.json(&["cluster", "add-node", "4", &listen]);
+    let added = s.client.json(&["cluster", "add-node", "4", &peer_listen]);
     assert!(
         added.as_array().unwrap().iter().any(|n| n["id"] == 4),
         "node 4 missing: {added}"
@@ -450,7 +506,7 @@ fn scheduler_nodes_are_added_as_learners_then_voters_and_removed() {
     }
 
     // It has the cluster's state and answers clients itself.
-    let via4 = |args: &[&str]| json_via(&format!("http://{listen}"), args).unwrap();
+    let via4 = |args: &[&str]| json_via(&format!("https://{listen}"), s.ca(), args).unwrap();
     let members = via4(&["member", "list"]);
     assert!(members.to_string().contains("before"), "{members}");
     s.client.ok(&["member", "add", "after"]);

@@ -16,7 +16,7 @@ use coop_proto::v1::{
 };
 use tokio::sync::{mpsc, watch};
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 use crate::gpu::{Gpus, Telemetry};
@@ -25,9 +25,12 @@ use crate::spool::{RunRecord, Spool};
 
 #[derive(Debug)]
 pub struct AgentConfig {
-    /// Scheduler addresses (`http://host:port`); any of them will do.
+    /// Scheduler addresses (`https://host:port`); any of them will do.
     pub schedulers: Vec<String>,
+    /// The node's credential (see `enroll`).
     pub token: String,
+    /// Verify the schedulers against the cluster CA; `None`: plain text.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
     pub node: String,
     pub owner: String,
     pub gpus: Gpus,
@@ -114,8 +117,7 @@ impl Agent {
         if cfg.telemetry_interval < Duration::from_millis(10) {
             anyhow::bail!("telemetry-interval: must be at least 10ms");
         }
-        std::fs::create_dir_all(&cfg.data_dir)
-            .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        private_dir(&cfg.data_dir)?;
         let lock = lock_data_dir(&cfg.data_dir)?;
         let mut spool = Spool::open(&cfg.data_dir).await?;
         recover_orphans(&mut spool, cfg.gpus.telemetry.as_mut()).await?;
@@ -186,6 +188,16 @@ impl Agent {
                 Ok(()) => break,
                 Err(e) if e.is::<Redirect>() => {
                     let to = e.downcast::<Redirect>().expect("checked").0;
+                    // The credential goes only where it may: over TLS, to a
+                    // scheduler whose certificate the cluster CA signed; in
+                    // plain text, to the addresses this agent was given.
+                    if self.cfg.tls.is_none() && !self.cfg.schedulers.contains(&to) {
+                        tracing::warn!(
+                            "scheduler {addr} points to {to}, which is not among --scheduler: not followed"
+                        );
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
                     tracing::info!("scheduler {addr} does not lead; following the leader at {to}");
                     redirect = Some(to);
                     self.registered.send_replace(false);
@@ -297,11 +309,7 @@ impl Agent {
         addr: &str,
         shutdown: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
-        let channel: Channel = Endpoint::from_shared(addr.to_string())
-            .context("scheduler address")?
-            .connect_timeout(Duration::from_secs(3))
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
+        let channel: Channel = crate::enroll::endpoint(addr, self.cfg.tls.as_ref())?
             .connect()
             .await
             .context("connecting")?;
@@ -671,6 +679,15 @@ impl Agent {
 }
 
 /// One agent per data dir: a second one would share the spool's identity.
+/// The agent's data dir holds its credential and the runs' output: its
+/// user's only.
+pub fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dir.display()))
+}
+
 fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     let path = dir.join("agent.lock");
     let file = std::fs::OpenOptions::new()

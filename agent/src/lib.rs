@@ -4,6 +4,7 @@
 //! `agent` talks to the schedulers.
 
 pub mod agent;
+pub mod enroll;
 pub mod gpu;
 pub mod isolation;
 pub mod metrics;

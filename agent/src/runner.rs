@@ -215,6 +215,11 @@ impl Runner {
         };
         let (program, args) = argv.split_first().context("empty command")?;
         let mut cmd = tokio::process::Command::new(program);
+        if container.is_none() {
+            // A job sees none of the agent's environment (its credential
+            // files are named there, and tokens may be): only what it needs.
+            cmd.env_clear().envs(job_env(&dir));
+        }
         cmd.args(args)
             .current_dir(&dir)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -373,6 +378,27 @@ pub fn process_tag(pid: i32) -> Option<String> {
 
 /// The process groups of processes whose environment holds `name=value`
 /// (other than this process's own group).
+/// What a job's environment holds besides its own variables: the agent's
+/// search path, locale and time zone, and its run directory as home and
+/// scratch. Nothing else of the agent's environment reaches it.
+pub const PASSED_ENV: [&str; 4] = ["LANG", "LC_ALL", "TZ", "TERM"];
+
+fn job_env(dir: &std::path::Path) -> Vec<(String, std::ffi::OsString)> {
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let mut env = vec![
+        ("PATH".to_string(), path),
+        ("HOME".to_string(), dir.as_os_str().to_owned()),
+        ("TMPDIR".to_string(), dir.as_os_str().to_owned()),
+    ];
+    for k in PASSED_ENV {
+        if let Some(v) = std::env::var_os(k) {
+            env.push((k.to_string(), v));
+        }
+    }
+    env
+}
+
 pub fn groups_with_env(name: &str, value: &str) -> Vec<i32> {
     let needle = format!("{name}={value}");
     let own = nix::unistd::getpgrp().as_raw();

@@ -7,8 +7,11 @@ usage as JSON. Stubs are generated from the repository's protos:
     python3 -m pip install grpcio grpcio-tools
     python3 -m grpc_tools.protoc -I proto --python_out=stubs --grpc_python_out=stubs \
         proto/coop/v1/coop.proto
-    PYTHONPATH=stubs COOP_ADDR=127.0.0.1:7070 COOP_TOKEN=coop_... \
+    PYTHONPATH=stubs COOP_ADDR=127.0.0.1:7070 COOP_TOKEN=coop_... COOP_CA=.../ca.pem \
         python3 examples/python/coop_client.py -- sh -c 'echo hello'
+
+The scheduler is verified against the cluster CA in COOP_CA (`coop dev` prints
+it); without COOP_CA the channel is plain text, for a scheduler run --insecure.
 """
 
 import json
@@ -30,7 +33,8 @@ FINAL = {
 
 def main() -> int:
     addr = os.environ.get("COOP_ADDR", "127.0.0.1:7070").split(",")[0]
-    addr = addr.removeprefix("http://")
+    addr = addr.removeprefix("http://").removeprefix("https://")
+    ca = os.environ.get("COOP_CA")
     token = os.environ.get("COOP_TOKEN")
     if not token:
         print("error: token: set COOP_TOKEN to your member token", file=sys.stderr)
@@ -41,7 +45,13 @@ def main() -> int:
     command = args or ["sh", "-c", "echo hello from python"]
     auth = [("authorization", f"Bearer {token}")]
 
-    with grpc.insecure_channel(addr) as channel:
+    if ca:
+        with open(ca, "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        channel = grpc.secure_channel(addr, creds)
+    else:
+        channel = grpc.insecure_channel(addr)
+    with channel:
         jobs = rpc.JobServiceStub(channel)
         usage = rpc.UsageServiceStub(channel)
         try:

@@ -39,6 +39,7 @@ fn cluster(ordering: Ordering) -> State {
             Op::AddMember {
                 name: format!("m{m:02}"),
                 token_hash: format!("h{m}"),
+                expires_at_ms: None,
             },
         );
     }

@@ -46,6 +46,13 @@ pub enum Entry {
         for_job: JobId,
         for_member: String,
     },
+    /// Who may act changed: `account` is `member:NAME`, `auditor:NAME`,
+    /// `node:NAME` or `operator`; `change` what happened to it (added,
+    /// token_rotated, suspended, resumed, removed, enrolled, joined, revoked).
+    AccountChanged {
+        account: String,
+        change: String,
+    },
 }
 
 impl Entry {
@@ -57,6 +64,7 @@ impl Entry {
             Entry::PolicyProposed { .. } => "policy_proposed",
             Entry::PolicyApproved { .. } => "policy_approved",
             Entry::Preemption { .. } => "preemption",
+            Entry::AccountChanged { .. } => "account_changed",
         }
     }
 }

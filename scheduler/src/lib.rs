@@ -3,6 +3,7 @@
 //! around them: raft replication (`consensus`, `replica`), agent liveness
 //! (`liveness`), the gRPC services (`api`) and the process (`server`).
 
+pub mod accounts;
 pub mod api;
 pub mod auth;
 pub mod consensus;
@@ -17,6 +18,7 @@ pub mod server;
 pub mod simulate;
 pub mod sink;
 pub mod state;
+pub mod tls;
 pub mod usage;
 
 pub use server::{Config, Scheduler};

@@ -24,7 +24,8 @@ struct Conn {
 struct Inner {
     conns: HashMap<String, Conn>,
     seen: HashMap<String, i64>,
-    logs: HashMap<u64, oneshot::Sender<pb::LogChunk>>,
+    /// Log requests waiting for an answer: the node asked, and where to reply.
+    logs: HashMap<u64, (String, oneshot::Sender<pb::LogChunk>)>,
 }
 
 pub struct Registry {
@@ -124,7 +125,7 @@ impl Registry {
                     "node {node}, which holds this job's output, is not connected"
                 ))
             })?;
-            inner.logs.insert(request_id, reply);
+            inner.logs.insert(request_id, (node.to_string(), reply));
             tx
         };
         let msg = pb::SchedulerMessage {
@@ -154,8 +155,13 @@ impl Registry {
         Ok(chunk)
     }
 
-    pub fn complete_log(&self, chunk: pb::LogChunk) {
-        if let Some(reply) = self.lock().logs.remove(&chunk.request_id) {
+    /// An answer from `node`'s agent: taken only for a request sent to that
+    /// node, so that one machine cannot answer for another's runs.
+    pub fn complete_log(&self, node: &str, chunk: pb::LogChunk) {
+        let mut inner = self.lock();
+        if inner.logs.get(&chunk.request_id).is_some_and(|(n, _)| n == node)
+            && let Some((_, reply)) = inner.logs.remove(&chunk.request_id)
+        {
             let _ = reply.send(chunk);
         }
     }

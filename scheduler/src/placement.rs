@@ -51,6 +51,8 @@ pub struct Preemption {
 pub enum Wait {
     /// A service restarting after exits, with back-off.
     BackingOff { until_ms: i64 },
+    /// Its member is suspended: nothing of it is placed until resumed.
+    MemberSuspended,
     /// Runs on `node` are being preempted (or have been) to make room for it.
     Preempting { node: String },
     /// First in line that does not fit: `node` is reserved for it, with enough
@@ -69,6 +71,7 @@ impl fmt::Display for Wait {
             Wait::BackingOff { until_ms } => {
                 write!(f, "restarting after back-off (not before {until_ms} ms)")
             }
+            Wait::MemberSuspended => write!(f, "its member is suspended"),
             Wait::Preempting { node } => {
                 write!(f, "preempted runs on {node} are freeing its GPUs")
             }
@@ -150,7 +153,9 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
     let mut ready: Vec<&Job> = Vec::new();
     for (_, id) in &state.queue {
         let j = &state.jobs[id];
-        if j.not_before_ms > now_ms {
+        if state.members.get(&j.member).is_some_and(|m| m.suspended) {
+            out.waiting.insert(*id, Wait::MemberSuspended);
+        } else if j.not_before_ms > now_ms {
             out.waiting.insert(
                 *id,
                 Wait::BackingOff {

@@ -56,11 +56,16 @@ pub struct ReplicaConfig {
     /// The voters of a new cluster, with their addresses (this node included).
     /// Empty for a node that joins a running cluster (`coop cluster add-node`).
     pub peers: BTreeMap<u64, String>,
+    /// Joining a running cluster: `peers` is its address book, not a voter set.
+    pub join: bool,
     pub db: PathBuf,
     pub timing: Timing,
     pub tick: Duration,
-    /// Shared secret peers present on the raft service.
-    pub peer_token: Option<String>,
+    /// How this node calls its peers (mutual TLS).
+    pub tls: transport::PeerTls,
+    /// Where clients and agents reach this node: told to peers, so that they
+    /// can send agents on to the leader.
+    pub client_address: String,
 }
 
 /// A membership change, carried to the leader as JSON.
@@ -77,6 +82,9 @@ pub struct View {
     pub peers: BTreeMap<u64, String>,
     /// Leader only: how far each peer's log matches.
     pub progress: BTreeMap<u64, u64>,
+    /// Where clients reach each node, as the nodes themselves say (over
+    /// mutual TLS): a hint for redirects, never used to reach a peer.
+    pub clients: BTreeMap<u64, String>,
 }
 
 impl View {
@@ -84,9 +92,16 @@ impl View {
         self.status.as_ref().is_some_and(|s| s.role == "leader")
     }
 
+    /// The leader's raft (peer) address.
     pub fn leader_address(&self) -> Option<String> {
         let s = self.status.as_ref()?;
         self.peers.get(&s.leader).cloned()
+    }
+
+    /// Where clients and agents reach the leader, when known.
+    pub fn leader_client_address(&self) -> Option<String> {
+        let s = self.status.as_ref()?;
+        self.clients.get(&s.leader).cloned()
     }
 }
 
@@ -112,7 +127,7 @@ pub struct Replica {
     applied: watch::Receiver<u64>,
     events: broadcast::Sender<Event>,
     view: watch::Receiver<View>,
-    peer_token: Option<String>,
+    tls: transport::PeerTls,
     leaders: Arc<tokio::sync::Mutex<HashMap<String, tonic::transport::Channel>>>,
     /// Why the node loop stopped, if it failed.
     failed: watch::Receiver<Option<String>>,
@@ -136,7 +151,11 @@ impl Replica {
         let log = match loaded {
             Some(log) => log,
             None => {
-                let voters: Vec<u64> = config.peers.keys().copied().collect();
+                let voters: Vec<u64> = if config.join {
+                    vec![]
+                } else {
+                    config.peers.keys().copied().collect()
+                };
                 let log = Log::with_voters(&voters);
                 // Stored at once, so a restart knows it is no longer new.
                 disk.persist(&crate::consensus::core::Persist {
@@ -173,10 +192,11 @@ impl Replica {
         let node = Node {
             transport: Transport::new(
                 config.id,
-                config.address.clone(),
-                config.peer_token.clone(),
+                config.client_address.clone(),
+                config.tls.clone(),
                 feedback_tx,
             ),
+            clients: BTreeMap::from([(config.id, config.client_address.clone())]),
             core,
             disk,
             applied: applied_tx,
@@ -199,7 +219,7 @@ impl Replica {
             applied,
             events,
             view,
-            peer_token: config.peer_token,
+            tls: config.tls,
             leaders: Default::default(),
             failed,
             fresh,
@@ -299,7 +319,7 @@ impl Replica {
             op: serde_json::to_vec(op).expect("ops serialise"),
         };
         // A leader that stops answering (frozen, cut off) must not hang the caller.
-        let call = client.forward(transport::request(body, &self.peer_token));
+        let call = client.forward(body);
         let resp = tokio::time::timeout(PROPOSE_TIMEOUT + Duration::from_secs(1), call)
             .await
             .map_err(|_| ProposeError::Unavailable(OUTCOME_UNKNOWN.into()))?
@@ -319,7 +339,7 @@ impl Replica {
         if let Some(ch) = cache.get(leader) {
             return Ok(transport::client(ch.clone()));
         }
-        let ch = transport::endpoint(leader)
+        let ch = transport::endpoint(leader, &self.tls)
             .map_err(|e| ProposeError::Unavailable(e.to_string()))?
             .connect()
             .await
@@ -377,7 +397,8 @@ impl Replica {
         };
         pb::SchedulerNode {
             id: s.id,
-            address: view.peers.get(&s.id).cloned().unwrap_or_default(),
+            address: view.clients.get(&s.id).cloned().unwrap_or_default(),
+            peer_address: view.peers.get(&s.id).cloned().unwrap_or_default(),
             role: s.role.into(),
             term: s.term,
             commit_index: s.commit,
@@ -397,8 +418,9 @@ impl Replica {
         }
     }
 
-    pub fn peer_token(&self) -> &Option<String> {
-        &self.peer_token
+    /// How this node calls its peers.
+    pub fn peer_tls(&self) -> &transport::PeerTls {
+        &self.tls
     }
 
     /// Hands peer messages to the node loop; dropped when it is overloaded.
@@ -423,7 +445,7 @@ impl Replica {
                 change: serde_json::to_vec(&change).expect("changes serialise"),
             };
             return client
-                .change_membership(transport::request(body, &self.peer_token))
+                .change_membership(body)
                 .await
                 .map(|_| ())
                 .map_err(|s| ProposeError::Unavailable(s.message().to_string()));
@@ -494,6 +516,8 @@ struct Node {
     applied: watch::Sender<u64>,
     events: broadcast::Sender<Event>,
     view: watch::Sender<View>,
+    /// Where clients reach each node (see `View::clients`).
+    clients: BTreeMap<u64, String>,
     next_token: u64,
     proposals: HashMap<u64, Reply<Vec<Event>>>,
     reads: HashMap<u64, Reply<u64>>,
@@ -538,10 +562,17 @@ impl Node {
                     Feedback::SnapshotSent(id) => self.core.report_snapshot(id, true),
                 },
             }
-            if let Err(e) = self.drain_ready().await {
+            let drained = match self.drain_ready().await {
+                Ok(()) => match self.core.fatal() {
+                    Some(why) => Err(anyhow::anyhow!("{why}")),
+                    None => Ok(()),
+                },
+                Err(e) => Err(e),
+            };
+            if let Err(e) = drained {
                 // A node that cannot make its log durable must not take part:
                 // answering would acknowledge what a restart forgets.
-                tracing::error!("raft storage failed, this node stops: {e:#}");
+                tracing::error!("this scheduler stops: {e:#}");
                 for (_, r) in self.proposals.drain() {
                     let _ = r.send(Err(ProposeError::Unavailable(format!("{e:#}"))));
                 }
@@ -589,7 +620,12 @@ impl Node {
                 from_address,
                 msgs,
             } => {
-                self.core.learn_peer(from, &from_address);
+                // Peer addresses come only from the configuration and committed
+                // membership changes; what a peer says of itself is a hint for
+                // clients at most.
+                if !from_address.is_empty() && self.core.peers().contains_key(&from) {
+                    self.clients.insert(from, from_address);
+                }
                 for m in msgs {
                     if let Err(e) = self.core.step(m) {
                         tracing::debug!("raft message from {from} ignored: {e}");
@@ -689,13 +725,16 @@ impl Node {
             );
         }
         self.view.send_if_modified(|v| {
-            let changed =
-                v.status.as_ref() != Some(&status) || v.progress != progress || &v.peers != peers;
+            let changed = v.status.as_ref() != Some(&status)
+                || v.progress != progress
+                || &v.peers != peers
+                || v.clients != self.clients;
             if changed {
                 *v = View {
                     status: Some(status),
                     progress,
                     peers: peers.clone(),
+                    clients: self.clients.clone(),
                 };
             }
             changed

@@ -47,9 +47,15 @@ pub struct Config {
     /// Empty: a cluster of this node alone.
     pub peers: BTreeMap<u64, String>,
     /// Start with no configuration and wait to be added (`coop cluster add-node`).
+    /// `peers` then names the running cluster's nodes (their peer addresses).
     pub join: bool,
-    /// Shared secret of the scheduler nodes on their raft service.
-    pub peer_token: Option<String>,
+    /// TLS of both listeners and of calls to peers.
+    pub tls: Option<crate::tls::SchedulerTls>,
+    /// Serve clients in plain text (`--insecure`) even where `tls` is set
+    /// (it then serves the peers alone).
+    pub insecure: bool,
+    /// Where the raft service listens (mutual TLS); `None`: no peers.
+    pub peer_listen: Option<SocketAddr>,
     /// One raft tick; elections time out after 10 to 20 of them.
     pub raft_tick: Duration,
     /// Snapshot the state (and compact the log) every this many entries.
@@ -72,7 +78,9 @@ impl Config {
             accounting_db: None,
             peers: BTreeMap::new(),
             join: false,
-            peer_token: None,
+            tls: None,
+            insecure: false,
+            peer_listen: None,
             raft_tick: Duration::from_millis(50),
             snapshot_every: 10_000,
         }
@@ -86,38 +94,70 @@ pub struct Scheduler {
     /// The operator token, when this start created it without being given one.
     pub generated_operator_token: Option<String>,
     pub replica: Replica,
+    /// The peer listener's bound address, when there is one.
+    pub peer_addr: Option<SocketAddr>,
     shutdown: tokio::sync::watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
+    peer_server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
 impl Scheduler {
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        crate::tls::private_dir(&config.data_dir)?;
+        let several = config.join || config.peers.keys().any(|&id| id != config.id);
+        if several && (config.tls.is_none() || config.peer_listen.is_none()) {
+            anyhow::bail!(
+                "peer-listen: a cluster of several schedulers needs --peer-listen and --tls-dir: \
+                 the schedulers authenticate each other with certificates of the cluster CA (coop ca init)"
+            );
+        }
+        if config.peer_listen.is_some() && config.tls.is_none() {
+            anyhow::bail!("tls-dir: the peer listener serves mutual TLS only: give --tls-dir");
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
         let addr = listener.local_addr()?;
+        let tls = config.tls.is_some() && !config.insecure;
         if config.advertise.is_empty() {
-            config.advertise = format!("http://{addr}");
+            config.advertise = crate::consensus::transport::normalize(&addr.to_string(), tls);
         }
+        let peer_listener = match config.peer_listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("peer-listen: listening on {a}"))?,
+            ),
+            None => None,
+        };
+        let peer_addr = peer_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        let own_peer_address = config.peers.get(&config.id).cloned().unwrap_or_else(|| {
+            peer_addr
+                .map(|a| crate::consensus::transport::normalize(&a.to_string(), true))
+                .unwrap_or_default()
+        });
         let mut peers = config.peers.clone();
         if !config.join {
-            peers.insert(config.id, config.advertise.clone());
+            peers.insert(config.id, own_peer_address.clone());
+        } else {
+            peers.remove(&config.id);
         }
         let replica = Replica::start(ReplicaConfig {
             id: config.id,
-            address: config.advertise.clone(),
+            address: own_peer_address,
             peers: peers.clone(),
+            join: config.join,
             db: config.data_dir.join("scheduler.db"),
             timing: RaftTiming {
                 snapshot_every: config.snapshot_every,
                 ..Default::default()
             },
             tick: config.raft_tick,
-            peer_token: config.peer_token.clone(),
+            tls: config.tls.as_ref().map(|t| t.peer_client()),
+            client_address: config.advertise.clone(),
         })
         .await?;
+        restrict_files(&config.data_dir);
 
         let mut generated_operator_token = None;
         let token = match &config.operator_token {
@@ -195,8 +235,15 @@ impl Scheduler {
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
-        let router = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+        if let Some(t) = ctx.config.tls.as_ref().filter(|_| !ctx.config.insecure) {
+            builder = builder.tls_config(t.server())?;
+        } else {
+            tracing::warn!(
+                "serving clients in PLAIN TEXT (--insecure): credentials cross the network unencrypted"
+            );
+        }
+        let router = builder
             .add_service(health_service)
             .add_service(reflection)
             .add_service(pb::job_service_server::JobServiceServer::new(
@@ -219,26 +266,51 @@ impl Scheduler {
             ))
             .add_service(pb::agent_service_server::AgentServiceServer::new(
                 api::agents::Agents(ctx.clone()),
-            ))
-            .add_service(
-                pb::raft_service_server::RaftServiceServer::new(crate::consensus::service::Raft(
-                    replica.clone(),
-                ))
-                .max_decoding_message_size(crate::consensus::transport::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(crate::consensus::transport::MAX_MESSAGE_BYTES),
-            );
+            ));
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let stop = shutdown_rx.clone();
         let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown_rx.wait_for(|s| *s).await;
         }));
+        // Raft on a listener of its own: a caller without a certificate of the
+        // cluster CA is refused in the TLS handshake, before any message is
+        // read; only then may a message be as large as a snapshot.
+        let peer_server = match (peer_listener, &ctx.config.tls) {
+            (Some(l), Some(t)) => {
+                let mut stop = stop;
+                let router = tonic::transport::Server::builder()
+                    .tcp_nodelay(true)
+                    .tls_config(t.peer_server())?
+                    .add_service(
+                        pb::raft_service_server::RaftServiceServer::new(
+                            crate::consensus::service::Raft(replica.clone()),
+                        )
+                        .max_decoding_message_size(crate::consensus::transport::MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(crate::consensus::transport::MAX_MESSAGE_BYTES),
+                    );
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+                Some(tokio::spawn(router.serve_with_incoming_shutdown(
+                    incoming,
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                )))
+            }
+            _ => None,
+        };
+        if let Some(p) = peer_addr {
+            tracing::info!("scheduler {} peers on {p} (mutual TLS)", ctx.config.id);
+        }
         tracing::info!("scheduler {} serving on {addr}", ctx.config.id);
         Ok(Self {
             addr,
             registry: metrics,
             generated_operator_token,
             replica,
+            peer_addr,
             shutdown,
             server,
+            peer_server,
         })
     }
 
@@ -246,6 +318,9 @@ impl Scheduler {
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
+        if let Some(p) = self.peer_server {
+            let _ = p.await;
+        }
         self.replica.stop().await;
     }
 
@@ -253,11 +328,27 @@ impl Scheduler {
     /// Runs until the server ends, or the raft log fails (then an error: a
     /// scheduler that cannot write its log must not go on answering).
     pub async fn wait(&mut self) -> anyhow::Result<()> {
+        let peer = async {
+            match &mut self.peer_server {
+                Some(p) => p.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = &mut self.server => r??,
-            why = self.replica.failure() => anyhow::bail!("the raft log failed: {why}"),
+            r = peer => r??,
+            why = self.replica.failure() => anyhow::bail!("{why}"),
         }
         Ok(())
+    }
+}
+
+/// The raft log and its WAL hold every token hash and the whole ledger:
+/// readable by the scheduler's user only.
+fn restrict_files(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["scheduler.db", "scheduler.db-wal", "scheduler.db-shm"] {
+        let _ = std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o600));
     }
 }
 

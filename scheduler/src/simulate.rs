@@ -188,6 +188,7 @@ impl<'a> Sim<'a> {
         s.apply(Op::AddMember {
             name: "pool".into(),
             token_hash: "pool".into(),
+            expires_at_ms: None,
         })?;
         let mut tenants: Vec<String> = trace.iter().map(|j| member_name(&j.tenant)).collect();
         tenants.sort();
@@ -196,6 +197,7 @@ impl<'a> Sim<'a> {
             s.apply(Op::AddMember {
                 name: t.clone(),
                 token_hash: format!("token-{t}"),
+                expires_at_ms: None,
             })?;
         }
         let mut settings = vec![

@@ -47,12 +47,22 @@ impl JobState {
 pub enum Principal {
     Operator,
     Member(String),
+    /// Reads every member's figures and the audit ledger; changes nothing.
+    Auditor(String),
+    /// An enrolled agent machine, scoped to its one node.
+    Node(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub name: String,
     pub created_at_ms: i64,
+    /// Its tokens are refused and its pending jobs wait until resumed.
+    #[serde(default)]
+    pub suspended: bool,
+    /// Removed: no token, no jobs; kept for its ledger history.
+    #[serde(default)]
+    pub removed_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,6 +342,48 @@ pub enum Op {
     AddMember {
         name: String,
         token_hash: String,
+        /// The token stops working at this time (never, when absent).
+        #[serde(default)]
+        expires_at_ms: Option<i64>,
+    },
+    AddAuditor {
+        name: String,
+        token_hash: String,
+    },
+    RemoveAuditor {
+        name: String,
+    },
+    /// The account's token is replaced: the old one is dead from this entry on.
+    RotateToken {
+        account: Principal,
+        token_hash: String,
+        #[serde(default)]
+        expires_at_ms: Option<i64>,
+    },
+    SuspendMember {
+        name: String,
+        suspended: bool,
+    },
+    /// Its token dies, its pending jobs are cancelled and its running ones
+    /// stopped, its nodes revoked; its ledger history stays.
+    RemoveMember {
+        name: String,
+    },
+    /// A one-time join token (its hash) for the agent of `node`, owned by `owner`.
+    EnrollNode {
+        node: String,
+        owner: String,
+        join_hash: String,
+        expires_at_ms: i64,
+    },
+    /// An agent exchanges its join token for a node credential it made itself.
+    JoinNode {
+        join_hash: String,
+        credential_hash: String,
+    },
+    /// The node's credential dies; its runs are handled as on node loss.
+    RevokeNode {
+        node: String,
     },
     RegisterNode {
         node: String,
@@ -476,6 +528,17 @@ pub struct State {
     pub default_member: Option<String>,
     pub members: BTreeMap<String, Member>,
     pub tokens: BTreeMap<String, Principal>,
+    /// When tokens (by hash) stop working; absent: never.
+    #[serde(default)]
+    pub token_expiry: BTreeMap<String, i64>,
+    #[serde(default)]
+    pub auditors: BTreeMap<String, crate::accounts::Auditor>,
+    /// Unused join tokens by hash.
+    #[serde(default)]
+    pub enrollments: BTreeMap<String, crate::accounts::Enrollment>,
+    /// The owner each enrolled node's credential was issued for.
+    #[serde(default)]
+    pub node_owners: BTreeMap<String, String>,
     pub nodes: BTreeMap<String, Node>,
     pub jobs: BTreeMap<JobId, Job>,
     /// Pending jobs in arrival order (an index over `jobs`).
@@ -533,7 +596,37 @@ impl State {
                 operator_token_hash,
                 default_member,
             } => self.bootstrap(at, operator_token_hash, default_member.as_ref()),
-            Op::AddMember { name, token_hash } => self.add_member(at, name, token_hash),
+            Op::AddMember {
+                name,
+                token_hash,
+                expires_at_ms,
+            } => {
+                let events = self.add_member(at, name, token_hash)?;
+                if let Some(t) = expires_at_ms {
+                    self.token_expiry.insert(token_hash.clone(), *t);
+                }
+                Ok(events)
+            }
+            Op::AddAuditor { name, token_hash } => self.add_auditor(at, name, token_hash),
+            Op::RemoveAuditor { name } => self.remove_auditor(at, name),
+            Op::RotateToken {
+                account,
+                token_hash,
+                expires_at_ms,
+            } => self.rotate_token(at, account, token_hash, *expires_at_ms),
+            Op::SuspendMember { name, suspended } => self.suspend_member(at, name, *suspended),
+            Op::RemoveMember { name } => self.remove_member(at, name),
+            Op::EnrollNode {
+                node,
+                owner,
+                join_hash,
+                expires_at_ms,
+            } => self.enroll_node(at, node, owner, join_hash, *expires_at_ms),
+            Op::JoinNode {
+                join_hash,
+                credential_hash,
+            } => self.join_node(at, join_hash, credential_hash),
+            Op::RevokeNode { node } => self.revoke_node(at, node),
             Op::RegisterNode {
                 node,
                 owner,
@@ -626,6 +719,8 @@ impl State {
             Member {
                 name: name.to_string(),
                 created_at_ms: at,
+                suspended: false,
+                removed_at_ms: None,
             },
         );
         self.tokens
@@ -768,7 +863,7 @@ impl State {
         Ok(events)
     }
 
-    fn node_down(&mut self, name: &str, last_seen: i64) -> Result<Vec<Event>, Rejection> {
+    pub(crate) fn node_down(&mut self, name: &str, last_seen: i64) -> Result<Vec<Event>, Rejection> {
         let node = self
             .nodes
             .get_mut(name)
@@ -879,7 +974,7 @@ impl State {
         Ok(vec![Event::Job(id)])
     }
 
-    fn cancel(&mut self, at: i64, id: JobId) -> Result<Vec<Event>, Rejection> {
+    pub(crate) fn cancel(&mut self, at: i64, id: JobId) -> Result<Vec<Event>, Rejection> {
         let job = self
             .jobs
             .get_mut(&id)

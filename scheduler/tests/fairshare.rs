@@ -56,6 +56,7 @@ fn cluster(nodes: u32, per_node: u32, members: &[(&str, u64)]) -> State {
             Op::AddMember {
                 name: m.to_string(),
                 token_hash: format!("h-{m}"),
+                expires_at_ms: None,
             },
         );
         settings.push(Setting::Share {

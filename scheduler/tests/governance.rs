@@ -31,6 +31,7 @@ fn coop() -> State {
             Op::AddMember {
                 name: m.into(),
                 token_hash: format!("h-{m}"),
+                expires_at_ms: None,
             },
         )
         .unwrap();

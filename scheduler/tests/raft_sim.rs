@@ -640,6 +640,7 @@ fn setup_ops(state: &State) -> Vec<Op> {
         ops.push(Op::AddMember {
             name: "m".into(),
             token_hash: "m".into(),
+            expires_at_ms: None,
         });
     }
     for a in AGENTS {

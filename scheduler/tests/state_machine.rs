@@ -54,6 +54,7 @@ fn base() -> (State, i64) {
         Op::AddMember {
             name: "beta".into(),
             token_hash: "h-beta".into(),
+            expires_at_ms: None,
         },
         Op::RegisterNode {
             node: "n1".into(),

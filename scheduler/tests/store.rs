@@ -14,6 +14,7 @@ fn member(i: usize) -> Op {
     Op::AddMember {
         name: format!("m{i}"),
         token_hash: format!("h{i}"),
+        expires_at_ms: None,
     }
 }
 
@@ -28,7 +29,9 @@ async fn start(db: &Path, snapshot_every: u64) -> Replica {
             ..Default::default()
         },
         tick: Duration::from_millis(10),
-        peer_token: None,
+        tls: None,
+        join: false,
+        client_address: String::new(),
     })
     .await
     .unwrap()

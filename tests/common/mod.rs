@@ -51,6 +51,7 @@ impl Daemon {
         cmd.args(args)
             .env_remove("COOP_ADDR")
             .env_remove("COOP_TOKEN")
+            .env_remove("COOP_CA")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -129,6 +130,8 @@ impl Drop for Daemon {
 
 /// A running cluster and a client of it.
 pub struct Cluster {
+    /// The cluster CA's certificate, when the schedulers serve TLS.
+    pub ca: Option<String>,
     // Daemons first: they are dropped (and their logs read) before the dir goes.
     pub daemons: Vec<Daemon>,
     pub dir: tempfile::TempDir,
@@ -150,10 +153,12 @@ impl Cluster {
         let d = start_dev(dir.path(), extra);
         let addr = d.export("COOP_ADDR");
         let token = d.export("COOP_TOKEN");
+        let ca = (!extra.contains(&"--insecure")).then(|| d.export("COOP_CA"));
         Cluster {
             dir,
             addr,
             token,
+            ca,
             daemons: vec![d],
         }
     }
@@ -167,10 +172,19 @@ impl Cluster {
         cmd.args(args)
             .env("COOP_ADDR", &self.addr)
             .env_remove("COOP_TOKEN");
+        self.with_ca(&mut cmd);
         if let Some(t) = token {
             cmd.env("COOP_TOKEN", t);
         }
         cmd.output().unwrap()
+    }
+
+    /// Points `cmd` at this cluster's CA (or at none).
+    pub fn with_ca(&self, cmd: &mut Command) {
+        match &self.ca {
+            Some(ca) => cmd.env("COOP_CA", ca),
+            None => cmd.env_remove("COOP_CA"),
+        };
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
@@ -219,6 +233,14 @@ impl Cluster {
         self.fails_as(Some(&self.token.clone()), args)
     }
 
+    /// A one-time join token for machine `node` of `owner`, as the operator.
+    pub fn enroll(&self, node: &str, owner: &str) -> String {
+        self.json(&["node", "enroll", node, "--owner", owner])["join_token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     pub fn add_member(&self, name: &str) -> String {
         self.json(&["member", "add", name])["token"]
             .as_str()
@@ -242,7 +264,9 @@ impl Cluster {
 
     /// Follows `coop job watch` until the job satisfies `pred`.
     pub fn wait_job(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let mut child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        self.with_ca(&mut cmd);
+        let mut child = cmd
             .args(["job", "watch", id, "--output", "json"])
             .env("COOP_ADDR", &self.addr)
             .env("COOP_TOKEN", &self.token)
@@ -491,7 +515,8 @@ impl Cluster {
     }
 }
 
-pub const OPERATOR: &str = "coop_test-operator-token";
+/// Strong enough to be accepted (128 bits at least).
+pub const OPERATOR: &str = "coop_0f5e1a7c3b9d24e68a1c5f7b3d9e2a4c6b8d0f1e3a5c7b9d";
 
 /// A scheduler and agents as separate processes (`coop scheduler run`,
 /// `coop agent run`), as on real machines.
@@ -530,6 +555,7 @@ impl Split {
         args.extend(extra.iter().map(|s| s.to_string()));
         let s = spawn_scheduler(dir.path(), &args);
         let addr = s.export("COOP_ADDR");
+        let ca = (!extra.contains(&"--insecure")).then(|| s.export("COOP_CA"));
         // Restarts listen where the agents and the CLI already look.
         let port = addr.rsplit(':').next().unwrap();
         args[5] = format!("127.0.0.1:{port}");
@@ -539,6 +565,7 @@ impl Split {
                 dir,
                 addr,
                 token: OPERATOR.into(),
+                ca,
                 daemons: vec![],
             },
             args,
@@ -560,29 +587,32 @@ impl Split {
         self.agent_with(name, owner, gpus, &[])
     }
 
+    /// Enrolls machine `name` for `owner` (as the operator) and starts its
+    /// agent with the join token; a restarted agent enrolls again.
     pub fn agent_with(&self, name: &str, owner: &str, gpus: &str, extra: &[&str]) -> Daemon {
+        let join = self.c.enroll(name, owner);
         let data = self.agent_dir(name);
         let mut args = vec![
             "agent",
             "run",
             "--scheduler",
             &self.c.addr,
+            "--join",
+            &join,
             "--name",
             name,
-            "--owner",
-            owner,
             "--gpus",
             gpus,
             "--data-dir",
             data.to_str().unwrap(),
         ];
         args.extend(extra);
-        Daemon::spawn(
-            &format!("agent-{name}"),
-            self.c.dir.path(),
-            &args,
-            &[("COOP_TOKEN", OPERATOR)],
-        )
+        let ca = self.c.ca.clone();
+        let mut env = vec![];
+        if let Some(ca) = &ca {
+            env.push(("COOP_CA", ca.as_str()));
+        }
+        Daemon::spawn(&format!("agent-{name}"), self.c.dir.path(), &args, &env)
     }
 
     /// `coop agent status` of agent `name`, as JSON.

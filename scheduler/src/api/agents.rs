@@ -92,22 +92,92 @@ fn to_report(r: pb::Report) -> Result<RunReport, Status> {
 
 #[tonic::async_trait]
 impl AgentService for Agents {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_string())
+            .ok_or_else(|| {
+                Status::unauthenticated("join: send the join token as 'Bearer <token>'")
+            })?;
+        let credential_hash = req.into_inner().credential_hash;
+        if credential_hash.len() != 64 || !credential_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid("credential_hash", "must be a SHA-256 in hex"));
+        }
+        let join_hash = crate::auth::hash_token(&token);
+        // Checked here first, so that guesses do not reach the log.
+        self.0.current().await?;
+        if !self.0.replica.read().enrollments.contains_key(&join_hash) {
+            return Err(Status::unauthenticated(
+                "join token unknown, used or expired: enroll the node again (coop node enroll)",
+            ));
+        }
+        let events = self
+            .0
+            .replica
+            .propose(Op::JoinNode {
+                join_hash,
+                credential_hash: credential_hash.to_lowercase(),
+            })
+            .await
+            .map_err(propose_status)?;
+        let node = events
+            .iter()
+            .find_map(|e| match e {
+                crate::state::Event::Node(n) => Some(n.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| Status::internal("the join was applied without a node"))?;
+        let owner = self
+            .0
+            .replica
+            .read()
+            .node_owners
+            .get(&node)
+            .cloned()
+            .unwrap_or_default();
+        tracing::info!("node {node} of {owner} enrolled its agent");
+        Ok(Response::new(pb::JoinResponse { node, owner }))
+    }
+
     async fn register(
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.0.operator(&req).await?;
+        let node = self.0.node(&req).await?;
         self.0.leader_only()?;
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        if r.node != node {
+            return Err(Status::permission_denied(format!(
+                "node: this credential is for node {node}, not {:?}",
+                r.node
+            )));
+        }
         if !valid_name(&r.node) {
             return Err(invalid(
                 "node",
                 format!("{:?} is not a valid node name", r.node),
             ));
         }
-        if r.owner.trim().is_empty() {
-            return Err(invalid("owner", "must name the member that owns the node"));
+        // The owner is the one the node was enrolled for, whatever is asked.
+        let owner = self.0.replica.read().node_owners.get(&node).cloned();
+        let Some(owner) = owner else {
+            return Err(Status::permission_denied(format!(
+                "node {node} has no enrollment: enroll it (coop node enroll)"
+            )));
+        };
+        if !r.owner.trim().is_empty() && r.owner.trim() != owner {
+            return Err(Status::permission_denied(format!(
+                "owner: node {node} was enrolled for {owner}, not {:?}",
+                r.owner.trim()
+            )));
         }
+        r.owner = owner;
         if r.gpus.is_empty() {
             return Err(invalid("gpus", "a node must offer at least one GPU"));
         }
@@ -166,7 +236,7 @@ impl AgentService for Agents {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
-        self.0.operator(&req).await?;
+        let me = self.0.node(&req).await?;
         self.0.leader_only()?;
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
@@ -176,6 +246,11 @@ impl AgentService for Agents {
             _ => return Err(invalid("hello", "the first message must be hello")),
         };
         let (node, session) = (hello.node, hello.session);
+        if node != me {
+            return Err(Status::permission_denied(format!(
+                "hello.node: this credential is for node {me}, not {node:?}"
+            )));
+        }
         if !registered(&self.0.replica.read(), &node, &session) {
             return Err(Status::failed_precondition(format!(
                 "node {node} is not registered with session {session}: register again"
@@ -248,7 +323,7 @@ async fn read_agent(
                 return Ok(());
             }
             Some(Up::Hello(_)) => return Err(invalid("hello", "sent twice")),
-            Some(Up::LogChunk(c)) => ctx.registry.complete_log(c),
+            Some(Up::LogChunk(c)) => ctx.registry.complete_log(node, c),
             Some(Up::Report(r)) => {
                 let seq = r.seq;
                 let report = to_report(r)?;

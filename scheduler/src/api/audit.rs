@@ -20,7 +20,7 @@ impl AuditService for Audit {
         &self,
         req: Request<pb::ExportAuditRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
-        self.0.operator(&req).await?;
+        self.0.overseer(&req).await?;
         self.0.current().await?;
         let r = req.into_inner();
         let to = if r.to_ms == 0 { i64::MAX } else { r.to_ms };

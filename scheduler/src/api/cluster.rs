@@ -8,7 +8,10 @@ use std::time::Duration;
 use super::{Ctx, invalid, propose_status};
 use crate::consensus::transport;
 use crate::replica::Membership;
-use crate::state::{JobState, State};
+use crate::state::{JobState, Op, Principal, State};
+
+/// Longest a join token may stay usable.
+const MAX_JOIN_TTL_S: u64 = 7 * 24 * 3600;
 
 pub struct Cluster(pub Ctx);
 
@@ -58,18 +61,18 @@ impl Cluster {
     async fn schedulers(&self) -> Vec<pb::SchedulerNode> {
         let me = self.0.replica.id();
         let peers = self.0.replica.view().borrow().peers.clone();
-        let token = self.0.replica.peer_token().clone();
+        let tls = self.0.replica.peer_tls().clone();
         let asks = peers.into_iter().map(|(id, address)| {
-            let token = token.clone();
+            let tls = tls.clone();
             let local = (id == me).then(|| self.0.replica.scheduler_node());
             async move {
                 if let Some(n) = local {
                     return n;
                 }
                 let ask = async {
-                    let ch = transport::endpoint(&address)?.connect().await?;
+                    let ch = transport::endpoint(&address, &tls)?.connect().await?;
                     let n = transport::client(ch)
-                        .status(transport::request(pb::NodeStatusRequest {}, &token))
+                        .status(pb::NodeStatusRequest {})
                         .await?;
                     anyhow::Ok(n.into_inner())
                 };
@@ -103,10 +106,11 @@ impl Cluster {
     }
 }
 
+/// `address`: the peer address that was dialled.
 fn unreachable(id: u64, address: String, error: String) -> pb::SchedulerNode {
     pb::SchedulerNode {
         id,
-        address,
+        peer_address: address,
         role: "unreachable".into(),
         error,
         ..Default::default()
@@ -124,11 +128,17 @@ impl ClusterService for Cluster {
         if r.id == 0 {
             return Err(invalid("id", "must be a positive integer"));
         }
-        let address = transport::normalize(&r.address);
+        let tls = self.0.replica.peer_tls().clone();
+        if tls.is_none() {
+            return Err(Status::failed_precondition(
+                "this cluster has no peer authentication: start its schedulers with --tls-dir and --peer-listen",
+            ));
+        }
+        let address = transport::normalize(&r.address, true);
         if r.address.trim().is_empty() {
             return Err(invalid("address", "must not be empty"));
         }
-        transport::endpoint(&address)
+        transport::endpoint(&address, &tls)
             .map_err(|_| invalid("address", format!("{address:?} is not an address")))?;
         if self.0.replica.view().borrow().peers.contains_key(&r.id) {
             return Err(Status::already_exists(format!(
@@ -155,6 +165,76 @@ impl ClusterService for Cluster {
         }
         let schedulers = self.membership(Membership::Remove { id }).await?;
         Ok(Response::new(pb::RemoveNodeResponse { schedulers }))
+    }
+
+    async fn enroll_node(
+        &self,
+        req: Request<pb::EnrollNodeRequest>,
+    ) -> Result<Response<pb::EnrollNodeResponse>, Status> {
+        let who = self.0.actor(&req).await?;
+        let r = req.into_inner();
+        let (node, owner) = (r.node.trim().to_string(), r.owner.trim().to_string());
+        if !crate::state::valid_name(&node) {
+            return Err(invalid("node", format!("{node:?} is not a valid node name")));
+        }
+        if let Principal::Member(m) = &who
+            && *m != owner
+        {
+            return Err(Status::permission_denied(format!(
+                "member {m} may enroll only machines it owns (--owner {m})"
+            )));
+        }
+        if owner.is_empty() {
+            return Err(invalid("owner", "must name the member that owns the machine"));
+        }
+        let ttl_s = match r.ttl_s {
+            0 => 3600,
+            t if t > MAX_JOIN_TTL_S => return Err(invalid("ttl", "at most 7 days")),
+            t => t,
+        };
+        let join_token = crate::auth::new_join_token();
+        let expires_at_ms = crate::replica::now_ms() + ttl_s as i64 * 1000;
+        self.0
+            .replica
+            .propose(Op::EnrollNode {
+                node,
+                owner,
+                join_hash: crate::auth::hash_token(&join_token),
+                expires_at_ms,
+            })
+            .await
+            .map_err(propose_status)?;
+        Ok(Response::new(pb::EnrollNodeResponse {
+            join_token,
+            expires_at_ms,
+        }))
+    }
+
+    async fn revoke_node(
+        &self,
+        req: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
+        let who = self.0.actor(&req).await?;
+        let node = req.into_inner().node.trim().to_string();
+        if let Principal::Member(m) = &who {
+            let state = self.0.replica.read();
+            let owner = state
+                .node_owners
+                .get(&node)
+                .or_else(|| state.nodes.get(&node).map(|n| &n.owner));
+            if owner != Some(m) {
+                return Err(Status::permission_denied(format!(
+                    "member {m} may revoke only machines it owns"
+                )));
+            }
+        }
+        self.0
+            .replica
+            .propose(Op::RevokeNode { node })
+            .await
+            .map_err(propose_status)?;
+        self.0.registry.wake_scheduler();
+        Ok(Response::new(pb::RevokeNodeResponse {}))
     }
 
     async fn status(

@@ -41,7 +41,7 @@ impl JobService for Jobs {
         &self,
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let who = self.0.principal(&req).await?;
+        let who = self.0.actor(&req).await?;
         let r = req.into_inner();
         let kind = match pb::JobKind::try_from(r.kind) {
             Ok(pb::JobKind::Finetune) => JobKind::Finetune,
@@ -67,6 +67,7 @@ impl JobService for Jobs {
                     })?
             }
             (Principal::Operator, other) => other.to_string(),
+            (Principal::Auditor(_) | Principal::Node(_), _) => unreachable!("refused by actor"),
         };
         let spec = JobSpec {
             kind,
@@ -142,7 +143,7 @@ impl JobService for Jobs {
         &self,
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
-        let who = self.0.principal(&req).await?;
+        let who = self.0.actor(&req).await?;
         let id = parse_job_id("id", &req.get_ref().id)?;
         self.0.current().await?;
         Ok(Response::new(pb::GetJobResponse {
@@ -154,7 +155,7 @@ impl JobService for Jobs {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let who = self.0.principal(&req).await?;
+        let who = self.0.actor(&req).await?;
         self.0.current().await?;
         let r = req.into_inner();
         let mut states = Vec::new();
@@ -201,7 +202,7 @@ impl JobService for Jobs {
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        let who = self.0.principal(&req).await?;
+        let who = self.0.actor(&req).await?;
         let id = parse_job_id("id", &req.get_ref().id)?;
         self.visible(&who, id)?;
         self.0
@@ -218,7 +219,7 @@ impl JobService for Jobs {
         &self,
         req: Request<pb::JobLogsRequest>,
     ) -> Result<Response<pb::JobLogsResponse>, Status> {
-        let who = self.0.principal(&req).await?;
+        let who = self.0.actor(&req).await?;
         let r = req.into_inner();
         let id = parse_job_id("id", &r.id)?;
         let job = self.visible(&who, id)?;
@@ -282,7 +283,7 @@ impl JobService for Jobs {
         &self,
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let who = self.0.principal(&req).await?;
+        let who = self.0.actor(&req).await?;
         let id = parse_job_id("id", &req.get_ref().id)?;
         self.0.current().await?;
         // Subscribe before the first read so that no change falls in between.

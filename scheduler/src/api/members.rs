@@ -1,13 +1,73 @@
-//! MemberService: add and list members (operator only).
+//! MemberService: members, auditors, and the tokens of both and of the
+//! operator (add, list, rotate, suspend, resume, remove).
 
 use coop_proto::v1::{self as pb, member_service_server::MemberService};
 use tonic::{Request, Response, Status};
 
-use super::{Ctx, propose_status};
+use super::{Ctx, invalid, propose_status};
 use crate::auth::{hash_token, new_token};
-use crate::state::Op;
+use crate::replica::now_ms;
+use crate::state::{Member, Op, Principal, State, valid_name};
 
 pub struct Members(pub Ctx);
+
+/// Longest token lifetime one may ask for: ten years.
+const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
+
+/// A token lifetime in seconds into an expiry time (`None`: never).
+fn expiry(field: &str, ttl_s: u64) -> Result<Option<i64>, Status> {
+    match ttl_s {
+        0 => Ok(None),
+        t if t > MAX_TTL_S => Err(invalid(field, "at most ten years")),
+        t => Ok(Some(now_ms() + t as i64 * 1000)),
+    }
+}
+
+fn member_to_pb(state: &State, m: &Member) -> pb::Member {
+    let expires = state
+        .tokens
+        .iter()
+        .find(|(_, p)| matches!(p, Principal::Member(n) if *n == m.name))
+        .and_then(|(h, _)| state.token_expiry.get(h).copied())
+        .unwrap_or(0);
+    pb::Member {
+        name: m.name.clone(),
+        created_at_ms: m.created_at_ms,
+        suspended: m.suspended,
+        removed_at_ms: m.removed_at_ms.unwrap_or(0),
+        token_expires_at_ms: expires,
+    }
+}
+
+fn valid(field: &str, kind: &str, name: &str) -> Result<String, Status> {
+    let name = name.trim();
+    if !valid_name(name) {
+        return Err(invalid(
+            field,
+            format!(
+                "{name:?} is not a valid {kind} name (lowercase letters, digits, '-', '_'; at most 63)"
+            ),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+impl Members {
+    fn member(&self, name: &str) -> Result<pb::Member, Status> {
+        let state = self.0.replica.read();
+        let m = state
+            .members
+            .get(name)
+            .ok_or_else(|| Status::not_found(format!("member {name:?} does not exist")))?;
+        Ok(member_to_pb(&state, m))
+    }
+
+    async fn change(&self, op: Op, name: &str) -> Result<Response<pb::Member>, Status> {
+        self.0.replica.propose(op).await.map_err(propose_status)?;
+        self.0.registry.wake_scheduler();
+        Ok(Response::new(self.member(name)?))
+    }
+}
 
 #[tonic::async_trait]
 impl MemberService for Members {
@@ -16,34 +76,20 @@ impl MemberService for Members {
         req: Request<pb::AddMemberRequest>,
     ) -> Result<Response<pb::AddMemberResponse>, Status> {
         self.0.operator(&req).await?;
-        let name = req.into_inner().name.trim().to_string();
-        if !crate::state::valid_name(&name) {
-            return Err(super::invalid(
-                "name",
-                format!(
-                    "{name:?} is not a valid member name (lowercase letters, digits, '-', '_'; at most 63)"
-                ),
-            ));
-        }
+        let r = req.into_inner();
+        let name = valid("name", "member", &r.name)?;
+        let expires_at_ms = expiry("token_ttl_s", r.token_ttl_s)?;
         let token = new_token();
         self.0
             .replica
             .propose(Op::AddMember {
                 name: name.clone(),
                 token_hash: hash_token(&token),
+                expires_at_ms,
             })
             .await
             .map_err(propose_status)?;
-        let member = self
-            .0
-            .replica
-            .read()
-            .members
-            .get(&name)
-            .map(|m| pb::Member {
-                name: m.name.clone(),
-                created_at_ms: m.created_at_ms,
-            });
+        let member = Some(self.member(&name)?);
         Ok(Response::new(pb::AddMemberResponse { member, token }))
     }
 
@@ -51,18 +97,149 @@ impl MemberService for Members {
         &self,
         req: Request<pb::ListMembersRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
-        self.0.operator(&req).await?;
+        self.0.overseer(&req).await?;
         self.0.current().await?;
         let state = self.0.replica.read();
         Ok(Response::new(pb::ListMembersResponse {
             members: state
                 .members
                 .values()
-                .map(|m| pb::Member {
-                    name: m.name.clone(),
-                    created_at_ms: m.created_at_ms,
+                .map(|m| member_to_pb(&state, m))
+                .collect(),
+        }))
+    }
+
+    async fn rotate_token(
+        &self,
+        req: Request<pb::RotateTokenRequest>,
+    ) -> Result<Response<pb::RotateTokenResponse>, Status> {
+        let who = self.0.actor(&req).await?;
+        let r = req.into_inner();
+        let account = match r.account.trim() {
+            "operator" => Principal::Operator,
+            "" => who.clone(),
+            a => match a.split_once(':') {
+                Some(("member", m)) => Principal::Member(valid("account", "member", m)?),
+                Some(("auditor", m)) => Principal::Auditor(valid("account", "auditor", m)?),
+                _ => {
+                    return Err(invalid(
+                        "account",
+                        format!("{a:?} is not member:NAME, auditor:NAME or operator"),
+                    ));
+                }
+            },
+        };
+        // The operator rotates any; a member only its own.
+        if who != Principal::Operator && who != account {
+            return Err(Status::permission_denied(
+                "a member may rotate its own token only",
+            ));
+        }
+        let expires_at_ms = expiry("token_ttl_s", r.token_ttl_s)?;
+        let token = new_token();
+        self.0
+            .replica
+            .propose(Op::RotateToken {
+                account,
+                token_hash: hash_token(&token),
+                expires_at_ms,
+            })
+            .await
+            .map_err(propose_status)?;
+        Ok(Response::new(pb::RotateTokenResponse {
+            token,
+            expires_at_ms: expires_at_ms.unwrap_or(0),
+        }))
+    }
+
+    async fn suspend(
+        &self,
+        req: Request<pb::MemberNameRequest>,
+    ) -> Result<Response<pb::Member>, Status> {
+        self.0.operator(&req).await?;
+        let name = valid("name", "member", &req.into_inner().name)?;
+        let op = Op::SuspendMember {
+            name: name.clone(),
+            suspended: true,
+        };
+        self.change(op, &name).await
+    }
+
+    async fn resume(
+        &self,
+        req: Request<pb::MemberNameRequest>,
+    ) -> Result<Response<pb::Member>, Status> {
+        self.0.operator(&req).await?;
+        let name = valid("name", "member", &req.into_inner().name)?;
+        let op = Op::SuspendMember {
+            name: name.clone(),
+            suspended: false,
+        };
+        self.change(op, &name).await
+    }
+
+    async fn remove(
+        &self,
+        req: Request<pb::MemberNameRequest>,
+    ) -> Result<Response<pb::Member>, Status> {
+        self.0.operator(&req).await?;
+        let name = valid("name", "member", &req.into_inner().name)?;
+        self.change(Op::RemoveMember { name: name.clone() }, &name)
+            .await
+    }
+
+    async fn add_auditor(
+        &self,
+        req: Request<pb::AddAuditorRequest>,
+    ) -> Result<Response<pb::AddAuditorResponse>, Status> {
+        self.0.operator(&req).await?;
+        let name = valid("name", "auditor", &req.into_inner().name)?;
+        let token = new_token();
+        self.0
+            .replica
+            .propose(Op::AddAuditor {
+                name: name.clone(),
+                token_hash: hash_token(&token),
+            })
+            .await
+            .map_err(propose_status)?;
+        let auditor = self.0.replica.read().auditors.get(&name).map(|a| pb::Auditor {
+            name: a.name.clone(),
+            created_at_ms: a.created_at_ms,
+        });
+        Ok(Response::new(pb::AddAuditorResponse { auditor, token }))
+    }
+
+    async fn list_auditors(
+        &self,
+        req: Request<pb::ListAuditorsRequest>,
+    ) -> Result<Response<pb::ListAuditorsResponse>, Status> {
+        self.0.overseer(&req).await?;
+        self.0.current().await?;
+        let state = self.0.replica.read();
+        Ok(Response::new(pb::ListAuditorsResponse {
+            auditors: state
+                .auditors
+                .values()
+                .map(|a| pb::Auditor {
+                    name: a.name.clone(),
+                    created_at_ms: a.created_at_ms,
                 })
                 .collect(),
         }))
+    }
+
+    async fn remove_auditor(
+        &self,
+        req: Request<pb::RemoveAuditorRequest>,
+    ) -> Result<Response<pb::RemoveAuditorResponse>, Status> {
+        self.0.operator(&req).await?;
+        let name = valid("name", "auditor", &req.into_inner().name)?;
+        self.0
+            .replica
+            .propose(Op::RemoveAuditor { name })
+            .await
+            .map_err(propose_status)?;
+        Ok(Response::new(pb::RemoveAuditorResponse {}))
     }
 }

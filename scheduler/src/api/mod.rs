@@ -30,11 +30,13 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// The caller's principal, from `authorization: Bearer <token>`. A token
-    /// this node does not know yet may have been created on the leader a moment
-    /// ago (or this node is replaying its log after a restart): it catches up
-    /// before refusing.
-    pub async fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+    /// The caller's principal, from `authorization: Bearer <token>`: any
+    /// credential, a node's included. A token this node does not know yet may
+    /// have been created on the leader a moment ago (or this node is replaying
+    /// its log after a restart): it catches up before refusing. A follower
+    /// also catches up before accepting one, so that a token revoked, rotated
+    /// or suspended is refused at once on every node.
+    pub async fn authenticate<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
         let header = req.metadata().get("authorization").ok_or_else(|| {
             Status::unauthenticated(
                 "no credential: send authorization: Bearer <token> (COOP_TOKEN)",
@@ -46,12 +48,71 @@ impl Ctx {
             .and_then(|h| h.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))?;
         let hash = hash_token(token.trim());
-        let known = || self.replica.read().principal(&hash).cloned();
-        if let Some(p) = known() {
-            return Ok(p);
+        let check = || {
+            self.replica
+                .read()
+                .authenticate(&hash, crate::replica::now_ms())
+                .cloned()
+        };
+        match check() {
+            Ok(p) if self.replica.is_leader() => return Ok(p),
+            Err(crate::accounts::Refused::Expired) => {
+                return Err(Status::unauthenticated("token expired: ask for a new one"));
+            }
+            _ => {}
         }
         self.current().await?;
-        known().ok_or_else(|| Status::unauthenticated("unknown token"))
+        check().map_err(|r| match r {
+            crate::accounts::Refused::Unknown => Status::unauthenticated("unknown token"),
+            crate::accounts::Refused::Expired => {
+                Status::unauthenticated("token expired: ask for a new one")
+            }
+            crate::accounts::Refused::Suspended(m) => Status::permission_denied(format!(
+                "member {m} is suspended: ask the operator to resume it"
+            )),
+        })
+    }
+
+    /// A person: the operator, a member or an auditor (not an agent's node
+    /// credential, which is good for its own node's agent calls only).
+    pub async fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        match self.authenticate(req).await? {
+            Principal::Node(n) => Err(Status::permission_denied(format!(
+                "the credential of node {n} is for its agent only"
+            ))),
+            p => Ok(p),
+        }
+    }
+
+    /// Someone who may change things: the operator or a member.
+    pub async fn actor<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        match self.principal(req).await? {
+            Principal::Auditor(a) => Err(Status::permission_denied(format!(
+                "auditor {a} may read usage, statements, policy and the audit ledger, and change nothing"
+            ))),
+            p => Ok(p),
+        }
+    }
+
+    /// The operator or an auditor: reads of every member's figures.
+    pub async fn overseer<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match self.principal(req).await? {
+            Principal::Operator | Principal::Auditor(_) => Ok(()),
+            Principal::Member(m) => Err(Status::permission_denied(format!(
+                "member {m} may not do this: operator or auditor only"
+            ))),
+            Principal::Node(_) => unreachable!("refused by principal"),
+        }
+    }
+
+    /// An agent's node credential: the node it may act for.
+    pub async fn node<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        match self.authenticate(req).await? {
+            Principal::Node(n) => Ok(n),
+            _ => Err(Status::permission_denied(
+                "agents authenticate with their node's credential (coop node enroll, then coop agent run --join)",
+            )),
+        }
     }
 
     /// Waits until this node has applied every acknowledged write (ReadIndex),
@@ -67,8 +128,9 @@ impl Ctx {
         if view.is_leader() {
             Ok(())
         } else {
+            // Agents are sent to the leader's client listener.
             Err(propose_status(ProposeError::NotLeader(
-                view.leader_address(),
+                view.leader_client_address(),
             )))
         }
     }
@@ -79,6 +141,10 @@ impl Ctx {
             Principal::Member(m) => Err(Status::permission_denied(format!(
                 "member {m} may not do this: operator only"
             ))),
+            Principal::Auditor(a) => Err(Status::permission_denied(format!(
+                "auditor {a} may not do this: operator only"
+            ))),
+            Principal::Node(_) => unreachable!("refused by principal"),
         }
     }
 }
@@ -185,13 +251,15 @@ pub fn job_to_pb(state: &State, job: &Job, now_ms: i64) -> pb::Job {
     }
 }
 
-/// May `who` see (and cancel) `job`?
-/// The member whose figures a caller may read: the operator any (or all, with
-/// `asked` empty), a member only its own.
+/// The member whose figures a caller may read: the operator and auditors any
+/// (or all, with `asked` empty), a member only its own.
 pub fn readable_member(who: &Principal, asked: &str) -> Result<Option<String>, Status> {
     match (who, asked.trim()) {
-        (Principal::Operator, "") => Ok(None),
-        (Principal::Operator, m) => Ok(Some(m.to_string())),
+        (Principal::Operator | Principal::Auditor(_), "") => Ok(None),
+        (Principal::Operator | Principal::Auditor(_), m) => Ok(Some(m.to_string())),
+        (Principal::Node(n), _) => Err(Status::permission_denied(format!(
+            "the credential of node {n} is for its agent only"
+        ))),
         (Principal::Member(m), "") => Ok(Some(m.clone())),
         (Principal::Member(m), a) if a == m => Ok(Some(m.clone())),
         (Principal::Member(m), a) => Err(Status::permission_denied(format!(
@@ -200,9 +268,11 @@ pub fn readable_member(who: &Principal, asked: &str) -> Result<Option<String>, S
     }
 }
 
+/// May `who` see (and cancel) `job`?
 pub fn may_access(who: &Principal, job: &Job) -> bool {
     match who {
         Principal::Operator => true,
         Principal::Member(m) => *m == job.member,
+        Principal::Auditor(_) | Principal::Node(_) => false,
     }
 }

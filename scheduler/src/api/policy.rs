@@ -102,9 +102,10 @@ impl PolicyService for Policies {
         &self,
         req: Request<pb::ProposePolicyRequest>,
     ) -> Result<Response<pb::PolicyProposal>, Status> {
-        let by = match self.0.principal(&req).await? {
+        let by = match self.0.actor(&req).await? {
             Principal::Operator => "operator".to_string(),
             Principal::Member(m) => m,
+            Principal::Auditor(_) | Principal::Node(_) => unreachable!("refused by actor"),
         };
         let r = req.into_inner();
         let settings = parse_settings(&r.settings, &r.reason)?;
@@ -132,13 +133,14 @@ impl PolicyService for Policies {
         &self,
         req: Request<pb::ApprovePolicyRequest>,
     ) -> Result<Response<pb::PolicyProposal>, Status> {
-        let member = match self.0.principal(&req).await? {
+        let member = match self.0.actor(&req).await? {
             Principal::Member(m) => m,
             Principal::Operator => {
                 return Err(Status::permission_denied(
                     "approvals come from members, each with its own token; the operator has none",
                 ));
             }
+            Principal::Auditor(_) | Principal::Node(_) => unreachable!("refused by actor"),
         };
         let id = req.into_inner().id;
         self.0

@@ -134,6 +134,9 @@ pub struct Core {
     durable_cs: ConfState,
     /// The hard state as last handed out to be stored.
     durable_hs: HardState,
+    /// Why this node cannot go on: a committed entry or a snapshot it cannot
+    /// decode. Skipping it would make this replica diverge silently.
+    fatal: Option<String>,
 }
 
 /// Raft timing in ticks, and how often to snapshot.
@@ -170,14 +173,20 @@ impl Core {
         timing: &Timing,
         logger: &slog::Logger,
     ) -> anyhow::Result<Self> {
-        let mut peers = peers;
+        let mut book = BTreeMap::new();
         let mut restored = State::default();
         let applied = log.snapshot_index();
         if !log.snapshot.data.is_empty() {
-            let data: SnapshotData = serde_json::from_slice(&log.snapshot.data)?;
+            let data: SnapshotData = serde_json::from_slice(&log.snapshot.data).map_err(|e| {
+                anyhow::anyhow!("the snapshot at {applied} in the raft log cannot be decoded: {e}")
+            })?;
             restored = data.state;
-            peers.extend(data.peers);
+            book = data.peers;
         }
+        // The configuration names where peers are now; the snapshot's book
+        // fills in those it does not name (added later by membership changes).
+        book.extend(peers);
+        let peers = book;
         *state.write().unwrap_or_else(|e| e.into_inner()) = restored;
         let config = raft::Config {
             id,
@@ -212,7 +221,14 @@ impl Core {
             commit_dirty: false,
             durable_cs,
             durable_hs,
+            fatal: None,
         })
+    }
+
+    /// Set once this node met a committed entry or snapshot it cannot decode:
+    /// it applies nothing more, and its shell must stop it.
+    pub fn fatal(&self) -> Option<&str> {
+        self.fatal.as_deref()
     }
 
     pub fn id(&self) -> u64 {
@@ -239,13 +255,6 @@ impl Core {
         &self.peers
     }
 
-    /// Learns a peer's address from a message it sent (a node joining the
-    /// cluster hears from the leader before it has the address book).
-    pub fn learn_peer(&mut self, id: u64, address: &str) {
-        if !address.is_empty() && id != self.id() && !self.removed.contains(&id) {
-            self.peers.insert(id, address.to_string());
-        }
-    }
 
     pub fn log(&self) -> &Log {
         self.raw.store()
@@ -392,7 +401,15 @@ impl Core {
         staged.messages = rd.take_messages();
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
-            self.restore(&snap);
+            if !self.restore(&snap) {
+                // Nothing of this Ready is stored or sent: the node stops.
+                return Some(Staged {
+                    ready: None,
+                    messages: vec![],
+                    persist: Persist::default(),
+                    done: Done::default(),
+                });
+            }
             self.raw.mut_store().install(snap.clone());
             staged.persist.snapshot = Some(snap);
             staged.persist.replace_log = true;
@@ -459,22 +476,30 @@ impl Core {
         }
     }
 
-    fn restore(&mut self, snap: &Snapshot) {
+    /// Replaces the state with a snapshot's; false (and `fatal` set) when it
+    /// cannot be decoded: keeping the old state would diverge silently.
+    fn restore(&mut self, snap: &Snapshot) -> bool {
         match serde_json::from_slice::<SnapshotData>(&snap.data) {
             Ok(data) => {
                 *self.state.write().unwrap_or_else(|e| e.into_inner()) = data.state;
                 self.peers.extend(data.peers);
             }
-            // A snapshot we cannot read is a bug on the sender's side; keeping
-            // the old state would diverge silently, so stop loudly.
-            Err(e) => panic!("undecodable snapshot at {}: {e}", snap.get_metadata().index),
+            Err(e) => {
+                self.fatal = Some(format!(
+                    "the snapshot at index {} (term {}) cannot be decoded: {e}",
+                    snap.get_metadata().index,
+                    snap.get_metadata().term
+                ));
+                return false;
+            }
         }
         self.applied = snap.get_metadata().index;
         self.proposals.retain(|&i, _| i > self.applied);
+        true
     }
 
     fn apply_entries(&mut self, entries: Vec<Entry>, done: &mut Done) {
-        if entries.is_empty() {
+        if entries.is_empty() || self.fatal.is_some() {
             return;
         }
         let shared = self.state.clone();
@@ -490,10 +515,14 @@ impl Core {
                         self.last_at_ms = self.last_at_ms.max(cmd.at_ms);
                         state.apply(&cmd)
                     }
-                    Err(e) => Err(Rejection::FailedPrecondition(format!(
-                        "undecodable log entry {}: {e}",
-                        entry.index
-                    ))),
+                    Err(e) => {
+                        // Every replica must apply every committed entry.
+                        self.fatal = Some(format!(
+                            "committed log entry {} (term {}) cannot be decoded: {e}",
+                            entry.index, entry.term
+                        ));
+                        return;
+                    }
                 },
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     self.apply_conf_change(&entry)

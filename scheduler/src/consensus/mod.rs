@@ -8,9 +8,6 @@ pub mod log;
 pub mod service;
 pub mod transport;
 
-/// Metadata key carrying the shared secret of the scheduler nodes.
-pub const PEER_TOKEN_HEADER: &str = "x-coop-peer-token";
-
 /// Sends raft-rs's slog records to `tracing`.
 pub struct TracingDrain;
 

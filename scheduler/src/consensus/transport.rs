@@ -3,6 +3,9 @@
 //!
 //! A full queue or a failed call drops messages: raft retransmits what matters,
 //! and hearing that a peer is unreachable lets it slow down instead of piling up.
+//!
+//! Peers call each other over mutual TLS: each presents its certificate from
+//! the cluster CA and verifies the other's (`crate::tls`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,7 +14,11 @@ use coop_proto::v1 as pb;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// How this node calls its peers: mutual TLS, or plain text for a lone node
+/// started `--insecure` (which has no peers to call).
+pub type PeerTls = Option<ClientTlsConfig>;
 
 /// Messages waiting for one peer; beyond this they are dropped.
 const QUEUE: usize = 4096;
@@ -32,7 +39,7 @@ pub enum Feedback {
 pub struct Transport {
     from: u64,
     from_address: String,
-    token: Option<String>,
+    tls: PeerTls,
     peers: HashMap<u64, Peer>,
     feedback: mpsc::UnboundedSender<Feedback>,
 }
@@ -46,13 +53,13 @@ impl Transport {
     pub fn new(
         from: u64,
         from_address: String,
-        token: Option<String>,
+        tls: PeerTls,
         feedback: mpsc::UnboundedSender<Feedback>,
     ) -> Self {
         Self {
             from,
             from_address,
-            token,
+            tls,
             peers: HashMap::new(),
             feedback,
         }
@@ -71,7 +78,7 @@ impl Transport {
                 let peer = spawn_peer(
                     self.from,
                     &self.from_address,
-                    &self.token,
+                    &self.tls,
                     to,
                     &addr,
                     &self.feedback,
@@ -98,7 +105,7 @@ impl Transport {
 fn spawn_peer(
     from: u64,
     from_address: &str,
-    token: &Option<String>,
+    tls: &PeerTls,
     to: u64,
     address: &str,
     feedback: &mpsc::UnboundedSender<Feedback>,
@@ -107,7 +114,7 @@ fn spawn_peer(
     let sender = Sender {
         from,
         from_address: from_address.to_string(),
-        token: token.clone(),
+        tls: tls.clone(),
         to,
         address: address.to_string(),
         feedback: feedback.clone(),
@@ -122,43 +129,39 @@ fn spawn_peer(
 struct Sender {
     from: u64,
     from_address: String,
-    token: Option<String>,
+    tls: PeerTls,
     to: u64,
     address: String,
     feedback: mpsc::UnboundedSender<Feedback>,
 }
 
-/// `host:port` or a URL into a URL.
-pub fn normalize(address: &str) -> String {
+/// `host:port` or a URL into a URL: `https://` where TLS is used.
+pub fn normalize(address: &str, tls: bool) -> String {
     let address = address.trim();
     if address.contains("://") {
         address.to_string()
+    } else if tls {
+        format!("https://{address}")
     } else {
         format!("http://{address}")
     }
 }
 
-pub fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(normalize(address))?
+/// An endpoint of a peer's raft service.
+pub fn endpoint(address: &str, tls: &PeerTls) -> Result<Endpoint, tonic::transport::Error> {
+    let ep = Endpoint::from_shared(normalize(address, tls.is_some()))?
         .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true))
+        .tcp_nodelay(true);
+    match tls {
+        Some(t) => ep.tls_config(t.clone()),
+        None => Ok(ep),
+    }
 }
 
 pub fn client(channel: Channel) -> pb::raft_service_client::RaftServiceClient<Channel> {
     pb::raft_service_client::RaftServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
-}
-
-/// Attaches the peer credential to a raft-service request.
-pub fn request<T>(body: T, token: &Option<String>) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(body);
-    if let Some(t) = token
-        && let Ok(v) = t.parse()
-    {
-        req.metadata_mut().insert(super::PEER_TOKEN_HEADER, v);
-    }
-    req
 }
 
 impl Sender {
@@ -180,13 +183,13 @@ impl Sender {
                 messages,
             };
             if conn.is_none() {
-                conn = match endpoint(&self.address) {
+                conn = match endpoint(&self.address, &self.tls) {
                     Ok(ep) => ep.connect().await.ok().map(client),
                     Err(_) => None,
                 };
             }
             let sent = match conn.as_mut() {
-                Some(c) => c.send(request(body, &self.token)).await.is_ok(),
+                Some(c) => c.send(body).await.is_ok(),
                 None => false,
             };
             if sent {
