@@ -25,11 +25,21 @@ fn the_ledger_exports_verifies_and_names_the_first_tampered_entry() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
+    // The default member, the local machine's enrollment and join, acme, the vote.
     assert_eq!(
-        &kinds[..3],
-        ["member_added", "member_added", "policy_changed"],
+        &kinds[..5],
+        [
+            "member_added",
+            "account_changed",
+            "account_changed",
+            "member_added",
+            "policy_changed"
+        ],
         "{kinds:?}"
     );
+    assert_eq!(lines[1]["account"], "node:local");
+    assert_eq!(lines[1]["change"], "enrolled");
+    assert_eq!(lines[2]["change"], "joined");
     assert!(
         kinds.iter().filter(|k| **k == "usage").count() >= 2,
         "usage in intervals: {kinds:?}"

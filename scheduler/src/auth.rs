@@ -19,7 +19,7 @@ pub fn new_join_token() -> String {
 /// Refuses a token chosen by a person (`--operator-token`) that cannot hold
 /// 128 bits of randomness: its length times the bits per character of the
 /// smallest alphabet it fits (hex 4, lowercase or uppercase alphanumerics
-/// about 5.2, mixed-case 5.95, printable 6.5), and at least 16 distinct
+/// about 5.2, mixed-case 5.95, printable 6.5), and at least 10 distinct
 /// characters so that `aaaa...` does not pass.
 pub fn check_strength(token: &str) -> Result<(), String> {
     let t = token.trim();
@@ -42,7 +42,7 @@ pub fn check_strength(token: &str) -> Result<(), String> {
     };
     let distinct = body.chars().collect::<std::collections::BTreeSet<_>>().len();
     let bits = body.len() as f64 * bits_per_char;
-    if bits < 128.0 || distinct < 16 {
+    if bits < 128.0 || distinct < 10 {
         return Err(format!(
             "too weak: it holds at most {bits:.0} bits of randomness and needs 128 (try: coop_$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n'))"
         ));

@@ -86,9 +86,8 @@ pub fn issue(ca_dir: &Path, name: &str, hosts: &[String], out: &Path) -> anyhow:
         .iter()
         .map(|h| match h.parse::<IpAddr>() {
             Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) => Ok(SanType::DnsName(h.clone().try_into().map_err(|_| {
-                anyhow::anyhow!("host: {h:?} is neither an IP address nor a DNS name")
-            })?)),
+            Err(_) if dns_name(h) => Ok(SanType::DnsName(h.clone().try_into()?)),
+            Err(_) => bail!("host: {h:?} is neither an IP address nor a DNS name"),
         })
         .collect::<anyhow::Result<_>>()?;
     let mut dn = DistinguishedName::new();
@@ -116,6 +115,16 @@ pub fn issue(ca_dir: &Path, name: &str, hosts: &[String], out: &Path) -> anyhow:
         write_file(&out.join(CA_CERT), &ca_cert, 0o644)?;
     }
     Ok(())
+}
+
+fn dns_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 /// The TLS material a scheduler serves and calls its peers with.
@@ -169,8 +178,7 @@ impl SchedulerTls {
         }
         if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
             let h = h.trim();
-            let dns = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.';
-            if !h.is_empty() && h.chars().all(dns) {
+            if dns_name(h) {
                 hosts.push(h.to_string());
             }
         }
