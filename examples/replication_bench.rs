@@ -1,5 +1,6 @@
 //! Replicated-write benchmark: a 3-node coop scheduler cluster on loopback
-//! (raft, SQLite with fsync) against a 3-member etcd, in the same run.
+//! (raft over mutual TLS, SQLite with fsync), its clients once over TLS and
+//! once in plain text, against a 3-member etcd, in the same run.
 //!
 //! ```text
 //! cargo build --release
@@ -7,11 +8,14 @@
 //! ```
 //!
 //! For 1, 16 and 64 concurrent clients it reports acknowledged writes per
-//! second and p50/p99 latency: coop job submissions (gRPC, to the leader), and
-//! etcd puts (its HTTP gateway, to its leader) when `etcd` is on PATH (Debian
-//! package `etcd-server`). Then it kills the coop leader with SIGKILL several
+//! second and p50/p99 latency: coop job submissions (gRPC, to the leader) with
+//! the client listener on TLS (the default) and in plain text (`--insecure`;
+//! the peers keep mutual TLS), and etcd puts (its HTTP gateway, to its
+//! leader) when `etcd` is on PATH (Debian package `etcd-server`). Each client
+//! opens its connection before the clock starts, so handshakes are not
+//! counted. Then it kills the leader of the TLS cluster with SIGKILL several
 //! times and reports the time from the kill to the next acknowledged
-//! submission.
+//! submission (a new TLS connection included).
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -19,9 +23,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use coop_proto::v1 as pb;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
-const TOKEN: &str = "coop_bench-operator";
+/// The operator's token (a fixed one: it must look random, 192 bits).
+const TOKEN: &str = "coop_37e7d706d208edea783c03d9996855fa2b516a2c8777dbdb";
+/// The benchmark node's credential, exchanged for its join token.
+const NODE_CREDENTIAL: &str =
+    "coopnode_d87da0936d64ca85cc4e311afec4f65486b616a2b6e3b697919bfea3f866eeb5";
 const LEVELS: [usize; 3] = [1, 16, 64];
 
 fn main() -> anyhow::Result<()> {
@@ -30,55 +38,25 @@ fn main() -> anyhow::Result<()> {
     let failovers: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(5);
     let rt = tokio::runtime::Runtime::new()?;
     let dir = tempfile::tempdir()?;
+    let bin = coop_binary()?;
+    let pki = Pki::make(&bin, dir.path())?;
     println!("| system | clients | writes/s | p50 ms | p99 ms |");
     println!("|---|---|---|---|---|");
 
-    let mut coop = CoopCluster::start(dir.path())?;
-    rt.block_on(async {
-        let leader = coop.wait_leader().await?;
-        let c = client(&coop.addr(leader)).await?;
-        members(&c)
-            .add(req(pb::AddMemberRequest {
-                name: "bench".into(),
-                token_ttl_s: 0,
-            }))
-            .await?;
-        // Submissions are checked against the GPUs registered: one node with
-        // one GPU, which the first job takes; the rest wait in the queue.
-        pb::agent_service_client::AgentServiceClient::new(c.clone())
-            .register(req(pb::RegisterRequest {
-                node: "bench".into(),
-                owner: "bench".into(),
-                gpus: vec![pb::Gpu {
-                    uuid: "GPU-bench-0".into(),
-                    index: 0,
-                    model: "A100-80GB".into(),
-                    memory_mb: 81_920,
-                    job: String::new(),
-                    measured: None,
-                }],
-                session: "bench".into(),
-            }))
-            .await?;
-        for &n in &LEVELS {
-            let lat = load(n, secs, |_| {
-                let addr = coop.addr(leader);
-                async move {
-                    let c = client(&addr).await?;
-                    Ok(move || {
-                        let mut jobs = pb::job_service_client::JobServiceClient::new(c.clone());
-                        async move {
-                            jobs.submit(req(submission())).await?;
-                            anyhow::Ok(())
-                        }
-                    })
-                }
-            })
-            .await?;
-            report("coop (3 nodes)", n, secs, lat);
-        }
-        anyhow::Ok(())
-    })?;
+    // One cluster at a time, so that nothing else shares the cores: the TLS
+    // one (measured, then its leader killed again and again), then the one
+    // with plain-text clients.
+    let times = {
+        let mut coop = CoopCluster::start(&bin, &pki, &dir.path().join("tls"), false)?;
+        rt.block_on(async {
+            bench_coop(&coop, "coop (3 nodes, TLS)", secs).await?;
+            failover(&mut coop, failovers).await
+        })?
+    };
+    {
+        let coop = CoopCluster::start(&bin, &pki, &dir.path().join("plain"), true)?;
+        rt.block_on(bench_coop(&coop, "coop (3 nodes, plain clients)", secs))?;
+    }
 
     match which("etcd") {
         Some(etcd) => {
@@ -103,45 +81,114 @@ fn main() -> anyhow::Result<()> {
         None => println!("(etcd not found on PATH: install etcd-server to compare)"),
     }
 
-    let mut times = vec![];
-    rt.block_on(async {
-        for _ in 0..failovers {
-            let leader = coop.wait_leader().await?;
-            let all = coop.all_addrs();
-            let killed = Instant::now();
-            coop.kill(leader);
-            // Submit through every node in turn until one acknowledges.
-            loop {
-                let mut ok = false;
-                for a in &all {
-                    if let Ok(c) = client(a).await {
-                        let mut jobs = pb::job_service_client::JobServiceClient::new(c);
-                        if jobs.submit(req(submission())).await.is_ok() {
-                            ok = true;
-                            break;
-                        }
-                    }
-                }
-                if ok {
-                    break;
-                }
-            }
-            times.push(killed.elapsed());
-            coop.restart(leader)?;
-        }
-        anyhow::Ok(())
-    })?;
-    times.sort();
-    if !times.is_empty() {
+    if let (Some(min), Some(max)) = (times.first(), times.last()) {
         println!(
-            "\ncoop failover (SIGKILL of the leader to the next acknowledged submission), {} runs: median {:.0} ms, min {:.0} ms, max {:.0} ms",
+            "\ncoop failover (TLS cluster; SIGKILL of the leader to the next acknowledged submission), {} runs: median {:.0} ms, min {:.0} ms, max {:.0} ms",
             times.len(),
             ms(times[times.len() / 2]),
-            ms(times[0]),
-            ms(*times.last().unwrap())
+            ms(*min),
+            ms(*max)
         );
     }
     Ok(())
+}
+
+/// The member and node the submissions are checked against, then writes at
+/// each level to the leader.
+async fn bench_coop(coop: &CoopCluster, system: &str, secs: u64) -> anyhow::Result<()> {
+    let leader = coop.wait_leader().await?;
+    let target = coop.target(leader);
+    let c = target.connect().await?;
+    pb::member_service_client::MemberServiceClient::new(c.clone())
+        .add(req(pb::AddMemberRequest {
+            name: "bench".into(),
+            token_ttl_s: 0,
+        }))
+        .await?;
+    // Submissions are checked against the GPUs registered: one node with one
+    // GPU, which the first job takes; the rest wait in the queue. The node is
+    // enrolled by the operator and joins with its own credential.
+    let join_token = pb::cluster_service_client::ClusterServiceClient::new(c.clone())
+        .enroll_node(req(pb::EnrollNodeRequest {
+            node: "bench".into(),
+            owner: "bench".into(),
+            ttl_s: 0,
+        }))
+        .await?
+        .into_inner()
+        .join_token;
+    let mut agents = pb::agent_service_client::AgentServiceClient::new(c);
+    agents
+        .join(bearer(
+            &join_token,
+            pb::JoinRequest {
+                credential_hash: coop_agent::enroll::hash(NODE_CREDENTIAL),
+            },
+        ))
+        .await?;
+    agents
+        .register(bearer(
+            NODE_CREDENTIAL,
+            pb::RegisterRequest {
+                node: "bench".into(),
+                owner: "bench".into(),
+                gpus: vec![pb::Gpu {
+                    uuid: "GPU-bench-0".into(),
+                    index: 0,
+                    model: "A100-80GB".into(),
+                    memory_mb: 81_920,
+                    job: String::new(),
+                    measured: None,
+                }],
+                session: "bench".into(),
+            },
+        ))
+        .await?;
+    for &n in &LEVELS {
+        let lat = load(n, secs, |_| {
+            let target = target.clone();
+            async move {
+                let c = target.connect().await?;
+                Ok(move || {
+                    let mut jobs = pb::job_service_client::JobServiceClient::new(c.clone());
+                    async move {
+                        jobs.submit(req(submission())).await?;
+                        anyhow::Ok(())
+                    }
+                })
+            }
+        })
+        .await?;
+        report(system, n, secs, lat);
+    }
+    Ok(())
+}
+
+/// Kills the leader `runs` times; the time from each kill to the next
+/// submission acknowledged by any node, sorted.
+async fn failover(coop: &mut CoopCluster, runs: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut times = vec![];
+    for _ in 0..runs {
+        let leader = coop.wait_leader().await?;
+        let all: Vec<Target> = (0..3).map(|i| coop.target(i)).collect();
+        let killed = Instant::now();
+        coop.kill(leader);
+        // Submit through every node in turn until one acknowledges.
+        'acked: loop {
+            for t in &all {
+                if let Ok(c) = t.connect().await {
+                    let mut jobs = pb::job_service_client::JobServiceClient::new(c);
+                    if jobs.submit(req(submission())).await.is_ok() {
+                        break 'acked;
+                    }
+                }
+            }
+        }
+        times.push(killed.elapsed());
+        coop.restart(leader)?;
+    }
+    times.sort();
+    Ok(times)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -203,22 +250,35 @@ fn submission() -> pb::SubmitJobRequest {
     }
 }
 
+/// A request as the operator.
 fn req<T>(body: T) -> tonic::Request<T> {
+    bearer(TOKEN, body)
+}
+
+fn bearer<T>(token: &str, body: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(body);
     r.metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     r
 }
 
-async fn client(addr: &str) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(addr.to_string())?
-        .connect_timeout(Duration::from_millis(300))
-        .connect()
-        .await?)
+/// One scheduler's client listener: https with the cluster CA, or plain http.
+#[derive(Clone)]
+struct Target {
+    addr: String,
+    tls: Option<ClientTlsConfig>,
 }
 
-fn members(c: &Channel) -> pb::member_service_client::MemberServiceClient<Channel> {
-    pb::member_service_client::MemberServiceClient::new(c.clone())
+impl Target {
+    async fn connect(&self) -> anyhow::Result<Channel> {
+        let ep = tonic::transport::Endpoint::from_shared(self.addr.clone())?
+            .connect_timeout(Duration::from_millis(300));
+        let ep = match &self.tls {
+            Some(tls) => ep.tls_config(tls.clone())?,
+            None => ep,
+        };
+        Ok(ep.connect().await?)
+    }
 }
 
 fn which(program: &str) -> Option<PathBuf> {
@@ -237,26 +297,92 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The example lives in target/<profile>/examples; the binary one up.
+fn coop_binary() -> anyhow::Result<PathBuf> {
+    std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("coop"))
+        .filter(|p| p.is_file())
+        .ok_or_else(|| anyhow::anyhow!("build the coop binary first: cargo build --release"))
+}
+
+/// A cluster CA and a certificate for each of the three schedulers, made with
+/// `coop ca init` and `coop ca issue`.
+struct Pki {
+    ca_pem: Vec<u8>,
+    tls_dirs: Vec<PathBuf>,
+}
+
+impl Pki {
+    fn make(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let ca = dir.join("ca");
+        coop_ok(bin, &["ca", "init", "--dir", path_str(&ca)?])?;
+        let mut tls_dirs = vec![];
+        for id in 1..=3 {
+            let out = dir.join(format!("tls-{id}"));
+            coop_ok(
+                bin,
+                &[
+                    "ca",
+                    "issue",
+                    "--ca-dir",
+                    path_str(&ca)?,
+                    "--name",
+                    &id.to_string(),
+                    "--host",
+                    "127.0.0.1,localhost",
+                    "--out",
+                    path_str(&out)?,
+                ],
+            )?;
+            tls_dirs.push(out);
+        }
+        Ok(Pki {
+            ca_pem: std::fs::read(ca.join("ca.pem"))?,
+            tls_dirs,
+        })
+    }
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str()
+        .ok_or_else(|| anyhow::anyhow!("{} is not UTF-8", p.display()))
+}
+
+/// Runs `coop` to completion; its stderr in the error if it fails.
+fn coop_ok(bin: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(bin).args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "coop {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 struct CoopCluster {
     bin: PathBuf,
     dir: PathBuf,
+    tls_dirs: Vec<PathBuf>,
+    /// Plain-text clients (`--insecure`); the peers use mutual TLS either way.
+    insecure: bool,
+    client_tls: ClientTlsConfig,
     ports: Vec<u16>,
+    peer_ports: Vec<u16>,
     children: Vec<Option<Child>>,
 }
 
 impl CoopCluster {
-    fn start(dir: &Path) -> anyhow::Result<Self> {
-        // The example lives in target/<profile>/examples; the binary one up.
-        let bin = std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .map(|p| p.join("coop"))
-            .filter(|p| p.is_file())
-            .ok_or_else(|| anyhow::anyhow!("build the coop binary first: cargo build --release"))?;
+    fn start(bin: &Path, pki: &Pki, dir: &Path, insecure: bool) -> anyhow::Result<Self> {
         let mut c = CoopCluster {
-            bin,
+            bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
+            tls_dirs: pki.tls_dirs.clone(),
+            insecure,
+            client_tls: coop_scheduler::tls::client(&pki.ca_pem),
             ports: (0..3).map(|_| free_port()).collect(),
+            peer_ports: (0..3).map(|_| free_port()).collect(),
             children: vec![None, None, None],
         };
         for i in 0..3 {
@@ -265,35 +391,50 @@ impl CoopCluster {
         Ok(c)
     }
 
-    fn addr(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.ports[i])
-    }
-
-    fn all_addrs(&self) -> Vec<String> {
-        (0..3).map(|i| self.addr(i)).collect()
+    fn target(&self, i: usize) -> Target {
+        let port = self.ports[i];
+        if self.insecure {
+            Target {
+                addr: format!("http://127.0.0.1:{port}"),
+                tls: None,
+            }
+        } else {
+            Target {
+                addr: format!("https://127.0.0.1:{port}"),
+                tls: Some(self.client_tls.clone()),
+            }
+        }
     }
 
     fn restart(&mut self, i: usize) -> anyhow::Result<()> {
         let peers = self
-            .ports
+            .peer_ports
             .iter()
             .enumerate()
             .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
-        let child = Command::new(&self.bin)
-            .args(["scheduler", "run", "--id", &(i + 1).to_string()])
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["scheduler", "run", "--id", &(i + 1).to_string()])
             .args(["--listen", &format!("127.0.0.1:{}", self.ports[i])])
+            .args([
+                "--peer-listen",
+                &format!("127.0.0.1:{}", self.peer_ports[i]),
+            ])
             .args(["--peers", &peers])
+            .arg("--tls-dir")
+            .arg(&self.tls_dirs[i])
             .arg("--data-dir")
             .arg(self.dir.join(format!("coop-{}", i + 1)))
             .args(["--node-timeout", "1h"])
             .env("COOP_OPERATOR_TOKEN", TOKEN)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        self.children[i] = Some(child);
+            .stderr(Stdio::null());
+        if self.insecure {
+            cmd.arg("--insecure");
+        }
+        self.children[i] = Some(cmd.spawn()?);
         Ok(())
     }
 
@@ -311,7 +452,7 @@ impl CoopCluster {
                 if self.children[i].is_none() {
                     continue;
                 }
-                let Ok(c) = client(&self.addr(i)).await else {
+                let Ok(c) = self.target(i).connect().await else {
                     continue;
                 };
                 let mut cl = pb::cluster_service_client::ClusterServiceClient::new(c);

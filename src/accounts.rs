@@ -46,7 +46,12 @@ pub async fn member(cli: &ClientArgs, cmd: MemberCmd) -> anyhow::Result<()> {
                 "token": r.token,
                 "token_expires_at": rfc3339(m.token_expires_at_ms),
             });
-            print_secret(cli, &format!("added member {}; its token", m.name), fields, &r.token);
+            print_secret(
+                cli,
+                &format!("added member {}; its token", m.name),
+                fields,
+                &r.token,
+            );
             return Ok(());
         }
         MemberCmd::List => {

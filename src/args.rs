@@ -23,7 +23,12 @@ pub struct Cli {
 pub struct ClientArgs {
     /// Scheduler addresses, comma-separated; any node of the cluster will do.
     /// An address without a scheme means https:// when --ca is given.
-    #[arg(long, env = "COOP_ADDR", default_value = "127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "COOP_ADDR",
+        default_value = "127.0.0.1:7070",
+        global = true
+    )]
     pub addr: String,
     /// Bearer token: the operator's, a member's or an auditor's.
     #[arg(long, env = "COOP_TOKEN", hide_env_values = true, global = true)]

@@ -67,9 +67,9 @@ impl Client {
                 .connect_timeout(Duration::from_secs(3));
             match &tls {
                 Some(t) => endpoint = endpoint.tls_config(t.clone())?,
-                None if url.starts_with("https://") => bail!(
-                    "ca: {url} is served over TLS: give the cluster CA with --ca or COOP_CA"
-                ),
+                None if url.starts_with("https://") => {
+                    bail!("ca: {url} is served over TLS: give the cluster CA with --ca or COOP_CA")
+                }
                 None => {}
             }
             match endpoint.connect().await {

@@ -60,7 +60,6 @@ fn dev_credentials(dir: &Path) -> anyhow::Result<DevCredentials> {
     Ok(creds)
 }
 
-
 fn default_dev_dir() -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
@@ -114,8 +113,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
                 })
                 .await
                 .context("enrolling the local node")?;
-            coop_agent::enroll::join(&agent_dir, &[addr.clone()], agent_tls.as_ref(), &join)
-                .await?
+            coop_agent::enroll::join(&agent_dir, &[addr.clone()], agent_tls.as_ref(), &join).await?
         }
     };
     let agent = Agent::new(AgentConfig {
@@ -284,7 +282,10 @@ fn parse_peers(s: &str) -> anyhow::Result<std::collections::BTreeMap<u64, String
             bail!("peers: node {id} has no address");
         }
         if peers
-            .insert(id, coop_scheduler::consensus::transport::normalize(addr, true))
+            .insert(
+                id,
+                coop_scheduler::consensus::transport::normalize(addr, true),
+            )
             .is_some()
         {
             bail!("peers: id {id} appears twice");
@@ -336,10 +337,16 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         ),
     };
     if let Some(n) = a.name.as_deref().filter(|n| *n != cred.node) {
-        bail!("name: this machine is enrolled as node {}, not {n}", cred.node);
+        bail!(
+            "name: this machine is enrolled as node {}, not {n}",
+            cred.node
+        );
     }
     if let Some(o) = a.owner.as_deref().filter(|o| *o != cred.owner) {
-        bail!("owner: this machine is enrolled for {}, not {o}", cred.owner);
+        bail!(
+            "owner: this machine is enrolled for {}, not {o}",
+            cred.owner
+        );
     }
     let mut gpus = a.gpus.parse::<GpuSource>()?.open(&cred.node)?;
     if gpus.driver_version.is_some() && !a.no_probe {

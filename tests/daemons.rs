@@ -58,7 +58,14 @@ fn an_agent_process_registers_its_node_and_gpus_and_runs_jobs() {
     // ...and an agent without an enrollment is refused, and says what to do.
     let dir = s.agent_dir("stray");
     let out = std::process::Command::new(BIN)
-        .args(["agent", "run", "--scheduler", &c.addr, "--gpus", "sim:1xT4-16GB"])
+        .args([
+            "agent",
+            "run",
+            "--scheduler",
+            &c.addr,
+            "--gpus",
+            "sim:1xT4-16GB",
+        ])
         .arg("--data-dir")
         .arg(&dir)
         .env("COOP_CA", c.ca.as_ref().unwrap())
@@ -66,7 +73,10 @@ fn an_agent_process_registers_its_node_and_gpus_and_runs_jobs() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("join: ") && err.contains("coop node enroll"), "{err}");
+    assert!(
+        err.contains("join: ") && err.contains("coop node enroll"),
+        "{err}"
+    );
     let names: Vec<Value> = c
         .json(&["node", "list"])
         .as_array()

@@ -48,7 +48,11 @@ impl State {
     /// The principal a token (by hash) stands for at `now_ms`.
     pub fn authenticate(&self, token_hash: &str, now_ms: i64) -> Result<&Principal, Refused> {
         let p = self.tokens.get(token_hash).ok_or(Refused::Unknown)?;
-        if self.token_expiry.get(token_hash).is_some_and(|&t| t <= now_ms) {
+        if self
+            .token_expiry
+            .get(token_hash)
+            .is_some_and(|&t| t <= now_ms)
+        {
             return Err(Refused::Expired);
         }
         if let Principal::Member(m) = p
@@ -206,7 +210,9 @@ impl State {
         let jobs: Vec<_> = self
             .jobs
             .values()
-            .filter(|j| j.member == name && matches!(j.state, JobState::Pending | JobState::Running))
+            .filter(|j| {
+                j.member == name && matches!(j.state, JobState::Pending | JobState::Running)
+            })
             .map(|j| j.id)
             .collect();
         for id in jobs {

@@ -40,7 +40,10 @@ pub fn check_strength(token: &str) -> Result<(), String> {
     } else {
         5.17
     };
-    let distinct = body.chars().collect::<std::collections::BTreeSet<_>>().len();
+    let distinct = body
+        .chars()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
     let bits = body.len() as f64 * bits_per_char;
     if bits < 128.0 || distinct < 10 {
         return Err(format!(

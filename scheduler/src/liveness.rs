@@ -159,7 +159,10 @@ impl Registry {
     /// node, so that one machine cannot answer for another's runs.
     pub fn complete_log(&self, node: &str, chunk: pb::LogChunk) {
         let mut inner = self.lock();
-        if inner.logs.get(&chunk.request_id).is_some_and(|(n, _)| n == node)
+        if inner
+            .logs
+            .get(&chunk.request_id)
+            .is_some_and(|(n, _)| n == node)
             && let Some((_, reply)) = inner.logs.remove(&chunk.request_id)
         {
             let _ = reply.send(chunk);

@@ -863,7 +863,11 @@ impl State {
         Ok(events)
     }
 
-    pub(crate) fn node_down(&mut self, name: &str, last_seen: i64) -> Result<Vec<Event>, Rejection> {
+    pub(crate) fn node_down(
+        &mut self,
+        name: &str,
+        last_seen: i64,
+    ) -> Result<Vec<Event>, Rejection> {
         let node = self
             .nodes
             .get_mut(name)

@@ -175,7 +175,10 @@ impl ClusterService for Cluster {
         let r = req.into_inner();
         let (node, owner) = (r.node.trim().to_string(), r.owner.trim().to_string());
         if !crate::state::valid_name(&node) {
-            return Err(invalid("node", format!("{node:?} is not a valid node name")));
+            return Err(invalid(
+                "node",
+                format!("{node:?} is not a valid node name"),
+            ));
         }
         if let Principal::Member(m) = &who
             && *m != owner
@@ -185,7 +188,10 @@ impl ClusterService for Cluster {
             )));
         }
         if owner.is_empty() {
-            return Err(invalid("owner", "must name the member that owns the machine"));
+            return Err(invalid(
+                "owner",
+                "must name the member that owns the machine",
+            ));
         }
         let ttl_s = match r.ttl_s {
             0 => 3600,

@@ -203,10 +203,16 @@ impl MemberService for Members {
             })
             .await
             .map_err(propose_status)?;
-        let auditor = self.0.replica.read().auditors.get(&name).map(|a| pb::Auditor {
-            name: a.name.clone(),
-            created_at_ms: a.created_at_ms,
-        });
+        let auditor = self
+            .0
+            .replica
+            .read()
+            .auditors
+            .get(&name)
+            .map(|a| pb::Auditor {
+                name: a.name.clone(),
+                created_at_ms: a.created_at_ms,
+            });
         Ok(Response::new(pb::AddAuditorResponse { auditor, token }))
     }
 

@@ -255,7 +255,6 @@ impl Core {
         &self.peers
     }
 
-
     pub fn log(&self) -> &Log {
         self.raw.store()
     }
