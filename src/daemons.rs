@@ -74,6 +74,12 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let real = gpus.driver_version.is_some();
     let dir = a.data_dir.unwrap_or_else(default_dev_dir);
     tls::private_dir(&dir)?;
+    if nix::unistd::geteuid().is_root() {
+        // Runs, each its own user, pass through to their directories under
+        // agent/; everything else here is private on its own.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+    }
     let creds = dev_credentials(&dir)?;
     let mut config = scheduler_config(a.listen, dir.join("scheduler"), &a.timing);
     config.operator_token = Some(creds.operator_token.clone());
@@ -427,10 +433,21 @@ fn isolation(a: &RunArgs, real_gpus: bool) -> anyhow::Result<coop_agent::runner:
             found
         }
     };
+    let run_users = nix::unistd::geteuid().is_root();
+    if run_users {
+        tracing::info!(
+            "each run runs as an unprivileged user of its own, in a directory only it can enter"
+        );
+    } else {
+        tracing::warn!(
+            "not running as root: runs share the agent's user and can read its files, its node credential included"
+        );
+    }
     Ok(coop_agent::runner::Isolation {
         cgroups,
         runtime,
         real_gpus,
+        run_users,
     })
 }
 

@@ -120,6 +120,14 @@ impl Agent {
         private_dir(&cfg.data_dir)?;
         let lock = lock_data_dir(&cfg.data_dir)?;
         let mut spool = Spool::open(&cfg.data_dir).await?;
+        // What it measured and ran: the agent's own.
+        for f in ["agent.db", "agent.db-wal", "agent.db-shm"] {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(
+                cfg.data_dir.join(f),
+                std::fs::Permissions::from_mode(0o600),
+            );
+        }
         recover_orphans(&mut spool, cfg.gpus.telemetry.as_mut()).await?;
         stop_unrecorded(spool.identity()).await;
         let unacked: VecDeque<_> = spool.pending().await?.into();

@@ -55,6 +55,8 @@ struct Running {
     stopping: bool,
     /// The runtime and name of its container, if it runs in one.
     container: Option<(Runtime, String)>,
+    /// The user it runs as, when runs get users of their own.
+    uid: Option<u32>,
 }
 
 /// How runs are kept apart (see `isolation`).
@@ -66,6 +68,23 @@ pub struct Isolation {
     pub runtime: Option<Runtime>,
     /// The GPUs are real devices (containers get them passed in).
     pub real_gpus: bool,
+    /// Each run gets an unprivileged user of its own (the agent runs as root).
+    pub run_users: bool,
+}
+
+/// Like systemd's DynamicUser, runs take uids from 61184 to 65279 that no
+/// account owns: each agent a block of 64 (chosen by its identity), each run
+/// the lowest uid of the block that no running run holds, and a group of
+/// the same number.
+const RUN_UID_BASE: u32 = 61184;
+const RUN_UID_BLOCK: u32 = 64;
+
+fn uid_block(agent: &str) -> u32 {
+    // FNV-1a: stable across builds and platforms.
+    let h = agent
+        .bytes()
+        .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    RUN_UID_BASE + (h % 64) as u32 * RUN_UID_BLOCK
 }
 
 /// The runs of this agent process. Exits arrive on the channel given to `new`.
@@ -97,6 +116,11 @@ impl Runner {
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("jobs"))
             .with_context(|| format!("creating {}", dir.display()))?;
+        if isolation.run_users {
+            // Runs reach their own directory through these, and list nothing.
+            traverse_only(&dir)?;
+            traverse_only(&dir.join("jobs"))?;
+        }
         Ok(Self {
             dir,
             runs: BTreeMap::new(),
@@ -128,7 +152,8 @@ impl Runner {
     /// Starts the run's command with exactly its GPUs visible, in a process
     /// group of its own, in its cgroup or container.
     pub fn spawn(&mut self, key: RunKey, run: &pb::Run) -> Spawned {
-        match self.try_spawn(&key, run) {
+        let uid = self.free_uid(run);
+        match self.try_spawn(&key, run, uid) {
             Ok((pgid, child, cgroup, container)) => {
                 let at_ms = now_ms();
                 let exited = Arc::new(AtomicBool::new(false));
@@ -139,6 +164,7 @@ impl Runner {
                         exited: exited.clone(),
                         stopping: false,
                         container: container.clone(),
+                        uid,
                     },
                 );
                 let exits = self.exits.clone();
@@ -164,6 +190,7 @@ impl Runner {
         &self,
         key: &RunKey,
         run: &pb::Run,
+        uid: Option<u32>,
     ) -> anyhow::Result<(
         i32,
         tokio::process::Child,
@@ -172,6 +199,20 @@ impl Runner {
     )> {
         let dir = self.run_dir(key);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        if let Some(uid) = uid {
+            // Its directory is its own: no other run (another user) enters it.
+            use std::os::unix::fs::PermissionsExt;
+            if let Some(job_dir) = dir.parent() {
+                traverse_only(job_dir)?;
+            }
+            nix::unistd::chown(
+                &dir,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(uid)),
+            )
+            .with_context(|| format!("giving {} to uid {uid}", dir.display()))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -241,14 +282,32 @@ impl Runner {
                         .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
                 });
             }
+            if let Some(uid) = uid {
+                drop_privileges(&mut cmd, uid);
+            }
             let child = cmd.spawn().with_context(|| format!("{program:?}"))?;
             drop(procs);
             let pid = child.id().context("child has no pid")? as i32;
             return Ok((pid, child, cgroup, container));
         }
+        if let Some(uid) = uid {
+            drop_privileges(&mut cmd, uid);
+        }
         let child = cmd.spawn().with_context(|| format!("{program:?}"))?;
         let pid = child.id().context("child has no pid")? as i32;
         Ok((pid, child, cgroup, container))
+    }
+
+    /// The uid for a new run, when runs get users of their own (not for
+    /// containers, whose runtime maps users itself).
+    fn free_uid(&self, run: &pb::Run) -> Option<u32> {
+        if !self.isolation.run_users || !run.image.is_empty() {
+            return None;
+        }
+        let base = uid_block(&self.agent);
+        let taken: std::collections::BTreeSet<u32> =
+            self.runs.values().filter_map(|r| r.uid).collect();
+        (base..base + RUN_UID_BLOCK).find(|u| !taken.contains(u))
     }
 
     /// SIGTERM to the run's process group now, SIGKILL after `grace` if it is
@@ -378,6 +437,30 @@ pub fn process_tag(pid: i32) -> Option<String> {
 
 /// The process groups of processes whose environment holds `name=value`
 /// (other than this process's own group).
+/// Lets others pass through `dir` to what they may open, without listing it.
+fn traverse_only(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("restricting {}", dir.display()))
+}
+
+/// In the child, after everything that needs root (joining the cgroup): no
+/// supplementary groups, the run's gid and uid, and no way back up through
+/// setuid programs.
+fn drop_privileges(cmd: &mut tokio::process::Command, uid: u32) {
+    // SAFETY: only async-signal-safe system calls between fork and exec; the
+    // empty group list is a static slice, nothing is allocated.
+    unsafe {
+        cmd.pre_exec(move || {
+            let err = |e: nix::errno::Errno| std::io::Error::from_raw_os_error(e as i32);
+            nix::unistd::setgroups(&[]).map_err(err)?;
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).map_err(err)?;
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).map_err(err)?;
+            nix::sys::prctl::set_no_new_privs().map_err(err)
+        });
+    }
+}
+
 /// What a job's environment holds besides its own variables: the agent's
 /// search path, locale and time zone, and its run directory as home and
 /// scratch. Nothing else of the agent's environment reaches it.
