@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use coop_agent::spool::{RunRecord, Spool};
 use coop_proto::v1 as pb;
 
-const TOKEN: &str = "coop_bench-operator";
+const TOKEN: &str = "coop_6d2f8a1c4e7b9035d1e8a6c2f4b7093e5a1d8c6f2b4e7a90";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -53,10 +53,11 @@ impl Drop for Reaped {
     }
 }
 
-fn coop(bin: &Path, args: &[&str], addr: &str) -> anyhow::Result<String> {
+fn coop(bin: &Path, args: &[&str], addr: &str, ca: &Path) -> anyhow::Result<String> {
     let out = Command::new(bin)
         .args(args)
         .env("COOP_ADDR", addr)
+        .env("COOP_CA", ca)
         .env("COOP_TOKEN", TOKEN)
         .output()?;
     anyhow::ensure!(
@@ -92,7 +93,9 @@ fn overhead(dir: &Path, secs: u64) -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let addr = format!("http://127.0.0.1:{port}");
+    let addr = format!("https://127.0.0.1:{port}");
+    // The scheduler makes a CA of its own there at first start.
+    let ca = dir.join("scheduler/tls/ca.pem");
     let _scheduler = Reaped(
         Command::new(&bin)
             .args(["scheduler", "run", "--id", "1"])
@@ -107,26 +110,32 @@ fn overhead(dir: &Path, secs: u64) -> anyhow::Result<()> {
             .spawn()?,
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while coop(&bin, &["member", "add", "bench"], &addr).is_err() {
+    while coop(&bin, &["member", "add", "bench"], &addr, &ca).is_err() {
         anyhow::ensure!(Instant::now() < deadline, "the scheduler never answered");
         std::thread::sleep(Duration::from_millis(100));
     }
+    let join = coop(
+        &bin,
+        &["node", "enroll", "bench", "--owner", "bench"],
+        &addr,
+        &ca,
+    )?;
     let agent = Reaped(
         Command::new(&bin)
-            .args(["agent", "run", "--scheduler", &addr, "--name", "bench"])
-            .args(["--owner", "bench", "--gpus", "sim:8xH100-80GB"])
+            .args(["agent", "run", "--scheduler", &addr, "--join", join.trim()])
+            .args(["--gpus", "sim:8xH100-80GB"])
             .args(["--telemetry-interval", "1s"])
             .args(["--metrics", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.join("agent"))
-            .env("COOP_TOKEN", TOKEN)
+            .env("COOP_CA", &ca)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !coop(&bin, &["node", "list"], &addr)?.contains(" up") {
+    while !coop(&bin, &["node", "list"], &addr, &ca)?.contains(" up") {
         anyhow::ensure!(Instant::now() < deadline, "the agent never registered");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -137,11 +146,12 @@ fn overhead(dir: &Path, secs: u64) -> anyhow::Result<()> {
                 "job", "submit", "--member", "bench", "--", "sleep", "100000",
             ],
             &addr,
+            &ca,
         )?;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let running = coop(&bin, &["job", "list", "--state", "running"], &addr)?;
+        let running = coop(&bin, &["job", "list", "--state", "running"], &addr, &ca)?;
         if running.lines().count() == 9 {
             break; // a header and 8 jobs
         }

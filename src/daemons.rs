@@ -119,7 +119,13 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
                 })
                 .await
                 .context("enrolling the local node")?;
-            coop_agent::enroll::join(&agent_dir, &[addr.clone()], agent_tls.as_ref(), &join).await?
+            coop_agent::enroll::join(
+                &agent_dir,
+                std::slice::from_ref(&addr),
+                agent_tls.as_ref(),
+                &join,
+            )
+            .await?
         }
     };
     let agent = Agent::new(AgentConfig {
@@ -154,7 +160,14 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         creds.member, creds.member_token
     );
     println!("export COOP_ADDR={addr}");
-    println!("export COOP_TOKEN={}", creds.operator_token);
+    let current = scheduler.replica.read().operator_token_hash.clone();
+    if current == Some(hash_token(&creds.operator_token)) {
+        println!("export COOP_TOKEN={}", creds.operator_token);
+    } else {
+        eprintln!(
+            "the operator token was rotated (coop operator token rotate): use the one it printed"
+        );
+    }
     if let Some(ca) = &ca_path {
         println!("export COOP_CA={}", ca.display());
     }

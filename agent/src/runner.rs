@@ -81,9 +81,9 @@ const RUN_UID_BLOCK: u32 = 64;
 
 fn uid_block(agent: &str) -> u32 {
     // FNV-1a: stable across builds and platforms.
-    let h = agent
-        .bytes()
-        .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    let h = agent.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
     RUN_UID_BASE + (h % 64) as u32 * RUN_UID_BLOCK
 }
 

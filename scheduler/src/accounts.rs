@@ -296,7 +296,6 @@ impl State {
             ));
         };
         if e.expires_at_ms <= at {
-            self.enrollments.remove(join_hash);
             return Err(Rejection::FailedPrecondition(
                 "join token: expired; enroll the node again".into(),
             ));

@@ -187,7 +187,7 @@ impl Scheduler {
                 && replica.read().operator_token_hash.as_deref() != Some(&hash_token(t))
             {
                 tracing::warn!(
-                    "--operator-token differs from the one this cluster was created with; the original stays in force"
+                    "--operator-token is not the cluster's operator token (set at first boot, or rotated since); it is ignored"
                 );
             }
         } else if alone {

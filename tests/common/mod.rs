@@ -149,8 +149,13 @@ pub fn is_final(job: &Value) -> bool {
 impl Cluster {
     /// `coop dev` in a fresh data dir.
     pub fn dev(extra: &[&str]) -> Cluster {
+        Self::dev_env(extra, &[])
+    }
+
+    /// `coop dev` with `envs` in its environment.
+    pub fn dev_env(extra: &[&str], envs: &[(&str, &str)]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let d = start_dev(dir.path(), extra);
+        let d = start_dev_env(dir.path(), extra, envs);
         let addr = d.export("COOP_ADDR");
         let token = d.export("COOP_TOKEN");
         let ca = (!extra.contains(&"--insecure")).then(|| d.export("COOP_CA"));
@@ -340,6 +345,10 @@ impl Cluster {
 }
 
 pub fn start_dev(dir: &Path, extra: &[&str]) -> Daemon {
+    start_dev_env(dir, extra, &[])
+}
+
+pub fn start_dev_env(dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Daemon {
     let data = dir.join("data");
     let data = data.to_str().unwrap();
     let mut args = vec!["dev", "--listen", "127.0.0.1:0", "--data-dir", data];
@@ -349,7 +358,7 @@ pub fn start_dev(dir: &Path, extra: &[&str]) -> Daemon {
         args.extend(["--gpus", "sim:4xA100-80GB"]);
     }
     args.extend(extra);
-    Daemon::spawn("coop-dev", dir, &args, &[])
+    Daemon::spawn("coop-dev", dir, &args, envs)
 }
 
 /// The number after "pid" in a job's output (`echo pid $$`).

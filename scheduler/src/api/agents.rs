@@ -112,10 +112,25 @@ impl AgentService for Agents {
         let join_hash = crate::auth::hash_token(&token);
         // Checked here first, so that guesses do not reach the log.
         self.0.current().await?;
-        if !self.0.replica.read().enrollments.contains_key(&join_hash) {
-            return Err(Status::unauthenticated(
-                "join token unknown, used or expired: enroll the node again (coop node enroll)",
-            ));
+        let expires = self
+            .0
+            .replica
+            .read()
+            .enrollments
+            .get(&join_hash)
+            .map(|e| e.expires_at_ms);
+        match expires {
+            None => {
+                return Err(Status::unauthenticated(
+                    "join token unknown or already used: enroll the node again (coop node enroll)",
+                ));
+            }
+            Some(t) if t <= now_ms() => {
+                return Err(Status::unauthenticated(
+                    "join token expired: enroll the node again (coop node enroll)",
+                ));
+            }
+            Some(_) => {}
         }
         let events = self
             .0
