@@ -185,3 +185,94 @@ async fn the_sqlite_log_and_the_simulated_disk_agree() {
     assert_eq!(end.last(), 22);
     assert_eq!(end.conf_state.voters, vec![1, 2, 3, 4]);
 }
+
+async fn pool(db: &Path) -> sqlx::SqlitePool {
+    sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_committed_entry_that_cannot_be_decoded_stops_the_node() {
+    use protobuf::Message as _;
+    use sqlx::Row;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let replica = start(&db, 10_000).await;
+    for i in 0..3 {
+        replica.propose(member(i)).await.unwrap();
+    }
+    replica.stop().await;
+
+    // The last command's bytes are rewritten outside raft.
+    let p = pool(&db).await;
+    let row = sqlx::query("SELECT idx, entry FROM raft_entries ORDER BY idx DESC LIMIT 1")
+        .fetch_one(&p)
+        .await
+        .unwrap();
+    let (idx, bytes): (i64, Vec<u8>) = (row.get(0), row.get(1));
+    let mut entry = raft::eraftpb::Entry::parse_from_bytes(&bytes).unwrap();
+    entry.data = b"{\"at_ms\":1,\"op\":{\"NoSuchOp\":{}}}".to_vec().into();
+    sqlx::query("UPDATE raft_entries SET entry = ? WHERE idx = ?")
+        .bind(entry.write_to_bytes().unwrap())
+        .bind(idx)
+        .execute(&p)
+        .await
+        .unwrap();
+    p.close().await;
+
+    // Replaying it, the node stops and says why, rather than skip it.
+    let replica = start(&db, 10_000).await;
+    let why = tokio::time::timeout(Duration::from_secs(10), replica.failure())
+        .await
+        .expect("the node went on past an entry it cannot decode");
+    assert!(
+        why.contains(&format!("committed log entry {idx}")) && why.contains("cannot be decoded"),
+        "{why}"
+    );
+    // It applied nothing from there on.
+    assert_eq!(replica.read().members.len(), 2);
+}
+
+#[tokio::test]
+async fn a_snapshot_that_cannot_be_decoded_refuses_the_start() {
+    use protobuf::Message as _;
+    use sqlx::Row;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let replica = start(&db, 5).await;
+    for i in 0..12 {
+        replica.propose(member(i)).await.unwrap();
+    }
+    replica.stop().await;
+
+    let p = pool(&db).await;
+    let row = sqlx::query("SELECT value FROM raft_meta WHERE key = 'snapshot'")
+        .fetch_one(&p)
+        .await
+        .unwrap();
+    let mut snap = raft::eraftpb::Snapshot::parse_from_bytes(&row.get::<Vec<u8>, _>(0)).unwrap();
+    snap.data = b"not a snapshot".to_vec().into();
+    sqlx::query("UPDATE raft_meta SET value = ? WHERE key = 'snapshot'")
+        .bind(snap.write_to_bytes().unwrap())
+        .execute(&p)
+        .await
+        .unwrap();
+    p.close().await;
+
+    let err = Replica::start(ReplicaConfig {
+        id: 1,
+        address: "http://127.0.0.1:1".into(),
+        peers: BTreeMap::from([(1, "http://127.0.0.1:1".to_string())]),
+        db: db.clone(),
+        timing: Timing::default(),
+        tick: Duration::from_millis(10),
+        tls: None,
+        join: false,
+        client_address: String::new(),
+    })
+    .await
+    .err()
+    .expect("started on a snapshot it cannot decode");
+    assert!(format!("{err:#}").contains("cannot be decoded"), "{err:#}");
+}
