@@ -46,13 +46,18 @@ fn main() -> anyhow::Result<()> {
     // One cluster at a time, so that nothing else shares the cores: the TLS
     // one (measured, then its leader killed again and again), then the one
     // with plain-text clients.
-    let times = {
-        let mut coop = CoopCluster::start(&bin, &pki, &dir.path().join("tls"), false)?;
-        rt.block_on(async {
-            bench_coop(&coop, "coop (3 nodes, TLS)", secs).await?;
-            failover(&mut coop, failovers).await
-        })?
-    };
+    let mut idle = CoopCluster::start(&bin, &pki, &dir.path().join("tls"), false)?;
+    let times = rt.block_on(async {
+        bench_coop(&idle, "coop (3 nodes, TLS)", secs).await?;
+        failover(&mut idle, failovers).await
+    })?;
+    {
+        let t0 = std::time::Instant::now();
+        let cpu = |c: &CoopCluster| -> f64 { c.children.iter().flatten().map(|ch| { let s = std::fs::read_to_string(format!("/proc/{}/stat", ch.id())).unwrap(); let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect(); (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0 }).sum() };
+        let a = cpu(&idle);
+        std::thread::sleep(Duration::from_secs(10));
+        println!("HACK idle TLS cluster CPU: {:.2} s per s", (cpu(&idle) - a) / t0.elapsed().as_secs_f64());
+    }
     {
         let coop = CoopCluster::start(&bin, &pki, &dir.path().join("plain"), true)?;
         rt.block_on(bench_coop(&coop, "coop (3 nodes, plain clients)", secs))?;

@@ -37,6 +37,10 @@ pub struct ClientArgs {
     /// against it. `coop dev` prints it as COOP_CA.
     #[arg(long, env = "COOP_CA", global = true)]
     pub ca: Option<PathBuf>,
+    /// Allow sending the credential in plain text (http://) to a scheduler
+    /// that is not on this machine.
+    #[arg(long = "plain-text", env = "COOP_PLAIN_TEXT", global = true)]
+    pub plain_text: bool,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,

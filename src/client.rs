@@ -37,6 +37,32 @@ pub fn tls(ca: Option<&std::path::Path>) -> anyhow::Result<Option<ClientTlsConfi
     }
 }
 
+/// A credential goes out in plain text only to this machine, or where the
+/// user said so (`--plain-text`): on a network, anyone on the path reads it.
+pub fn plain_text_allowed(url: &str, allowed: bool) -> anyhow::Result<()> {
+    let host = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = host
+        .rsplit_once(':')
+        .map_or(host, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    let local = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if local || allowed {
+        Ok(())
+    } else {
+        bail!(
+            "addr: {url} is plain text, and the credential would cross the network unencrypted: \
+             use https:// with --ca (COOP_CA), or --plain-text if you mean it"
+        )
+    }
+}
+
 impl Client {
     pub async fn connect(args: &ClientArgs) -> anyhow::Result<Self> {
         Self::connect_from(args, 0).await
@@ -65,12 +91,17 @@ impl Client {
             let mut endpoint = Endpoint::from_shared(url.clone())
                 .map_err(|_| anyhow!("addr: {addr:?} is not an address"))?
                 .connect_timeout(Duration::from_secs(3));
+            if url.starts_with("http://") {
+                plain_text_allowed(&url, args.plain_text)?;
+            }
             match &tls {
-                Some(t) => endpoint = endpoint.tls_config(t.clone())?,
+                Some(t) if url.starts_with("https://") => {
+                    endpoint = endpoint.tls_config(t.clone())?
+                }
                 None if url.starts_with("https://") => {
                     bail!("ca: {url} is served over TLS: give the cluster CA with --ca or COOP_CA")
                 }
-                None => {}
+                _ => {}
             }
             match endpoint.connect().await {
                 Ok(channel) => return Ok(Self { channel, auth }),

@@ -331,6 +331,9 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         .filter(|s| !s.trim().is_empty())
         .map(|s| normalize_addr(s, agent_tls.is_some()))
         .collect();
+    for s in schedulers.iter().filter(|s| s.starts_with("http://")) {
+        crate::client::plain_text_allowed(s, client.plain_text)?;
+    }
     if agent_tls.is_none() {
         if let Some(s) = schedulers.iter().find(|s| s.starts_with("https://")) {
             bail!("ca: {s} is served over TLS: give the cluster CA with --ca or COOP_CA");

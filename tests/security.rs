@@ -67,6 +67,20 @@ fn coop_dev_serves_tls_with_its_own_ca_and_plain_text_only_when_asked() {
         .unwrap();
     assert!(!out.status.success());
 
+    // A credential is not sent in plain text across a network unless asked.
+    let out = Command::new(BIN)
+        .args(["job", "list"])
+        .env("COOP_ADDR", "http://scheduler.invalid:7070")
+        .env("COOP_TOKEN", &c.token)
+        .env("COOP_CA", c.ca.as_ref().unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: addr: ") && err.contains("--plain-text"),
+        "{err}"
+    );
+
     // --insecure: plain text, said loudly at start.
     let insecure = Cluster::dev(&["--insecure"]);
     assert!(insecure.addr.starts_with("http://"), "{}", insecure.addr);
@@ -227,6 +241,27 @@ fn jobs_see_no_credential_and_not_each_other() {
     let data = c.data_dir();
     let acme = c.add_member("acme");
     let bravo = c.add_member("bravo");
+    // An earlier job of acme's keeps a secret and leaves a process behind it
+    // (out of its process group): both die with the job, the secret stays shut.
+    let old = c.submit_as(
+        &acme,
+        &[
+            "--",
+            "sh",
+            "-c",
+            "echo acme-old > $HOME/secret; setsid sleep 600 & echo pid $!; echo dir $HOME",
+        ],
+    );
+    let text = c.wait_log(&old, "dir ");
+    c.wait_final(&old);
+    let old_dir = text
+        .lines()
+        .find_map(|l| l.strip_prefix("dir "))
+        .unwrap()
+        .to_string();
+    if nix::unistd::geteuid().is_root() {
+        wait_gone(pid_in(&text), "the process an ended run left behind");
+    }
     // acme's job keeps a secret in its own directory and waits.
     let a = c.submit_as(
         &acme,
@@ -242,10 +277,14 @@ fn jobs_see_no_credential_and_not_each_other() {
     let node_cred: Value =
         serde_json::from_slice(&std::fs::read(data.join("agent/credential.json")).unwrap())
             .unwrap();
+    // bravo's job looks everywhere, and tries to swap its own log for a link
+    // to the node's credential, which the agent would then read back.
     let script = format!(
-        "env; id -u; cat {a_dir}/secret; ls {a_dir}; cat {d}/credentials.json; \
+        "env; id -u; cat {a_dir}/secret; ls {a_dir}; cat {old_dir}/secret; cat {d}/credentials.json; \
          cat {d}/agent/credential.json; cat {d}/tls/ca.key; cat {d}/scheduler/scheduler.db; \
-         ls {d}/agent/jobs; for p in /proc/[0-9]*; do cat $p/environ 2>/dev/null; done; echo end",
+         ls {d}/agent/jobs; for p in /proc/[0-9]*; do cat $p/environ 2>/dev/null; done; \
+         rm -f $HOME/../output.log output.log; ln -sf {d}/agent/credential.json $HOME/../output.log; \
+         ln -sf {d}/agent/credential.json output.log; echo end",
         d = data.display()
     );
     let b = c.submit_as(&bravo, &["--", "sh", "-c", &script]);
@@ -259,6 +298,7 @@ fn jobs_see_no_credential_and_not_each_other() {
         bravo.as_str(),
         node_cred["token"].as_str().unwrap(),
         "acme-secret",
+        "acme-old",
         "PRIVATE KEY",
     ] {
         assert!(!out.contains(secret), "bravo's job read {secret:?}:\n{out}");
@@ -306,6 +346,12 @@ fn tokens_rotate_expire_and_members_are_suspended_resumed_and_removed() {
     let err = c.fails_as(Some(&acme3), &["member", "token", "rotate", "bravo"]);
     assert!(err.contains("PermissionDenied"), "{err}");
     c.ok_as(&bravo, &["job", "list"]);
+
+    // A member's own rotation keeps its token's expiry.
+    let fleeting = c.json(&["member", "add", "fleeting", "--expires", "1h"]);
+    let fleeting = fleeting["token"].as_str().unwrap().to_string();
+    let renewed = c.json_as(&fleeting, &["member", "token", "rotate", "fleeting"]);
+    assert!(renewed["token_expires_at"].is_string(), "{renewed}");
 
     // Expiry.
     let short = c.json(&["member", "add", "brief", "--expires", "2s"]);

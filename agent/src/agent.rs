@@ -198,8 +198,9 @@ impl Agent {
                     let to = e.downcast::<Redirect>().expect("checked").0;
                     // The credential goes only where it may: over TLS, to a
                     // scheduler whose certificate the cluster CA signed; in
-                    // plain text, to the addresses this agent was given.
-                    if self.cfg.tls.is_none() && !self.cfg.schedulers.contains(&to) {
+                    // plain text, only to the addresses this agent was given.
+                    let verified = self.cfg.tls.is_some() && to.starts_with("https://");
+                    if !verified && !self.cfg.schedulers.contains(&to) {
                         tracing::warn!(
                             "scheduler {addr} points to {to}, which is not among --scheduler: not followed"
                         );

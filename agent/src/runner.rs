@@ -172,6 +172,8 @@ impl Runner {
                     cgroup,
                     container,
                     memory_mb: run.memory_mb,
+                    uid,
+                    dir: self.run_dir(&key),
                 };
                 tokio::spawn(wait_child(key, pgid, child, exited, exits, ends));
                 Spawned::Started { at_ms, pgid }
@@ -199,24 +201,38 @@ impl Runner {
     )> {
         let dir = self.run_dir(key);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        if let Some(uid) = uid {
-            // Its directory is its own: no other run (another user) enters it.
-            use std::os::unix::fs::PermissionsExt;
-            if let Some(job_dir) = dir.parent() {
-                traverse_only(job_dir)?;
+        // Where the run works: with a user of its own, a directory that only
+        // it can enter, beside (not holding) its output, which stays the
+        // agent's: a run cannot swap the log for a link to another file.
+        let work = match uid {
+            Some(uid) => {
+                use std::os::unix::fs::PermissionsExt;
+                if let Some(job_dir) = dir.parent() {
+                    traverse_only(job_dir)?;
+                }
+                traverse_only(&dir)?;
+                let work = dir.join("work");
+                std::fs::create_dir_all(&work)?;
+                nix::unistd::chown(
+                    &work,
+                    Some(nix::unistd::Uid::from_raw(uid)),
+                    Some(nix::unistd::Gid::from_raw(uid)),
+                )
+                .with_context(|| format!("giving {} to uid {uid}", work.display()))?;
+                std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+                work
             }
-            nix::unistd::chown(
-                &dir,
-                Some(nix::unistd::Uid::from_raw(uid)),
-                Some(nix::unistd::Gid::from_raw(uid)),
-            )
-            .with_context(|| format!("giving {} to uid {uid}", dir.display()))?;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("output.log"))?;
+            None => dir.clone(),
+        };
+        let log = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(dir.join("output.log"))?
+        };
         let visible = run.gpus.join(",");
         let env = [
             ("CUDA_VISIBLE_DEVICES", visible.clone()),
@@ -259,10 +275,10 @@ impl Runner {
         if container.is_none() {
             // A job sees none of the agent's environment (its credential
             // files are named there, and tokens may be): only what it needs.
-            cmd.env_clear().envs(job_env(&dir));
+            cmd.env_clear().envs(job_env(&work));
         }
         cmd.args(args)
-            .current_dir(&dir)
+            .current_dir(&work)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
@@ -305,8 +321,10 @@ impl Runner {
             return None;
         }
         let base = uid_block(&self.agent);
-        let taken: std::collections::BTreeSet<u32> =
+        let mut taken: std::collections::BTreeSet<u32> =
             self.runs.values().filter_map(|r| r.uid).collect();
+        // A uid is free only once nothing of an earlier run is left under it.
+        taken.extend(uids_with_processes());
         (base..base + RUN_UID_BLOCK).find(|u| !taken.contains(u))
     }
 
@@ -394,8 +412,13 @@ impl Runner {
         offset: u64,
         limit: u32,
     ) -> anyhow::Result<(Vec<u8>, bool)> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = self.log_path(key);
-        let mut f = std::fs::File::open(&path)
+        // Never through a link: what a run left there is not followed.
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&path)
             .map_err(|_| anyhow::anyhow!("no output is kept for run {key} on this node"))?;
         let len = f.metadata()?.len();
         f.seek(SeekFrom::Start(offset.min(len)))?;
@@ -437,6 +460,48 @@ pub fn process_tag(pid: i32) -> Option<String> {
 
 /// The process groups of processes whose environment holds `name=value`
 /// (other than this process's own group).
+/// The real uids of every process on the machine.
+fn uids_with_processes() -> std::collections::BTreeSet<u32> {
+    processes().map(|(_, uid)| uid).collect()
+}
+
+/// (pid, real uid) of every process, from /proc.
+fn processes() -> impl Iterator<Item = (i32, u32)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            let uid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((pid, uid))
+        })
+}
+
+/// SIGKILL to every process of `uid` (a run's own user), until none is left.
+fn kill_uid(uid: u32) {
+    for _ in 0..100 {
+        let pids: Vec<i32> = processes()
+            .filter(|&(_, u)| u == uid)
+            .map(|(p, _)| p)
+            .collect();
+        if pids.is_empty() {
+            return;
+        }
+        for p in pids {
+            let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Lets others pass through `dir` to what they may open, without listing it.
 fn traverse_only(dir: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -524,6 +589,9 @@ struct Ends {
     cgroup: Option<RunCgroup>,
     container: Option<(Runtime, String)>,
     memory_mb: u64,
+    /// The run's own user, if it had one, and its directory.
+    uid: Option<u32>,
+    dir: PathBuf,
 }
 
 async fn remove_container(rt: &Runtime, name: &str) {
@@ -552,8 +620,16 @@ async fn wait_child(
         Err(e) => (-1, format!("waiting for the process failed: {e}")),
     };
     exited.store(true, Ordering::SeqCst);
-    // A job ends with its main process: whatever it left in its group goes too.
+    // A job ends with its main process: whatever it left in its group goes too,
+    // and with a user of its own, whatever runs as that user anywhere
+    // (`setsid` escapes the group, not the uid). Its directory then closes to
+    // the next run that gets the uid.
     let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    if let Some(uid) = ends.uid {
+        let _ = tokio::task::spawn_blocking(move || kill_uid(uid)).await;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&ends.dir, std::fs::Permissions::from_mode(0o700));
+    }
     let mut reason = reason;
     if let Some(cg) = &ends.cgroup {
         if cg.oom_killed() {

@@ -2,6 +2,8 @@
 //! the enrollment of agent machines. Pure like the rest of the state machine:
 //! times come in the command; token expiry is checked by the caller's clock.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ledger;
@@ -218,11 +220,18 @@ impl State {
         for id in jobs {
             events.extend(self.cancel(at, id)?);
         }
-        let nodes: Vec<String> = self
+        // Its machines, registered or only joined.
+        let nodes: BTreeSet<String> = self
             .nodes
             .values()
             .filter(|n| n.owner == name)
             .map(|n| n.name.clone())
+            .chain(
+                self.node_owners
+                    .iter()
+                    .filter(|(_, o)| *o == name)
+                    .map(|(n, _)| n.clone()),
+            )
             .collect();
         for n in nodes {
             events.extend(self.revoke_node(at, &n)?);
@@ -253,12 +262,16 @@ impl State {
         }
         self.active_member(owner)
             .map_err(|_| Rejection::NotFound(format!("owner: member {owner:?} does not exist")))?;
-        if let Some(n) = self.nodes.get(node)
-            && n.owner != owner
-        {
+        // A name held by another owner (joined, or with a join token out) is
+        // theirs until revoked.
+        let held = self.node_owners.get(node).map(String::as_str).or(self
+            .enrollments
+            .values()
+            .find(|e| e.node == node)
+            .map(|e| e.owner.as_str()));
+        if let Some(other) = held.filter(|o| *o != owner) {
             return Err(Rejection::FailedPrecondition(format!(
-                "node {node:?} belongs to {}: revoke it and let its owner enroll it",
-                n.owner
+                "node {node:?} belongs to {other}: revoke it (coop node revoke) before enrolling it for {owner}"
             )));
         }
         if expires_at_ms <= at {
@@ -302,6 +315,12 @@ impl State {
         }
         if self.tokens.contains_key(credential_hash) {
             return Err(Rejection::AlreadyExists("credential already in use".into()));
+        }
+        if self.active_member(&e.owner).is_err() {
+            return Err(Rejection::FailedPrecondition(format!(
+                "join token: its owner {} is no longer a member",
+                e.owner
+            )));
         }
         let e = self.enrollments.remove(join_hash).expect("checked above");
         let p = Principal::Node(e.node.clone());

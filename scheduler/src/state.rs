@@ -750,7 +750,7 @@ impl State {
                 format!("{name:?} is not a valid node name"),
             ));
         }
-        if !self.members.contains_key(owner) {
+        if self.active_member(owner).is_err() {
             return Err(Rejection::NotFound(format!(
                 "owner: member {owner:?} does not exist"
             )));

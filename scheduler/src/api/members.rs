@@ -135,7 +135,21 @@ impl MemberService for Members {
                 "a member may rotate its own token only",
             ));
         }
-        let expires_at_ms = expiry("token_ttl_s", r.token_ttl_s)?;
+        let mut expires_at_ms = expiry("token_ttl_s", r.token_ttl_s)?;
+        if who != Principal::Operator {
+            // A member's own rotation never outlives the token it replaces:
+            // a stolen token cannot buy itself a longer life.
+            let state = self.0.replica.read();
+            let current = state
+                .tokens
+                .iter()
+                .filter(|(_, p)| **p == account)
+                .filter_map(|(h, _)| state.token_expiry.get(h).copied())
+                .min();
+            if let Some(t) = current {
+                expires_at_ms = Some(expires_at_ms.map_or(t, |e| e.min(t)));
+            }
+        }
         let token = new_token();
         self.0
             .replica
