@@ -105,10 +105,15 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let agent_dir = dir.join("agent");
     coop_agent::agent::private_dir(&agent_dir)?;
     let agent_tls = crate::client::tls(ca_path.as_deref())?;
+    let known = |c: &coop_agent::enroll::Credential| {
+        let hash = hash_token(&c.token);
+        scheduler.replica.read().tokens.contains_key(&hash)
+    };
     let cred = match coop_agent::enroll::load(&agent_dir)? {
-        Some(c) if c.node == a.node => c,
+        // Kept, unless the node was renamed or the cluster no longer knows it.
+        Some(c) if c.node == a.node && known(&c) => c,
         _ => {
-            let join = new_token();
+            let join = coop_scheduler::auth::new_join_token();
             scheduler
                 .replica
                 .propose(Op::EnrollNode {

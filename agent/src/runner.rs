@@ -72,11 +72,12 @@ pub struct Isolation {
     pub run_users: bool,
 }
 
-/// Like systemd's DynamicUser, runs take uids from 61184 to 65279 that no
-/// account owns: each agent a block of 64 (chosen by its identity), each run
-/// the lowest uid of the block that no running run holds, and a group of
-/// the same number.
-const RUN_UID_BASE: u32 = 61184;
+/// Like systemd's DynamicUser, runs take uids that no account owns, from
+/// 1,900,000,000 to 1,900,004,095: above the ranges systemd hands out
+/// (DynamicUser's 61184-65519, nspawn's up to 1,879,048,191). Each agent
+/// takes a block of 64 (chosen by its identity), each run the lowest uid of
+/// the block that nothing runs as, and a group of the same number.
+const RUN_UID_BASE: u32 = 1_900_000_000;
 const RUN_UID_BLOCK: u32 = 64;
 
 fn uid_block(agent: &str) -> u32 {
@@ -152,7 +153,17 @@ impl Runner {
     /// Starts the run's command with exactly its GPUs visible, in a process
     /// group of its own, in its cgroup or container.
     pub fn spawn(&mut self, key: RunKey, run: &pb::Run) -> Spawned {
-        let uid = self.free_uid(run);
+        let uid = match self.free_uid(run) {
+            Ok(uid) => uid,
+            Err(e) => {
+                return Spawned::Failed(Exit {
+                    key,
+                    at_ms: now_ms(),
+                    exit_code: 127,
+                    reason: format!("spawn failed: {e}"),
+                });
+            }
+        };
         match self.try_spawn(&key, run, uid) {
             Ok((pgid, child, cgroup, container)) => {
                 let at_ms = now_ms();
@@ -316,16 +327,20 @@ impl Runner {
 
     /// The uid for a new run, when runs get users of their own (not for
     /// containers, whose runtime maps users itself).
-    fn free_uid(&self, run: &pb::Run) -> Option<u32> {
+    /// Never root by default: with none free the run is refused.
+    fn free_uid(&self, run: &pb::Run) -> anyhow::Result<Option<u32>> {
         if !self.isolation.run_users || !run.image.is_empty() {
-            return None;
+            return Ok(None);
         }
         let base = uid_block(&self.agent);
         let mut taken: std::collections::BTreeSet<u32> =
             self.runs.values().filter_map(|r| r.uid).collect();
         // A uid is free only once nothing of an earlier run is left under it.
         taken.extend(uids_with_processes());
-        (base..base + RUN_UID_BLOCK).find(|u| !taken.contains(u))
+        (base..base + RUN_UID_BLOCK)
+            .find(|u| !taken.contains(u))
+            .map(Some)
+            .context("every uid of this agent's block is still in use")
     }
 
     /// SIGTERM to the run's process group now, SIGKILL after `grace` if it is

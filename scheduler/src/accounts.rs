@@ -156,6 +156,13 @@ impl State {
         expires_at_ms: Option<i64>,
     ) -> Result<Vec<Event>, Rejection> {
         match account {
+            // An operator token that expired would leave no one to renew it.
+            Principal::Operator if expires_at_ms.is_some() => {
+                return Err(Rejection::InvalidArgument {
+                    field: "expires".into(),
+                    message: "the operator's token does not expire".into(),
+                });
+            }
             Principal::Operator => {}
             Principal::Member(m) => {
                 self.active_member(m)?;
@@ -262,13 +269,22 @@ impl State {
         }
         self.active_member(owner)
             .map_err(|_| Rejection::NotFound(format!("owner: member {owner:?} does not exist")))?;
-        // A name held by another owner (joined, or with a join token out) is
-        // theirs until revoked.
-        let held = self.node_owners.get(node).map(String::as_str).or(self
-            .enrollments
-            .values()
-            .find(|e| e.node == node)
-            .map(|e| e.owner.as_str()));
+        // A name held by another owner (up, joined, or with a join token out)
+        // is theirs until revoked.
+        let held = self
+            .node_owners
+            .get(node)
+            .map(String::as_str)
+            .or(self
+                .nodes
+                .get(node)
+                .filter(|n| n.up)
+                .map(|n| n.owner.as_str()))
+            .or(self
+                .enrollments
+                .values()
+                .find(|e| e.node == node)
+                .map(|e| e.owner.as_str()));
         if let Some(other) = held.filter(|o| *o != owner) {
             return Err(Rejection::FailedPrecondition(format!(
                 "node {node:?} belongs to {other}: revoke it (coop node revoke) before enrolling it for {owner}"
@@ -281,9 +297,10 @@ impl State {
             });
         }
         self.fresh_token(join_hash)?;
-        // One outstanding join token per node: a new one replaces the old.
-        self.enrollments.retain(|_, e| e.node != node);
-        self.enrollments.retain(|_, e| e.expires_at_ms > at);
+        // One outstanding join token per node (a new one replaces the old);
+        // expired ones go.
+        self.enrollments
+            .retain(|_, e| e.node != node && e.expires_at_ms > at);
         self.enrollments.insert(
             join_hash.to_string(),
             Enrollment {

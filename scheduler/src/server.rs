@@ -105,11 +105,23 @@ impl Scheduler {
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         crate::tls::private_dir(&config.data_dir)?;
         let several = config.join || config.peers.keys().any(|&id| id != config.id);
-        if several && (config.tls.is_none() || config.peer_listen.is_none()) {
+        if several && config.tls.is_none() {
             anyhow::bail!(
-                "peer-listen: a cluster of several schedulers needs --peer-listen and --tls-dir: \
-                 the schedulers authenticate each other with certificates of the cluster CA (coop ca init)"
+                "tls-dir: a cluster of several schedulers needs --tls-dir: they authenticate \
+                 each other with certificates of the cluster CA (coop ca init, coop ca issue)"
             );
+        }
+        if several && config.peer_listen.is_none() {
+            anyhow::bail!(
+                "peer-listen: a cluster of several schedulers needs --peer-listen: the address \
+                 their raft traffic (mutual TLS) is served on"
+            );
+        }
+        // Bad certificates are found before anything starts.
+        if let Some(t) = &config.tls {
+            tonic::transport::Server::builder()
+                .tls_config(t.peer_server())
+                .context("tls-dir: the certificate or key cannot be used")?;
         }
         if config.peer_listen.is_some() && config.tls.is_none() {
             anyhow::bail!("tls-dir: the peer listener serves mutual TLS only: give --tls-dir");
@@ -119,8 +131,12 @@ impl Scheduler {
             .with_context(|| format!("listening on {}", config.listen))?;
         let addr = listener.local_addr()?;
         let tls = config.tls.is_some() && !config.insecure;
-        if config.advertise.is_empty() {
+        if config.advertise.is_empty() && !addr.ip().is_unspecified() {
             config.advertise = crate::consensus::transport::normalize(&addr.to_string(), tls);
+        } else if config.advertise.is_empty() && several {
+            tracing::warn!(
+                "listening on every interface without --advertise: agents cannot be sent to this node when it leads"
+            );
         }
         let peer_listener = match config.peer_listen {
             Some(a) => Some(
@@ -131,8 +147,10 @@ impl Scheduler {
             None => None,
         };
         let peer_addr = peer_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        // A wildcard is no address to give others: unknown until configured.
         let own_peer_address = config.peers.get(&config.id).cloned().unwrap_or_else(|| {
             peer_addr
+                .filter(|a| !a.ip().is_unspecified())
                 .map(|a| crate::consensus::transport::normalize(&a.to_string(), true))
                 .unwrap_or_default()
         });

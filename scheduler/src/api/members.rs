@@ -78,7 +78,7 @@ impl MemberService for Members {
         self.0.operator(&req).await?;
         let r = req.into_inner();
         let name = valid("name", "member", &r.name)?;
-        let expires_at_ms = expiry("token_ttl_s", r.token_ttl_s)?;
+        let expires_at_ms = expiry("expires", r.token_ttl_s)?;
         let token = new_token();
         self.0
             .replica
@@ -135,7 +135,7 @@ impl MemberService for Members {
                 "a member may rotate its own token only",
             ));
         }
-        let mut expires_at_ms = expiry("token_ttl_s", r.token_ttl_s)?;
+        let mut expires_at_ms = expiry("expires", r.token_ttl_s)?;
         if who != Principal::Operator {
             // A member's own rotation never outlives the token it replaces:
             // a stolen token cannot buy itself a longer life.

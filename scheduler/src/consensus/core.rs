@@ -481,7 +481,13 @@ impl Core {
         match serde_json::from_slice::<SnapshotData>(&snap.data) {
             Ok(data) => {
                 *self.state.write().unwrap_or_else(|e| e.into_inner()) = data.state;
-                self.peers.extend(data.peers);
+                // What this node was configured with or committed stays; the
+                // snapshot fills in the rest.
+                for (id, address) in data.peers {
+                    if !address.is_empty() {
+                        self.peers.entry(id).or_insert(address);
+                    }
+                }
             }
             Err(e) => {
                 self.fatal = Some(format!(
