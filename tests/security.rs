@@ -324,7 +324,10 @@ fn jobs_see_no_credential_and_not_each_other() {
             .lines()
             .find_map(|l| l.trim().parse().ok())
             .expect("id -u printed");
-        assert!((1_900_000_000..1_900_004_096).contains(&uid), "runs as uid {uid}");
+        assert!(
+            (1_900_000_000..1_900_004_096).contains(&uid),
+            "runs as uid {uid}"
+        );
     } else {
         eprintln!(
             "not root: runs share the agent's user and can read its files; only environments were checked"

@@ -19,7 +19,11 @@ fn member(i: usize) -> Op {
 }
 
 async fn start(db: &Path, snapshot_every: u64) -> Replica {
-    Replica::start(ReplicaConfig {
+    Replica::start(config(db, snapshot_every)).await.unwrap()
+}
+
+fn config(db: &Path, snapshot_every: u64) -> ReplicaConfig {
+    ReplicaConfig {
         id: 1,
         address: "http://127.0.0.1:1".into(),
         peers: BTreeMap::from([(1, "http://127.0.0.1:1".to_string())]),
@@ -32,9 +36,7 @@ async fn start(db: &Path, snapshot_every: u64) -> Replica {
         tls: None,
         join: false,
         client_address: String::new(),
-    })
-    .await
-    .unwrap()
+    }
 }
 
 #[tokio::test]
@@ -261,19 +263,9 @@ async fn a_snapshot_that_cannot_be_decoded_refuses_the_start() {
         .unwrap();
     p.close().await;
 
-    let err = Replica::start(ReplicaConfig {
-        id: 1,
-        address: "http://127.0.0.1:1".into(),
-        peers: BTreeMap::from([(1, "http://127.0.0.1:1".to_string())]),
-        db: db.clone(),
-        timing: Timing::default(),
-        tick: Duration::from_millis(10),
-        tls: None,
-        join: false,
-        client_address: String::new(),
-    })
-    .await
-    .err()
-    .expect("started on a snapshot it cannot decode");
+    let err = Replica::start(config(&db, 5))
+        .await
+        .err()
+        .expect("started on a snapshot it cannot decode");
     assert!(format!("{err:#}").contains("cannot be decoded"), "{err:#}");
 }

@@ -62,6 +62,20 @@ impl Members {
         Ok(member_to_pb(&state, m))
     }
 
+    async fn set_suspended(
+        &self,
+        req: Request<pb::MemberNameRequest>,
+        suspended: bool,
+    ) -> Result<Response<pb::Member>, Status> {
+        self.0.operator(&req).await?;
+        let name = valid("name", "member", &req.into_inner().name)?;
+        let op = Op::SuspendMember {
+            name: name.clone(),
+            suspended,
+        };
+        self.change(op, &name).await
+    }
+
     async fn change(&self, op: Op, name: &str) -> Result<Response<pb::Member>, Status> {
         self.0.replica.propose(op).await.map_err(propose_status)?;
         self.0.registry.wake_scheduler();
@@ -170,26 +184,14 @@ impl MemberService for Members {
         &self,
         req: Request<pb::MemberNameRequest>,
     ) -> Result<Response<pb::Member>, Status> {
-        self.0.operator(&req).await?;
-        let name = valid("name", "member", &req.into_inner().name)?;
-        let op = Op::SuspendMember {
-            name: name.clone(),
-            suspended: true,
-        };
-        self.change(op, &name).await
+        self.set_suspended(req, true).await
     }
 
     async fn resume(
         &self,
         req: Request<pb::MemberNameRequest>,
     ) -> Result<Response<pb::Member>, Status> {
-        self.0.operator(&req).await?;
-        let name = valid("name", "member", &req.into_inner().name)?;
-        let op = Op::SuspendMember {
-            name: name.clone(),
-            suspended: false,
-        };
-        self.change(op, &name).await
+        self.set_suspended(req, false).await
     }
 
     async fn remove(
