@@ -91,12 +91,19 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         Some(tls::SchedulerTls::local(&dir.join("tls"), a.listen.ip())?)
     };
     let ca_path = config.tls.as_ref().map(|t| t.ca_path());
+    let scheduler_tls = config.tls.clone();
     let scheduler = Scheduler::start(config).await?;
     let addr = client_url(scheduler.addr, ca_path.is_some());
     // One endpoint for both: the agent's metrics join the scheduler's registry.
     let agent_metrics = AgentMetrics::new(&scheduler.registry)?;
     let metrics_addr = match a.metrics {
-        Some(m) => Some(metrics::serve(m, scheduler.registry.clone()).await?),
+        Some(m) => {
+            let guard = scheduler_tls
+                .as_ref()
+                .map(|t| coop_scheduler::metrics_access::guard(scheduler.replica.clone(), t))
+                .transpose()?;
+            Some(metrics::serve(m, scheduler.registry.clone(), guard).await?)
+        }
         None => None,
     };
 
@@ -241,6 +248,7 @@ pub async fn scheduler(cmd: SchedulerCmd) -> anyhow::Result<()> {
         None => String::new(),
     };
     let ca_path = config.tls.as_ref().filter(|_| tls_on).map(|t| t.ca_path());
+    let metrics_tls = config.tls.clone().filter(|_| tls_on);
     let mut s = Scheduler::start(config).await?;
     if let Some(t) = &s.generated_operator_token {
         eprintln!("a new cluster: its operator token is shown only now");
@@ -254,7 +262,11 @@ pub async fn scheduler(cmd: SchedulerCmd) -> anyhow::Result<()> {
         println!("export COOP_PEER_ADDR={p}");
     }
     if let Some(m) = a.metrics {
-        let bound = metrics::serve(m, s.registry.clone()).await?;
+        let guard = metrics_tls
+            .as_ref()
+            .map(|t| coop_scheduler::metrics_access::guard(s.replica.clone(), t))
+            .transpose()?;
+        let bound = metrics::serve(m, s.registry.clone(), guard).await?;
         println!("export COOP_METRICS={bound}");
     }
     tokio::select! {
@@ -384,7 +396,14 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let agent_metrics = AgentMetrics::new(&registry)?;
     if let Some(m) = a.metrics {
-        let bound = metrics::serve(m, registry).await?;
+        // An agent has no certificate of its own: its telemetry is served to
+        // anyone who can reach the address.
+        if !m.ip().is_loopback() {
+            tracing::warn!(
+                "agent metrics on {m} are plain HTTP without a credential: keep them on a trusted network"
+            );
+        }
+        let bound = metrics::serve(m, registry, None).await?;
         println!("export COOP_METRICS={bound}");
     }
     let node = cred.node.clone();

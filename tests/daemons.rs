@@ -207,10 +207,17 @@ fn scheduler_and_agent_processes_serve_their_own_metrics() {
     );
     let agent_metrics = agent.export("COOP_METRICS");
     c.wait_node("box", "up", |n| n["connected"] == true);
+    // The scheduler's over TLS to the operator's token; the agent's (no
+    // certificate) in plain HTTP.
+    let ca = c.ca.clone().unwrap();
     let scrape = |addr: &str, needle: &str| {
         let deadline = std::time::Instant::now() + PATIENCE;
         loop {
-            let (status, body) = http_get(addr, "/metrics");
+            let (status, body) = if addr == sched_metrics {
+                https_get(addr, "/metrics", &ca, Some(OPERATOR))
+            } else {
+                http_get(addr, "/metrics")
+            };
             assert_eq!(status, 200);
             if body.lines().any(|l| l.starts_with(needle)) {
                 return body;

@@ -143,11 +143,16 @@ struct Prometheus {
 impl Prometheus {
     /// Prometheus with the provisioned config, the intervals shortened to 1 s,
     /// and one target: `metrics`.
-    fn start(dir: &Path, metrics: &str) -> Prometheus {
+    /// It scrapes over TLS with the cluster's `ca` and the auditor token in
+    /// `dir/auditor.token`, as the provisioned config says.
+    fn start(dir: &Path, metrics: &str, ca: &str) -> Prometheus {
         let conf = std::fs::read_to_string(repo("deploy/prometheus/prometheus.yml")).unwrap();
+        let token = dir.join("auditor.token");
         let conf = conf
             .replace("scrape_interval: 15s", "scrape_interval: 1s")
-            .replace("evaluation_interval: 15s", "evaluation_interval: 1s");
+            .replace("evaluation_interval: 15s", "evaluation_interval: 1s")
+            .replace("/etc/coop/ca.pem", ca)
+            .replace("/etc/coop/auditor.token", token.to_str().unwrap());
         std::fs::write(dir.join("prometheus.yml"), conf).unwrap();
         std::fs::copy(repo("deploy/prometheus/alerts.yml"), dir.join("alerts.yml")).unwrap();
         std::fs::create_dir_all(dir.join("targets")).unwrap();
@@ -230,8 +235,30 @@ fn every_dashboard_panel_and_alert_rule_works_against_a_real_prometheus() {
     let big = c.submit_as(&beta, &["--gpus", "2", "--", "sleep", "600"]);
     c.wait_job(&big, "running", |j| !j["started_at"].is_null());
 
+    // The metrics show every member's usage: TLS, and the operator's or an
+    // auditor's token only.
+    let ca = c.ca.clone().unwrap();
+    let auditor = c.json(&["auditor", "add", "prometheus"])["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(https_get(&metrics, "/metrics", &ca, None).0, 401);
+    assert_eq!(https_get(&metrics, "/metrics", &ca, Some(&alpha)).0, 401);
+    let plain = std::net::TcpStream::connect(&metrics).and_then(|mut s| {
+        use std::io::{Read, Write};
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        Ok(buf)
+    });
+    assert!(
+        !String::from_utf8_lossy(&plain.unwrap_or_default()).contains("coop_"),
+        "plain HTTP got metrics"
+    );
+    assert_eq!(https_get(&metrics, "/metrics", &ca, Some(&c.token)).0, 200);
     // The exposition passes promtool's lint.
-    let (status, body) = http_get(&metrics, "/metrics");
+    let (status, body) = https_get(&metrics, "/metrics", &ca, Some(&auditor));
     assert_eq!(status, 200);
     for name in [
         "coop_member_entitlement_ratio",
@@ -251,7 +278,8 @@ fn every_dashboard_panel_and_alert_rule_works_against_a_real_prometheus() {
     assert!(ok && out.trim().is_empty(), "promtool check metrics: {out}");
 
     let dir = tempfile::tempdir().unwrap();
-    let prom = Prometheus::start(dir.path(), &metrics);
+    std::fs::write(dir.path().join("auditor.token"), &auditor).unwrap();
+    let prom = Prometheus::start(dir.path(), &metrics, &ca);
     // Enough scrapes for rates over 30 s windows.
     prom.wait("scraping", || {
         let r = prom.query("count_over_time(coop_cluster_gpus[1m])");

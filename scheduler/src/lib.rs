@@ -11,6 +11,7 @@ pub mod fairshare;
 pub mod ledger;
 pub mod liveness;
 pub mod metrics;
+pub mod metrics_access;
 pub mod placement;
 pub mod policy;
 pub mod replica;

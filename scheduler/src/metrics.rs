@@ -14,8 +14,8 @@ use std::sync::{Arc, LazyLock, Mutex};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::fairshare::{
@@ -403,30 +403,25 @@ fn state_name(s: JobState) -> &'static str {
     }
 }
 
-/// Serves `GET /metrics` from `registry` on `addr`; returns the bound address.
-pub async fn serve(addr: SocketAddr, registry: Registry) -> anyhow::Result<SocketAddr> {
-    use axum::http::header::CONTENT_TYPE;
+/// Serves `GET /metrics` from `registry` on `addr`, in plain HTTP to anyone,
+/// or as `guard` says (TLS, and a credential); returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    guard: Option<crate::metrics_access::Guard>,
+) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let registry = registry.clone();
-            async move {
-                let mut buf = Vec::new();
-                let encoder = TextEncoder::new();
-                match encoder.encode(&registry.gather(), &mut buf) {
-                    Ok(()) => ([(CONTENT_TYPE, encoder.format_type().to_string())], buf),
-                    Err(e) => (
-                        [(CONTENT_TYPE, "text/plain".to_string())],
-                        format!("encoding metrics: {e}").into_bytes(),
-                    ),
-                }
-            }
-        }),
-    );
+    let app = crate::metrics_access::app(registry, guard.as_ref().map(|g| g.allow.clone()));
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let served = match guard {
+            Some(g) => {
+                let tls = crate::metrics_access::TlsListener::new(listener, g.tls);
+                axum::serve(tls, app).await
+            }
+            None => axum::serve(listener, app).await,
+        };
+        if let Err(e) = served {
             tracing::error!("metrics endpoint stopped: {e}");
         }
     });

@@ -204,6 +204,23 @@ impl SchedulerTls {
             .client_auth_optional(false)
     }
 
+    /// The metrics endpoint's TLS (rustls directly: it is served by axum).
+    pub fn rustls_server(&self) -> anyhow::Result<std::sync::Arc<rustls::ServerConfig>> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        install_provider();
+        let certs = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .context("tls-dir: cert.pem")?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key).context("tls-dir: key.pem")?;
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .context("tls-dir: cert.pem and key.pem")?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(std::sync::Arc::new(config))
+    }
+
     /// Calls to peers: the server verified against the CA, our certificate shown.
     pub fn peer_client(&self) -> ClientTlsConfig {
         install_provider();
