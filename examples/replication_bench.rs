@@ -11,11 +11,12 @@
 //! second and p50/p99 latency: coop job submissions (gRPC, to the leader) with
 //! the client listener on TLS (the default) and in plain text (`--insecure`;
 //! the peers keep mutual TLS), and etcd puts (its HTTP gateway, to its
-//! leader) when `etcd` is on PATH (Debian package `etcd-server`). Each client
-//! opens its connection before the clock starts, so handshakes are not
-//! counted. Then it kills the leader of the TLS cluster with SIGKILL several
-//! times and reports the time from the kill to the next acknowledged
-//! submission (a new TLS connection included).
+//! leader) when `etcd` is on PATH (Debian package `etcd-server`). The two
+//! coop clusters run side by side and take turns; etcd runs alone, after
+//! them. Each client opens its connection before the clock starts, so
+//! handshakes are not counted. Before etcd, it kills the leader of the TLS
+//! cluster with SIGKILL several times and reports the time from the kill to
+//! the next acknowledged submission (a new TLS connection included).
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -40,28 +41,46 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let bin = coop_binary()?;
     let pki = Pki::make(&bin, dir.path())?;
-    println!("| system | clients | writes/s | p50 ms | p99 ms |");
-    println!("|---|---|---|---|---|");
+    let mut rows = vec![];
 
-    // One cluster at a time, so that nothing else shares the cores: the TLS
-    // one (measured, then its leader killed again and again), then the one
-    // with plain-text clients.
-    let mut idle = CoopCluster::start(&bin, &pki, &dir.path().join("tls"), false)?;
-    let times = rt.block_on(async {
-        bench_coop(&idle, "coop (3 nodes, TLS)", secs).await?;
-        failover(&mut idle, failovers).await
+    // Both clusters run side by side and take turns at each level, the first
+    // to go alternating, so that neither is always measured on the fresher
+    // machine; the one not measured idles.
+    let systems = [
+        ("coop (3 nodes, TLS)", "tls", false),
+        ("coop (3 nodes, plain clients)", "plain", true),
+    ];
+    let mut clusters = vec![];
+    for (_, data, insecure) in systems {
+        clusters.push(CoopCluster::start(
+            &bin,
+            &pki,
+            &dir.path().join(data),
+            insecure,
+        )?);
+    }
+    let mut coop_rows: [Vec<String>; 2] = Default::default();
+    rt.block_on(async {
+        let mut leaders = vec![];
+        for c in &clusters {
+            leaders.push(add_bench_node(c).await?);
+        }
+        for (level, &n) in LEVELS.iter().enumerate() {
+            let order = if level % 2 == 0 { [0, 1] } else { [1, 0] };
+            for k in order {
+                let lat = coop_writes(&leaders[k], n, secs).await?;
+                coop_rows[k].push(row(systems[k].0, n, secs, lat));
+            }
+        }
+        anyhow::Ok(())
     })?;
-    {
-        let t0 = std::time::Instant::now();
-        let cpu = |c: &CoopCluster| -> f64 { c.children.iter().flatten().map(|ch| { let s = std::fs::read_to_string(format!("/proc/{}/stat", ch.id())).unwrap(); let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect(); (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0 }).sum() };
-        let a = cpu(&idle);
-        std::thread::sleep(Duration::from_secs(10));
-        println!("HACK idle TLS cluster CPU: {:.2} s per s", (cpu(&idle) - a) / t0.elapsed().as_secs_f64());
-    }
-    {
-        let coop = CoopCluster::start(&bin, &pki, &dir.path().join("plain"), true)?;
-        rt.block_on(bench_coop(&coop, "coop (3 nodes, plain clients)", secs))?;
-    }
+    rows.extend(coop_rows.into_iter().flatten());
+
+    // Then the TLS cluster alone: its leader killed again and again.
+    let mut tls = clusters.swap_remove(0);
+    drop(clusters);
+    let times = rt.block_on(failover(&mut tls, failovers))?;
+    drop(tls);
 
     match which("etcd") {
         Some(etcd) => {
@@ -80,12 +99,17 @@ fn main() -> anyhow::Result<()> {
                         })
                     }
                 }))?;
-                report("etcd 3.4 (3 members)", n, secs, lat);
+                rows.push(row("etcd 3.4 (3 members)", n, secs, lat));
             }
         }
-        None => println!("(etcd not found on PATH: install etcd-server to compare)"),
+        None => rows.push("(etcd not found on PATH: install etcd-server to compare)".into()),
     }
 
+    println!("| system | clients | writes/s | p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
     if let (Some(min), Some(max)) = (times.first(), times.last()) {
         println!(
             "\ncoop failover (TLS cluster; SIGKILL of the leader to the next acknowledged submission), {} runs: median {:.0} ms, min {:.0} ms, max {:.0} ms",
@@ -98,9 +122,9 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The member and node the submissions are checked against, then writes at
-/// each level to the leader.
-async fn bench_coop(coop: &CoopCluster, system: &str, secs: u64) -> anyhow::Result<()> {
+/// The member and node that submissions are checked against; the leader's
+/// client listener.
+async fn add_bench_node(coop: &CoopCluster) -> anyhow::Result<Target> {
     let leader = coop.wait_leader().await?;
     let target = coop.target(leader);
     let c = target.connect().await?;
@@ -149,24 +173,26 @@ async fn bench_coop(coop: &CoopCluster, system: &str, secs: u64) -> anyhow::Resu
             },
         ))
         .await?;
-    for &n in &LEVELS {
-        let lat = load(n, secs, |_| {
-            let target = target.clone();
-            async move {
-                let c = target.connect().await?;
-                Ok(move || {
-                    let mut jobs = pb::job_service_client::JobServiceClient::new(c.clone());
-                    async move {
-                        jobs.submit(req(submission())).await?;
-                        anyhow::Ok(())
-                    }
-                })
-            }
-        })
-        .await?;
-        report(system, n, secs, lat);
-    }
-    Ok(())
+    Ok(target)
+}
+
+/// `clients` loops of job submissions to `leader`, each on a connection of
+/// its own.
+async fn coop_writes(leader: &Target, clients: usize, secs: u64) -> anyhow::Result<Vec<Duration>> {
+    load(clients, secs, |_| {
+        let leader = leader.clone();
+        async move {
+            let c = leader.connect().await?;
+            Ok(move || {
+                let mut jobs = pb::job_service_client::JobServiceClient::new(c.clone());
+                async move {
+                    jobs.submit(req(submission())).await?;
+                    anyhow::Ok(())
+                }
+            })
+        }
+    })
+    .await
 }
 
 /// Kills the leader `runs` times; the time from each kill to the next
@@ -200,15 +226,16 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn report(system: &str, clients: usize, secs: u64, mut lat: Vec<Duration>) {
+/// A table row: writes per second, p50 and p99 latency.
+fn row(system: &str, clients: usize, secs: u64, mut lat: Vec<Duration>) -> String {
     lat.sort();
     let p = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)));
-    println!(
+    format!(
         "| {system} | {clients} | {:.0} | {:.2} | {:.2} |",
         lat.len() as f64 / secs as f64,
         p(0.50).map_or(0.0, |d| ms(*d)),
         p(0.99).map_or(0.0, |d| ms(*d)),
-    );
+    )
 }
 
 /// Runs `clients` loops of `op` for `secs` seconds; the latency of each write.
