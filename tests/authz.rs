@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use common::*;
 use coop_proto::v1 as pb;
 use prost::Message as _;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Request, Status};
 
 /// The callers, in the matrix's column order.
@@ -597,13 +597,9 @@ struct Setup {
 }
 
 async fn channel(url: &str, tls: ClientTlsConfig) -> Result<Channel, Status> {
-    Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
+    tls_channel(url, tls)
         .await
-        .map_err(|e| Status::unavailable(format!("{e}: {e:?}")))
+        .ok_or_else(|| Status::unavailable(format!("no TLS connection to {url}")))
 }
 
 /// What a refused write must not change, as the operator reads it.

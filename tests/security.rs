@@ -13,7 +13,7 @@ use common::*;
 use coop_proto::v1 as pb;
 use protobuf::Message as _;
 use serde_json::Value;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Request};
 
 fn mode(p: &std::path::Path) -> u32 {
@@ -94,13 +94,7 @@ fn tls(ca: &[u8]) -> ClientTlsConfig {
 }
 
 async fn connect(url: &str, tls: ClientTlsConfig) -> Option<Channel> {
-    Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .ok()
+    tls_channel(url, tls).await
 }
 
 /// Sends a raft batch to `url`; true if the peer service accepted it.

@@ -706,3 +706,18 @@ fn spawn_scheduler(dir: &Path, args: &[String]) -> Daemon {
         &[("COOP_OPERATOR_TOKEN", OPERATOR)],
     )
 }
+
+/// A TLS channel to `url`, the server verified as `tls` says; `None` when
+/// no connection (or no handshake) comes about.
+pub async fn tls_channel(
+    url: &str,
+    tls: tonic::transport::ClientTlsConfig,
+) -> Option<tonic::transport::Channel> {
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .ok()
+}
