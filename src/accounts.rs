@@ -35,11 +35,25 @@ pub async fn member(cli: &ClientArgs, cmd: MemberCmd) -> anyhow::Result<()> {
         MemberCmd::Add { name, expires } => {
             let r = members
                 .add(c.req(pb::AddMemberRequest {
-                    name,
+                    name: name.clone(),
                     token_ttl_s: ttl_s(expires),
                 }))
                 .await?
                 .into_inner();
+            if r.proposal_id > 0 {
+                // The co-op needs approvals: the member exists once they come.
+                let fields = json!({
+                    "name": name,
+                    "token": r.token,
+                    "proposal": r.proposal_id,
+                });
+                let what = format!(
+                    "proposed member {name} as proposal {} (members approve it with `coop policy approve {}`); its token, which works once the proposal passes",
+                    r.proposal_id, r.proposal_id
+                );
+                print_secret(cli, &what, fields, &r.token);
+                return Ok(());
+            }
             let m = r.member.unwrap_or_default();
             let fields = json!({
                 "name": m.name,
@@ -55,11 +69,15 @@ pub async fn member(cli: &ClientArgs, cmd: MemberCmd) -> anyhow::Result<()> {
             return Ok(());
         }
         MemberCmd::List => {
-            let list = members
-                .list(c.req(pb::ListMembersRequest {}))
-                .await?
-                .into_inner()
-                .members;
+            let (list, _) = crate::commands::pages(None, String::new(), |limit, page_token| {
+                let mut members = members.clone();
+                let req = c.req(pb::ListMembersRequest { limit, page_token });
+                async move {
+                    let r = members.list(req).await?.into_inner();
+                    Ok((r.members, r.next_page_token))
+                }
+            })
+            .await?;
             match cli.output {
                 Output::Json => print_json(&serde_json::Value::Array(
                     list.iter().map(member_json).collect(),
@@ -144,11 +162,15 @@ pub async fn auditor(cli: &ClientArgs, cmd: AuditorCmd) -> anyhow::Result<()> {
             print_secret(cli, &what, fields, &r.token);
         }
         AuditorCmd::List => {
-            let list = members
-                .list_auditors(c.req(pb::ListAuditorsRequest {}))
-                .await?
-                .into_inner()
-                .auditors;
+            let (list, _) = crate::commands::pages(None, String::new(), |limit, page_token| {
+                let mut members = members.clone();
+                let req = c.req(pb::ListAuditorsRequest { limit, page_token });
+                async move {
+                    let r = members.list_auditors(req).await?.into_inner();
+                    Ok((r.auditors, r.next_page_token))
+                }
+            })
+            .await?;
             match cli.output {
                 Output::Json => print_json(&serde_json::Value::Array(
                     list.iter()

@@ -385,9 +385,30 @@ pub struct SubmitArgs {
     /// agent), with only the job's GPUs passed in.
     #[arg(long)]
     pub image: Option<String>,
+    /// An environment variable of the run, KEY=VALUE (repeatable). The run
+    /// gets only these besides the agent's allowlist (PATH, HOME, LANG, ...).
+    #[arg(long, value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Environment variables from a file of KEY=VALUE lines (# comments);
+    /// --env wins over it.
+    #[arg(long)]
+    pub env_file: Vec<std::path::PathBuf>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
+}
+
+/// `KEY=VALUE` for --env: the key must be a variable name.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    let ok = k.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !ok {
+        return Err(format!("{k:?} is not a variable name"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -408,6 +429,12 @@ pub struct ListArgs {
     /// Only this member's jobs.
     #[arg(long)]
     pub member: Option<String>,
+    /// At most this many jobs (all by default, fetched page by page).
+    #[arg(long)]
+    pub limit: Option<u32>,
+    /// Go on from where a listing with --limit stopped.
+    #[arg(long)]
+    pub page_token: Option<String>,
 }
 
 #[derive(Args, Debug)]

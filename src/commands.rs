@@ -172,6 +172,53 @@ async fn submit_retrying(
     }
 }
 
+/// Fetches pages of a list until none is left or `limit` items are in hand;
+/// returns them and the page token of the rest (empty when there is none).
+pub async fn pages<T, F, Fut>(
+    limit: Option<u32>,
+    mut token: String,
+    mut fetch: F,
+) -> anyhow::Result<(Vec<T>, String)>
+where
+    F: FnMut(u32, String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut out = Vec::new();
+    loop {
+        let want = limit.map_or(0, |l| l.saturating_sub(out.len() as u32));
+        let (items, next) = fetch(want, token).await?;
+        out.extend(items);
+        token = next;
+        if token.is_empty() || limit.is_some_and(|l| out.len() as u32 >= l) {
+            return Ok((out, token));
+        }
+    }
+}
+
+/// The member's environment for a job: `--env-file` lines, then `--env`.
+fn job_env(
+    files: &[std::path::PathBuf],
+    pairs: &[(String, String)],
+) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let mut env = std::collections::HashMap::new();
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| anyhow!("env-file: cannot read {}: {e}", f.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let line = line.strip_prefix("export ").unwrap_or(line);
+            let (k, v) = parse_env(line)
+                .map_err(|e| anyhow!("env-file: {}, line {}: {e}", f.display(), n + 1))?;
+            env.insert(k, v);
+        }
+    }
+    env.extend(pairs.iter().cloned());
+    Ok(env)
+}
+
 pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
     let c = Client::connect(cli).await?;
     let mut jobs = c.jobs();
@@ -209,6 +256,7 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                 cpu_millis: a.cpus.unwrap_or(0),
                 memory_mb: a.memory.unwrap_or(0),
                 image: a.image.unwrap_or_default(),
+                env: job_env(&a.env_file, &a.env)?,
             };
             let job = submit_retrying(cli, c, req).await?;
             match cli.output {
@@ -217,7 +265,7 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
             }
         }
         JobCmd::List(a) => {
-            let states = a
+            let states: Vec<i32> = a
                 .state
                 .iter()
                 .map(|s| match s {
@@ -229,11 +277,24 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                     StateArg::Lost => pb::JobState::Lost,
                 } as i32)
                 .collect();
-            let req = pb::ListJobsRequest {
-                states,
-                member: a.member.unwrap_or_default(),
-            };
-            let list = jobs.list(c.req(req)).await?.into_inner().jobs;
+            let member = a.member.unwrap_or_default();
+            let (list, rest) = pages(a.limit, a.page_token.unwrap_or_default(), |limit, page_token| {
+                let mut jobs = jobs.clone();
+                let req = c.req(pb::ListJobsRequest {
+                    states: states.clone(),
+                    member: member.clone(),
+                    limit,
+                    page_token,
+                });
+                async move {
+                    let r = jobs.list(req).await?.into_inner();
+                    Ok((r.jobs, r.next_page_token))
+                }
+            })
+            .await?;
+            if !rest.is_empty() {
+                eprintln!("more jobs follow: add --page-token {rest}");
+            }
             match cli.output {
                 Output::Json => print_json(&Value::Array(list.iter().map(job_json).collect())),
                 Output::Table => {
@@ -759,11 +820,15 @@ pub async fn policy(cli: &ClientArgs, cmd: PolicyCmd) -> anyhow::Result<()> {
             return Ok(());
         }
         PolicyCmd::Proposals => {
-            let all = p
-                .list_proposals(c.req(pb::ListProposalsRequest {}))
-                .await?
-                .into_inner()
-                .proposals;
+            let (all, _) = pages(None, String::new(), |limit, page_token| {
+                let mut p = p.clone();
+                let req = c.req(pb::ListProposalsRequest { limit, page_token });
+                async move {
+                    let r = p.list_proposals(req).await?.into_inner();
+                    Ok((r.proposals, r.next_page_token))
+                }
+            })
+            .await?;
             print_proposals(cli, &all, false);
             return Ok(());
         }
@@ -962,12 +1027,15 @@ pub async fn node(cli: &ClientArgs, cmd: NodeCmd) -> anyhow::Result<()> {
     if !matches!(cmd, NodeCmd::List) {
         return crate::accounts::node(cli, &c, cmd).await;
     }
-    let nodes = c
-        .cluster()
-        .list_nodes(c.req(pb::ListNodesRequest {}))
-        .await?
-        .into_inner()
-        .nodes;
+    let (nodes, _) = pages(None, String::new(), |limit, page_token| {
+        let mut cluster = c.cluster();
+        let req = c.req(pb::ListNodesRequest { limit, page_token });
+        async move {
+            let r = cluster.list_nodes(req).await?.into_inner();
+            Ok((r.nodes, r.next_page_token))
+        }
+    })
+    .await?;
     match cli.output {
         Output::Json => print_json(&Value::Array(nodes.iter().map(node_json).collect())),
         Output::Table => table(&NODE_HEADER, node_rows(&nodes)),

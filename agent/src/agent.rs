@@ -23,6 +23,9 @@ use crate::gpu::{Gpus, Telemetry};
 use crate::runner::{Exit, RunKey, Runner, Spawned, now_ms, process_tag};
 use crate::spool::{RunRecord, Spool};
 
+/// The longest grace any run gets between SIGTERM and SIGKILL.
+const MAX_GRACE_MS: u64 = 24 * 3600 * 1000;
+
 #[derive(Debug)]
 pub struct AgentConfig {
     /// Scheduler addresses (`https://host:port`); any of them will do.
@@ -520,7 +523,8 @@ impl Agent {
                 attempt: run.attempt,
             };
             wanted.insert(key.clone());
-            let grace = Duration::from_millis(run.kill_grace_ms);
+            // Whatever the scheduler says, a stop ends in SIGKILL within a day.
+            let grace = Duration::from_millis(run.kill_grace_ms.min(MAX_GRACE_MS));
             if self.runner.is_running(&key) {
                 if run.stop {
                     self.runner.stop(&key, grace);

@@ -245,13 +245,21 @@ impl Runner {
                 .open(dir.join("output.log"))?
         };
         let visible = run.gpus.join(",");
-        let env = [
+        // The member's variables first, so that the agent's own (the run's
+        // GPUs and identity) win; the scheduler refuses those names anyway.
+        let mut env: Vec<(&str, String)> = run
+            .env
+            .iter()
+            .filter(|(k, _)| !k.starts_with("COOP_") && !k.ends_with("_VISIBLE_DEVICES"))
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        env.extend([
             ("CUDA_VISIBLE_DEVICES", visible.clone()),
             ("NVIDIA_VISIBLE_DEVICES", visible),
             ("COOP_JOB_ID", key.job.clone()),
             ("COOP_JOB_ATTEMPT", key.attempt.to_string()),
             (AGENT_ENV, self.agent.clone()),
-        ];
+        ]);
         let name = format!("coop-{}-{}", key.job, key.attempt);
         let iso = &self.isolation;
         let (argv, container, cgroup) = if run.image.is_empty() {

@@ -90,6 +90,7 @@ fn spec(gpus: u32, model: Option<&str>) -> JobSpec {
         priority: 0,
         time_limit_ms: 3_600_000,
         isolation: Default::default(),
+        env: Default::default(),
     }
 }
 

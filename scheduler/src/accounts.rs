@@ -345,6 +345,8 @@ impl State {
         self.drop_tokens(&p);
         self.tokens.insert(credential_hash.to_string(), p.clone());
         self.node_owners.insert(e.node.clone(), e.owner.clone());
+        // Enrolled again: its next registration says what its GPUs are.
+        self.inventory.remove(&e.node);
         self.log_account(at, &p, "joined");
         Ok(vec![Event::Node(e.node)])
     }
@@ -360,6 +362,7 @@ impl State {
         self.drop_tokens(&p);
         self.enrollments.retain(|_, e| e.node != node);
         self.node_owners.remove(node);
+        self.inventory.remove(node);
         let mut events = vec![Event::Node(node.to_string())];
         if self.nodes.contains_key(node) {
             events.extend(self.node_down(node, at)?);

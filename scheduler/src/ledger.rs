@@ -53,6 +53,15 @@ pub enum Entry {
         account: String,
         change: String,
     },
+    /// A node's report that failed the plausibility checks: kept as
+    /// evidence; it billed nothing.
+    ReportRejected {
+        node: String,
+        job: JobId,
+        attempt: u32,
+        report: String,
+        reason: String,
+    },
 }
 
 impl Entry {
@@ -65,6 +74,7 @@ impl Entry {
             Entry::PolicyApproved { .. } => "policy_approved",
             Entry::Preemption { .. } => "preemption",
             Entry::AccountChanged { .. } => "account_changed",
+            Entry::ReportRejected { .. } => "report_rejected",
         }
     }
 }

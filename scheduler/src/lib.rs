@@ -13,6 +13,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod metrics_access;
 pub mod placement;
+pub mod plausible;
 pub mod policy;
 pub mod replica;
 pub mod server;

@@ -63,6 +63,8 @@ pub enum Wait {
     /// No node has `gpus` free GPUs of a kind it accepts (`most_free` is the
     /// largest such block now).
     NoFit { gpus: u32, most_free: u32 },
+    /// Its member holds `held` GPUs and may hold `quota` (policy gpu_quota).
+    OverQuota { held: u64, quota: u64 },
 }
 
 impl fmt::Display for Wait {
@@ -82,6 +84,10 @@ impl fmt::Display for Wait {
             Wait::BehindReservation { job } => {
                 write!(f, "would delay the reserved start of job {job}")
             }
+            Wait::OverQuota { held, quota } => write!(
+                f,
+                "its member holds {held} GPUs of its quota of {quota} (policy gpu_quota)"
+            ),
             Wait::NoFit { gpus, most_free } => write!(
                 f,
                 "waiting for {gpus} free GPUs of one kind on one node (largest free block now: {most_free})"
@@ -190,6 +196,15 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
             break;
         }
         let want = job.spec.gpus as usize;
+        if let Some(quota) = state.policy.gpu_quota(&job.member) {
+            let held = alloc.get(&job.member).copied().unwrap_or(0) as u64;
+            if held + want as u64 > quota {
+                // Waits for its member's own runs to end: it neither reserves
+                // nor preempts.
+                out.waiting.insert(job.id, Wait::OverQuota { held, quota });
+                continue;
+            }
+        }
         let key = (job.spec.gpu_model.as_deref(), job.spec.min_gpu_memory_mb);
         let expected_end =
             (job.spec.time_limit_ms > 0).then(|| now_ms + job.spec.time_limit_ms as i64);

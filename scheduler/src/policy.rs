@@ -74,7 +74,38 @@ pub struct Policy {
     /// weight is weighted by its GPUs' probed throughput (0 = off: one unit).
     #[serde(default)]
     pub weight_reference_tflops: u64,
+    /// Longest SIGTERM-to-SIGKILL grace a job may ask for.
+    #[serde(default = "default_max_grace")]
+    pub max_grace_s: u64,
+    /// Pending jobs a member may have at once (0 = no limit).
+    #[serde(default = "default_max_pending")]
+    pub max_pending_jobs: u64,
+    /// GPUs a member may hold at once (0 = no quota), and per member.
+    #[serde(default)]
+    pub gpu_quota: u64,
+    #[serde(default)]
+    pub gpu_quotas: BTreeMap<String, u64>,
+    /// Submissions per second a member may make, on each scheduler, with
+    /// bursts of ten times as many (0 = no limit).
+    #[serde(default = "default_submit_rate")]
+    pub submit_rate: u64,
 }
+
+fn default_max_grace() -> u64 {
+    DEFAULT_MAX_GRACE_S
+}
+
+fn default_max_pending() -> u64 {
+    DEFAULT_MAX_PENDING_JOBS
+}
+
+fn default_submit_rate() -> u64 {
+    DEFAULT_SUBMIT_RATE
+}
+
+pub const DEFAULT_MAX_GRACE_S: u64 = 600;
+pub const DEFAULT_MAX_PENDING_JOBS: u64 = 10_000;
+pub const DEFAULT_SUBMIT_RATE: u64 = 50;
 
 fn default_proposal_ttl() -> u64 {
     DEFAULT_PROPOSAL_TTL_S
@@ -98,6 +129,11 @@ impl Default for Policy {
             approvals_required: 0,
             proposal_ttl_s: DEFAULT_PROPOSAL_TTL_S,
             weight_reference_tflops: 0,
+            max_grace_s: DEFAULT_MAX_GRACE_S,
+            max_pending_jobs: DEFAULT_MAX_PENDING_JOBS,
+            gpu_quota: 0,
+            gpu_quotas: BTreeMap::new(),
+            submit_rate: DEFAULT_SUBMIT_RATE,
         }
     }
 }
@@ -108,6 +144,16 @@ impl Policy {
             .get(member)
             .copied()
             .unwrap_or(self.default_share)
+    }
+
+    /// GPUs `member` may hold at once, if it has a quota.
+    pub fn gpu_quota(&self, member: &str) -> Option<u64> {
+        let q = self
+            .gpu_quotas
+            .get(member)
+            .copied()
+            .unwrap_or(self.gpu_quota);
+        (q > 0).then_some(q)
     }
 
     /// Thousandths of a normalised unit per GPU-hour for `model` (case-insensitive),
@@ -153,6 +199,15 @@ impl Policy {
             Setting::Approvals(k) => self.approvals_required = *k,
             Setting::ProposalTtlS(s) => self.proposal_ttl_s = *s,
             Setting::WeightReferenceTflops(t) => self.weight_reference_tflops = *t,
+            Setting::MaxGraceS(s) => self.max_grace_s = *s,
+            Setting::MaxPendingJobs(n) => self.max_pending_jobs = *n,
+            Setting::GpuQuota(n) => self.gpu_quota = *n,
+            Setting::MemberGpuQuota { member, gpus } => {
+                self.gpu_quotas.insert(member.clone(), *gpus);
+            }
+            Setting::SubmitRate(n) => self.submit_rate = *n,
+            // Membership is the state's to change, not the policy's.
+            Setting::AddMember { .. } | Setting::RemoveMember(_) => {}
         }
     }
 
@@ -184,7 +239,15 @@ impl Policy {
             Setting::Approvals(self.approvals_required),
             Setting::ProposalTtlS(self.proposal_ttl_s),
             Setting::WeightReferenceTflops(self.weight_reference_tflops),
+            Setting::MaxGraceS(self.max_grace_s),
+            Setting::MaxPendingJobs(self.max_pending_jobs),
+            Setting::GpuQuota(self.gpu_quota),
         ]);
+        out.extend(self.gpu_quotas.iter().map(|(m, g)| Setting::MemberGpuQuota {
+            member: m.clone(),
+            gpus: *g,
+        }));
+        out.push(Setting::SubmitRate(self.submit_rate));
         out
     }
 }
@@ -205,14 +268,25 @@ pub enum Setting {
     Approvals(u32),
     ProposalTtlS(u64),
     WeightReferenceTflops(u64),
+    MaxGraceS(u64),
+    MaxPendingJobs(u64),
+    GpuQuota(u64),
+    MemberGpuQuota { member: String, gpus: u64 },
+    SubmitRate(u64),
+    /// A member joins the co-op once the proposal passes (its token, made
+    /// when proposed, works from then on). Only `coop member add` makes it.
+    AddMember { name: String, token_hash: String },
+    RemoveMember(String),
 }
 
-pub const SETTING_KEYS: &str = "ordering, share.MEMBER, default_share, capacity_blend, weight.MODEL, weight_reference_tflops, half_life, preemption, preempt_inference, min_runtime, preempt_grace, approvals, proposal_ttl";
+pub const SETTING_KEYS: &str = "ordering, share.MEMBER, default_share, capacity_blend, weight.MODEL, weight_reference_tflops, half_life, preemption, preempt_inference, min_runtime, preempt_grace, approvals, proposal_ttl, max_grace, max_pending, gpu_quota, gpu_quota.MEMBER, submit_rate, member.remove";
 
 /// Shares and weights are capped so that sums and products stay far from overflow.
 const MAX_SHARES: u64 = 1_000_000;
 const MAX_WEIGHT_MILLI: u64 = 1_000_000;
 const MAX_DURATION_S: u64 = 10 * 365 * 24 * 3600;
+/// The longest grace the policy may allow: a day.
+pub const MAX_GRACE_S: u64 = 24 * 3600;
 
 impl Setting {
     /// Parses `key=value`. Durations take a unit (`90s`, `15m`, `7d`); a weight
@@ -269,6 +343,22 @@ impl Setting {
             "preempt_grace" => Setting::PreemptGraceS(secs()?),
             "approvals" => Setting::Approvals(int(1000)? as u32),
             "weight_reference_tflops" => Setting::WeightReferenceTflops(int(1_000_000)?),
+            "max_grace" => {
+                let s = secs()?;
+                if s > MAX_GRACE_S {
+                    return Err(err(format!("at most {}", fmt_duration_s(MAX_GRACE_S))));
+                }
+                Setting::MaxGraceS(s)
+            }
+            "max_pending" => Setting::MaxPendingJobs(int(10_000_000)?),
+            "gpu_quota" => Setting::GpuQuota(int(1_000_000)?),
+            "submit_rate" => Setting::SubmitRate(int(100_000)?),
+            "member.add" => {
+                return Err(err(
+                    "members are added with `coop member add NAME` (it proposes the member and prints its token)".into(),
+                ));
+            }
+            "member.remove" => Setting::RemoveMember(value.to_string()),
             "proposal_ttl" => {
                 let s = secs()?;
                 if s == 0 {
@@ -277,7 +367,12 @@ impl Setting {
                 Setting::ProposalTtlS(s)
             }
             k => {
-                if let Some(member) = k.strip_prefix("share.") {
+                if let Some(member) = k.strip_prefix("gpu_quota.") {
+                    Setting::MemberGpuQuota {
+                        member: member.to_string(),
+                        gpus: int(1_000_000)?,
+                    }
+                } else if let Some(member) = k.strip_prefix("share.") {
                     Setting::Share {
                         member: member.to_string(),
                         shares: int(MAX_SHARES)?,
@@ -316,6 +411,13 @@ impl fmt::Display for Setting {
             Setting::Approvals(k) => write!(f, "approvals={k}"),
             Setting::ProposalTtlS(s) => write!(f, "proposal_ttl={}", fmt_duration_s(*s)),
             Setting::WeightReferenceTflops(t) => write!(f, "weight_reference_tflops={t}"),
+            Setting::MaxGraceS(s) => write!(f, "max_grace={}", fmt_duration_s(*s)),
+            Setting::MaxPendingJobs(n) => write!(f, "max_pending={n}"),
+            Setting::GpuQuota(n) => write!(f, "gpu_quota={n}"),
+            Setting::MemberGpuQuota { member, gpus } => write!(f, "gpu_quota.{member}={gpus}"),
+            Setting::SubmitRate(n) => write!(f, "submit_rate={n}"),
+            Setting::AddMember { name, .. } => write!(f, "member.add={name}"),
+            Setting::RemoveMember(name) => write!(f, "member.remove={name}"),
         }
     }
 }

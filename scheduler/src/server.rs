@@ -235,6 +235,7 @@ impl Scheduler {
             decayed: Default::default(),
             registry: Arc::new(Registry::new()),
             config: Arc::new(config),
+            limits: Default::default(),
         };
         let metrics =
             crate::metrics::registry(replica.clone(), ctx.registry.clone(), ctx.decayed.clone());

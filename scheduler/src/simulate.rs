@@ -210,6 +210,9 @@ impl<'a> Sim<'a> {
             Setting::Preemption(cfg.preemption),
             Setting::MinRuntimeS(cfg.min_runtime_s),
             Setting::PreemptGraceS(cfg.preempt_grace_s),
+            // A trace's queues are what they were: no limits of a live co-op.
+            Setting::MaxPendingJobs(0),
+            Setting::MaxGraceS(crate::policy::MAX_GRACE_S),
         ];
         settings.dedup();
         s.apply(Op::SetPolicy {
@@ -366,6 +369,7 @@ impl<'a> Sim<'a> {
             priority: 0,
             time_limit_ms: (j.duration_s.max(1) * MS) as u64,
             isolation: Default::default(),
+            env: Default::default(),
         };
         let op = Op::SubmitJob {
             id,

@@ -186,6 +186,9 @@ pub struct JobSpec {
     /// How the agent keeps the run apart from others.
     #[serde(default)]
     pub isolation: Isolation,
+    /// Environment the member gives the run, on top of the agent's allowlist.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 /// What a run may use besides its GPUs, and what it runs in.
@@ -249,6 +252,10 @@ pub struct Job {
     /// GPUs are being freed for this job on this node by preemption.
     #[serde(default)]
     pub nominated_node: Option<String>,
+    /// When the current (or last) run was placed, by the leader's clock: no
+    /// report of the run may start before it.
+    #[serde(default)]
+    pub placed_at_ms: i64,
 }
 
 impl Job {
@@ -303,6 +310,11 @@ pub struct Proposal {
     /// Approvals it needs (the policy's figure when it was proposed).
     pub required: u32,
     pub enacted_at_ms: Option<i64>,
+    /// The members who may approve it: those of the co-op, active and not
+    /// suspended, when it was proposed. Members added since do not vote on
+    /// it. (Empty in proposals made before electorates were kept.)
+    #[serde(default)]
+    pub electorate: BTreeSet<String>,
 }
 
 /// A change of policy: who made it, when, why, and what was set.
@@ -359,6 +371,9 @@ pub enum Op {
         token_hash: String,
         #[serde(default)]
         expires_at_ms: Option<i64>,
+        /// Who asked (absent in entries from before it was recorded).
+        #[serde(default)]
+        by: Option<Principal>,
     },
     SuspendMember {
         name: String,
@@ -508,6 +523,9 @@ pub enum Rejection {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Over a limit of the policy (pending jobs).
+    #[error("{field}: {message}")]
+    ResourceExhausted { field: String, message: String },
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> Rejection {
@@ -563,6 +581,13 @@ pub struct State {
     /// date at registration), for measured weights.
     #[serde(default)]
     pub measured_models: BTreeMap<String, Capacity>,
+    /// Implausible reports per node, kept as evidence (see `plausible`).
+    #[serde(default)]
+    pub rejected_reports: BTreeMap<String, u64>,
+    /// The GPUs each node registered first after it enrolled: a later
+    /// registration may offer fewer of them, but no other or changed ones.
+    #[serde(default)]
+    pub inventory: BTreeMap<String, Vec<GpuInfo>>,
 }
 
 pub fn valid_name(s: &str) -> bool {
@@ -601,6 +626,7 @@ impl State {
                 token_hash,
                 expires_at_ms,
             } => {
+                self.ungoverned("adding a member")?;
                 let events = self.add_member(at, name, token_hash)?;
                 if let Some(t) = expires_at_ms {
                     self.token_expiry.insert(token_hash.clone(), *t);
@@ -613,9 +639,19 @@ impl State {
                 account,
                 token_hash,
                 expires_at_ms,
-            } => self.rotate_token(at, account, token_hash, *expires_at_ms),
+                by,
+            } => {
+                // The operator holding a new token of a member could vote as it.
+                if matches!(account, Principal::Member(_)) && *by == Some(Principal::Operator) {
+                    self.ungoverned("the operator rotating a member's token")?;
+                }
+                self.rotate_token(at, account, token_hash, *expires_at_ms)
+            }
             Op::SuspendMember { name, suspended } => self.suspend_member(at, name, *suspended),
-            Op::RemoveMember { name } => self.remove_member(at, name),
+            Op::RemoveMember { name } => {
+                self.ungoverned("removing a member")?;
+                self.remove_member(at, name)
+            }
             Op::EnrollNode {
                 node,
                 owner,
@@ -653,11 +689,15 @@ impl State {
                 by,
                 reason,
             } => {
-                if self.policy.approvals_required > 0 {
-                    return Err(Rejection::FailedPrecondition(format!(
-                        "policy changes need the approval of {} members: propose the change",
-                        self.policy.approvals_required
-                    )));
+                self.ungoverned("a policy change")?;
+                if settings
+                    .iter()
+                    .any(|s| matches!(s, Setting::AddMember { .. } | Setting::RemoveMember(_)))
+                {
+                    return Err(invalid(
+                        "settings",
+                        "members are added and removed with coop member add/remove",
+                    ));
                 }
                 self.set_policy(at, settings, by, reason)
             }
@@ -758,8 +798,15 @@ impl State {
         if session.is_empty() {
             return Err(invalid("session", "must not be empty"));
         }
+        if gpus.len() > MAX_GPUS_PER_NODE {
+            return Err(invalid(
+                "gpus",
+                format!("{} GPUs; a node offers at most {MAX_GPUS_PER_NODE}", gpus.len()),
+            ));
+        }
         let mut seen = BTreeSet::new();
         for g in gpus {
+            check_gpu(g)?;
             if g.uuid.is_empty() || !seen.insert(g.uuid.as_str()) {
                 return Err(invalid(
                     "gpus",
@@ -780,6 +827,40 @@ impl State {
                 ));
             }
         }
+        // The inventory is fixed at the first registration after enrollment:
+        // an owner cannot grow its contributed capacity or change what its
+        // GPUs are without enrolling the machine again.
+        let inventory: Vec<GpuInfo> = match self.inventory.get(name) {
+            None => gpus.to_vec(),
+            Some(enrolled) => {
+                let mut kept = enrolled.clone();
+                for g in gpus {
+                    let Some(e) = kept.iter_mut().find(|e| e.uuid == g.uuid) else {
+                        return Err(Rejection::FailedPrecondition(format!(
+                            "gpus: GPU {} is not one node {name} was enrolled with; enroll the node again (coop node revoke {name}; coop node enroll {name}) to change its GPUs",
+                            g.uuid
+                        )));
+                    };
+                    if e.model != g.model || e.memory_mb != g.memory_mb {
+                        return Err(Rejection::FailedPrecondition(format!(
+                            "gpus: GPU {} was enrolled as {} with {} MB, not {} with {} MB; enroll node {name} again to change it",
+                            g.uuid, e.model, e.memory_mb, g.model, g.memory_mb
+                        )));
+                    }
+                    // The first measurement stands until the node enrolls again.
+                    if e.measured.is_none() {
+                        e.measured = g.measured;
+                    }
+                }
+                kept
+            }
+        };
+        let measured = |uuid: &str| {
+            inventory
+                .iter()
+                .find(|e| e.uuid == uuid)
+                .and_then(|e| e.measured)
+        };
         let mut events = vec![Event::Node(name.to_string())];
         if let Some(node) = self.nodes.get(name) {
             // Runs of an earlier agent process are no longer watched by anyone;
@@ -847,7 +928,7 @@ impl State {
                         model: g.model.clone(),
                         memory_mb: g.memory_mb,
                         job: held.get(&g.uuid).copied(),
-                        measured: g.measured,
+                        measured: measured(&g.uuid),
                     })
                     .collect(),
                 up: true,
@@ -859,6 +940,7 @@ impl State {
                 up_since_ms,
             },
         );
+        self.inventory.insert(name.to_string(), inventory);
         self.remeasure_models();
         Ok(events)
     }
@@ -924,6 +1006,39 @@ impl State {
                 "member: {member:?} does not exist"
             )));
         }
+        let policy = &self.policy;
+        if spec.kill_grace_ms > policy.max_grace_s.saturating_mul(1000) {
+            return Err(invalid(
+                "kill_grace",
+                format!(
+                    "at most {} (policy max_grace)",
+                    crate::policy::fmt_duration_s(policy.max_grace_s)
+                ),
+            ));
+        }
+        if let Some(q) = policy.gpu_quota(member)
+            && spec.gpus as u64 > q
+        {
+            return Err(invalid(
+                "gpus",
+                format!("member {member} may hold at most {q} GPUs (policy gpu_quota)"),
+            ));
+        }
+        if policy.max_pending_jobs > 0 {
+            let pending = self
+                .queue
+                .iter()
+                .filter(|(_, id)| self.jobs.get(id).is_some_and(|j| j.member == member))
+                .count() as u64;
+            if pending >= policy.max_pending_jobs {
+                return Err(Rejection::ResourceExhausted {
+                    field: "jobs".into(),
+                    message: format!(
+                        "member {member} has {pending} pending jobs, the most the policy allows (max_pending)"
+                    ),
+                });
+            }
+        }
         if self.jobs.contains_key(&id) {
             return Err(Rejection::AlreadyExists(format!("job {id} already exists")));
         }
@@ -972,6 +1087,7 @@ impl State {
                 utilization: (0, 0),
                 run_utilization: (0, 0),
                 nominated_node: None,
+                placed_at_ms: 0,
             },
         );
         self.queue.insert((at, id));
@@ -1034,6 +1150,15 @@ impl State {
                 "node {node_name} is draining: its agent is shutting down"
             )));
         }
+        if let Some(q) = self.policy.gpu_quota(&job.member) {
+            let held = self.gpus_held(&job.member);
+            if held.saturating_add(job.spec.gpus as u64) > q {
+                return Err(Rejection::FailedPrecondition(format!(
+                    "member {} holds {held} GPUs; its quota is {q}",
+                    job.member
+                )));
+            }
+        }
         let distinct: BTreeSet<&String> = gpus.iter().collect();
         if gpus.len() != job.spec.gpus as usize || distinct.len() != gpus.len() {
             return Err(invalid(
@@ -1078,6 +1203,7 @@ impl State {
         job.exit_code = None;
         job.reason.clear();
         job.nominated_node = None;
+        job.placed_at_ms = at;
         Ok(vec![Event::Job(id), Event::Node(node_name.to_string())])
     }
 
@@ -1122,6 +1248,16 @@ impl State {
         Ok(vec![Event::Job(id), Event::Job(for_id), Event::Node(node)])
     }
 
+    /// GPUs the running jobs of `member` hold.
+    pub fn gpus_held(&self, member: &str) -> u64 {
+        self.running
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|j| j.member == member)
+            .map(|j| j.spec.gpus as u64)
+            .sum()
+    }
+
     /// Whether policy lets `job` be preempted at `at`.
     pub fn preemptible(&self, job: &Job, at: i64) -> bool {
         let kind_ok = match job.spec.kind {
@@ -1154,6 +1290,27 @@ impl State {
         Ok(vec![Event::Job(id)])
     }
 
+    /// Refuses what only a proposal may do while the co-op governs itself
+    /// (`approvals` > 0): the operator alone may not do it.
+    fn ungoverned(&self, what: &str) -> Result<(), Rejection> {
+        let k = self.policy.approvals_required;
+        if k > 0 {
+            return Err(Rejection::FailedPrecondition(format!(
+                "{what} needs the approval of {k} members (policy approvals={k}): propose it"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Members that may vote now: present, not suspended.
+    fn voters(&self) -> BTreeSet<String> {
+        self.members
+            .values()
+            .filter(|m| m.removed_at_ms.is_none() && !m.suspended)
+            .map(|m| m.name.clone())
+            .collect()
+    }
+
     fn check_settings(&self, settings: &[Setting], reason: &str) -> Result<(), Rejection> {
         if settings.is_empty() {
             return Err(invalid("settings", "name at least one KEY=VALUE"));
@@ -1164,6 +1321,22 @@ impl State {
                 "say why the policy changes (it is kept with the change)",
             ));
         }
+        if settings.len() > 64 || reason.len() > 1024 {
+            return Err(invalid(
+                "settings",
+                "at most 64 settings and a reason of at most 1024 bytes",
+            ));
+        }
+        let named: Vec<&String> = settings
+            .iter()
+            .filter_map(|s| match s {
+                Setting::AddMember { name, .. } | Setting::RemoveMember(name) => Some(name),
+                _ => None,
+            })
+            .collect();
+        if named.iter().collect::<BTreeSet<_>>().len() != named.len() {
+            return Err(invalid("settings", "names one member twice"));
+        }
         for s in settings {
             match s {
                 Setting::Share { member, .. } if !self.members.contains_key(member) => {
@@ -1171,12 +1344,41 @@ impl State {
                         "share.{member}: member {member:?} does not exist"
                     )));
                 }
-                Setting::Approvals(k) if *k as usize > self.members.len() => {
+                Setting::MemberGpuQuota { member, .. } if !self.members.contains_key(member) => {
+                    return Err(Rejection::NotFound(format!(
+                        "gpu_quota.{member}: member {member:?} does not exist"
+                    )));
+                }
+                Setting::AddMember { name, token_hash } => {
+                    if !valid_name(name) {
+                        return Err(invalid(
+                            "member.add",
+                            format!("{name:?} is not a valid member name"),
+                        ));
+                    }
+                    if self.members.contains_key(name) {
+                        return Err(Rejection::AlreadyExists(format!(
+                            "member {name:?} already exists"
+                        )));
+                    }
+                    if self.tokens.contains_key(token_hash) {
+                        return Err(Rejection::AlreadyExists("token already in use".into()));
+                    }
+                }
+                Setting::RemoveMember(name) => {
+                    self.active_member(name)?;
+                    if self.default_member.as_deref() == Some(name) {
+                        return Err(Rejection::FailedPrecondition(format!(
+                            "member {name:?} is the one the operator's own jobs are billed to"
+                        )));
+                    }
+                }
+                Setting::Approvals(k) if *k as usize > self.voters().len() => {
                     return Err(invalid(
                         "approvals",
                         format!(
-                            "{k} approvals, but the co-op has {} members",
-                            self.members.len()
+                            "{k} approvals, but the co-op has {} members who can vote",
+                            self.voters().len()
                         ),
                     ));
                 }
@@ -1226,6 +1428,7 @@ impl State {
                 approvals: BTreeSet::new(),
                 required,
                 enacted_at_ms: None,
+                electorate: self.voters(),
             },
         );
         Ok(vec![])
@@ -1237,10 +1440,21 @@ impl State {
                 "member {member:?} does not exist"
             )));
         }
+        let voters = self.voters();
+        if !voters.contains(member) {
+            return Err(Rejection::FailedPrecondition(format!(
+                "member {member} is suspended or removed: it does not vote"
+            )));
+        }
         let p = self
             .proposals
             .get(&id)
             .ok_or_else(|| Rejection::NotFound(format!("proposal {id} does not exist")))?;
+        if !p.electorate.is_empty() && !p.electorate.contains(member) {
+            return Err(Rejection::FailedPrecondition(format!(
+                "member {member} joined after proposal {id} was made: only the members of the co-op then vote on it"
+            )));
+        }
         if p.enacted_at_ms.is_some() {
             return Err(Rejection::FailedPrecondition(format!(
                 "proposal {id} has already been enacted"
@@ -1256,7 +1470,9 @@ impl State {
                 "member {member} has already approved proposal {id}"
             )));
         }
-        let enact = p.approvals.len() as u32 + 1 >= p.required;
+        // Approvals of members suspended or removed since no longer count.
+        let standing = p.approvals.iter().filter(|m| voters.contains(*m)).count() as u32;
+        let enact = standing + 1 >= p.required;
         let (settings, reason) = (p.settings.clone(), p.reason.clone());
         if enact {
             // Checked again: members may have left since it was proposed.
@@ -1296,6 +1512,17 @@ impl State {
         for s in settings {
             policy.set(s);
         }
+        // Membership changes (checked above, so they succeed).
+        let mut events = vec![];
+        for s in settings {
+            match s {
+                Setting::AddMember { name, token_hash } => {
+                    events.extend(self.add_member(at, name, token_hash)?);
+                }
+                Setting::RemoveMember(name) => events.extend(self.remove_member(at, name)?),
+                _ => {}
+            }
+        }
         self.policy = policy;
         ledger::append(
             &mut self.audit,
@@ -1312,7 +1539,7 @@ impl State {
             reason: reason.to_string(),
             settings: settings.to_vec(),
         });
-        Ok(vec![])
+        Ok(events)
     }
 
     fn report(
@@ -1336,7 +1563,17 @@ impl State {
             return Ok(vec![]); // already applied: a retransmission
         }
         node.last_seq = seq;
-        if self.bill_cut_off(node_name, report) {
+        // An implausible report is kept as evidence and bills nothing; a run
+        // it says has ended still ends (the node could hold it hostage
+        // otherwise), billed no further than before.
+        let plausible = match self.check_report(at, node_name, report) {
+            Ok(()) => true,
+            Err(why) => {
+                self.reject_report(at, node_name, report, &why);
+                false
+            }
+        };
+        if self.bill_cut_off(at, node_name, report, plausible) {
             return Ok(vec![]);
         }
         // A report about a run that is no longer current (requeued meanwhile, or
@@ -1354,12 +1591,15 @@ impl State {
                 attempt,
                 at_ms,
             } => {
-                if !current(self, job, *attempt) {
+                if !plausible || !current(self, job, *attempt) {
                     return Ok(vec![]);
                 }
                 let j = self.jobs.get_mut(job).expect("checked");
-                j.started_at_ms = Some(*at_ms);
-                j.billed_to_ms = *at_ms;
+                // Within the skew it is the agent's clock; billed from no
+                // earlier than the placement and no later than now.
+                let start = (*at_ms).clamp(j.placed_at_ms.min(at), at);
+                j.started_at_ms = Some(start);
+                j.billed_to_ms = start;
                 Ok(vec![Event::Job(*job)])
             }
             RunReport::Usage {
@@ -1368,10 +1608,10 @@ impl State {
                 to_ms,
                 energy_mj,
             } => {
-                if !current(self, job, *attempt) {
+                if !plausible || !current(self, job, *attempt) {
                     return Ok(vec![]);
                 }
-                self.bill(*job, *to_ms, *energy_mj);
+                self.bill(*job, (*to_ms).min(at), *energy_mj);
                 Ok(vec![])
             }
             RunReport::Utilization {
@@ -1380,7 +1620,7 @@ impl State {
                 sum_pct,
                 samples,
             } => {
-                if current(self, job, *attempt) {
+                if plausible && current(self, job, *attempt) {
                     let j = self.jobs.get_mut(job).expect("checked");
                     j.run_utilization = (*sum_pct, *samples);
                 }
@@ -1396,8 +1636,9 @@ impl State {
                 if !current(self, job, *attempt) {
                     return Ok(vec![]);
                 }
-                self.close_run(*job, *at_ms, *energy_mj);
-                self.after_lost_run(*job, *at_ms, reason);
+                let (end, energy) = self.run_end(*job, at, *at_ms, *energy_mj, plausible);
+                self.close_run(*job, end, energy);
+                self.after_lost_run(*job, end, &crate::plausible::bounded_reason(reason));
                 Ok(vec![Event::Job(*job), Event::Node(node_name.to_string())])
             }
             RunReport::Exited {
@@ -1411,8 +1652,9 @@ impl State {
                 if !current(self, job, *attempt) {
                     return Ok(vec![]);
                 }
-                let end = *at_ms;
-                self.close_run(*job, end, *energy_mj);
+                let (end, energy) = self.run_end(*job, at, *at_ms, *energy_mj, plausible);
+                self.close_run(*job, end, energy);
+                let reason = crate::plausible::bounded_reason(reason);
                 let j = self.jobs.get_mut(job).expect("checked");
                 j.exit_code = Some(*exit_code);
                 j.reason = reason.clone();
@@ -1462,7 +1704,13 @@ impl State {
     /// Bills a late report about a run cut off when its node went down: the
     /// agent measured it past the point the scheduler billed it to. Returns
     /// whether the report was about such a run.
-    fn bill_cut_off(&mut self, node_name: &str, report: &RunReport) -> bool {
+    fn bill_cut_off(
+        &mut self,
+        at: i64,
+        node_name: &str,
+        report: &RunReport,
+        plausible: bool,
+    ) -> bool {
         let (job, attempt, to_ms, energy_mj, last) = match report {
             RunReport::Usage {
                 job,
@@ -1501,14 +1749,19 @@ impl State {
         } else {
             let c = &mut node.cut_off[i];
             let before = c.clone();
-            c.billed_to_ms = to_ms.max(c.billed_to_ms);
+            if plausible {
+                c.billed_to_ms = to_ms.min(at).max(c.billed_to_ms);
+            }
             before
         };
         let Some(j) = self.jobs.get(job) else {
             return true;
         };
-        let to = to_ms.max(cut.billed_to_ms);
-        let gpu_ms = (to - cut.billed_to_ms) as u64 * cut.gpus as u64;
+        if !plausible {
+            return true;
+        }
+        let to = to_ms.min(at).max(cut.billed_to_ms);
+        let gpu_ms = ms_between(cut.billed_to_ms, to).saturating_mul(cut.gpus as u64);
         if gpu_ms == 0 && energy_mj == 0 {
             return true;
         }
@@ -1522,7 +1775,7 @@ impl State {
             start_ms: cut.billed_to_ms,
             end_ms: to,
             gpu_ms,
-            weighted_gpu_ms: (gpu_ms as u128 * cut.weight_milli as u128 / 1000) as u64,
+            weighted_gpu_ms: weighted_ms(gpu_ms, cut.weight_milli),
             energy_mj,
         };
         self.add_usage(record);
@@ -1541,9 +1794,8 @@ impl State {
         let from = job.billed_to_ms;
         let to = to_ms.max(from);
         let (model, weight_milli) = self.run_weight(job);
-        let ms = (to - from) as u64;
-        let gpu_ms = ms * job.spec.gpus as u64;
-        let weighted = (gpu_ms as u128 * weight_milli as u128 / 1000) as u64;
+        let gpu_ms = ms_between(from, to).saturating_mul(job.spec.gpus as u64);
+        let weighted = weighted_ms(gpu_ms, weight_milli);
         let job = self.jobs.get_mut(&id).expect("checked");
         job.billed_to_ms = to;
         if gpu_ms == 0 && energy_mj == 0 {
@@ -1565,12 +1817,50 @@ impl State {
         self.add_usage(record);
     }
 
+    /// Where and with what energy a run that a report ends is closed: at the
+    /// reported time within the leader's clock, or, for an implausible
+    /// report, where it was billed to already and with no energy.
+    fn run_end(&self, id: JobId, at: i64, at_ms: i64, energy_mj: u64, plausible: bool) -> (i64, u64) {
+        let Some(j) = self.jobs.get(&id) else {
+            return (at_ms.min(at), 0);
+        };
+        let floor = if j.started_at_ms.is_some() {
+            j.billed_to_ms
+        } else {
+            j.placed_at_ms.min(at)
+        };
+        if plausible {
+            (at_ms.min(at).max(floor), energy_mj)
+        } else {
+            (floor, 0)
+        }
+    }
+
+    /// Keeps an implausible report as evidence: an audit entry, and a count
+    /// per node for the metrics.
+    fn reject_report(&mut self, at: i64, node: &str, report: &RunReport, why: &str) {
+        let (job, attempt) = report.run();
+        ledger::append(
+            &mut self.audit,
+            at,
+            ledger::Entry::ReportRejected {
+                node: node.to_string(),
+                job,
+                attempt,
+                report: report.kind().to_string(),
+                reason: why.to_string(),
+            },
+        );
+        let n = self.rejected_reports.entry(node.to_string()).or_default();
+        *n = n.saturating_add(1);
+    }
+
     /// Adds a usage record to its job's totals and to both ledgers.
     fn add_usage(&mut self, record: UsageRecord) {
         if let Some(j) = self.jobs.get_mut(&record.job) {
-            j.gpu_ms += record.gpu_ms;
-            j.weighted_gpu_ms += record.weighted_gpu_ms;
-            j.energy_mj += record.energy_mj;
+            j.gpu_ms = j.gpu_ms.saturating_add(record.gpu_ms);
+            j.weighted_gpu_ms = j.weighted_gpu_ms.saturating_add(record.weighted_gpu_ms);
+            j.energy_mj = j.energy_mj.saturating_add(record.energy_mj);
         }
         // Stamped with the interval's end: when the usage happened.
         let at = record.end_ms;
@@ -1604,9 +1894,9 @@ impl State {
                 },
                 0,
             ));
-            s.fp16_gflops += m.fp16_gflops;
-            s.bf16_gflops += m.bf16_gflops;
-            s.memory_mb_per_s += m.memory_mb_per_s;
+            s.fp16_gflops = s.fp16_gflops.saturating_add(m.fp16_gflops);
+            s.bf16_gflops = s.bf16_gflops.saturating_add(m.bf16_gflops);
+            s.memory_mb_per_s = s.memory_mb_per_s.saturating_add(m.memory_mb_per_s);
             *n += 1;
         }
         self.measured_models = sums
@@ -1635,7 +1925,9 @@ impl State {
         if models.is_empty() {
             return (String::new(), crate::policy::UNIT_WEIGHT_MILLI);
         }
-        let sum: u64 = models.iter().map(|m| self.weight_milli(m)).sum();
+        let sum = models
+            .iter()
+            .fold(0u64, |s, m| s.saturating_add(self.weight_milli(m)));
         (models[0].to_string(), sum / models.len() as u64)
     }
 
@@ -1707,8 +1999,19 @@ impl State {
     /// GPU-milliseconds of a job: what is billed plus the running run's
     /// unbilled part up to `now_ms`.
     pub fn job_gpu_ms(&self, job: &Job, now_ms: i64) -> u64 {
-        job.gpu_ms + unbilled_ms(job, now_ms) * job.spec.gpus as u64
+        job.gpu_ms
+            .saturating_add(unbilled_ms(job, now_ms).saturating_mul(job.spec.gpus as u64))
     }
+}
+
+/// Milliseconds from `from` to `to` (none when `to` is earlier).
+fn ms_between(from: i64, to: i64) -> u64 {
+    to.saturating_sub(from).max(0) as u64
+}
+
+/// GPU-milliseconds times a weight in thousandths.
+fn weighted_ms(gpu_ms: u64, weight_milli: u64) -> u64 {
+    u64::try_from(gpu_ms as u128 * weight_milli as u128 / 1000).unwrap_or(u64::MAX)
 }
 
 fn restart_backoff(attempts: u32) -> i64 {
@@ -1719,7 +2022,7 @@ fn restart_backoff(attempts: u32) -> i64 {
 /// Milliseconds of the current run not yet billed, up to `now_ms`.
 pub fn unbilled_ms(job: &Job, now_ms: i64) -> u64 {
     match (job.state, job.started_at_ms) {
-        (JobState::Running, Some(_)) => (now_ms - job.billed_to_ms).max(0) as u64,
+        (JobState::Running, Some(_)) => ms_between(job.billed_to_ms, now_ms),
         _ => 0,
     }
 }
@@ -1741,6 +2044,53 @@ pub fn gpu_fits(gpu: &Gpu, spec: &JobSpec) -> bool {
         && gpu.memory_mb >= spec.min_gpu_memory_mb
 }
 
+/// Most GPUs (or MIG instances) one node may offer.
+pub const MAX_GPUS_PER_NODE: usize = 128;
+/// No GPU has more memory than this (4 TiB), nor more throughput (100 PFLOPS,
+/// 100 TB/s) than these: bounds that keep sums of them far from overflow.
+const MAX_GPU_MEMORY_MB: u64 = 4 << 20;
+const MAX_MEASURED: u64 = 100_000_000;
+
+/// What a registration may say of one GPU.
+fn check_gpu(g: &GpuInfo) -> Result<(), Rejection> {
+    let printable = |s: &str| s.bytes().all(|b| b.is_ascii_graphic());
+    if g.uuid.len() > 128 || !printable(&g.uuid) {
+        return Err(invalid("gpus", format!("GPU uuid {:?} is not a GPU uuid", g.uuid)));
+    }
+    if g.model.is_empty() || g.model.len() > 64 || !printable(&g.model) {
+        return Err(invalid("gpus", format!("GPU model {:?} is not a model name", g.model)));
+    }
+    if g.memory_mb > MAX_GPU_MEMORY_MB {
+        return Err(invalid("gpus", format!("GPU {} claims {} MB of memory", g.uuid, g.memory_mb)));
+    }
+    if let Some(m) = g.measured
+        && (m.fp16_gflops > MAX_MEASURED
+            || m.bf16_gflops > MAX_MEASURED
+            || m.memory_mb_per_s > MAX_MEASURED)
+    {
+        return Err(invalid("gpus", format!("GPU {} claims an impossible measured throughput", g.uuid)));
+    }
+    Ok(())
+}
+
+/// Most arguments a command may have.
+pub const MAX_ARGS: usize = 4096;
+/// Most environment variables a job may set.
+pub const MAX_ENV_VARS: usize = 256;
+/// Most bytes of command, arguments and environment together: every replica
+/// keeps them, and every list answer carries them.
+pub const MAX_SPEC_BYTES: usize = 64 * 1024;
+pub const MAX_TIME_LIMIT_MS: u64 = 366 * 24 * 3600 * 1000;
+
+/// Variables the agent sets for each run, which a job may not override.
+pub fn reserved_env(key: &str) -> bool {
+    key.starts_with("COOP_")
+        || matches!(
+            key,
+            "CUDA_VISIBLE_DEVICES" | "NVIDIA_VISIBLE_DEVICES" | "HIP_VISIBLE_DEVICES" | "ROCR_VISIBLE_DEVICES"
+        )
+}
+
 /// Checks what can be checked without the state; the service layer calls it
 /// before proposing so that bad input never reaches the log.
 pub fn validate_spec(spec: &JobSpec) -> Result<(), Rejection> {
@@ -1749,6 +2099,60 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Rejection> {
     }
     if spec.command.is_empty() || spec.command[0].trim().is_empty() {
         return Err(invalid("command", "must not be empty"));
+    }
+    if spec.command.len() > MAX_ARGS {
+        return Err(invalid(
+            "command",
+            format!("{} arguments; at most {MAX_ARGS}", spec.command.len()),
+        ));
+    }
+    if spec.command.iter().any(|a| a.contains('\0')) {
+        return Err(invalid("command", "an argument holds a NUL byte"));
+    }
+    if spec.env.len() > MAX_ENV_VARS {
+        return Err(invalid(
+            "env",
+            format!("{} variables; at most {MAX_ENV_VARS}", spec.env.len()),
+        ));
+    }
+    for (k, v) in &spec.env {
+        let name_ok = k.len() <= 255
+            && k.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !name_ok {
+            return Err(invalid(
+                "env",
+                format!("{k:?} is not a variable name (letters, digits, '_'; not first a digit)"),
+            ));
+        }
+        if reserved_env(k) {
+            return Err(invalid(
+                "env",
+                format!("{k} is set by the agent for each run (the job's GPUs and identity)"),
+            ));
+        }
+        if v.contains('\0') {
+            return Err(invalid("env", format!("the value of {k} holds a NUL byte")));
+        }
+    }
+    let bytes: usize = spec.command.iter().map(|a| a.len() + 1).sum::<usize>()
+        + spec.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>();
+    if bytes > MAX_SPEC_BYTES {
+        return Err(invalid(
+            "command",
+            format!(
+                "the command, its arguments and its environment come to {bytes} bytes; at most {MAX_SPEC_BYTES}"
+            ),
+        ));
+    }
+    if spec.time_limit_ms > MAX_TIME_LIMIT_MS {
+        return Err(invalid("time_limit", "at most 366 days"));
+    }
+    if spec.kill_grace_ms > crate::policy::MAX_GRACE_S * 1000 {
+        return Err(invalid("kill_grace", "at most a day"));
+    }
+    if spec.gpu_model.as_ref().is_some_and(|m| m.len() > 64) {
+        return Err(invalid("gpu_model", "at most 64 characters"));
     }
     if spec.gpu_model.as_ref().is_some_and(|m| m.trim().is_empty()) {
         return Err(invalid("gpu_model", "must not be blank"));
@@ -1768,6 +2172,7 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Rejection> {
     }
     if let Some(image) = &iso.image
         && (image.is_empty()
+            || image.len() > 512
             || image.starts_with('-')
             || image.chars().any(|c| c.is_whitespace() || c.is_control()))
     {

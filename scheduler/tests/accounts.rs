@@ -148,6 +148,7 @@ fn tokens_expire_rotate_and_suspension_refuses_them() {
         account: Principal::Member("bob".into()),
         token_hash: "h-bob-2".into(),
         expires_at_ms: None,
+        by: Some(Principal::Operator),
     };
     apply(&mut s, 20, rotate).unwrap();
     assert_eq!(s.authenticate("h-bob", 30), Err(Refused::Unknown));
@@ -157,6 +158,7 @@ fn tokens_expire_rotate_and_suspension_refuses_them() {
         account: Principal::Member("alice".into()),
         token_hash: "h-bob-2".into(),
         expires_at_ms: None,
+        by: Some(Principal::Operator),
     };
     assert!(apply(&mut s, 40, clash).is_err());
     let suspend = Op::SuspendMember {
@@ -172,6 +174,7 @@ fn tokens_expire_rotate_and_suspension_refuses_them() {
         account: Principal::Operator,
         token_hash: "op-2".into(),
         expires_at_ms: None,
+        by: Some(Principal::Operator),
     };
     apply(&mut s, 70, rotate_op).unwrap();
     assert_eq!(s.authenticate("op", 80), Err(Refused::Unknown));

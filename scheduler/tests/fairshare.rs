@@ -30,6 +30,7 @@ fn spec(gpus: u32, preemptible: bool, priority: i32) -> JobSpec {
         priority,
         time_limit_ms: 0,
         isolation: Default::default(),
+        env: Default::default(),
     }
 }
 

@@ -625,6 +625,7 @@ fn spec(gpus: u32) -> JobSpec {
         priority: 0,
         time_limit_ms: 0,
         isolation: Default::default(),
+        env: Default::default(),
     }
 }
 

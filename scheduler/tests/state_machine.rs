@@ -35,6 +35,7 @@ fn spec(kind: JobKind, n: u32) -> JobSpec {
         priority: 0,
         time_limit_ms: 0,
         isolation: Default::default(),
+        env: Default::default(),
     }
 }
 
@@ -601,7 +602,7 @@ fn node_loss_requeues_bills_up_to_the_last_heartbeat_then_what_the_agent_measure
     check_invariants(&s);
     // The agent was only cut off: it kept the run going and metering it, and
     // its late reports bill what it measured past the last heartbeat, once.
-    let late = report(
+    let mut late = report(
         2,
         RunReport::Exited {
             job: id,
@@ -612,6 +613,8 @@ fn node_loss_requeues_bills_up_to_the_last_heartbeat_then_what_the_agent_measure
             energy_mj: 7_000,
         },
     );
+    // It reaches the leader after the time it reports.
+    late.at_ms = at + 31_000;
     s.apply(&late).unwrap();
     let j = &s.jobs[&id];
     assert_eq!(j.state, JobState::Pending, "the job itself has moved on");

@@ -38,16 +38,19 @@ pub fn desired_runs(state: &State, node: &str) -> Vec<pb::Run> {
             attempt: j.attempts,
             command: j.spec.command.clone(),
             gpus: j.gpus.clone(),
-            // A preempted run gets the policy's grace for its checkpoint.
+            // A preempted run gets the policy's grace for its checkpoint;
+            // none gets more than the policy's longest.
             kill_grace_ms: if j.preempted_for.is_some() && !j.cancel_requested {
-                state.policy.preempt_grace_s * 1000
+                state.policy.preempt_grace_s.saturating_mul(1000)
             } else {
                 j.spec.kill_grace_ms
-            },
+            }
+            .min(state.policy.max_grace_s.saturating_mul(1000)),
             stop: j.stopping(),
             cpu_millis: j.spec.isolation.cpu_millis,
             memory_mb: j.spec.isolation.memory_mb,
             image: j.spec.isolation.image.clone().unwrap_or_default(),
+            env: j.spec.env.clone().into_iter().collect(),
         })
         .collect()
 }

@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 
 use std::time::Duration;
 
-use super::{Ctx, invalid, propose_status};
+use super::{Ctx, after, invalid, page, propose_status};
 use crate::consensus::transport;
 use crate::replica::Membership;
 use crate::state::{JobState, Op, Principal, State};
@@ -268,11 +268,35 @@ impl ClusterService for Cluster {
         &self,
         req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        self.0.principal(&req).await?;
+        let who = self.0.principal(&req).await?;
         self.0.current().await?;
+        let r = req.into_inner();
         let state = self.0.replica.read();
+        let mut nodes = self.nodes(&state);
+        // A member sees which GPUs are busy, not whose jobs hold them.
+        if let Principal::Member(m) = &who {
+            for g in nodes.iter_mut().flat_map(|n| n.gpus.iter_mut()) {
+                let mine = g
+                    .job
+                    .parse()
+                    .ok()
+                    .and_then(|id| state.jobs.get(&id))
+                    .is_some_and(|j| j.member == *m);
+                if !mine && !g.job.is_empty() {
+                    g.job = "(another member's job)".into();
+                }
+            }
+        }
+        let (nodes, next_page_token) = page(
+            nodes
+                .into_iter()
+                .map(|n| (n.name.clone(), n))
+                .filter(|(k, _)| after(k, &r.page_token)),
+            r.limit,
+        );
         Ok(Response::new(pb::ListNodesResponse {
-            nodes: self.nodes(&state),
+            nodes,
+            next_page_token,
         }))
     }
 }

@@ -8,7 +8,10 @@ use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
-use super::{Ctx, invalid, job_to_pb, may_access, parse_job_id, propose_status, rejection_status};
+use super::{
+    Ctx, after, invalid, job_key, job_to_pb, may_access, page, parse_job_id, propose_status,
+    rejection_status,
+};
 use crate::replica::{ProposeError, now_ms};
 use crate::state::{Event, Isolation, JobKind, JobSpec, Op, Principal, Rejection, validate_spec};
 
@@ -69,6 +72,8 @@ impl JobService for Jobs {
             (Principal::Operator, other) => other.to_string(),
             (Principal::Auditor(_) | Principal::Node(_), _) => unreachable!("refused by actor"),
         };
+        let rate = self.0.replica.read().policy.submit_rate;
+        self.0.limits.check(&member, rate)?;
         let spec = JobSpec {
             kind,
             gpus: r.gpus,
@@ -88,6 +93,7 @@ impl JobService for Jobs {
                 memory_mb: r.memory_mb,
                 image: Some(r.image.trim().to_string()).filter(|i| !i.is_empty()),
             },
+            env: r.env.into_iter().collect(),
         };
         validate_spec(&spec).map_err(rejection_status)?;
         let retry = !r.request_id.trim().is_empty();
@@ -188,13 +194,17 @@ impl JobService for Jobs {
             .filter(|j| may_access(&who, j))
             .filter(|j| filter_member.is_empty() || j.member == filter_member)
             .filter(|j| states.is_empty() || states.contains(&j.state))
+            .map(|j| (job_key(j), j))
+            .filter(|(k, _)| after(k, &r.page_token))
             .collect();
-        jobs.sort_by_key(|j| (j.submitted_at_ms, j.id));
+        jobs.sort_by(|a, b| a.0.cmp(&b.0));
+        let (jobs, next_page_token) = page(
+            jobs.into_iter().map(|(k, j)| (k, job_to_pb(&state, j, now))),
+            r.limit,
+        );
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs
-                .into_iter()
-                .map(|j| job_to_pb(&state, j, now))
-                .collect(),
+            jobs,
+            next_page_token,
         }))
     }
 

@@ -4,7 +4,8 @@
 use coop_proto::v1::{self as pb, member_service_server::MemberService};
 use tonic::{Request, Response, Status};
 
-use super::{Ctx, invalid, propose_status};
+use super::{Ctx, after, invalid, page, propose_status};
+use crate::policy::Setting;
 use crate::auth::{hash_token, new_token};
 use crate::replica::now_ms;
 use crate::state::{Member, Op, Principal, State, valid_name};
@@ -94,6 +95,43 @@ impl MemberService for Members {
         let name = valid("name", "member", &r.name)?;
         let expires_at_ms = expiry("expires", r.token_ttl_s)?;
         let token = new_token();
+        let required = self.0.replica.read().policy.approvals_required;
+        if required > 0 {
+            // The co-op governs itself: the operator proposes, members decide.
+            if expires_at_ms.is_some() {
+                return Err(invalid(
+                    "expires",
+                    "a member added by proposal gets a token that does not expire; rotate it later",
+                ));
+            }
+            let settings = vec![Setting::AddMember {
+                name: name.clone(),
+                token_hash: hash_token(&token),
+            }];
+            let reason = format!("add member {name}");
+            self.0
+                .replica
+                .propose(Op::ProposePolicy {
+                    settings: settings.clone(),
+                    by: "operator".into(),
+                    reason: reason.clone(),
+                })
+                .await
+                .map_err(propose_status)?;
+            let state = self.0.replica.read();
+            let id = state
+                .proposals
+                .values()
+                .rev()
+                .find(|p| p.settings == settings)
+                .map(|p| p.id)
+                .ok_or_else(|| Status::internal("the proposal was applied but is not found"))?;
+            return Ok(Response::new(pb::AddMemberResponse {
+                member: None,
+                token,
+                proposal_id: id,
+            }));
+        }
         self.0
             .replica
             .propose(Op::AddMember {
@@ -104,7 +142,11 @@ impl MemberService for Members {
             .await
             .map_err(propose_status)?;
         let member = Some(self.member(&name)?);
-        Ok(Response::new(pb::AddMemberResponse { member, token }))
+        Ok(Response::new(pb::AddMemberResponse {
+            member,
+            token,
+            proposal_id: 0,
+        }))
     }
 
     async fn list(
@@ -113,13 +155,19 @@ impl MemberService for Members {
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
         self.0.overseer(&req).await?;
         self.0.current().await?;
+        let r = req.into_inner();
         let state = self.0.replica.read();
-        Ok(Response::new(pb::ListMembersResponse {
-            members: state
+        let (members, next_page_token) = page(
+            state
                 .members
                 .values()
-                .map(|m| member_to_pb(&state, m))
-                .collect(),
+                .filter(|m| after(&m.name, &r.page_token))
+                .map(|m| (m.name.clone(), member_to_pb(&state, m))),
+            r.limit,
+        );
+        Ok(Response::new(pb::ListMembersResponse {
+            members,
+            next_page_token,
         }))
     }
 
@@ -171,6 +219,7 @@ impl MemberService for Members {
                 account,
                 token_hash: hash_token(&token),
                 expires_at_ms,
+                by: Some(who),
             })
             .await
             .map_err(propose_status)?;
@@ -238,16 +287,25 @@ impl MemberService for Members {
     ) -> Result<Response<pb::ListAuditorsResponse>, Status> {
         self.0.overseer(&req).await?;
         self.0.current().await?;
+        let r = req.into_inner();
         let state = self.0.replica.read();
-        Ok(Response::new(pb::ListAuditorsResponse {
-            auditors: state
+        let (auditors, next_page_token) = page(
+            state
                 .auditors
                 .values()
-                .map(|a| pb::Auditor {
-                    name: a.name.clone(),
-                    created_at_ms: a.created_at_ms,
-                })
-                .collect(),
+                .filter(|a| after(&a.name, &r.page_token))
+                .map(|a| {
+                    let pb = pb::Auditor {
+                        name: a.name.clone(),
+                        created_at_ms: a.created_at_ms,
+                    };
+                    (a.name.clone(), pb)
+                }),
+            r.limit,
+        );
+        Ok(Response::new(pb::ListAuditorsResponse {
+            auditors,
+            next_page_token,
         }))
     }
 

@@ -4,6 +4,7 @@ pub mod agents;
 pub mod audit;
 pub mod cluster;
 pub mod jobs;
+pub mod limits;
 pub mod members;
 pub mod policy;
 pub mod usage;
@@ -27,6 +28,7 @@ pub struct Ctx {
     pub decayed: Arc<std::sync::Mutex<crate::fairshare::DecayedUsage>>,
     pub registry: Arc<Registry>,
     pub config: Arc<crate::server::Config>,
+    pub limits: Arc<limits::SubmitLimits>,
 }
 
 impl Ctx {
@@ -155,6 +157,7 @@ pub fn rejection_status(r: Rejection) -> Status {
         Rejection::NotFound(m) => Status::not_found(m),
         Rejection::AlreadyExists(m) => Status::already_exists(m),
         Rejection::FailedPrecondition(m) => Status::failed_precondition(m),
+        Rejection::ResourceExhausted { .. } => Status::resource_exhausted(r.to_string()),
     }
 }
 
@@ -248,7 +251,51 @@ pub fn job_to_pb(state: &State, job: &Job, now_ms: i64) -> pb::Job {
         memory_mb: job.spec.isolation.memory_mb,
         image: job.spec.isolation.image.clone().unwrap_or_default(),
         gpu_utilization_pct: job.utilization_pct(),
+        env_names: job.spec.env.keys().cloned().collect(),
     }
+}
+
+/// Items per page when the caller names no limit, and the most it may name.
+pub const DEFAULT_PAGE: usize = 500;
+pub const MAX_PAGE: usize = 5000;
+/// A page stays under this many bytes, whatever its items: well under the
+/// 4 MiB a gRPC client accepts by default.
+pub const PAGE_BYTES: usize = 3 << 20;
+
+/// One page of `items`, which come in the order of their keys (`(key, item)`,
+/// made lazily, so that items past the page cost nothing). The page token is
+/// the last key returned; the next page starts after it. An item larger than
+/// a page on its own is still returned alone, so that listing always moves on.
+pub fn page<T: prost::Message>(
+    items: impl Iterator<Item = (String, T)>,
+    limit: u32,
+) -> (Vec<T>, String) {
+    let limit = match limit as usize {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let (mut out, mut bytes, mut last) = (Vec::new(), 0usize, None);
+    for (key, item) in items {
+        let size = item.encoded_len() + 8;
+        if out.len() == limit || (!out.is_empty() && bytes + size > PAGE_BYTES) {
+            return (out, last.unwrap_or_default());
+        }
+        bytes += size;
+        last = Some(key);
+        out.push(item);
+    }
+    (out, String::new())
+}
+
+/// Whether `key` comes after the page token (every key does, with none).
+pub fn after(key: &str, token: &str) -> bool {
+    token.is_empty() || key > token
+}
+
+/// The page key of a job: submission order, then id.
+pub fn job_key(job: &Job) -> String {
+    // Offset so that times before 1970 (none in practice) still sort.
+    format!("{:020}/{}", (job.submitted_at_ms as i128 + (1i128 << 62)) as u64, job.id)
 }
 
 /// The member whose figures a caller may read: the operator and auditors any

@@ -3,7 +3,7 @@
 use coop_proto::v1::{self as pb, policy_service_server::PolicyService};
 use tonic::{Request, Response, Status};
 
-use super::{Ctx, invalid, propose_status};
+use super::{Ctx, after, invalid, page, propose_status};
 use crate::policy::Setting;
 use crate::replica::now_ms;
 use crate::state::{Op, Principal, Proposal, State};
@@ -162,14 +162,21 @@ impl PolicyService for Policies {
     ) -> Result<Response<pb::ListProposalsResponse>, Status> {
         self.0.principal(&req).await?;
         self.0.current().await?;
+        let r = req.into_inner();
         let now = now_ms();
         let state = self.0.replica.read();
-        Ok(Response::new(pb::ListProposalsResponse {
-            proposals: state
+        let (proposals, next_page_token) = page(
+            state
                 .proposals
                 .values()
-                .map(|p| proposal_to_pb(p, now))
-                .collect(),
+                .map(|p| (format!("{:020}", p.id), p))
+                .filter(|(k, _)| after(k, &r.page_token))
+                .map(|(k, p)| (k, proposal_to_pb(p, now))),
+            r.limit,
+        );
+        Ok(Response::new(pb::ListProposalsResponse {
+            proposals,
+            next_page_token,
         }))
     }
 }

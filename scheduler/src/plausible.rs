@@ -1,0 +1,165 @@
+//! What a node's report may claim. An agent's machine belongs to one member
+//! and its reports bill another, so nothing in them is taken as given: each
+//! is checked against what the replicated state knows (the run's placement,
+//! the leader's clock in the command, the run's GPUs) before anything is
+//! billed. Pure, like the rest of the state machine.
+
+use crate::state::{JobState, RunReport, State};
+
+/// Agents' and schedulers' clocks may disagree by this much.
+pub const MAX_CLOCK_SKEW_MS: i64 = 5_000;
+/// No GPU board draws more (the largest today are about 1.2 kW).
+pub const MAX_GPU_POWER_W: u64 = 1_500;
+/// Longest exit reason kept from an agent.
+pub const MAX_REASON_BYTES: usize = 512;
+
+/// The most energy `gpus` GPUs can draw in `ms`: W × ms = mJ, with a tenth
+/// over for sensor overshoot and one clock skew of slack for the interval.
+pub fn energy_bound_mj(gpus: u32, ms: i64) -> u64 {
+    let ms = ms.max(0).saturating_add(MAX_CLOCK_SKEW_MS) as u64;
+    (gpus as u64)
+        .saturating_mul(MAX_GPU_POWER_W)
+        .saturating_mul(ms)
+        .saturating_mul(11)
+        / 10
+}
+
+/// The reason, cut to a bounded length at a character boundary.
+pub fn bounded_reason(reason: &str) -> String {
+    let mut end = reason.len().min(MAX_REASON_BYTES);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_string()
+}
+
+impl RunReport {
+    /// The kind of report, as the audit ledger names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RunReport::Started { .. } => "started",
+            RunReport::Exited { .. } => "exited",
+            RunReport::Usage { .. } => "usage",
+            RunReport::Utilization { .. } => "utilization",
+            RunReport::Lost { .. } => "lost",
+        }
+    }
+
+    /// The run it is about: (job, attempt).
+    pub fn run(&self) -> (crate::state::JobId, u32) {
+        match self {
+            RunReport::Started { job, attempt, .. }
+            | RunReport::Exited { job, attempt, .. }
+            | RunReport::Usage { job, attempt, .. }
+            | RunReport::Utilization { job, attempt, .. }
+            | RunReport::Lost { job, attempt, .. } => (*job, *attempt),
+        }
+    }
+
+    /// The time it claims, where it claims one.
+    pub fn time_ms(&self) -> Option<i64> {
+        match self {
+            RunReport::Started { at_ms, .. }
+            | RunReport::Exited { at_ms, .. }
+            | RunReport::Lost { at_ms, .. } => Some(*at_ms),
+            RunReport::Usage { to_ms, .. } => Some(*to_ms),
+            RunReport::Utilization { .. } => None,
+        }
+    }
+
+    /// The energy it bills, where it bills any.
+    pub fn energy_mj(&self) -> Option<u64> {
+        match self {
+            RunReport::Exited { energy_mj, .. }
+            | RunReport::Lost { energy_mj, .. }
+            | RunReport::Usage { energy_mj, .. } => Some(*energy_mj),
+            RunReport::Started { .. } | RunReport::Utilization { .. } => None,
+        }
+    }
+}
+
+impl State {
+    /// Whether `report` of `node`, applied at `at` (the leader's clock), is
+    /// plausible; if not, why. A report about a run the node no longer has
+    /// is not checked here: it bills nothing anyway.
+    pub fn check_report(&self, at: i64, node: &str, report: &RunReport) -> Result<(), String> {
+        if let Some(t) = report.time_ms()
+            && t > at.saturating_add(MAX_CLOCK_SKEW_MS)
+        {
+            return Err(format!(
+                "its time is {} ms ahead of the scheduler's clock",
+                t.saturating_sub(at)
+            ));
+        }
+        let (id, attempt) = report.run();
+        let cut = self
+            .nodes
+            .get(node)
+            .and_then(|n| n.cut_off.iter().find(|c| c.job == id && c.attempt == attempt));
+        let current = self.jobs.get(&id).filter(|j| {
+            j.state == JobState::Running && j.attempts == attempt && j.node.as_deref() == Some(node)
+        });
+        // The interval the report would bill from, and over how many GPUs.
+        let billed = match (cut, current) {
+            (Some(c), _) => Some((c.billed_to_ms, c.gpus)),
+            (None, Some(j)) if j.started_at_ms.is_some() => Some((j.billed_to_ms, j.spec.gpus)),
+            _ => None,
+        };
+        match report {
+            RunReport::Started { at_ms, .. } => {
+                if let Some(j) = current
+                    && *at_ms < j.placed_at_ms.saturating_sub(MAX_CLOCK_SKEW_MS)
+                {
+                    return Err(format!(
+                        "the run starts {} ms before it was placed",
+                        j.placed_at_ms.saturating_sub(*at_ms)
+                    ));
+                }
+            }
+            RunReport::Utilization {
+                sum_pct, samples, ..
+            } => {
+                if *sum_pct > samples.saturating_mul(100) {
+                    return Err(format!(
+                        "{samples} readings cannot sum to {sum_pct} percent"
+                    ));
+                }
+            }
+            RunReport::Usage { .. } | RunReport::Exited { .. } | RunReport::Lost { .. } => {
+                let energy = report.energy_mj().unwrap_or(0);
+                if let Some((from, gpus)) = billed {
+                    let to = report.time_ms().unwrap_or(from).min(at).max(from);
+                    let bound = energy_bound_mj(gpus, to - from);
+                    if energy > bound {
+                        return Err(format!(
+                            "{energy} mJ in {} ms is more than {gpus} GPUs can draw ({bound} mJ at most)",
+                            to - from
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_energy_bound_grows_with_gpus_and_time_and_never_overflows() {
+        assert_eq!(energy_bound_mj(1, 0), 1_500 * 5_000 * 11 / 10);
+        assert!(energy_bound_mj(2, 10_000) > energy_bound_mj(1, 10_000));
+        assert_eq!(energy_bound_mj(u32::MAX, i64::MAX), u64::MAX / 10);
+        assert_eq!(energy_bound_mj(1, i64::MIN), energy_bound_mj(1, 0));
+    }
+
+    #[test]
+    fn reasons_are_cut_at_a_character_boundary() {
+        let long = "é".repeat(MAX_REASON_BYTES);
+        let cut = bounded_reason(&long);
+        assert!(cut.len() <= MAX_REASON_BYTES && cut.chars().all(|c| c == 'é'));
+        assert_eq!(bounded_reason("exit 1"), "exit 1");
+    }
+}
