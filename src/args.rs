@@ -403,7 +403,10 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
-    let ok = k.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+    let ok = k
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !ok {
         return Err(format!("{k:?} is not a variable name"));

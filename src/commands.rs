@@ -278,19 +278,23 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                 } as i32)
                 .collect();
             let member = a.member.unwrap_or_default();
-            let (list, rest) = pages(a.limit, a.page_token.unwrap_or_default(), |limit, page_token| {
-                let mut jobs = jobs.clone();
-                let req = c.req(pb::ListJobsRequest {
-                    states: states.clone(),
-                    member: member.clone(),
-                    limit,
-                    page_token,
-                });
-                async move {
-                    let r = jobs.list(req).await?.into_inner();
-                    Ok((r.jobs, r.next_page_token))
-                }
-            })
+            let (list, rest) = pages(
+                a.limit,
+                a.page_token.unwrap_or_default(),
+                |limit, page_token| {
+                    let mut jobs = jobs.clone();
+                    let req = c.req(pb::ListJobsRequest {
+                        states: states.clone(),
+                        member: member.clone(),
+                        limit,
+                        page_token,
+                    });
+                    async move {
+                        let r = jobs.list(req).await?.into_inner();
+                        Ok((r.jobs, r.next_page_token))
+                    }
+                },
+            )
             .await?;
             if !rest.is_empty() {
                 eprintln!("more jobs follow: add --page-token {rest}");

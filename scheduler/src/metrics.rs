@@ -120,6 +120,7 @@ struct Vecs {
     pending_jobs: IntGaugeVec,
     suffered: CounterVec,
     caused: CounterVec,
+    rejected: CounterVec,
     jobs: IntGaugeVec,
     gpu_allocated: IntGaugeVec,
     node_up: IntGaugeVec,
@@ -169,6 +170,7 @@ impl StateCollector {
             pending_jobs: igv("coop_member_pending_jobs", "The member's jobs waiting to be placed.", m),
             suffered: cv("coop_member_preemptions_suffered_total", "Runs of the member's jobs that were preempted.", m),
             caused: cv("coop_member_preemptions_caused_total", "Runs of other members preempted for the member's jobs.", m),
+            rejected: cv("coop_node_reports_rejected_total", "Reports of the node's agent that failed the plausibility checks (kept in the audit ledger, billed nothing).", &["node"]),
             jobs: igv("coop_jobs", "Jobs by kind and state.", &["kind", "state"]),
             gpu_allocated: igv("coop_gpu_allocated", "1 when a job holds the GPU, 0 when it is free.", &["node", "gpu", "model"]),
             node_up: igv("coop_node_up", "1 while the node's agent is registered and heard from.", &["node", "owner"]),
@@ -194,6 +196,7 @@ impl StateCollector {
             Box::new(vecs.pending_jobs.clone()),
             Box::new(vecs.suffered.clone()),
             Box::new(vecs.caused.clone()),
+            Box::new(vecs.rejected.clone()),
             Box::new(vecs.jobs.clone()),
             Box::new(vecs.gpu_allocated.clone()),
             Box::new(vecs.node_up.clone()),
@@ -239,8 +242,12 @@ impl Collector for StateCollector {
             &v.energy,
             &v.suffered,
             &v.caused,
+            &v.rejected,
         ] {
             c.reset();
+        }
+        for (node, n) in &state.rejected_reports {
+            v.rejected.with_label_values(&[node]).inc_by(*n as f64);
         }
         for g in [
             &v.running_gpus,
@@ -266,9 +273,9 @@ impl Collector for StateCollector {
         let mut jobs: BTreeMap<(JobKind, JobState), i64> = BTreeMap::new();
         for j in state.jobs.values() {
             let b = billed.entry(j.member.as_str()).or_default();
-            b.0 += j.gpu_ms;
-            b.1 += j.weighted_gpu_ms;
-            b.2 += j.energy_mj;
+            b.0 = b.0.saturating_add(j.gpu_ms);
+            b.1 = b.1.saturating_add(j.weighted_gpu_ms);
+            b.2 = b.2.saturating_add(j.energy_mj);
             let p = preempt.entry(j.member.as_str()).or_default();
             p.0 += j.preemptions as u64;
             p.1 += j.preemptions_caused as u64;

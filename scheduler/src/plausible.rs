@@ -92,10 +92,11 @@ impl State {
             ));
         }
         let (id, attempt) = report.run();
-        let cut = self
-            .nodes
-            .get(node)
-            .and_then(|n| n.cut_off.iter().find(|c| c.job == id && c.attempt == attempt));
+        let cut = self.nodes.get(node).and_then(|n| {
+            n.cut_off
+                .iter()
+                .find(|c| c.job == id && c.attempt == attempt)
+        });
         let current = self.jobs.get(&id).filter(|j| {
             j.state == JobState::Running && j.attempts == attempt && j.node.as_deref() == Some(node)
         });

@@ -243,10 +243,14 @@ impl Policy {
             Setting::MaxPendingJobs(self.max_pending_jobs),
             Setting::GpuQuota(self.gpu_quota),
         ]);
-        out.extend(self.gpu_quotas.iter().map(|(m, g)| Setting::MemberGpuQuota {
-            member: m.clone(),
-            gpus: *g,
-        }));
+        out.extend(
+            self.gpu_quotas
+                .iter()
+                .map(|(m, g)| Setting::MemberGpuQuota {
+                    member: m.clone(),
+                    gpus: *g,
+                }),
+        );
         out.push(Setting::SubmitRate(self.submit_rate));
         out
     }
@@ -256,10 +260,16 @@ impl Policy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Setting {
     Ordering(Ordering),
-    Share { member: String, shares: u64 },
+    Share {
+        member: String,
+        shares: u64,
+    },
     DefaultShare(u64),
     CapacityBlendPct(u32),
-    ModelWeightMilli { model: String, milli: u64 },
+    ModelWeightMilli {
+        model: String,
+        milli: u64,
+    },
     HalfLifeS(u64),
     Preemption(bool),
     PreemptInference(bool),
@@ -271,11 +281,17 @@ pub enum Setting {
     MaxGraceS(u64),
     MaxPendingJobs(u64),
     GpuQuota(u64),
-    MemberGpuQuota { member: String, gpus: u64 },
+    MemberGpuQuota {
+        member: String,
+        gpus: u64,
+    },
     SubmitRate(u64),
     /// A member joins the co-op once the proposal passes (its token, made
     /// when proposed, works from then on). Only `coop member add` makes it.
-    AddMember { name: String, token_hash: String },
+    AddMember {
+        name: String,
+        token_hash: String,
+    },
     RemoveMember(String),
 }
 

@@ -801,7 +801,10 @@ impl State {
         if gpus.len() > MAX_GPUS_PER_NODE {
             return Err(invalid(
                 "gpus",
-                format!("{} GPUs; a node offers at most {MAX_GPUS_PER_NODE}", gpus.len()),
+                format!(
+                    "{} GPUs; a node offers at most {MAX_GPUS_PER_NODE}",
+                    gpus.len()
+                ),
             ));
         }
         let mut seen = BTreeSet::new();
@@ -1820,7 +1823,14 @@ impl State {
     /// Where and with what energy a run that a report ends is closed: at the
     /// reported time within the leader's clock, or, for an implausible
     /// report, where it was billed to already and with no energy.
-    fn run_end(&self, id: JobId, at: i64, at_ms: i64, energy_mj: u64, plausible: bool) -> (i64, u64) {
+    fn run_end(
+        &self,
+        id: JobId,
+        at: i64,
+        at_ms: i64,
+        energy_mj: u64,
+        plausible: bool,
+    ) -> (i64, u64) {
         let Some(j) = self.jobs.get(&id) else {
             return (at_ms.min(at), 0);
         };
@@ -2055,20 +2065,32 @@ const MAX_MEASURED: u64 = 100_000_000;
 fn check_gpu(g: &GpuInfo) -> Result<(), Rejection> {
     let printable = |s: &str| s.bytes().all(|b| b.is_ascii_graphic());
     if g.uuid.len() > 128 || !printable(&g.uuid) {
-        return Err(invalid("gpus", format!("GPU uuid {:?} is not a GPU uuid", g.uuid)));
+        return Err(invalid(
+            "gpus",
+            format!("GPU uuid {:?} is not a GPU uuid", g.uuid),
+        ));
     }
     if g.model.is_empty() || g.model.len() > 64 || !printable(&g.model) {
-        return Err(invalid("gpus", format!("GPU model {:?} is not a model name", g.model)));
+        return Err(invalid(
+            "gpus",
+            format!("GPU model {:?} is not a model name", g.model),
+        ));
     }
     if g.memory_mb > MAX_GPU_MEMORY_MB {
-        return Err(invalid("gpus", format!("GPU {} claims {} MB of memory", g.uuid, g.memory_mb)));
+        return Err(invalid(
+            "gpus",
+            format!("GPU {} claims {} MB of memory", g.uuid, g.memory_mb),
+        ));
     }
     if let Some(m) = g.measured
         && (m.fp16_gflops > MAX_MEASURED
             || m.bf16_gflops > MAX_MEASURED
             || m.memory_mb_per_s > MAX_MEASURED)
     {
-        return Err(invalid("gpus", format!("GPU {} claims an impossible measured throughput", g.uuid)));
+        return Err(invalid(
+            "gpus",
+            format!("GPU {} claims an impossible measured throughput", g.uuid),
+        ));
     }
     Ok(())
 }
@@ -2087,7 +2109,10 @@ pub fn reserved_env(key: &str) -> bool {
     key.starts_with("COOP_")
         || matches!(
             key,
-            "CUDA_VISIBLE_DEVICES" | "NVIDIA_VISIBLE_DEVICES" | "HIP_VISIBLE_DEVICES" | "ROCR_VISIBLE_DEVICES"
+            "CUDA_VISIBLE_DEVICES"
+                | "NVIDIA_VISIBLE_DEVICES"
+                | "HIP_VISIBLE_DEVICES"
+                | "ROCR_VISIBLE_DEVICES"
         )
 }
 
@@ -2117,7 +2142,9 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Rejection> {
     }
     for (k, v) in &spec.env {
         let name_ok = k.len() <= 255
-            && k.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && k.bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
             && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !name_ok {
             return Err(invalid(
@@ -2136,7 +2163,11 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Rejection> {
         }
     }
     let bytes: usize = spec.command.iter().map(|a| a.len() + 1).sum::<usize>()
-        + spec.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>();
+        + spec
+            .env
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>();
     if bytes > MAX_SPEC_BYTES {
         return Err(invalid(
             "command",

@@ -199,7 +199,8 @@ impl JobService for Jobs {
             .collect();
         jobs.sort_by(|a, b| a.0.cmp(&b.0));
         let (jobs, next_page_token) = page(
-            jobs.into_iter().map(|(k, j)| (k, job_to_pb(&state, j, now))),
+            jobs.into_iter()
+                .map(|(k, j)| (k, job_to_pb(&state, j, now))),
             r.limit,
         );
         Ok(Response::new(pb::ListJobsResponse {

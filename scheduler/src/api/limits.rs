@@ -65,9 +65,23 @@ mod tests {
         }
         let refused = l.check("a", 2).expect_err("past the burst");
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-        assert!(refused.message().starts_with("submissions:"), "{}", refused.message());
-        let wait: u64 = refused.metadata().get(RETRY_AFTER_HEADER).unwrap().to_str().unwrap().parse().unwrap();
-        assert!(wait > 0 && wait <= 500, "one token comes every 500 ms: {wait}");
+        assert!(
+            refused.message().starts_with("submissions:"),
+            "{}",
+            refused.message()
+        );
+        let wait: u64 = refused
+            .metadata()
+            .get(RETRY_AFTER_HEADER)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            wait > 0 && wait <= 500,
+            "one token comes every 500 ms: {wait}"
+        );
         l.check("b", 2).expect("another member has its own bucket");
         l.check("a", 0).expect("rate 0: no limit");
     }

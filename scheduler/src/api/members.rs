@@ -5,8 +5,8 @@ use coop_proto::v1::{self as pb, member_service_server::MemberService};
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, after, invalid, page, propose_status};
-use crate::policy::Setting;
 use crate::auth::{hash_token, new_token};
+use crate::policy::Setting;
 use crate::replica::now_ms;
 use crate::state::{Member, Op, Principal, State, valid_name};
 

@@ -295,7 +295,11 @@ pub fn after(key: &str, token: &str) -> bool {
 /// The page key of a job: submission order, then id.
 pub fn job_key(job: &Job) -> String {
     // Offset so that times before 1970 (none in practice) still sort.
-    format!("{:020}/{}", (job.submitted_at_ms as i128 + (1i128 << 62)) as u64, job.id)
+    format!(
+        "{:020}/{}",
+        (job.submitted_at_ms as i128 + (1i128 << 62)) as u64,
+        job.id
+    )
 }
 
 /// The member whose figures a caller may read: the operator and auditors any

@@ -1,0 +1,722 @@
+//! The state machine against a hostile member, a hostile node and a
+//! hostile operator: each forgery or overreach of issue 13 is refused,
+//! changes no bill, and (for reports) leaves evidence in the audit ledger.
+
+use coop_scheduler::ledger::Entry;
+use coop_scheduler::policy::Setting;
+use coop_scheduler::state::*;
+use uuid::Uuid;
+
+fn gpus(node: &str, n: u32) -> Vec<GpuInfo> {
+    (0..n)
+        .map(|i| GpuInfo {
+            uuid: format!("GPU-{node}-{i}"),
+            index: i,
+            model: "A100-80GB".into(),
+            memory_mb: 80 * 1024,
+            measured: None,
+        })
+        .collect()
+}
+
+fn spec(n: u32) -> JobSpec {
+    JobSpec {
+        kind: JobKind::Finetune,
+        gpus: n,
+        command: vec!["true".into()],
+        gpu_model: None,
+        min_gpu_memory_mb: 0,
+        preemptible: false,
+        kill_grace_ms: 1000,
+        priority: 0,
+        time_limit_ms: 0,
+        isolation: Default::default(),
+        env: Default::default(),
+    }
+}
+
+fn apply(s: &mut State, at_ms: i64, op: Op) -> Result<Vec<Event>, Rejection> {
+    s.apply(&Command { at_ms, op })
+}
+
+/// A co-op with members a (its node n1, 4 GPUs) and b, and b's 2-GPU job
+/// placed on n1 at t = 10 s.
+fn running() -> (State, JobId) {
+    let mut s = State::default();
+    let ops = [
+        Op::Bootstrap {
+            operator_token_hash: "op".into(),
+            default_member: None,
+        },
+        Op::AddMember {
+            name: "a".into(),
+            token_hash: "h-a".into(),
+            expires_at_ms: None,
+        },
+        Op::AddMember {
+            name: "b".into(),
+            token_hash: "h-b".into(),
+            expires_at_ms: None,
+        },
+        Op::RegisterNode {
+            node: "n1".into(),
+            owner: "a".into(),
+            gpus: gpus("n1", 4),
+            session: "s1".into(),
+            orphaned_runs_end_ms: 0,
+        },
+    ];
+    for op in ops {
+        apply(&mut s, 1_000, op).expect("setup");
+    }
+    let id = Uuid::from_u128(1);
+    apply(
+        &mut s,
+        2_000,
+        Op::SubmitJob {
+            id,
+            member: "b".into(),
+            spec: spec(2),
+        },
+    )
+    .unwrap();
+    let gpus = vec!["GPU-n1-0".to_string(), "GPU-n1-1".to_string()];
+    apply(
+        &mut s,
+        10_000,
+        Op::Place {
+            job: id,
+            node: "n1".into(),
+            gpus,
+        },
+    )
+    .unwrap();
+    (s, id)
+}
+
+fn report(s: &mut State, at_ms: i64, seq: u64, report: RunReport) {
+    let op = Op::Report {
+        node: "n1".into(),
+        session: "s1".into(),
+        seq,
+        report,
+    };
+    apply(s, at_ms, op).expect("a report is acknowledged, plausible or not");
+}
+
+fn rejected(s: &State) -> Vec<String> {
+    s.audit
+        .iter()
+        .filter_map(|r| match &r.entry {
+            Entry::ReportRejected { report, reason, .. } => Some(format!("{report}: {reason}")),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn forged_times_bill_nothing_and_are_kept_as_evidence() {
+    // The attack of issue 13: a start at i64::MIN billed 57 GPU-years.
+    let (mut s, id) = running();
+    let start = s.clone();
+    let forgeries = [
+        (
+            11_000,
+            RunReport::Started {
+                job: id,
+                attempt: 1,
+                at_ms: i64::MIN,
+            },
+        ),
+        (
+            20_000,
+            RunReport::Usage {
+                job: id,
+                attempt: 1,
+                to_ms: i64::MAX,
+                energy_mj: 0,
+            },
+        ),
+        (
+            21_000,
+            RunReport::Exited {
+                job: id,
+                attempt: 1,
+                at_ms: 21_000,
+                exit_code: 0,
+                reason: String::new(),
+                energy_mj: 0,
+            },
+        ),
+    ];
+    for (seq, (at, r)) in forgeries.iter().enumerate() {
+        report(&mut s, *at, seq as u64 + 1, r.clone());
+        if seq == 0 {
+            assert_eq!(
+                s.jobs[&id].started_at_ms, None,
+                "the run has not started as far as billing goes"
+            );
+        }
+    }
+    assert!(s.ledger.is_empty(), "nothing billed: {:?}", s.ledger);
+    assert_eq!(s.jobs[&id].gpu_ms, 0);
+    assert_eq!(
+        s.jobs[&id].state,
+        JobState::Completed,
+        "the run still ended"
+    );
+    let why = rejected(&s);
+    assert_eq!(why.len(), 2, "{why:?}");
+    assert!(why[0].starts_with("started: the run starts"), "{why:?}");
+    assert!(why[1].starts_with("usage: its time is"), "{why:?}");
+    assert_eq!(s.rejected_reports["n1"], 2);
+    // Every replica replaying the log reaches the same state, with no panic.
+    let mut replay = start;
+    for (seq, (at, r)) in forgeries.into_iter().enumerate() {
+        report(&mut replay, at, seq as u64 + 1, r);
+    }
+    assert_eq!(replay, s);
+}
+
+#[test]
+fn a_run_is_billed_only_from_its_placement_to_the_leaders_clock() {
+    let (mut s, id) = running();
+    // A start a little before the placement (clock skew) bills from the placement.
+    report(
+        &mut s,
+        10_500,
+        1,
+        RunReport::Started {
+            job: id,
+            attempt: 1,
+            at_ms: 9_000,
+        },
+    );
+    assert_eq!(s.jobs[&id].started_at_ms, Some(10_000));
+    // An exit 4 s ahead of the leader's clock is within the skew: billed to the clock.
+    report(
+        &mut s,
+        30_000,
+        2,
+        RunReport::Exited {
+            job: id,
+            attempt: 1,
+            at_ms: 34_000,
+            exit_code: 0,
+            reason: String::new(),
+            energy_mj: 0,
+        },
+    );
+    assert_eq!(s.jobs[&id].gpu_ms, 2 * 20_000, "2 GPUs from 10 s to 30 s");
+    assert!(rejected(&s).is_empty());
+}
+
+#[test]
+fn energy_beyond_what_the_gpus_can_draw_is_refused() {
+    let (mut s, id) = running();
+    report(
+        &mut s,
+        10_000,
+        1,
+        RunReport::Started {
+            job: id,
+            attempt: 1,
+            at_ms: 10_000,
+        },
+    );
+    // 277,777 kWh in 10 s, as in the attack.
+    let forged = 277_777 * 3_600_000_000_000u64;
+    report(
+        &mut s,
+        20_000,
+        2,
+        RunReport::Usage {
+            job: id,
+            attempt: 1,
+            to_ms: 20_000,
+            energy_mj: forged,
+        },
+    );
+    assert!(
+        s.ledger.is_empty(),
+        "neither the time nor the energy is billed"
+    );
+    assert_eq!(rejected(&s).len(), 1);
+    // What two 400 W GPUs draw in 20 s is billed.
+    report(
+        &mut s,
+        30_000,
+        3,
+        RunReport::Usage {
+            job: id,
+            attempt: 1,
+            to_ms: 30_000,
+            energy_mj: 2 * 400 * 20_000,
+        },
+    );
+    assert_eq!(s.jobs[&id].energy_mj, 16_000_000);
+    assert_eq!(s.jobs[&id].gpu_ms, 2 * 20_000);
+    // An exit claiming u64::MAX millijoules ends the run, billing nothing more.
+    report(
+        &mut s,
+        31_000,
+        4,
+        RunReport::Exited {
+            job: id,
+            attempt: 1,
+            at_ms: 31_000,
+            exit_code: 0,
+            reason: "x".repeat(10_000),
+            energy_mj: u64::MAX,
+        },
+    );
+    let j = &s.jobs[&id];
+    assert_eq!(
+        (j.state, j.energy_mj, j.gpu_ms),
+        (JobState::Completed, 16_000_000, 40_000)
+    );
+    assert!(j.reason.len() <= 512, "the agent's reason is bounded");
+    assert_eq!(rejected(&s).len(), 2);
+}
+
+#[test]
+fn utilisation_over_a_hundred_percent_is_refused() {
+    let (mut s, id) = running();
+    report(
+        &mut s,
+        10_000,
+        1,
+        RunReport::Utilization {
+            job: id,
+            attempt: 1,
+            sum_pct: u64::MAX,
+            samples: 1,
+        },
+    );
+    assert_eq!(s.jobs[&id].run_utilization, (0, 0));
+    assert_eq!(rejected(&s).len(), 1);
+}
+
+#[test]
+fn a_node_keeps_the_gpus_it_enrolled_with() {
+    let (mut s, _) = running();
+    let before = s.clone();
+    // More GPUs than it registered: capacity inflation.
+    let more = Op::RegisterNode {
+        node: "n1".into(),
+        owner: "a".into(),
+        gpus: gpus("n1", 8),
+        session: "s1".into(),
+        orphaned_runs_end_ms: 0,
+    };
+    let e = apply(&mut s, 40_000, more).unwrap_err();
+    assert!(e.to_string().contains("enroll the node again"), "{e}");
+    // The same GPUs as another model.
+    let mut other = gpus("n1", 4);
+    other[3].model = "H200-141GB".into();
+    let op = Op::RegisterNode {
+        node: "n1".into(),
+        owner: "a".into(),
+        gpus: other,
+        session: "s1".into(),
+        orphaned_runs_end_ms: 0,
+    };
+    assert!(apply(&mut s, 40_000, op).is_err());
+    assert_eq!(s, before, "refused registrations change nothing");
+    // Fewer (a GPU lost) is fine, and it may come back.
+    let fewer = Op::RegisterNode {
+        node: "n1".into(),
+        owner: "a".into(),
+        gpus: gpus("n1", 3),
+        session: "s1".into(),
+        orphaned_runs_end_ms: 0,
+    };
+    apply(&mut s, 41_000, fewer).unwrap();
+    let all = Op::RegisterNode {
+        node: "n1".into(),
+        owner: "a".into(),
+        gpus: gpus("n1", 4),
+        session: "s1".into(),
+        orphaned_runs_end_ms: 0,
+    };
+    apply(&mut s, 42_000, all).unwrap();
+    // Absurd claims are refused even at the first registration.
+    let mut huge = gpus("n9", 1);
+    huge[0].memory_mb = u64::MAX;
+    let op = Op::RegisterNode {
+        node: "n9".into(),
+        owner: "a".into(),
+        gpus: huge,
+        session: "s".into(),
+        orphaned_runs_end_ms: 0,
+    };
+    assert!(
+        apply(&mut s, 43_000, op)
+            .unwrap_err()
+            .to_string()
+            .starts_with("gpus:")
+    );
+    let op = Op::RegisterNode {
+        node: "n9".into(),
+        owner: "a".into(),
+        gpus: gpus("n9", 129),
+        session: "s".into(),
+        orphaned_runs_end_ms: 0,
+    };
+    assert!(
+        apply(&mut s, 43_000, op)
+            .unwrap_err()
+            .to_string()
+            .starts_with("gpus:")
+    );
+}
+
+#[test]
+fn what_a_member_submits_is_bounded() {
+    let (mut s, _) = running();
+    let before = s.clone();
+    let submit = |s: &mut State, n: u128, spec: JobSpec| {
+        apply(
+            s,
+            50_000,
+            Op::SubmitJob {
+                id: Uuid::from_u128(100 + n),
+                member: "b".into(),
+                spec,
+            },
+        )
+    };
+    let field = |r: Result<Vec<Event>, Rejection>| match r {
+        Err(Rejection::InvalidArgument { field, .. }) => field,
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    };
+    // A million arguments, as in the attack.
+    let mut big = spec(1);
+    big.command = vec!["x".into(); 1_000_000];
+    assert_eq!(field(submit(&mut s, 1, big)), "command");
+    let mut wide = spec(1);
+    wide.command = vec!["y".repeat(70_000)];
+    assert_eq!(field(submit(&mut s, 2, wide)), "command");
+    let mut grace = spec(1);
+    grace.kill_grace_ms = u64::MAX;
+    assert_eq!(field(submit(&mut s, 3, grace)), "kill_grace");
+    let mut grace = spec(1);
+    grace.kill_grace_ms = 11 * 60 * 1000; // over the default max_grace of 10 min
+    assert_eq!(field(submit(&mut s, 4, grace)), "kill_grace");
+    let mut limit = spec(1);
+    limit.time_limit_ms = u64::MAX;
+    assert_eq!(field(submit(&mut s, 5, limit)), "time_limit");
+    let mut env = spec(1);
+    env.env
+        .insert("CUDA_VISIBLE_DEVICES".into(), "0,1,2,3".into());
+    assert_eq!(field(submit(&mut s, 6, env)), "env");
+    let mut env = spec(1);
+    env.env.insert("COOP_JOB_ID".into(), "someone-else".into());
+    assert_eq!(field(submit(&mut s, 7, env)), "env");
+    assert_eq!(s, before, "refused submissions change nothing");
+
+    // Pending jobs per member.
+    let set = |s: &mut State, settings| {
+        apply(
+            s,
+            50_000,
+            Op::SetPolicy {
+                settings,
+                by: "operator".into(),
+                reason: "limits".into(),
+            },
+        )
+        .unwrap()
+    };
+    set(&mut s, vec![Setting::MaxPendingJobs(2)]);
+    submit(&mut s, 10, spec(1)).unwrap();
+    submit(&mut s, 11, spec(1)).unwrap();
+    match submit(&mut s, 12, spec(1)) {
+        Err(e @ Rejection::ResourceExhausted { .. }) => {
+            assert!(e.to_string().starts_with("jobs: member b has 2 pending"))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_gpu_quota_holds_at_submission_and_at_placement() {
+    let (mut s, _) = running(); // b holds 2 GPUs
+    apply(
+        &mut s,
+        50_000,
+        Op::SetPolicy {
+            settings: vec![Setting::MemberGpuQuota {
+                member: "b".into(),
+                gpus: 3,
+            }],
+            by: "operator".into(),
+            reason: "quota".into(),
+        },
+    )
+    .unwrap();
+    let e = apply(
+        &mut s,
+        50_001,
+        Op::SubmitJob {
+            id: Uuid::from_u128(7),
+            member: "b".into(),
+            spec: spec(4),
+        },
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("gpus: member b may hold at most 3"),
+        "{e}"
+    );
+    let id = Uuid::from_u128(8);
+    apply(
+        &mut s,
+        50_002,
+        Op::SubmitJob {
+            id,
+            member: "b".into(),
+            spec: spec(2),
+        },
+    )
+    .unwrap();
+    let place = Op::Place {
+        job: id,
+        node: "n1".into(),
+        gpus: vec!["GPU-n1-2".into(), "GPU-n1-3".into()],
+    };
+    let e = apply(&mut s, 50_003, place).unwrap_err();
+    assert!(e.to_string().contains("its quota is 3"), "{e}");
+    let plan = coop_scheduler::placement::plan(&s, 50_004, &Default::default());
+    assert!(
+        plan.placements.is_empty(),
+        "the scheduler does not place it either"
+    );
+    assert!(
+        plan.waiting[&id].to_string().contains("quota"),
+        "{}",
+        plan.waiting[&id]
+    );
+}
+
+/// The attack of issue 13: with approvals=2 the operator added two members
+/// and approved with their tokens. Now adding a member is itself a proposal,
+/// and only members of the co-op when a proposal was made vote on it.
+#[test]
+fn the_operator_alone_cannot_bend_the_rules() {
+    let (mut s, _) = running(); // members a and b
+    let set = Op::SetPolicy {
+        settings: vec![Setting::Approvals(2)],
+        by: "operator".into(),
+        reason: "govern".into(),
+    };
+    apply(&mut s, 60_000, set).unwrap();
+    let before = s.clone();
+    let add = Op::AddMember {
+        name: "sock1".into(),
+        token_hash: "h-s1".into(),
+        expires_at_ms: None,
+    };
+    let e = apply(&mut s, 60_001, add).unwrap_err();
+    assert!(
+        e.to_string().contains("needs the approval of 2 members"),
+        "{e}"
+    );
+    let remove = Op::RemoveMember { name: "b".into() };
+    assert!(apply(&mut s, 60_001, remove).is_err());
+    let steal = Op::RotateToken {
+        account: Principal::Member("a".into()),
+        token_hash: "h-a-2".into(),
+        expires_at_ms: None,
+        by: Some(Principal::Operator),
+    };
+    assert!(
+        apply(&mut s, 60_001, steal).is_err(),
+        "the operator cannot take a member's vote"
+    );
+    let shares = Op::SetPolicy {
+        settings: vec![Setting::Share {
+            member: "a".into(),
+            shares: 9,
+        }],
+        by: "operator".into(),
+        reason: "x".into(),
+    };
+    assert!(apply(&mut s, 60_001, shares).is_err());
+    assert_eq!(s, before);
+
+    // The operator may propose a member; it joins once a and b approve.
+    let propose = |s: &mut State, at, settings| {
+        apply(
+            s,
+            at,
+            Op::ProposePolicy {
+                settings,
+                by: "operator".into(),
+                reason: "add".into(),
+            },
+        )
+        .unwrap();
+        *s.proposals.keys().last().unwrap()
+    };
+    let p1 = propose(
+        &mut s,
+        60_002,
+        vec![Setting::AddMember {
+            name: "sock1".into(),
+            token_hash: "h-s1".into(),
+        }],
+    );
+    apply(
+        &mut s,
+        60_003,
+        Op::ApprovePolicy {
+            id: p1,
+            member: "a".into(),
+        },
+    )
+    .unwrap();
+    assert!(!s.members.contains_key("sock1"));
+    assert!(s.principal("h-s1").is_none(), "its token does not work yet");
+    apply(
+        &mut s,
+        60_004,
+        Op::ApprovePolicy {
+            id: p1,
+            member: "b".into(),
+        },
+    )
+    .unwrap();
+    assert!(s.members.contains_key("sock1"));
+    // A member added after a proposal does not vote on it.
+    let e = apply(
+        &mut s,
+        60_005,
+        Op::ApprovePolicy {
+            id: p1,
+            member: "sock1".into(),
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("joined after proposal"), "{e}");
+    let p2 = propose(
+        &mut s,
+        60_006,
+        vec![Setting::Share {
+            member: "a".into(),
+            shares: 5,
+        }],
+    );
+    apply(
+        &mut s,
+        60_008,
+        Op::ApprovePolicy {
+            id: p2,
+            member: "sock1".into(),
+        },
+    )
+    .unwrap();
+    apply(
+        &mut s,
+        60_009,
+        Op::ApprovePolicy {
+            id: p2,
+            member: "a".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        s.policy.share("a"),
+        5,
+        "sock1 existed when p2 was made: its vote counts"
+    );
+    // A suspended member's approval no longer counts.
+    let p4 = propose(
+        &mut s,
+        60_010,
+        vec![Setting::Share {
+            member: "b".into(),
+            shares: 3,
+        }],
+    );
+    apply(
+        &mut s,
+        60_011,
+        Op::ApprovePolicy {
+            id: p4,
+            member: "a".into(),
+        },
+    )
+    .unwrap();
+    apply(
+        &mut s,
+        60_012,
+        Op::SuspendMember {
+            name: "a".into(),
+            suspended: true,
+        },
+    )
+    .unwrap();
+    let e = apply(
+        &mut s,
+        60_013,
+        Op::ApprovePolicy {
+            id: p4,
+            member: "a".into(),
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("does not vote"), "{e}");
+    apply(
+        &mut s,
+        60_014,
+        Op::ApprovePolicy {
+            id: p4,
+            member: "b".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        s.policy.share("b"),
+        1,
+        "a's approval lapsed with its suspension: one of two"
+    );
+    // A member joining after p4 cannot tip it.
+    let p5 = propose(
+        &mut s,
+        60_015,
+        vec![Setting::AddMember {
+            name: "sock2".into(),
+            token_hash: "h-s2".into(),
+        }],
+    );
+    apply(
+        &mut s,
+        60_016,
+        Op::ApprovePolicy {
+            id: p5,
+            member: "b".into(),
+        },
+    )
+    .unwrap();
+    apply(
+        &mut s,
+        60_017,
+        Op::ApprovePolicy {
+            id: p5,
+            member: "sock1".into(),
+        },
+    )
+    .unwrap();
+    let e = apply(
+        &mut s,
+        60_018,
+        Op::ApprovePolicy {
+            id: p4,
+            member: "sock2".into(),
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("joined after proposal"), "{e}");
+}
