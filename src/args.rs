@@ -458,7 +458,8 @@ pub struct LogsArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum MemberCmd {
-    /// Add a member; prints its token (shown once).
+    /// Add a member; prints its token (shown once). While the policy needs
+    /// approvals, this proposes the member: its token works once they come.
     Add {
         name: String,
         /// The token stops working after this long (e.g. 90d) [default: never].

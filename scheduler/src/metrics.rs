@@ -364,7 +364,7 @@ impl Collector for StateCollector {
             .set(status.as_ref().map_or(applied, |s| s.commit) as i64);
         v.applied.set(applied as i64);
         drop(state);
-        let all: [&dyn Collector; 22] = [
+        let all: [&dyn Collector; 23] = [
             &v.entitlement,
             &v.decayed,
             &v.factor,
@@ -375,6 +375,7 @@ impl Collector for StateCollector {
             &v.pending_jobs,
             &v.suffered,
             &v.caused,
+            &v.rejected,
             &v.jobs,
             &v.gpu_allocated,
             &v.node_up,
