@@ -211,7 +211,7 @@ fn rows(job_a: &str, session: &str) -> Vec<Row> {
             call!(
                 member_service_client::MemberServiceClient,
                 list,
-                pb::ListMembersRequest {}
+                pb::ListMembersRequest::default()
             ),
         ),
         row(
@@ -280,7 +280,7 @@ fn rows(job_a: &str, session: &str) -> Vec<Row> {
             call!(
                 member_service_client::MemberServiceClient,
                 list_auditors,
-                pb::ListAuditorsRequest {}
+                pb::ListAuditorsRequest::default()
             ),
         ),
         row(
@@ -382,7 +382,7 @@ fn rows(job_a: &str, session: &str) -> Vec<Row> {
             call!(
                 policy_service_client::PolicyServiceClient,
                 list_proposals,
-                pb::ListProposalsRequest {}
+                pb::ListProposalsRequest::default()
             ),
         ),
         row(
@@ -412,7 +412,7 @@ fn rows(job_a: &str, session: &str) -> Vec<Row> {
             call!(
                 cluster_service_client::ClusterServiceClient,
                 list_nodes,
-                pb::ListNodesRequest {}
+                pb::ListNodesRequest::default()
             ),
         ),
         row(
@@ -616,17 +616,17 @@ async fn fingerprint(ch: &Channel) -> String {
         .collect::<Vec<_>>();
     let mut m = pb::member_service_client::MemberServiceClient::new(ch.clone());
     let members = m
-        .list(req(pb::ListMembersRequest {}, &op))
+        .list(req(pb::ListMembersRequest::default(), &op))
         .await
         .unwrap()
         .into_inner();
     let auditors = m
-        .list_auditors(req(pb::ListAuditorsRequest {}, &op))
+        .list_auditors(req(pb::ListAuditorsRequest::default(), &op))
         .await
         .unwrap()
         .into_inner();
     let nodes = pb::cluster_service_client::ClusterServiceClient::new(ch.clone())
-        .list_nodes(req(pb::ListNodesRequest {}, &op))
+        .list_nodes(req(pb::ListNodesRequest::default(), &op))
         .await
         .unwrap()
         .into_inner()
@@ -641,7 +641,7 @@ async fn fingerprint(ch: &Channel) -> String {
         .unwrap()
         .into_inner();
     let proposals = p
-        .list_proposals(req(pb::ListProposalsRequest {}, &op))
+        .list_proposals(req(pb::ListProposalsRequest::default(), &op))
         .await
         .unwrap()
         .into_inner();
