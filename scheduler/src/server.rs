@@ -104,6 +104,7 @@ pub struct Scheduler {
 impl Scheduler {
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         crate::tls::private_dir(&config.data_dir)?;
+        let signer = crate::signer::Signer::load_or_create(&config.data_dir, config.id)?;
         let several = config.join || config.peers.keys().any(|&id| id != config.id);
         if several && config.tls.is_none() {
             anyhow::bail!(
@@ -235,6 +236,7 @@ impl Scheduler {
             decayed: Default::default(),
             registry: Arc::new(Registry::new()),
             config: Arc::new(config),
+            signer: Arc::new(signer),
         };
         let metrics =
             crate::metrics::registry(replica.clone(), ctx.registry.clone(), ctx.decayed.clone());

@@ -27,6 +27,8 @@ pub struct Ctx {
     pub decayed: Arc<std::sync::Mutex<crate::fairshare::DecayedUsage>>,
     pub registry: Arc<Registry>,
     pub config: Arc<crate::server::Config>,
+    /// Signs audit heads (`AuditService.Head`) with this scheduler's key.
+    pub signer: Arc<crate::signer::Signer>,
 }
 
 impl Ctx {
