@@ -395,8 +395,8 @@ async fn bootstrap_when_leader(replica: Replica, op: Op) {
 }
 
 /// Streams the ledger to PostgreSQL while this node leads: every node holds
-/// the same ledger, one writer is enough (inserts are idempotent, so a brief
-/// overlap at a leader change is harmless).
+/// the same ledger, one writer is enough (at a leader change two may overlap
+/// briefly: they take turns and each appends after what the database holds).
 async fn sink_on_leader(
     url: String,
     replica: Replica,
