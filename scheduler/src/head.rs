@@ -219,7 +219,8 @@ mod tests {
         assert_eq!(check_signature(&h), Ok(()));
         assert_eq!(h.format, FORMAT);
 
-        let edits: [(&str, fn(&mut SignedHead)); 5] = [
+        type Edit = fn(&mut SignedHead);
+        let edits: [(&str, Edit); 5] = [
             ("signature", |h| h.seq = 2),
             ("signature", |h| h.at_ms += 1),
             ("signature", |h| h.scheduler_id = 1),
