@@ -77,7 +77,7 @@ pub enum Command {
     Policy(PolicyCmd),
     /// Replay a workload trace through the real scheduling code, in simulated time.
     Simulate(SimulateArgs),
-    /// Export and verify the hash-chained audit ledger.
+    /// Export and verify the hash-chained audit ledger, and its signed head.
     #[command(subcommand)]
     Audit(AuditCmd),
     /// Cluster overview.
@@ -578,6 +578,10 @@ pub enum PolicyCmd {
 pub enum AuditCmd {
     /// Write the ledger (or a period of it) to stdout (operator only).
     Export(AuditExportArgs),
+    /// The chain's head (its last entry), signed by the scheduler that
+    /// answers; `-o json > head.json` saves it for `verify --since`.
+    /// The operator, auditors and members.
+    Head,
     /// Check the chain of the live cluster, or of an exported file; names the
     /// first entry that does not match.
     Verify {
@@ -587,6 +591,11 @@ pub enum AuditCmd {
         /// The accounting database (postgres://...) instead of the live cluster.
         #[arg(long)]
         db: Option<String>,
+        /// A head saved earlier (`coop audit head -o json`): check its
+        /// signature, and that the chain still holds its entry with its hash
+        /// (so extends the history it was signed over).
+        #[arg(long, value_name = "HEAD_FILE")]
+        since: Option<PathBuf>,
     },
 }
 

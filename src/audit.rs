@@ -1,5 +1,5 @@
-//! `coop audit export | verify`: the hash-chained ledger out of the cluster,
-//! and checked without trusting it.
+//! `coop audit export | head | verify`: the hash-chained ledger out of the
+//! cluster, its signed head, and both checked without trusting the cluster.
 
 use std::io::Write;
 use std::path::Path;
@@ -7,10 +7,13 @@ use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, anyhow, bail};
 use coop_proto::v1 as pb;
+use coop_scheduler::head::{self, SignedHead};
 use coop_scheduler::ledger::{self, Record};
+use serde_json::{Value, json};
 
-use crate::args::{AuditCmd, AuditFormat, ClientArgs};
+use crate::args::{AuditCmd, AuditFormat, ClientArgs, Output};
 use crate::client::Client;
+use crate::commands::{print_json, rfc3339};
 
 const CSV_HEADER: [&str; 6] = ["seq", "at_ms", "kind", "entry", "prev_hash", "hash"];
 
@@ -69,7 +72,33 @@ pub async fn run(cli: &ClientArgs, cmd: AuditCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        AuditCmd::Verify { file, db } => {
+        AuditCmd::Head => {
+            let h = fetch_head(cli).await?;
+            // Worth saving only if it verifies: checked before it is printed.
+            head::check_signature(&h).map_err(|e| anyhow!("the scheduler's head: {e}"))?;
+            match cli.output {
+                Output::Json => print_json(&serde_json::to_value(&h)?),
+                Output::Table => {
+                    println!("head {} {}", h.seq, h.hash);
+                    println!(
+                        "signed by scheduler {} at {} with key {}",
+                        h.scheduler_id,
+                        rfc3339(h.at_ms).as_str().unwrap_or("?"),
+                        h.public_key
+                    );
+                }
+            }
+            Ok(())
+        }
+        AuditCmd::Verify { file, db, since } => {
+            let saved = match &since {
+                // A head that is not one is a failed verification too.
+                Some(path) => match read_head(path) {
+                    Ok(h) => Some(h),
+                    Err(e) => return fail(cli, None, e),
+                },
+                None => None,
+            };
             let (records, source) = match (&file, &db) {
                 (Some(path), _) => (read_export(path)?, path.display().to_string()),
                 (None, Some(url)) => (
@@ -80,20 +109,152 @@ pub async fn run(cli: &ClientArgs, cmd: AuditCmd) -> anyhow::Result<()> {
                 ),
                 (None, None) => (fetch(cli, 0, 0).await?, "the cluster".to_string()),
             };
-            ledger::verify(&records).map_err(|b| anyhow!("{source}: {b}"))?;
-            match (records.first(), records.last()) {
-                (Some(first), Some(last)) => println!(
-                    "verified {} entries of {source}: {} to {}, head {}",
-                    records.len(),
-                    first.seq,
-                    last.seq,
-                    last.hash
-                ),
-                _ => println!("verified {source}: the ledger is empty"),
+            if let Err(b) = ledger::verify(&records) {
+                return fail(cli, Some(b.seq), format!("{source}: {b}"));
+            }
+            if let Some(h) = &saved
+                && let Err(d) = head::extends(&records, h)
+            {
+                return fail(cli, Some(d.seq()), format!("{source}: {d}"));
+            }
+            // A saved head names the key that signed it; say so if the
+            // scheduler that signed it now signs with another.
+            let note = match (&saved, &file, &db) {
+                (Some(h), None, None) => {
+                    let now = fetch_head(cli).await?;
+                    (now.scheduler_id == h.scheduler_id && now.public_key != h.public_key).then(
+                        || {
+                            format!(
+                                "scheduler {} now signs with key {}, not with the saved head's {}: \
+                                 its data dir was replaced, or the head was not signed by it",
+                                h.scheduler_id, now.public_key, h.public_key
+                            )
+                        },
+                    )
+                }
+                _ => None,
+            };
+            let last = records.last();
+            match cli.output {
+                Output::Json => {
+                    let mut v = json!({
+                        "ok": true,
+                        "source": source,
+                        "records": records.len(),
+                        "first": records.first().map(|r| r.seq),
+                        "last": last.map(|r| r.seq),
+                        "head": last.map(|r| r.hash.clone()),
+                        "since": saved.as_ref().map(since_json),
+                    });
+                    if let Some(n) = &note {
+                        v["note"] = json!(n);
+                    }
+                    print_json(&v);
+                }
+                Output::Table => {
+                    match (records.first(), last) {
+                        (Some(first), Some(last)) => println!(
+                            "verified {} entries of {source}: {} to {}, head {}",
+                            records.len(),
+                            first.seq,
+                            last.seq,
+                            last.hash
+                        ),
+                        _ => println!("verified {source}: the ledger is empty"),
+                    }
+                    if let Some(h) = &saved {
+                        println!(
+                            "it extends the saved head: entry {} {}, signed by scheduler {} at {} with key {}",
+                            h.seq,
+                            h.hash,
+                            h.scheduler_id,
+                            rfc3339(h.at_ms).as_str().unwrap_or("?"),
+                            h.public_key
+                        );
+                    }
+                    if let Some(n) = &note {
+                        println!("note: {n}");
+                    }
+                }
             }
             Ok(())
         }
     }
+}
+
+async fn fetch_head(cli: &ClientArgs) -> anyhow::Result<SignedHead> {
+    let c = Client::connect(cli).await?;
+    let h = c
+        .audit()
+        .head(c.req(pb::AuditHeadRequest {}))
+        .await?
+        .into_inner();
+    Ok(SignedHead {
+        format: h.format,
+        seq: h.seq,
+        hash: h.hash,
+        at_ms: h.at_ms,
+        scheduler_id: h.scheduler_id,
+        public_key: h.public_key,
+        signature: h.signature,
+    })
+}
+
+fn since_json(h: &SignedHead) -> Value {
+    json!({
+        "seq": h.seq,
+        "hash": h.hash,
+        "scheduler_id": h.scheduler_id,
+        "signed_at": rfc3339(h.at_ms),
+        "public_key": h.public_key,
+    })
+}
+
+/// A failed verification: with `--output json` the verdict on stdout too,
+/// then the one-line error (and a non-zero exit).
+fn fail(cli: &ClientArgs, seq: Option<u64>, message: String) -> anyhow::Result<()> {
+    if cli.output == Output::Json {
+        print_json(&json!({ "ok": false, "error": message, "seq": seq }));
+    }
+    Err(anyhow!(message))
+}
+
+/// A saved head, its fields checked one by one (so that an error names the
+/// field) and its signature verified.
+fn read_head(path: &Path) -> Result<SignedHead, String> {
+    let name = path.display();
+    let bad = |what: String| format!("since: {name}: {what}");
+    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("reading it: {e}")))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| {
+        bad(format!(
+            "not JSON ({e}); save one with coop audit head -o json"
+        ))
+    })?;
+    let string = |f: &str| {
+        v.get(f)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| bad(format!("{f}: missing, or not a string")))
+    };
+    let number = |f: &str| {
+        v.get(f)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad(format!("{f}: missing, or not a whole number")))
+    };
+    let h = SignedHead {
+        format: string("format")?,
+        seq: number("seq")?,
+        hash: string("hash")?,
+        at_ms: v
+            .get("at_ms")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| bad("at_ms: missing, or not a whole number".into()))?,
+        scheduler_id: number("scheduler_id")?,
+        public_key: string("public_key")?,
+        signature: string("signature")?,
+    };
+    head::check_signature(&h).map_err(|e| bad(e.to_string()))?;
+    Ok(h)
 }
 
 /// An export in either format (CSV when the first line is the CSV header).

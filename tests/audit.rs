@@ -297,3 +297,176 @@ fn policy_changes_can_require_member_approvals() {
     );
     assert!(c.ok(&["audit", "verify"]).starts_with("verified"));
 }
+
+/// Edits, in a stopped scheduler's raft log, every committed command whose
+/// JSON contains `from`, as someone with the disk could; returns how many.
+fn rewrite_log(db: &std::path::Path, from: &str, to: &str) -> usize {
+    use protobuf::Message as _;
+    use sqlx::Connection as _;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = format!("sqlite://{}", db.display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as("SELECT idx, entry FROM raft_entries")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        let mut edited = 0;
+        for (idx, bytes) in rows {
+            let mut e = raft::eraftpb::Entry::parse_from_bytes(&bytes).unwrap();
+            let Ok(text) = std::str::from_utf8(&e.data) else {
+                continue;
+            };
+            if !text.contains(from) {
+                continue;
+            }
+            e.data = text.replace(from, to).into_bytes().into();
+            sqlx::query("UPDATE raft_entries SET entry = ? WHERE idx = ?")
+                .bind(e.write_to_bytes().unwrap())
+                .bind(idx)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            edited += 1;
+        }
+        conn.close().await.unwrap();
+        edited
+    })
+}
+
+#[test]
+fn a_history_rewritten_offline_is_caught_by_a_head_saved_before() {
+    let mut s = Split::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let save = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let c = &s.c;
+    let auditor = c.json(&["auditor", "add", "ledger-watch"])["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let acme = c.add_member("acme");
+    // A member keeps heads as a witness (it may not export the chain).
+    let early = save(
+        "early.json",
+        c.ok_as(&acme, &["audit", "head", "-o", "json"]),
+    );
+    c.ok(&["policy", "set", "share.acme=3", "--reason", "acme's vote"]);
+    let saved = save(
+        "saved.json",
+        c.ok_as(&acme, &["audit", "head", "-o", "json"]),
+    );
+    let saved_head: Value =
+        serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    let saved_seq = saved_head["seq"].as_u64().unwrap();
+    let export = save("export.jsonl", c.ok(&["audit", "export"]));
+    let err = c.fails_as(Some(&acme), &["audit", "export"]);
+    assert!(err.contains("PermissionDenied"), "{err}");
+
+    // Honest history goes on: the saved heads still hold, and a later one too.
+    c.add_member("beta");
+    let later = save(
+        "later.json",
+        c.ok_as(&auditor, &["audit", "head", "-o", "json"]),
+    );
+    for head in [&early, &saved, &later] {
+        let out = c.ok_as(&auditor, &["audit", "verify", "--since", head]);
+        assert!(out.contains("it extends the saved head"), "{out}");
+    }
+    let v = c.json_as(&auditor, &["audit", "verify", "--since", &saved]);
+    assert_eq!(v["ok"], true, "{v:#}");
+    assert_eq!(v["since"]["seq"], saved_seq);
+    // ... and offline, against the export made when it was saved.
+    let out = c.ok_as(
+        &acme,
+        &["audit", "verify", "--file", &export, "--since", &saved],
+    );
+    assert!(out.contains("it extends the saved head"), "{out}");
+
+    // A head file edited to claim another history fails its signature.
+    let mut forged = saved_head.clone();
+    forged["hash"] = Value::String("ab".repeat(32));
+    let forged = save("forged.json", forged.to_string());
+    let err = c.fails_as(Some(&auditor), &["audit", "verify", "--since", &forged]);
+    assert!(
+        err.contains("forged.json: signature: does not match"),
+        "{err}"
+    );
+    // A chain cut short of the head is called truncated.
+    let text = std::fs::read_to_string(&export).unwrap();
+    let short = save(
+        "short.jsonl",
+        text.lines()
+            .take(saved_seq as usize - 1)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    let err = c.fails_as(
+        Some(&auditor),
+        &["audit", "verify", "--file", &short, "--since", &saved],
+    );
+    assert!(
+        err.contains(&format!("entry {saved_seq}:")) && err.contains("truncated"),
+        "{err}"
+    );
+
+    // The operator stops the scheduler and rewrites the reason of the policy
+    // change in its raft log; replayed, the chain is different from there on.
+    s.scheduler.stop();
+    let db = s.c.dir.path().join("scheduler/scheduler.db");
+    assert_eq!(rewrite_log(&db, "acme's vote", "the operator's whim"), 1);
+    s.restart_scheduler();
+    let c = &s.c;
+    let policy = c.json(&["policy", "show"]);
+    assert_eq!(
+        policy["changes"][0]["reason"], "the operator's whim",
+        "{policy:#}"
+    );
+
+    // The rewritten chain is consistent in itself: without a head, it passes.
+    assert!(
+        c.ok_as(&auditor, &["audit", "verify"])
+            .starts_with("verified")
+    );
+    // A head saved after the rewritten entry catches it, naming the entry.
+    for head in [&saved, &later] {
+        let seq =
+            serde_json::from_str::<Value>(&std::fs::read_to_string(head).unwrap()).unwrap()["seq"]
+                .as_u64()
+                .unwrap();
+        let err = c.fails_as(Some(&auditor), &["audit", "verify", "--since", head]);
+        assert!(
+            err.contains(&format!("entry {seq}:"))
+                && err.contains(&format!(
+                    "the history at or before entry {seq} was rewritten"
+                )),
+            "{err}"
+        );
+    }
+    let out = c.run_as(
+        Some(&auditor),
+        &["audit", "verify", "--since", &saved, "-o", "json"],
+    );
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false, "{v:#}");
+    assert_eq!(v["seq"], saved_seq);
+    assert!(v["error"].as_str().unwrap().contains("rewritten"), "{v:#}");
+    // What came before the rewritten entry is intact, and says so.
+    let out = c.ok_as(&auditor, &["audit", "verify", "--since", &early]);
+    assert!(out.contains("it extends the saved head"), "{out}");
+    assert!(!out.contains("note:"), "{out}");
+
+    // A scheduler whose signing key was replaced is pointed out.
+    s.scheduler.stop();
+    std::fs::remove_file(s.c.dir.path().join("scheduler/audit-signing.pk8")).unwrap();
+    s.restart_scheduler();
+    let out = s.c.ok_as(&auditor, &["audit", "verify", "--since", &early]);
+    assert!(
+        out.contains("note: scheduler 1 now signs with key"),
+        "{out}"
+    );
+}

@@ -396,6 +396,16 @@ fn rows(job_a: &str, session: &str) -> Vec<Row> {
             ),
         ),
         row(
+            "AuditService/Head",
+            false,
+            "UUOOOPPUPOUU",
+            call!(
+                audit_service_client::AuditServiceClient,
+                head,
+                pb::AuditHeadRequest {}
+            ),
+        ),
+        row(
             "ClusterService/Status",
             false,
             "UUOOOPPUPOUU",

@@ -341,3 +341,67 @@ fn the_ledger_streams_into_postgres_resumes_after_crashes_and_verifies() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("entry {seq}:")), "{err}");
 }
+
+/// `coop_ledger_sink_diverged` as the scheduler's metrics endpoint shows it.
+fn diverged_metric(c: &Cluster, metrics: &str) -> String {
+    let (status, body) = https_get(metrics, "/metrics", c.ca.as_ref().unwrap(), Some(&c.token));
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix("coop_ledger_sink_diverged "))
+        .unwrap_or_else(|| panic!("no coop_ledger_sink_diverged in\n{body}"))
+        .to_string()
+}
+
+/// Polls until `pred` holds.
+fn wait_for(what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !pred() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_sink_appends_nothing_onto_a_history_the_cluster_does_not_extend() {
+    let Some(pg) = Postgres::start() else { return };
+    let url = pg.url();
+    // One cluster's ledger is in the database.
+    let one = Cluster::dev(&["--accounting-db", &url]);
+    one.add_member("acme");
+    let held = wait_synced(&one, &pg);
+    let hashes = || pg.query("SELECT string_agg(hash, ',' ORDER BY seq) FROM ledger");
+    let before = hashes();
+    drop(one);
+
+    // A second cluster (or the first with its history rewritten) is pointed
+    // at the same database, and its chain grows past what the database holds.
+    let two = Cluster::dev(&["--accounting-db", &url, "--metrics", "127.0.0.1:0"]);
+    let metrics = two.daemons[0].export("COOP_METRICS");
+    for m in ["acme", "beta", "gamma"] {
+        two.add_member(m);
+    }
+    assert!(two.ok(&["audit", "export"]).lines().count() > held);
+    // The sink compared the database's last entry with its own entry of that
+    // number, refused, and says which.
+    let named = format!(
+        "the database's ledger is not the cluster's: entry {held}: the database holds hash"
+    );
+    wait_for("the sink names the diverging entry", || {
+        two.daemons[0].stderr().contains(&named)
+    });
+    assert_eq!(diverged_metric(&two, &metrics), "1");
+    assert_eq!(hashes(), before, "nothing was appended");
+
+    // Someone resolves it (here: the database is emptied): the sink streams
+    // this cluster's ledger and the metric clears.
+    pg.query("DELETE FROM ledger");
+    two.add_member("epsilon");
+    wait_synced(&two, &pg);
+    wait_for("the metric clears", || {
+        diverged_metric(&two, &metrics) == "0"
+    });
+    assert!(
+        two.ok(&["audit", "verify", "--db", &url])
+            .starts_with("verified")
+    );
+}

@@ -29,6 +29,7 @@ fn coop_dev_serves_tls_with_its_own_ca_and_plain_text_only_when_asked() {
     assert_eq!(mode(&data.join("credentials.json")), 0o600);
     assert_eq!(mode(&data.join("scheduler")), 0o700);
     assert_eq!(mode(&data.join("scheduler/scheduler.db")), 0o600);
+    assert_eq!(mode(&data.join("scheduler/audit-signing.pk8")), 0o600);
     assert_eq!(mode(&data.join("agent/credential.json")), 0o600);
     c.ok(&["job", "list"]);
 

@@ -85,6 +85,16 @@ pub static WAIT_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+/// 1 while the accounting database holds a ledger that the cluster's chain
+/// does not extend: the sink then appends nothing (`sink`).
+pub static SINK_DIVERGED: LazyLock<IntGauge> = LazyLock::new(|| {
+    IntGauge::new(
+        "coop_ledger_sink_diverged",
+        "1 while the accounting database holds a ledger the cluster's chain does not extend (nothing is appended then), else 0.",
+    )
+    .expect("valid metric")
+});
+
 /// A registry holding every scheduler metric, computed from `replica` and `liveness`.
 pub fn registry(
     replica: Replica,
@@ -92,8 +102,9 @@ pub fn registry(
     decayed: Arc<Mutex<DecayedUsage>>,
 ) -> Registry {
     let r = Registry::new();
-    let direct: [Box<dyn Collector>; 7] = [
+    let direct: [Box<dyn Collector>; 8] = [
         Box::new(RAFT_PERSIST_SECONDS.clone()),
+        Box::new(SINK_DIVERGED.clone()),
         Box::new(PASS_SECONDS.clone()),
         Box::new(PLACEMENTS.clone()),
         Box::new(PREEMPTIONS.clone()),

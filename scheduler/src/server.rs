@@ -104,6 +104,7 @@ pub struct Scheduler {
 impl Scheduler {
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         crate::tls::private_dir(&config.data_dir)?;
+        let signer = crate::signer::Signer::load_or_create(&config.data_dir, config.id)?;
         let several = config.join || config.peers.keys().any(|&id| id != config.id);
         if several && config.tls.is_none() {
             anyhow::bail!(
@@ -236,6 +237,7 @@ impl Scheduler {
             registry: Arc::new(Registry::new()),
             config: Arc::new(config),
             limits: Default::default(),
+            signer: Arc::new(signer),
         };
         let metrics =
             crate::metrics::registry(replica.clone(), ctx.registry.clone(), ctx.decayed.clone());
@@ -394,8 +396,8 @@ async fn bootstrap_when_leader(replica: Replica, op: Op) {
 }
 
 /// Streams the ledger to PostgreSQL while this node leads: every node holds
-/// the same ledger, one writer is enough (inserts are idempotent, so a brief
-/// overlap at a leader change is harmless).
+/// the same ledger, one writer is enough (at a leader change two may overlap
+/// briefly: they take turns and each appends after what the database holds).
 async fn sink_on_leader(
     url: String,
     replica: Replica,

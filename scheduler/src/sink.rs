@@ -6,7 +6,13 @@
 //! database holds and inserts the entries after it, in one transaction, so an
 //! interruption at any point (database down, scheduler killed) resumes where
 //! the database left off, with nothing missing or doubled (`seq` is the
-//! primary key). Runs on the leader.
+//! primary key). Runs on the leader (and, at a leader change, briefly on two
+//! nodes: they take turns on an advisory lock).
+//!
+//! Only onto the same history: before each round the database's last entry
+//! must be the cluster's entry of that sequence number (same hash). A
+//! database that holds another history (the cluster's was rewritten, or
+//! another cluster wrote there) gets nothing, and the sink says so.
 
 use std::time::Duration;
 
@@ -17,6 +23,11 @@ use crate::ledger::Record;
 use crate::replica::Replica;
 
 const BATCH: usize = 1000;
+/// How often a refused (diverged) database is looked at again.
+const RECHECK: Duration = Duration::from_secs(5);
+/// The advisory lock the sinks writing to one database take turns with
+/// ("coopledg").
+const LOCK: i64 = 0x636f_6f70_6c65_6467;
 
 pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
     let pool = PgPoolOptions::new()
@@ -31,61 +42,132 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
 /// Runs until `shutdown` turns true, reconnecting after any error.
 pub async fn run(url: String, replica: Replica, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(200);
+    let mut reported = None;
     loop {
         let result = async {
             let pool = connect(&url).await?;
             tracing::info!("accounting sink connected");
-            stream(&pool, &replica, &mut shutdown).await
+            stream(&pool, &replica, &mut shutdown, &mut reported).await
         }
         .await;
         match result {
-            Ok(()) => return,
+            Ok(()) => break,
             Err(e) => tracing::warn!("accounting sink: {e:#}; retrying in {backoff:?}"),
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+    // The next leader's sink judges for itself; a stale 1 here would be a false alert.
+    crate::metrics::SINK_DIVERGED.set(0);
 }
 
+/// Why the cluster's chain does not extend the database's ledger, whose last
+/// entry is `(seq, hash)`; `None` when it does (or the database is empty).
+pub fn divergence(chain: &[Record], seq: u64, hash: &str) -> Option<String> {
+    if seq == 0 {
+        return None;
+    }
+    // Sequence numbers start at 1 and have no gaps: entry n is chain[n - 1].
+    match chain.get(seq as usize - 1) {
+        Some(r) if r.hash == hash => None,
+        Some(r) => Some(format!(
+            "entry {seq}: the database holds hash {hash}, the cluster's chain {}",
+            r.hash
+        )),
+        None => Some(format!(
+            "entry {seq}: the database holds entries up to {seq}, the cluster's chain ends at entry {}",
+            chain.len()
+        )),
+    }
+}
+
+/// While the database's last entry is not the cluster's, appends nothing and
+/// says so (log, `coop_ledger_sink_diverged`), checking again as the chain
+/// grows and every few seconds (someone may restore the database).
 async fn stream(
     pool: &PgPool,
     replica: &Replica,
     shutdown: &mut watch::Receiver<bool>,
+    reported: &mut Option<String>,
 ) -> anyhow::Result<()> {
     let mut applied = replica.applied();
+    let mut caught_up = false;
     loop {
-        let (done,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(seq), 0) FROM ledger")
-            .fetch_one(pool)
+        let mut tx = pool.begin().await?;
+        // Every sink writing here (two schedulers' at a leader change, or
+        // another cluster's) takes turns, so that what is checked below is
+        // still the last entry when the batch is inserted after it.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(LOCK)
+            .execute(&mut *tx)
             .await?;
-        // Sequence numbers start at 1 and have no gaps: entry n is audit[n - 1].
+        let held: Option<(i64, String)> =
+            sqlx::query_as("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (done, held_hash) = held.unwrap_or((0, String::new()));
+        let done = done.max(0) as u64;
+        let diverged = divergence(&replica.read().audit, done, &held_hash);
+        if diverged.is_some() && replica.read().audit.len() < done as usize && !caught_up {
+            // A leader elected a moment ago may not have applied all that
+            // is committed yet: catch up before calling the chain short.
+            tx.rollback().await?;
+            replica.read_current().await?;
+            caught_up = true;
+            continue;
+        }
+        caught_up = false;
+        if let Some(why) = diverged {
+            tx.rollback().await?;
+            crate::metrics::SINK_DIVERGED.set(1);
+            if reported.as_ref() != Some(&why) {
+                tracing::error!(
+                    "accounting sink: the database's ledger is not the cluster's: {why}; \
+                     appending nothing (history was rewritten on one side, or another \
+                     cluster wrote there: see coop audit verify --db and --since)"
+                );
+                *reported = Some(why);
+            }
+            tokio::select! {
+                r = applied.changed() => if r.is_err() { return Ok(()) },
+                _ = tokio::time::sleep(RECHECK) => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+            continue;
+        }
+        crate::metrics::SINK_DIVERGED.set(0);
+        if reported.take().is_some() {
+            tracing::info!("accounting sink: the database's ledger is the cluster's again");
+        }
         let batch: Vec<Record> = {
             let state = replica.read();
             state
                 .audit
                 .iter()
-                .skip(done.max(0) as usize)
+                .skip(done as usize)
                 .take(BATCH)
                 .cloned()
                 .collect()
         };
         if batch.is_empty() {
+            tx.rollback().await?;
             tokio::select! {
                 r = applied.changed() => if r.is_err() { return Ok(()) },
                 _ = shutdown.changed() => return Ok(()),
             }
             continue;
         }
-        let mut tx = pool.begin().await?;
         for r in &batch {
             let record = serde_json::to_string(r)?;
             let entry = serde_json::to_value(&r.entry)?;
+            // No ON CONFLICT: under the lock a row of that seq can only be
+            // someone else's, and it must fail the round, not be kept.
             sqlx::query(
                 "INSERT INTO ledger (seq, at, kind, entry, record, prev_hash, hash) \
-                 VALUES ($1, to_timestamp($2 / 1000.0), $3, $4, $5, $6, $7) \
-                 ON CONFLICT (seq) DO NOTHING",
+                 VALUES ($1, to_timestamp($2 / 1000.0), $3, $4, $5, $6, $7)",
             )
             .bind(r.seq as i64)
             .bind(r.at_ms as f64)
@@ -118,4 +200,40 @@ pub async fn read(url: &str) -> anyhow::Result<Vec<Record>> {
                 .map_err(|e| anyhow::anyhow!("row {seq}: not a ledger entry ({e})"))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Entry, append};
+
+    fn chain(members: &[&str], at_ms: i64) -> Vec<Record> {
+        let mut c = Vec::new();
+        for m in members {
+            append(
+                &mut c,
+                at_ms,
+                Entry::MemberAdded {
+                    member: m.to_string(),
+                },
+            );
+        }
+        c
+    }
+
+    #[test]
+    fn the_sink_appends_only_onto_the_history_the_database_holds() {
+        let ours = chain(&["a", "b", "c"], 1);
+        assert_eq!(divergence(&ours, 0, ""), None, "an empty database");
+        for n in 1..=3 {
+            assert_eq!(divergence(&ours, n, &ours[n as usize - 1].hash), None);
+        }
+        // Another cluster's chain: the same entries at another time.
+        let theirs = chain(&["a", "b", "c", "d"], 2);
+        let why = divergence(&ours, 2, &theirs[1].hash).unwrap();
+        assert!(why.starts_with("entry 2: the database holds hash"), "{why}");
+        // The database holds more than the cluster's chain.
+        let why = divergence(&ours, 4, &theirs[3].hash).unwrap();
+        assert!(why.contains("the cluster's chain ends at entry 3"), "{why}");
+    }
 }

@@ -1,4 +1,5 @@
-//! AuditService: the hash-chained ledger, exported for verification.
+//! AuditService: the hash-chained ledger, exported for verification, and its
+//! head signed by this scheduler (`head`).
 
 use std::pin::Pin;
 
@@ -7,6 +8,8 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, invalid};
+use crate::ledger::GENESIS;
+use crate::replica::now_ms;
 
 pub struct Audit(pub Ctx);
 
@@ -44,5 +47,31 @@ impl AuditService for Audit {
                 .collect()
         };
         Ok(Response::new(Box::pin(tokio_stream::iter(records))))
+    }
+
+    async fn head(
+        &self,
+        req: Request<pb::AuditHeadRequest>,
+    ) -> Result<Response<pb::AuditHead>, Status> {
+        // Any person: members keep heads as witnesses. Not a node's credential.
+        self.0.principal(&req).await?;
+        self.0.current().await?;
+        let (seq, hash) = {
+            let state = self.0.replica.read();
+            state
+                .audit
+                .last()
+                .map_or((0, GENESIS.to_string()), |r| (r.seq, r.hash.clone()))
+        };
+        let h = self.0.signer.sign(seq, &hash, now_ms());
+        Ok(Response::new(pb::AuditHead {
+            format: h.format,
+            seq: h.seq,
+            hash: h.hash,
+            at_ms: h.at_ms,
+            scheduler_id: h.scheduler_id,
+            public_key: h.public_key,
+            signature: h.signature,
+        }))
     }
 }

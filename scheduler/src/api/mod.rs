@@ -29,6 +29,8 @@ pub struct Ctx {
     pub registry: Arc<Registry>,
     pub config: Arc<crate::server::Config>,
     pub limits: Arc<limits::SubmitLimits>,
+    /// Signs audit heads (`AuditService.Head`) with this scheduler's key.
+    pub signer: Arc<crate::signer::Signer>,
 }
 
 impl Ctx {
