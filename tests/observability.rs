@@ -325,7 +325,7 @@ fn every_dashboard_panel_and_alert_rule_works_against_a_real_prometheus() {
             .iter()
             .flat_map(|g| g["rules"].as_array().unwrap())
             .collect();
-        rules.len() == 8
+        rules.len() == 9
             && rules.iter().all(|r| {
                 !r["lastEvaluation"]
                     .as_str()
