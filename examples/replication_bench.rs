@@ -168,6 +168,7 @@ async fn add_bench_node(coop: &CoopCluster) -> anyhow::Result<Target> {
                     memory_mb: 81_920,
                     job: String::new(),
                     measured: None,
+                    power_limit_w: 400,
                 }],
                 session: "bench".into(),
             },

@@ -346,6 +346,7 @@ impl Agent {
                         bf16_gflops: m.bf16_gflops,
                         memory_mb_per_s: m.memory_mb_per_s,
                     }),
+                    power_limit_w: g.power_limit_w,
                 })
                 .collect(),
             session: identity.clone(),

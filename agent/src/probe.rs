@@ -368,6 +368,7 @@ mod tests {
             model: "H100-80GB-HBM3".into(),
             memory_mb: 81_559,
             measured: None,
+            power_limit_w: 700,
         };
         let mut gpus = vec![gpu("GPU-a"), gpu("GPU-b"), gpu("MIG-c")];
         let dropped = apply(&mut gpus, &[probe("GPU-a", true), probe("GPU-b", false)]);

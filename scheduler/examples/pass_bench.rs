@@ -61,6 +61,7 @@ fn cluster(ordering: Ordering) -> State {
                 model: model.into(),
                 memory_mb: 80 * 1024,
                 measured: None,
+                power_limit_w: 0,
             })
             .collect();
         apply(

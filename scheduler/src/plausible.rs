@@ -13,15 +13,21 @@ pub const MAX_GPU_POWER_W: u64 = 1_500;
 /// Longest exit reason kept from an agent.
 pub const MAX_REASON_BYTES: usize = 512;
 
-/// The most energy `gpus` GPUs can draw in `ms`: W × ms = mJ, with a tenth
-/// over for sensor overshoot and one clock skew of slack for the interval.
-pub fn energy_bound_mj(gpus: u32, ms: i64) -> u64 {
+/// The most energy GPUs with power limits summing to `watts` can draw in
+/// `ms`: W × ms = mJ, with a tenth over for sensor overshoot and one clock
+/// skew of slack for the interval.
+pub fn energy_bound_mj(watts: u64, ms: i64) -> u64 {
     let ms = ms.max(0).saturating_add(MAX_CLOCK_SKEW_MS) as u64;
-    (gpus as u64)
-        .saturating_mul(MAX_GPU_POWER_W)
-        .saturating_mul(ms)
-        .saturating_mul(11)
-        / 10
+    watts.saturating_mul(ms).saturating_mul(11) / 10
+}
+
+/// A GPU's power limit for the bound: its enrolled one, or the largest any
+/// board has where it gave none.
+pub fn limit_w(enrolled_w: u32) -> u64 {
+    match enrolled_w as u64 {
+        0 => MAX_GPU_POWER_W,
+        w => w.min(MAX_GPU_POWER_W),
+    }
 }
 
 /// The reason, cut to a bounded length at a character boundary.
@@ -79,6 +85,20 @@ impl RunReport {
 }
 
 impl State {
+    /// The power limits of a run's GPUs, summed.
+    pub fn run_power_w(&self, job: &crate::state::Job) -> u64 {
+        let node = job.node.as_ref().and_then(|n| self.nodes.get(n));
+        job.gpus
+            .iter()
+            .map(|u| {
+                let enrolled = node
+                    .and_then(|n| n.gpus.iter().find(|g| &g.uuid == u))
+                    .map_or(0, |g| g.power_limit_w);
+                limit_w(enrolled)
+            })
+            .fold(0u64, u64::saturating_add)
+    }
+
     /// Whether `report` of `node`, applied at `at` (the leader's clock), is
     /// plausible; if not, why. A report about a run the node no longer has
     /// is not checked here: it bills nothing anyway.
@@ -100,10 +120,19 @@ impl State {
         let current = self.jobs.get(&id).filter(|j| {
             j.state == JobState::Running && j.attempts == attempt && j.node.as_deref() == Some(node)
         });
-        // The interval the report would bill from, and over how many GPUs.
+        // The interval the report would bill from, and the power limits of
+        // the run's GPUs.
         let billed = match (cut, current) {
-            (Some(c), _) => Some((c.billed_to_ms, c.gpus)),
-            (None, Some(j)) if j.started_at_ms.is_some() => Some((j.billed_to_ms, j.spec.gpus)),
+            (Some(c), _) => {
+                let w = match c.power_w {
+                    0 => (c.gpus as u64).saturating_mul(MAX_GPU_POWER_W),
+                    w => w,
+                };
+                Some((c.billed_to_ms, w))
+            }
+            (None, Some(j)) if j.started_at_ms.is_some() => {
+                Some((j.billed_to_ms, self.run_power_w(j)))
+            }
             _ => None,
         };
         match report {
@@ -128,12 +157,12 @@ impl State {
             }
             RunReport::Usage { .. } | RunReport::Exited { .. } | RunReport::Lost { .. } => {
                 let energy = report.energy_mj().unwrap_or(0);
-                if let Some((from, gpus)) = billed {
+                if let Some((from, watts)) = billed {
                     let to = report.time_ms().unwrap_or(from).min(at).max(from);
-                    let bound = energy_bound_mj(gpus, to - from);
+                    let bound = energy_bound_mj(watts, to - from);
                     if energy > bound {
                         return Err(format!(
-                            "{energy} mJ in {} ms is more than {gpus} GPUs can draw ({bound} mJ at most)",
+                            "{energy} mJ in {} ms is more than GPUs limited to {watts} W can draw ({bound} mJ at most)",
                             to - from
                         ));
                     }
@@ -150,10 +179,15 @@ mod tests {
 
     #[test]
     fn the_energy_bound_grows_with_gpus_and_time_and_never_overflows() {
-        assert_eq!(energy_bound_mj(1, 0), 1_500 * 5_000 * 11 / 10);
-        assert!(energy_bound_mj(2, 10_000) > energy_bound_mj(1, 10_000));
-        assert_eq!(energy_bound_mj(u32::MAX, i64::MAX), u64::MAX / 10);
-        assert_eq!(energy_bound_mj(1, i64::MIN), energy_bound_mj(1, 0));
+        assert_eq!(energy_bound_mj(1_500, 0), 1_500 * 5_000 * 11 / 10);
+        assert!(energy_bound_mj(600, 10_000) > energy_bound_mj(300, 10_000));
+        assert!(energy_bound_mj(300, 20_000) > energy_bound_mj(300, 10_000));
+        assert_eq!(energy_bound_mj(u64::MAX, i64::MAX), u64::MAX / 10);
+        assert_eq!(energy_bound_mj(300, i64::MIN), energy_bound_mj(300, 0));
+        assert_eq!(
+            (limit_w(0), limit_w(700), limit_w(u32::MAX)),
+            (1_500, 700, 1_500)
+        );
     }
 
     #[test]

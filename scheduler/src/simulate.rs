@@ -231,6 +231,7 @@ impl<'a> Sim<'a> {
                         model: g.model.clone(),
                         memory_mb: g.memory_mb,
                         measured: None,
+                        power_limit_w: 0,
                     })
                     .collect();
                 s.apply(Op::RegisterNode {

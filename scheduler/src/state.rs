@@ -76,6 +76,9 @@ pub struct Gpu {
     /// Throughput measured by the agent's probe.
     #[serde(default)]
     pub measured: Option<Capacity>,
+    /// The board's power limit, W, as enrolled (0: unknown; see `plausible`).
+    #[serde(default)]
+    pub power_limit_w: u32,
 }
 
 /// A GPU's throughput as the agent's probe measured it.
@@ -119,6 +122,9 @@ pub struct CutOff {
     pub gpus: u32,
     pub model: String,
     pub weight_milli: u64,
+    /// The power limits of its GPUs, summed (0 in entries from before it was kept).
+    #[serde(default)]
+    pub power_w: u64,
 }
 
 /// GPUs a member's node offered to the cluster over a time: what statements
@@ -334,6 +340,8 @@ pub struct GpuInfo {
     pub memory_mb: u64,
     #[serde(default)]
     pub measured: Option<Capacity>,
+    #[serde(default)]
+    pub power_limit_w: u32,
 }
 
 /// A command of the replicated log, stamped with the proposer's clock.
@@ -850,20 +858,21 @@ impl State {
                             g.uuid, e.model, e.memory_mb, g.model, g.memory_mb
                         )));
                     }
-                    // The first measurement stands until the node enrolls again.
+                    // The first measurement and power limit stand until the node
+                    // enrolls again: an owner cannot raise what its GPUs may bill.
                     if e.measured.is_none() {
                         e.measured = g.measured;
+                    }
+                    if e.power_limit_w == 0 {
+                        e.power_limit_w = g.power_limit_w;
                     }
                 }
                 kept
             }
         };
-        let measured = |uuid: &str| {
-            inventory
-                .iter()
-                .find(|e| e.uuid == uuid)
-                .and_then(|e| e.measured)
-        };
+        let enrolled = |uuid: &str| inventory.iter().find(|e| e.uuid == uuid);
+        let measured = |uuid: &str| enrolled(uuid).and_then(|e| e.measured);
+        let power_limit_w = |uuid: &str| enrolled(uuid).map_or(0, |e| e.power_limit_w);
         let mut events = vec![Event::Node(name.to_string())];
         if let Some(node) = self.nodes.get(name) {
             // Runs of an earlier agent process are no longer watched by anyone;
@@ -932,6 +941,7 @@ impl State {
                         memory_mb: g.memory_mb,
                         job: held.get(&g.uuid).copied(),
                         measured: measured(&g.uuid),
+                        power_limit_w: power_limit_w(&g.uuid),
                     })
                     .collect(),
                 up: true,
@@ -981,6 +991,7 @@ impl State {
                         gpus: j.spec.gpus,
                         model,
                         weight_milli,
+                        power_w: self.run_power_w(j),
                     }
                 });
             self.end_run_lost(job, last_seen, "node down");
@@ -2074,6 +2085,15 @@ fn check_gpu(g: &GpuInfo) -> Result<(), Rejection> {
         return Err(invalid(
             "gpus",
             format!("GPU model {:?} is not a model name", g.model),
+        ));
+    }
+    if g.power_limit_w as u64 > crate::plausible::MAX_GPU_POWER_W {
+        return Err(invalid(
+            "gpus",
+            format!(
+                "GPU {} claims a power limit of {} W",
+                g.uuid, g.power_limit_w
+            ),
         ));
     }
     if g.memory_mb > MAX_GPU_MEMORY_MB {

@@ -57,6 +57,7 @@ fn register(node: &str, owner: &str) -> Op {
             model: "A100-80GB".into(),
             memory_mb: 81_920,
             measured: None,
+            power_limit_w: 0,
         }],
         session: "s".into(),
         orphaned_runs_end_ms: 0,

@@ -84,6 +84,7 @@ fn cluster(nodes: u32, per_node: u32, members: &[(&str, u64)]) -> State {
                 model: "A100-80GB".into(),
                 memory_mb: 80 * 1024,
                 measured: None,
+                power_limit_w: 0,
             })
             .collect();
         apply(

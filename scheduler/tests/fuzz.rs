@@ -63,6 +63,7 @@ fn gpu_infos() -> impl Strategy<Value = Vec<GpuInfo>> {
                 model,
                 memory_mb: mem,
                 measured: None,
+                power_limit_w: 0,
             })
             .collect()
     })
@@ -214,6 +215,7 @@ fn seeded() -> State {
                 model: "A100-80GB".into(),
                 memory_mb: 81_920,
                 measured: None,
+                power_limit_w: 0,
             })
             .collect()
     };

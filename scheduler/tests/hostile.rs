@@ -15,6 +15,7 @@ fn gpus(node: &str, n: u32) -> Vec<GpuInfo> {
             model: "A100-80GB".into(),
             memory_mb: 80 * 1024,
             measured: None,
+            power_limit_w: 0,
         })
         .collect()
 }
@@ -277,6 +278,109 @@ fn energy_beyond_what_the_gpus_can_draw_is_refused() {
     );
     assert!(j.reason.len() <= 512, "the agent's reason is bounded");
     assert_eq!(rejected(&s).len(), 2);
+}
+
+#[test]
+fn energy_is_bounded_by_the_power_limits_the_gpus_enrolled_with() {
+    let (mut s, id) = running();
+    // n1 enrolled (first registered) without limits; a node that gives them:
+    let mut limited = gpus("n2", 2);
+    for g in &mut limited {
+        g.power_limit_w = 300;
+    }
+    let op = Op::RegisterNode {
+        node: "n2".into(),
+        owner: "a".into(),
+        gpus: limited.clone(),
+        session: "s1".into(),
+        orphaned_runs_end_ms: 0,
+    };
+    apply(&mut s, 1_000, op).unwrap();
+    // Raising the limits later changes nothing: the enrolled ones stand.
+    for g in &mut limited {
+        g.power_limit_w = 1_000;
+    }
+    let op = Op::RegisterNode {
+        node: "n2".into(),
+        owner: "a".into(),
+        gpus: limited,
+        session: "s1".into(),
+        orphaned_runs_end_ms: 0,
+    };
+    apply(&mut s, 1_500, op).unwrap();
+    assert!(s.nodes["n2"].gpus.iter().all(|g| g.power_limit_w == 300));
+    let id2 = Uuid::from_u128(2);
+    apply(
+        &mut s,
+        2_000,
+        Op::SubmitJob {
+            id: id2,
+            member: "b".into(),
+            spec: spec(2),
+        },
+    )
+    .unwrap();
+    let place = Op::Place {
+        job: id2,
+        node: "n2".into(),
+        gpus: vec!["GPU-n2-0".into(), "GPU-n2-1".into()],
+    };
+    apply(&mut s, 10_000, place).unwrap();
+    let report2 = |s: &mut State, at_ms, seq, report| {
+        apply(
+            s,
+            at_ms,
+            Op::Report {
+                node: "n2".into(),
+                session: "s1".into(),
+                seq,
+                report,
+            },
+        )
+        .unwrap();
+    };
+    report2(
+        &mut s,
+        10_000,
+        1,
+        RunReport::Started {
+            job: id2,
+            attempt: 1,
+            at_ms: 10_000,
+        },
+    );
+    // 2 × 500 W for 60 s: within 1.5 kW a GPU, over their 300 W limits.
+    report2(
+        &mut s,
+        70_000,
+        2,
+        RunReport::Usage {
+            job: id2,
+            attempt: 1,
+            to_ms: 70_000,
+            energy_mj: 2 * 500 * 60_000,
+        },
+    );
+    assert_eq!(s.jobs[&id2].energy_mj, 0);
+    assert!(
+        rejected(&s)[0].contains("limited to 600 W"),
+        "{:?}",
+        rejected(&s)
+    );
+    // 2 × 290 W is what they can draw.
+    report2(
+        &mut s,
+        130_000,
+        3,
+        RunReport::Usage {
+            job: id2,
+            attempt: 1,
+            to_ms: 130_000,
+            energy_mj: 2 * 290 * 120_000,
+        },
+    );
+    assert_eq!(s.jobs[&id2].energy_mj, 2 * 290 * 120_000);
+    let _ = id;
 }
 
 #[test]

@@ -656,6 +656,7 @@ fn setup_ops(state: &State) -> Vec<Op> {
                         model: "A100-80GB".into(),
                         memory_mb: 81_920,
                         measured: None,
+                        power_limit_w: 0,
                     })
                     .collect(),
                 session: "s".into(),

@@ -19,6 +19,7 @@ fn gpus(node: &str, n: u32, model: &str) -> Vec<GpuInfo> {
             model: model.into(),
             memory_mb: 80 * 1024,
             measured: None,
+            power_limit_w: 0,
         })
         .collect()
 }

@@ -81,6 +81,9 @@ pub struct GpuInfo {
     pub memory_mb: u64,
     /// Throughput the probe measured (`coop agent probe`), if it ran.
     pub measured: Option<crate::probe::Capacity>,
+    /// The board's enforced power limit, W (0: the device cannot say, as a
+    /// MIG slice cannot).
+    pub power_limit_w: u32,
 }
 
 /// Where the agent's GPUs come from (`--gpus nvml` or `--gpus sim:SPEC`).

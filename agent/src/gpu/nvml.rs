@@ -85,6 +85,8 @@ fn describe(d: &Device, index: u32, what: &str) -> anyhow::Result<GpuInfo> {
             .total
             / (1024 * 1024),
         measured: None,
+        // NVML gives milliwatts.
+        power_limit_w: d.enforced_power_limit().map_or(0, |mw| mw / 1000),
     })
 }
 

@@ -210,6 +210,7 @@ impl AgentService for Agents {
                 index: g.index,
                 model: g.model,
                 memory_mb: g.memory_mb,
+                power_limit_w: g.power_limit_w,
                 measured: g.measured.map(|m| Capacity {
                     fp16_gflops: m.fp16_gflops,
                     bf16_gflops: m.bf16_gflops,

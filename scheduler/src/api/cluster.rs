@@ -44,6 +44,7 @@ impl Cluster {
                                 bf16_gflops: m.bf16_gflops,
                                 memory_mb_per_s: m.memory_mb_per_s,
                             }),
+                            power_limit_w: g.power_limit_w,
                         })
                         .collect(),
                     registered_at_ms: n.registered_at_ms,
