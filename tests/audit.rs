@@ -223,8 +223,8 @@ fn a_statement_shows_use_by_model_preemptions_contribution_and_balance() {
 #[test]
 fn policy_changes_can_require_member_approvals() {
     let c = Cluster::dev(&[]);
-    let a = c.add_member("a");
-    let b = c.add_member("b");
+    let a = c.add_voter("a");
+    let b = c.add_voter("b");
     c.ok(&[
         "policy",
         "set",

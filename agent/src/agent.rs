@@ -325,7 +325,9 @@ impl Agent {
             .connect()
             .await
             .context("connecting")?;
-        let mut client = AgentServiceClient::new(channel);
+        // The desired runs of a full node carry every run's command and
+        // environment (64 KiB each at most): above gRPC's default 4 MiB.
+        let mut client = AgentServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let identity = self.spool.identity().to_string();
         let reg = pb::RegisterRequest {
             node: self.cfg.node.clone(),

@@ -250,7 +250,11 @@ impl Runner {
         let mut env: Vec<(&str, String)> = run
             .env
             .iter()
-            .filter(|(k, _)| !k.starts_with("COOP_") && !k.ends_with("_VISIBLE_DEVICES"))
+            .filter(|(k, _)| {
+                !k.starts_with("COOP_")
+                    && !k.starts_with("NVIDIA_")
+                    && !k.ends_with("_VISIBLE_DEVICES")
+            })
             .map(|(k, v)| (k.as_str(), v.clone()))
             .collect();
         env.extend([
@@ -294,11 +298,16 @@ impl Runner {
         if container.is_none() {
             // A job sees none of the agent's environment (its credential
             // files are named there, and tokens may be): only what it needs.
-            cmd.env_clear().envs(job_env(&work));
+            cmd.env_clear()
+                .envs(job_env(&work))
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         }
+        // A container's client (docker, podman) is the agent's own process,
+        // with the agent's environment: the job's variables reach only the
+        // container, as --env arguments (`LD_PRELOAD` or `PATH` of a member
+        // must never reach a process that runs as the agent).
         cmd.args(args)
             .current_dir(&work)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -120,50 +120,62 @@ impl State {
         let current = self.jobs.get(&id).filter(|j| {
             j.state == JobState::Running && j.attempts == attempt && j.node.as_deref() == Some(node)
         });
-        // The interval the report would bill from, and the power limits of
-        // the run's GPUs.
+        // What the report would bill: from where, for a run started when,
+        // with how much energy billed for the run already, and the power
+        // limits of its GPUs. The energy bound is over the whole run, so
+        // that the slack of one skew is granted once, not per report.
         let billed = match (cut, current) {
             (Some(c), _) => {
                 let w = match c.power_w {
                     0 => (c.gpus as u64).saturating_mul(MAX_GPU_POWER_W),
                     w => w,
                 };
-                Some((c.billed_to_ms, w))
+                Some((c.billed_to_ms, c.started_at_ms, c.energy_mj, w))
             }
-            (None, Some(j)) if j.started_at_ms.is_some() => {
-                Some((j.billed_to_ms, self.run_power_w(j)))
-            }
+            (None, Some(j)) => j
+                .started_at_ms
+                .map(|s| (j.billed_to_ms, s, j.run_energy_mj, self.run_power_w(j))),
             _ => None,
         };
         match report {
             RunReport::Started { at_ms, .. } => {
-                if let Some(j) = current
-                    && *at_ms < j.placed_at_ms.saturating_sub(MAX_CLOCK_SKEW_MS)
-                {
-                    return Err(format!(
-                        "the run starts {} ms before it was placed",
-                        j.placed_at_ms.saturating_sub(*at_ms)
-                    ));
+                if let Some(j) = current {
+                    if j.started_at_ms.is_some() {
+                        // A second start would move where billing begins.
+                        return Err("the run has already started".into());
+                    }
+                    if *at_ms < j.placed_at_ms.saturating_sub(MAX_CLOCK_SKEW_MS) {
+                        return Err(format!(
+                            "the run starts {} ms before it was placed",
+                            j.placed_at_ms.saturating_sub(*at_ms)
+                        ));
+                    }
                 }
             }
             RunReport::Utilization {
                 sum_pct, samples, ..
             } => {
-                if *sum_pct > samples.saturating_mul(100) {
+                // At most a reading a millisecond of each GPU since placement.
+                let most = current.map_or(u64::MAX, |j| {
+                    (at.saturating_sub(j.placed_at_ms).max(0) as u64)
+                        .saturating_add(1000)
+                        .saturating_mul(j.spec.gpus as u64)
+                });
+                if *sum_pct > samples.saturating_mul(100) || *samples > most {
                     return Err(format!(
-                        "{samples} readings cannot sum to {sum_pct} percent"
+                        "{samples} readings summing to {sum_pct} percent are not readings of this run"
                     ));
                 }
             }
             RunReport::Usage { .. } | RunReport::Exited { .. } | RunReport::Lost { .. } => {
                 let energy = report.energy_mj().unwrap_or(0);
-                if let Some((from, watts)) = billed {
+                if let Some((from, start, so_far, watts)) = billed {
                     let to = report.time_ms().unwrap_or(from).min(at).max(from);
-                    let bound = energy_bound_mj(watts, to - from);
-                    if energy > bound {
+                    let bound = energy_bound_mj(watts, to.saturating_sub(start));
+                    if so_far.saturating_add(energy) > bound {
                         return Err(format!(
-                            "{energy} mJ in {} ms is more than GPUs limited to {watts} W can draw ({bound} mJ at most)",
-                            to - from
+                            "{energy} mJ more, after {so_far} mJ, in {} ms of run is more than GPUs limited to {watts} W can draw ({bound} mJ at most)",
+                            to.saturating_sub(start)
                         ));
                     }
                 }

@@ -125,6 +125,16 @@ pub struct CutOff {
     /// The power limits of its GPUs, summed (0 in entries from before it was kept).
     #[serde(default)]
     pub power_w: u64,
+    /// When the run started, and the energy billed for it so far: its
+    /// energy stays within its GPUs' limits over its whole time.
+    #[serde(default)]
+    pub started_at_ms: i64,
+    #[serde(default)]
+    pub energy_mj: u64,
+    /// Billed no later than this: set when the agent registers again, which
+    /// then stops the run within the longest grace.
+    #[serde(default)]
+    pub deadline_ms: Option<i64>,
 }
 
 /// GPUs a member's node offered to the cluster over a time: what statements
@@ -262,14 +272,18 @@ pub struct Job {
     /// report of the run may start before it.
     #[serde(default)]
     pub placed_at_ms: i64,
+    /// Energy billed for the current run so far (bounded by its GPUs' power
+    /// limits over its time, see `plausible`).
+    #[serde(default)]
+    pub run_energy_mj: u64,
 }
 
 impl Job {
     /// Mean utilisation of the job's GPUs over all its runs, percent.
     pub fn utilization_pct(&self) -> Option<f64> {
         let (sum, n) = (
-            self.utilization.0 + self.run_utilization.0,
-            self.utilization.1 + self.run_utilization.1,
+            self.utilization.0.saturating_add(self.run_utilization.0),
+            self.utilization.1.saturating_add(self.run_utilization.1),
         );
         (n > 0).then(|| sum as f64 / n as f64)
     }
@@ -543,6 +557,9 @@ fn invalid(field: &str, message: impl Into<String>) -> Rejection {
     }
 }
 
+/// Open proposals one proposer may have at once.
+pub const MAX_OPEN_PROPOSALS: usize = 16;
+
 /// Failed finetune runs lost with their node are retried this many times in all.
 pub const MAX_ATTEMPTS: u32 = 3;
 /// Services that keep exiting are restarted after 1 s, 2 s, 4 s ... up to this.
@@ -596,6 +613,11 @@ pub struct State {
     /// registration may offer fewer of them, but no other or changed ones.
     #[serde(default)]
     pub inventory: BTreeMap<String, Vec<GpuInfo>>,
+    /// Members whose token is one they made themselves (rotated with their
+    /// own token): only they vote, since the operator saw the token each
+    /// member was given.
+    #[serde(default)]
+    pub self_keyed: BTreeSet<String>,
 }
 
 pub fn valid_name(s: &str) -> bool {
@@ -653,7 +675,15 @@ impl State {
                 if matches!(account, Principal::Member(_)) && *by == Some(Principal::Operator) {
                     self.ungoverned("the operator rotating a member's token")?;
                 }
-                self.rotate_token(at, account, token_hash, *expires_at_ms)
+                let events = self.rotate_token(at, account, token_hash, *expires_at_ms)?;
+                if let Principal::Member(m) = account {
+                    if by.as_ref() == Some(account) {
+                        self.self_keyed.insert(m.clone());
+                    } else {
+                        self.self_keyed.remove(m);
+                    }
+                }
+                Ok(events)
             }
             Op::SuspendMember { name, suspended } => self.suspend_member(at, name, *suspended),
             Op::RemoveMember { name } => {
@@ -922,11 +952,19 @@ impl State {
             None => at,
         };
         let same_session = self.nodes.get(name).is_some_and(|n| n.session == session);
-        let (last_seq, cut_off) = match self.nodes.get(name) {
+        let (last_seq, mut cut_off) = match self.nodes.get(name) {
             // The same agent: it still owes reports of the runs cut off.
             Some(n) if same_session => (n.last_seq, n.cut_off.clone()),
             _ => (0, vec![]),
         };
+        // Back in touch, it is told those runs are not its own any more and
+        // stops them within the longest grace: they bill no later.
+        let deadline = at
+            .saturating_add(self.policy.max_grace_s.saturating_mul(1000) as i64)
+            .saturating_add(crate::plausible::MAX_CLOCK_SKEW_MS);
+        for c in &mut cut_off {
+            c.deadline_ms.get_or_insert(deadline);
+        }
         self.nodes.insert(
             name.to_string(),
             Node {
@@ -992,6 +1030,9 @@ impl State {
                         model,
                         weight_milli,
                         power_w: self.run_power_w(j),
+                        started_at_ms: j.started_at_ms.unwrap_or(j.billed_to_ms),
+                        energy_mj: j.run_energy_mj,
+                        deadline_ms: None,
                     }
                 });
             self.end_run_lost(job, last_seen, "node down");
@@ -1102,6 +1143,7 @@ impl State {
                 run_utilization: (0, 0),
                 nominated_node: None,
                 placed_at_ms: 0,
+                run_energy_mj: 0,
             },
         );
         self.queue.insert((at, id));
@@ -1218,6 +1260,7 @@ impl State {
         job.reason.clear();
         job.nominated_node = None;
         job.placed_at_ms = at;
+        job.run_energy_mj = 0;
         Ok(vec![Event::Job(id), Event::Node(node_name.to_string())])
     }
 
@@ -1316,11 +1359,14 @@ impl State {
         Ok(())
     }
 
-    /// Members that may vote now: present, not suspended.
+    /// Members that may vote: present ones. Suspension (the operator's
+    /// alone) is about use and changes no vote; the member the operator's
+    /// own jobs are billed to has the operator's token and never votes.
     fn voters(&self) -> BTreeSet<String> {
         self.members
             .values()
-            .filter(|m| m.removed_at_ms.is_none() && !m.suspended)
+            .filter(|m| m.removed_at_ms.is_none())
+            .filter(|m| self.default_member.as_deref() != Some(m.name.as_str()))
             .map(|m| m.name.clone())
             .collect()
     }
@@ -1351,6 +1397,30 @@ impl State {
         if named.iter().collect::<BTreeSet<_>>().len() != named.len() {
             return Err(invalid("settings", "names one member twice"));
         }
+        let hashes: Vec<&String> = settings
+            .iter()
+            .filter_map(|s| match s {
+                Setting::AddMember { token_hash, .. } => Some(token_hash),
+                _ => None,
+            })
+            .collect();
+        if hashes.iter().collect::<BTreeSet<_>>().len() != hashes.len() {
+            return Err(Rejection::AlreadyExists("token already in use".into()));
+        }
+        // Approvals are checked against the co-op as this change leaves it.
+        let mut after = self.voters();
+        for s in settings {
+            match s {
+                Setting::AddMember { name, .. } => {
+                    after.insert(name.clone());
+                }
+                Setting::RemoveMember(name) => {
+                    after.remove(name);
+                }
+                _ => {}
+            }
+        }
+        let voters_after = after.len();
         for s in settings {
             match s {
                 Setting::Share { member, .. } if !self.members.contains_key(member) => {
@@ -1387,13 +1457,22 @@ impl State {
                         )));
                     }
                 }
-                Setting::Approvals(k) if *k as usize > self.voters().len() => {
+                Setting::Approvals(k) if *k as usize > voters_after => {
                     return Err(invalid(
                         "approvals",
                         format!(
-                            "{k} approvals, but the co-op has {} members who can vote",
-                            self.voters().len()
+                            "{k} approvals, but the co-op would have {voters_after} members who can vote"
                         ),
+                    ));
+                }
+                Setting::ModelWeightMilli { model, .. }
+                    if model.is_empty()
+                        || model.len() > 64
+                        || !model.bytes().all(|b| b.is_ascii_graphic()) =>
+                {
+                    return Err(invalid(
+                        "weight",
+                        "a GPU model name is 1 to 64 printable characters",
                     ));
                 }
                 _ => {}
@@ -1415,6 +1494,19 @@ impl State {
             return Err(Rejection::FailedPrecondition(
                 "the policy needs no approvals (approvals=0): the operator sets it directly".into(),
             ));
+        }
+        let open = self
+            .proposals
+            .values()
+            .filter(|p| p.by == by && p.enacted_at_ms.is_none() && p.expires_at_ms >= at)
+            .count();
+        if open >= MAX_OPEN_PROPOSALS {
+            return Err(Rejection::ResourceExhausted {
+                field: "proposals".into(),
+                message: format!(
+                    "{by} has {open} open proposals, the most one may have; let them pass or expire"
+                ),
+            });
         }
         let id = self.proposals.keys().next_back().map_or(1, |k| k + 1);
         let expires_at_ms =
@@ -1457,7 +1549,7 @@ impl State {
         let voters = self.voters();
         if !voters.contains(member) {
             return Err(Rejection::FailedPrecondition(format!(
-                "member {member} is suspended or removed: it does not vote"
+                "member {member} does not vote (removed, or the member the operator's own jobs are billed to)"
             )));
         }
         let p = self
@@ -1467,6 +1559,11 @@ impl State {
         if !p.electorate.is_empty() && !p.electorate.contains(member) {
             return Err(Rejection::FailedPrecondition(format!(
                 "member {member} joined after proposal {id} was made: only the members of the co-op then vote on it"
+            )));
+        }
+        if !p.electorate.is_empty() && !self.self_keyed.contains(member) {
+            return Err(Rejection::FailedPrecondition(format!(
+                "member {member} votes with a token of its own: rotate it first with the one it was given (coop member token rotate {member}); the operator has seen that one"
             )));
         }
         if p.enacted_at_ms.is_some() {
@@ -1484,7 +1581,7 @@ impl State {
                 "member {member} has already approved proposal {id}"
             )));
         }
-        // Approvals of members suspended or removed since no longer count.
+        // Approvals of members removed since no longer count.
         let standing = p.approvals.iter().filter(|m| voters.contains(*m)).count() as u32;
         let enact = standing + 1 >= p.required;
         let (settings, reason) = (p.settings.clone(), p.reason.clone());
@@ -1758,6 +1855,7 @@ impl State {
         else {
             return false;
         };
+        let to_ms = to_ms.min(node.cut_off[i].deadline_ms.unwrap_or(i64::MAX));
         let cut = if last {
             node.cut_off.remove(i)
         } else {
@@ -1765,6 +1863,7 @@ impl State {
             let before = c.clone();
             if plausible {
                 c.billed_to_ms = to_ms.min(at).max(c.billed_to_ms);
+                c.energy_mj = c.energy_mj.saturating_add(energy_mj);
             }
             before
         };
@@ -1812,6 +1911,7 @@ impl State {
         let weighted = weighted_ms(gpu_ms, weight_milli);
         let job = self.jobs.get_mut(&id).expect("checked");
         job.billed_to_ms = to;
+        job.run_energy_mj = job.run_energy_mj.saturating_add(energy_mj);
         if gpu_ms == 0 && energy_mj == 0 {
             return;
         }
@@ -1960,7 +2060,10 @@ impl State {
             return;
         };
         let (sum, n) = std::mem::take(&mut job.run_utilization);
-        job.utilization = (job.utilization.0 + sum, job.utilization.1 + n);
+        job.utilization = (
+            job.utilization.0.saturating_add(sum),
+            job.utilization.1.saturating_add(n),
+        );
         let job = &self.jobs[&id];
         if let Some(node) = job.node.as_ref().and_then(|n| self.nodes.get_mut(n)) {
             for g in node.gpus.iter_mut().filter(|g| g.job == Some(id)) {
@@ -2126,13 +2229,13 @@ pub const MAX_TIME_LIMIT_MS: u64 = 366 * 24 * 3600 * 1000;
 
 /// Variables the agent sets for each run, which a job may not override.
 pub fn reserved_env(key: &str) -> bool {
+    // NVIDIA_* steer the container runtime's GPU hooks (devices, MIG
+    // configuration): the agent's to set, like the job's identity.
     key.starts_with("COOP_")
+        || key.starts_with("NVIDIA_")
         || matches!(
             key,
-            "CUDA_VISIBLE_DEVICES"
-                | "NVIDIA_VISIBLE_DEVICES"
-                | "HIP_VISIBLE_DEVICES"
-                | "ROCR_VISIBLE_DEVICES"
+            "CUDA_VISIBLE_DEVICES" | "HIP_VISIBLE_DEVICES" | "ROCR_VISIBLE_DEVICES"
         )
 }
 

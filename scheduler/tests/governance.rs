@@ -35,6 +35,14 @@ fn coop() -> State {
             },
         )
         .unwrap();
+        // Each votes with a token of its own, not the one the operator saw.
+        let own = Op::RotateToken {
+            account: Principal::Member(m.into()),
+            token_hash: format!("own-{m}"),
+            expires_at_ms: None,
+            by: Some(Principal::Member(m.into())),
+        };
+        apply(&mut s, 0, own).unwrap();
     }
     apply(
         &mut s,

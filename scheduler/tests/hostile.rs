@@ -606,10 +606,43 @@ fn a_gpu_quota_holds_at_submission_and_at_placement() {
 
 /// The attack of issue 13: with approvals=2 the operator added two members
 /// and approved with their tokens. Now adding a member is itself a proposal,
-/// and only members of the co-op when a proposal was made vote on it.
+/// only members of the co-op when a proposal was made vote on it, and only
+/// with tokens of their own, which the operator has never seen.
 #[test]
 fn the_operator_alone_cannot_bend_the_rules() {
     let (mut s, _) = running(); // members a and b
+    let own = |s: &mut State, at, m: &str| {
+        let op = Op::RotateToken {
+            account: Principal::Member(m.into()),
+            token_hash: format!("own-{m}"),
+            expires_at_ms: None,
+            by: Some(Principal::Member(m.into())),
+        };
+        apply(s, at, op).unwrap();
+    };
+    let approve = |s: &mut State, at, id, m: &str| {
+        apply(
+            s,
+            at,
+            Op::ApprovePolicy {
+                id,
+                member: m.into(),
+            },
+        )
+    };
+    let propose = |s: &mut State, at, settings| {
+        apply(
+            s,
+            at,
+            Op::ProposePolicy {
+                settings,
+                by: "operator".into(),
+                reason: "x".into(),
+            },
+        )
+        .unwrap();
+        *s.proposals.keys().last().unwrap()
+    };
     let set = Op::SetPolicy {
         settings: vec![Setting::Approvals(2)],
         by: "operator".into(),
@@ -627,8 +660,7 @@ fn the_operator_alone_cannot_bend_the_rules() {
         e.to_string().contains("needs the approval of 2 members"),
         "{e}"
     );
-    let remove = Op::RemoveMember { name: "b".into() };
-    assert!(apply(&mut s, 60_001, remove).is_err());
+    assert!(apply(&mut s, 60_001, Op::RemoveMember { name: "b".into() }).is_err());
     let steal = Op::RotateToken {
         account: Principal::Member("a".into()),
         token_hash: "h-a-2".into(),
@@ -650,20 +682,8 @@ fn the_operator_alone_cannot_bend_the_rules() {
     assert!(apply(&mut s, 60_001, shares).is_err());
     assert_eq!(s, before);
 
-    // The operator may propose a member; it joins once a and b approve.
-    let propose = |s: &mut State, at, settings| {
-        apply(
-            s,
-            at,
-            Op::ProposePolicy {
-                settings,
-                by: "operator".into(),
-                reason: "add".into(),
-            },
-        )
-        .unwrap();
-        *s.proposals.keys().last().unwrap()
-    };
+    // The operator may propose a member; it joins once a and b approve,
+    // each with a token it made itself.
     let p1 = propose(
         &mut s,
         60_002,
@@ -672,37 +692,20 @@ fn the_operator_alone_cannot_bend_the_rules() {
             token_hash: "h-s1".into(),
         }],
     );
-    apply(
-        &mut s,
-        60_003,
-        Op::ApprovePolicy {
-            id: p1,
-            member: "a".into(),
-        },
-    )
-    .unwrap();
+    let e = approve(&mut s, 60_003, p1, "a").unwrap_err();
+    assert!(
+        e.to_string().contains("votes with a token of its own"),
+        "{e}"
+    );
+    own(&mut s, 60_003, "a");
+    own(&mut s, 60_003, "b");
+    approve(&mut s, 60_003, p1, "a").unwrap();
     assert!(!s.members.contains_key("sock1"));
     assert!(s.principal("h-s1").is_none(), "its token does not work yet");
-    apply(
-        &mut s,
-        60_004,
-        Op::ApprovePolicy {
-            id: p1,
-            member: "b".into(),
-        },
-    )
-    .unwrap();
+    approve(&mut s, 60_004, p1, "b").unwrap();
     assert!(s.members.contains_key("sock1"));
     // A member added after a proposal does not vote on it.
-    let e = apply(
-        &mut s,
-        60_005,
-        Op::ApprovePolicy {
-            id: p1,
-            member: "sock1".into(),
-        },
-    )
-    .unwrap_err();
+    let e = approve(&mut s, 60_005, p1, "sock1").unwrap_err();
     assert!(e.to_string().contains("joined after proposal"), "{e}");
     let p2 = propose(
         &mut s,
@@ -712,30 +715,15 @@ fn the_operator_alone_cannot_bend_the_rules() {
             shares: 5,
         }],
     );
-    apply(
-        &mut s,
-        60_008,
-        Op::ApprovePolicy {
-            id: p2,
-            member: "sock1".into(),
-        },
-    )
-    .unwrap();
-    apply(
-        &mut s,
-        60_009,
-        Op::ApprovePolicy {
-            id: p2,
-            member: "a".into(),
-        },
-    )
-    .unwrap();
+    own(&mut s, 60_007, "sock1");
+    approve(&mut s, 60_008, p2, "sock1").unwrap();
+    approve(&mut s, 60_009, p2, "a").unwrap();
     assert_eq!(
         s.policy.share("a"),
         5,
         "sock1 existed when p2 was made: its vote counts"
     );
-    // A suspended member's approval no longer counts.
+    // Suspension (the operator's alone) changes no vote.
     let p4 = propose(
         &mut s,
         60_010,
@@ -744,15 +732,7 @@ fn the_operator_alone_cannot_bend_the_rules() {
             shares: 3,
         }],
     );
-    apply(
-        &mut s,
-        60_011,
-        Op::ApprovePolicy {
-            id: p4,
-            member: "a".into(),
-        },
-    )
-    .unwrap();
+    approve(&mut s, 60_011, p4, "a").unwrap();
     apply(
         &mut s,
         60_012,
@@ -762,32 +742,22 @@ fn the_operator_alone_cannot_bend_the_rules() {
         },
     )
     .unwrap();
-    let e = apply(
-        &mut s,
-        60_013,
-        Op::ApprovePolicy {
-            id: p4,
-            member: "a".into(),
-        },
-    )
-    .unwrap_err();
-    assert!(e.to_string().contains("does not vote"), "{e}");
-    apply(
-        &mut s,
-        60_014,
-        Op::ApprovePolicy {
-            id: p4,
-            member: "b".into(),
-        },
-    )
-    .unwrap();
+    approve(&mut s, 60_014, p4, "b").unwrap();
     assert_eq!(
         s.policy.share("b"),
-        1,
-        "a's approval lapsed with its suspension: one of two"
+        3,
+        "a's approval stands through its suspension"
     );
-    // A member joining after p4 cannot tip it.
+    // A member joining after p5 cannot tip it.
     let p5 = propose(
+        &mut s,
+        60_015,
+        vec![Setting::Share {
+            member: "b".into(),
+            shares: 4,
+        }],
+    );
+    let p6 = propose(
         &mut s,
         60_015,
         vec![Setting::AddMember {
@@ -795,32 +765,181 @@ fn the_operator_alone_cannot_bend_the_rules() {
             token_hash: "h-s2".into(),
         }],
     );
-    apply(
-        &mut s,
-        60_016,
-        Op::ApprovePolicy {
-            id: p5,
-            member: "b".into(),
-        },
-    )
-    .unwrap();
-    apply(
-        &mut s,
-        60_017,
-        Op::ApprovePolicy {
-            id: p5,
-            member: "sock1".into(),
-        },
-    )
-    .unwrap();
+    approve(&mut s, 60_016, p6, "b").unwrap();
+    approve(&mut s, 60_017, p6, "sock1").unwrap();
+    own(&mut s, 60_018, "sock2");
+    let e = approve(&mut s, 60_018, p5, "sock2").unwrap_err();
+    assert!(e.to_string().contains("joined after proposal"), "{e}");
+    // A proposal cannot leave fewer voters than the approvals it sets.
     let e = apply(
         &mut s,
-        60_018,
-        Op::ApprovePolicy {
-            id: p4,
-            member: "sock2".into(),
+        60_019,
+        Op::ProposePolicy {
+            settings: vec![
+                Setting::RemoveMember("sock1".into()),
+                Setting::RemoveMember("sock2".into()),
+                Setting::Approvals(3),
+            ],
+            by: "operator".into(),
+            reason: "lock it".into(),
         },
     )
     .unwrap_err();
-    assert!(e.to_string().contains("joined after proposal"), "{e}");
+    assert!(e.to_string().starts_with("approvals:"), "{e}");
+    // One proposer's open proposals are bounded.
+    for i in 0..MAX_OPEN_PROPOSALS {
+        let op = Op::ProposePolicy {
+            settings: vec![Setting::Share {
+                member: "a".into(),
+                shares: i as u64,
+            }],
+            by: "b".into(),
+            reason: "spam".into(),
+        };
+        apply(&mut s, 60_020, op).unwrap();
+    }
+    let op = Op::ProposePolicy {
+        settings: vec![Setting::Share {
+            member: "a".into(),
+            shares: 1,
+        }],
+        by: "b".into(),
+        reason: "spam".into(),
+    };
+    assert!(matches!(
+        apply(&mut s, 60_021, op),
+        Err(Rejection::ResourceExhausted { .. })
+    ));
+}
+
+#[test]
+fn a_run_starts_once_and_its_energy_is_bounded_over_its_whole_time() {
+    let (mut s, id) = running();
+    report(
+        &mut s,
+        10_000,
+        1,
+        RunReport::Started {
+            job: id,
+            attempt: 1,
+            at_ms: 10_000,
+        },
+    );
+    report(
+        &mut s,
+        20_000,
+        2,
+        RunReport::Usage {
+            job: id,
+            attempt: 1,
+            to_ms: 20_000,
+            energy_mj: 0,
+        },
+    );
+    // A second start would bill [10 s, 20 s] again.
+    report(
+        &mut s,
+        20_000,
+        3,
+        RunReport::Started {
+            job: id,
+            attempt: 1,
+            at_ms: 10_000,
+        },
+    );
+    report(
+        &mut s,
+        30_000,
+        4,
+        RunReport::Usage {
+            job: id,
+            attempt: 1,
+            to_ms: 30_000,
+            energy_mj: 0,
+        },
+    );
+    assert_eq!(
+        s.jobs[&id].gpu_ms,
+        2 * 20_000,
+        "10 s to 30 s on 2 GPUs, once"
+    );
+    assert!(
+        rejected(&s)[0].contains("already started"),
+        "{:?}",
+        rejected(&s)
+    );
+    // Zero-length reports each claiming the slack of one clock skew: the
+    // bound is over the run, so the slack is granted once.
+    let bound = coop_scheduler::plausible::energy_bound_mj(2 * 1_500, 20_000);
+    for seq in 5..50 {
+        report(
+            &mut s,
+            30_000,
+            seq,
+            RunReport::Usage {
+                job: id,
+                attempt: 1,
+                to_ms: 30_000,
+                energy_mj: 5_000_000,
+            },
+        );
+    }
+    let e = s.jobs[&id].energy_mj;
+    assert!(e <= bound, "{e} mJ billed, at most {bound}");
+}
+
+#[test]
+fn a_run_cut_off_with_its_node_is_billed_until_its_agent_is_back_and_a_grace() {
+    let (mut s, id) = running();
+    report(
+        &mut s,
+        10_000,
+        1,
+        RunReport::Started {
+            job: id,
+            attempt: 1,
+            at_ms: 10_000,
+        },
+    );
+    apply(
+        &mut s,
+        60_000,
+        Op::NodeDown {
+            node: "n1".into(),
+            last_seen_ms: 20_000,
+        },
+    )
+    .unwrap();
+    // The agent comes back an hour later (same session) and keeps reporting
+    // the run it was cut off from, for days: billed to its return plus the
+    // longest grace (10 min) and a skew, no further.
+    let back = 3_600_000;
+    let op = Op::RegisterNode {
+        node: "n1".into(),
+        owner: "a".into(),
+        gpus: gpus("n1", 4),
+        session: "s1".into(),
+        orphaned_runs_end_ms: back,
+    };
+    apply(&mut s, back, op).unwrap();
+    let later = back + 3 * 24 * 3_600_000;
+    report(
+        &mut s,
+        later,
+        2,
+        RunReport::Usage {
+            job: id,
+            attempt: 1,
+            to_ms: later,
+            energy_mj: 0,
+        },
+    );
+    let billed_to = s
+        .ledger
+        .iter()
+        .filter(|r| r.job == id)
+        .map(|r| r.end_ms)
+        .max()
+        .unwrap();
+    assert_eq!(billed_to, back + 600_000 + 5_000);
 }

@@ -15,6 +15,22 @@ const MAX_JOIN_TTL_S: u64 = 7 * 24 * 3600;
 
 pub struct Cluster(pub Ctx);
 
+/// A member sees which GPUs are busy, not whose jobs hold them.
+fn mask_jobs(who: &Principal, state: &State, nodes: &mut [pb::Node]) {
+    let Principal::Member(m) = who else { return };
+    for g in nodes.iter_mut().flat_map(|n| n.gpus.iter_mut()) {
+        let mine = g
+            .job
+            .parse()
+            .ok()
+            .and_then(|id| state.jobs.get(&id))
+            .is_some_and(|j| j.member == *m);
+        if !mine && !g.job.is_empty() {
+            g.job = "(another member's job)".into();
+        }
+    }
+}
+
 impl Cluster {
     fn nodes(&self, state: &State) -> Vec<pb::Node> {
         state
@@ -248,10 +264,11 @@ impl ClusterService for Cluster {
         &self,
         req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        self.0.principal(&req).await?;
+        let who = self.0.principal(&req).await?;
         let schedulers = self.schedulers().await;
         let state = self.0.replica.read();
-        let nodes = self.nodes(&state);
+        let mut nodes = self.nodes(&state);
+        mask_jobs(&who, &state, &mut nodes);
         let up_gpus = state.nodes.values().filter(|n| n.up).flat_map(|n| &n.gpus);
         let (total, free) = up_gpus.fold((0, 0), |(t, f), g| (t + 1, f + g.job.is_none() as u32));
         let count = |s: JobState| state.jobs.values().filter(|j| j.state == s).count() as u32;
@@ -274,20 +291,7 @@ impl ClusterService for Cluster {
         let r = req.into_inner();
         let state = self.0.replica.read();
         let mut nodes = self.nodes(&state);
-        // A member sees which GPUs are busy, not whose jobs hold them.
-        if let Principal::Member(m) = &who {
-            for g in nodes.iter_mut().flat_map(|n| n.gpus.iter_mut()) {
-                let mine = g
-                    .job
-                    .parse()
-                    .ok()
-                    .and_then(|id| state.jobs.get(&id))
-                    .is_some_and(|j| j.member == *m);
-                if !mine && !g.job.is_empty() {
-                    g.job = "(another member's job)".into();
-                }
-            }
-        }
+        mask_jobs(&who, &state, &mut nodes);
         let (nodes, next_page_token) = page(
             nodes
                 .into_iter()
