@@ -70,7 +70,7 @@ pub(super) fn open(node: &str, groups: &[(u32, String)]) -> anyhow::Result<Gpus>
                 model: model.clone(),
                 memory_mb,
                 measured: None,
-                power_limit_w: sim_power_w(&model) as u32,
+                power_limit_w: sim_power_w(model) as u32,
             });
         }
     }
