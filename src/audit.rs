@@ -189,15 +189,7 @@ async fn fetch_head(cli: &ClientArgs) -> anyhow::Result<SignedHead> {
         .head(c.req(pb::AuditHeadRequest {}))
         .await?
         .into_inner();
-    Ok(SignedHead {
-        format: h.format,
-        seq: h.seq,
-        hash: h.hash,
-        at_ms: h.at_ms,
-        scheduler_id: h.scheduler_id,
-        public_key: h.public_key,
-        signature: h.signature,
-    })
+    Ok(coop_scheduler::api::audit::head_from_pb(h))
 }
 
 fn since_json(h: &SignedHead) -> Value {

@@ -474,13 +474,23 @@ fn isolation(a: &RunArgs, real_gpus: bool) -> anyhow::Result<coop_agent::runner:
         }
     };
     let run_users = nix::unistd::geteuid().is_root();
+    let mut pid_namespaces = false;
     if run_users {
         tracing::info!(
             "each run runs as an unprivileged user of its own, in a directory only it can enter"
         );
+        match coop_agent::runner::pid_namespaces_work() {
+            Ok(()) => {
+                pid_namespaces = true;
+                tracing::info!("each run has a PID namespace of its own: it sees no other process");
+            }
+            Err(why) => tracing::warn!(
+                "no PID namespaces ({why}): runs see the machine's processes (not their environments or files)"
+            ),
+        }
     } else {
         tracing::warn!(
-            "not running as root: runs share the agent's user and can read its files, its node credential included"
+            "not running as root: runs share the agent's user and can read its files, its node credential included, and see its processes"
         );
     }
     Ok(coop_agent::runner::Isolation {
@@ -488,6 +498,7 @@ fn isolation(a: &RunArgs, real_gpus: bool) -> anyhow::Result<coop_agent::runner:
         runtime,
         real_gpus,
         run_users,
+        pid_namespaces,
     })
 }
 

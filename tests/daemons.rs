@@ -104,8 +104,8 @@ fn a_killed_agent_loses_its_node_its_jobs_move_and_its_orphans_are_stopped() {
         "-c",
         "echo pid $$; exec sleep 300",
     ]);
-    let text = c.wait_log(&id, "pid ");
-    let pid = pid_in(&text);
+    c.wait_log(&id, "pid ");
+    let pid = job_pid(&id, 1);
     assert_eq!(c.job(&id)["node"], "a");
 
     a.kill9();
@@ -126,7 +126,8 @@ fn a_killed_agent_loses_its_node_its_jobs_move_and_its_orphans_are_stopped() {
         j["state"] == "running" && j["node"] == "b"
     });
     assert_eq!(job["attempts"], 2);
-    let pid_b = pid_in(&c.wait_log(&id, "pid "));
+    c.wait_log(&id, "pid ");
+    let pid_b = job_pid(&id, 2);
     assert_ne!(pid, pid_b);
 
     // The old process survived its agent's kill -9; the restarted agent stops it.
@@ -170,7 +171,8 @@ fn an_agent_cut_off_too_long_is_told_to_stop_what_it_no_longer_owns() {
     let job = c.wait_job(&id, "running", |j| j["state"] == "running");
     assert_ne!(job["node"], filler_node);
     let first_node = job["node"].as_str().unwrap().to_string();
-    let pid = pid_in(&c.wait_log(&id, "pid "));
+    c.wait_log(&id, "pid ");
+    let pid = job_pid(&id, 1);
     c.ok(&["job", "cancel", &filler]);
     c.wait_final(&filler);
 

@@ -80,7 +80,8 @@ fn one_running_job(timing: &[&str]) -> (Split, Daemon, String, i32) {
         "-c",
         "echo pid $$; exec sleep 300",
     ]);
-    let pid = pid_in(&s.c.wait_log(&id, "pid "));
+    s.c.wait_log(&id, "pid ");
+    let pid = job_pid(&id, 1);
     (s, agent, id, pid)
 }
 
@@ -187,7 +188,8 @@ fn an_agent_killed_with_sigkill_and_restarted_loses_no_usage() {
         .find(|l| l.starts_with(id.as_str()) && l.contains(" lost "))
         .unwrap_or_else(|| panic!("no lost row for {id}: {table}"));
     assert!(row.contains("the agent restarted"), "{table}");
-    let pid2 = pid_in(&s.c.wait_log(&id, "pid "));
+    s.c.wait_log(&id, "pid ");
+    let pid2 = job_pid(&id, 2);
     assert_ne!(pid, pid2);
 
     s.c.ok(&["job", "cancel", &id]);

@@ -260,7 +260,7 @@ fn jobs_see_no_credential_and_not_each_other() {
             "--",
             "sh",
             "-c",
-            "echo acme-old > $HOME/secret; setsid sleep 600 & echo pid $!; echo dir $HOME",
+            "echo acme-old > $HOME/secret; setsid sleep 600 & echo uid $(id -u); echo dir $HOME",
         ],
     );
     let text = c.wait_log(&old, "dir ");
@@ -271,7 +271,15 @@ fn jobs_see_no_credential_and_not_each_other() {
         .unwrap()
         .to_string();
     if nix::unistd::geteuid().is_root() {
-        wait_gone(pid_in(&text), "the process an ended run left behind");
+        // Its pid is the namespace's; by its uid, nothing of it is left.
+        let uid: u32 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("uid "))
+            .and_then(|u| u.trim().parse().ok())
+            .expect("the run's uid printed");
+        eventually("the process an ended run left behind is gone", || {
+            processes_of(uid).is_empty()
+        });
     }
     // acme's job keeps a secret in its own directory and waits.
     let a = c.submit_as(
@@ -291,7 +299,7 @@ fn jobs_see_no_credential_and_not_each_other() {
     // bravo's job looks everywhere, and tries to swap its own log for a link
     // to the node's credential, which the agent would then read back.
     let script = format!(
-        "env; id -u; cat {a_dir}/secret; ls {a_dir}; cat {old_dir}/secret; cat {d}/credentials.json; \
+        "env; id -u; set -- /proc/[0-9]*; echo processes $#; cat {a_dir}/secret; ls {a_dir}; cat {old_dir}/secret; cat {d}/credentials.json; \
          cat {d}/agent/credential.json; cat {d}/tls/ca.key; cat {d}/scheduler/scheduler.db; \
          ls {d}/agent/jobs; for p in /proc/[0-9]*; do cat $p/environ 2>/dev/null; done; \
          rm -f $HOME/../output.log output.log; ln -sf {d}/agent/credential.json $HOME/../output.log; \
@@ -323,6 +331,14 @@ fn jobs_see_no_credential_and_not_each_other() {
             (1_900_000_000..1_900_004_096).contains(&uid),
             "runs as uid {uid}"
         );
+        // Its own PID namespace: its shell and the namespace's init, nothing
+        // of acme's run or of the machine.
+        let seen: usize = out
+            .lines()
+            .find_map(|l| l.strip_prefix("processes "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("the process count printed");
+        assert!(seen <= 3, "bravo's job sees {seen} processes:\n{out}");
     } else {
         eprintln!(
             "not root: runs share the agent's user and can read its files; only environments were checked"
@@ -330,6 +346,18 @@ fn jobs_see_no_credential_and_not_each_other() {
     }
     c.ok(&["job", "cancel", &a]);
     c.wait_final(&a);
+}
+
+/// Host pids of the processes running as `uid`.
+fn processes_of(uid: u32) -> Vec<i32> {
+    let needle = format!("Uid:\t{uid}\t");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| s.contains(&needle))
+        })
+        .collect()
 }
 
 /// Polls until `f` holds (wall-clock time passing is what is tested).

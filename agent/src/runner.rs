@@ -70,6 +70,9 @@ pub struct Isolation {
     pub real_gpus: bool,
     /// Each run gets an unprivileged user of its own (the agent runs as root).
     pub run_users: bool,
+    /// Each such run also gets a PID namespace of its own (where the kernel
+    /// allows it: see `pid_namespaces_work`).
+    pub pid_namespaces: bool,
 }
 
 /// Like systemd's DynamicUser, runs take uids that no account owns, from
@@ -327,7 +330,7 @@ impl Runner {
                 });
             }
             if let Some(uid) = uid {
-                drop_privileges(&mut cmd, uid);
+                drop_privileges(&mut cmd, uid, self.isolation.pid_namespaces);
             }
             let child = cmd.spawn().with_context(|| format!("{program:?}"))?;
             drop(procs);
@@ -335,7 +338,7 @@ impl Runner {
             return Ok((pid, child, cgroup, container));
         }
         if let Some(uid) = uid {
-            drop_privileges(&mut cmd, uid);
+            drop_privileges(&mut cmd, uid, self.isolation.pid_namespaces);
         }
         let child = cmd.spawn().with_context(|| format!("{program:?}"))?;
         let pid = child.id().context("child has no pid")? as i32;
@@ -541,15 +544,18 @@ fn traverse_only(dir: &std::path::Path) -> anyhow::Result<()> {
         .with_context(|| format!("restricting {}", dir.display()))
 }
 
-/// In the child, after everything that needs root (joining the cgroup): no
-/// supplementary groups, the run's gid and uid, and no way back up through
-/// setuid programs.
-fn drop_privileges(cmd: &mut tokio::process::Command, uid: u32) {
+/// In the child, after everything that needs root (joining the cgroup): a
+/// PID namespace of the run's own where asked, then no supplementary groups,
+/// the run's gid and uid, and no way back up through setuid programs.
+fn drop_privileges(cmd: &mut tokio::process::Command, uid: u32, pid_namespace: bool) {
     // SAFETY: only async-signal-safe system calls between fork and exec; the
     // empty group list is a static slice, nothing is allocated.
     unsafe {
         cmd.pre_exec(move || {
             let err = |e: nix::errno::Errno| std::io::Error::from_raw_os_error(e as i32);
+            if pid_namespace {
+                enter_pid_namespace()?;
+            }
             nix::unistd::setgroups(&[]).map_err(err)?;
             nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).map_err(err)?;
             nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).map_err(err)?;
@@ -617,6 +623,112 @@ pub async fn stop_groups(pgids: &[i32], grace: Duration) {
 }
 
 /// What to clean up and look at when a run ends.
+/// In a freshly forked child, before exec (async-signal-safe calls only):
+/// a PID and mount namespace of the run's own, with its own /proc, so that
+/// the job sees no other process of the machine. Returns in the process
+/// that goes on to exec the job, PID 2 of the namespace. The process the
+/// agent spawned stays outside and ends as the run does; PID 1 waits for
+/// the job and exits with it, and the kernel then kills whatever else the
+/// run left in the namespace (`setsid` children included).
+///
+/// Signals: the agent's SIGTERM and SIGKILL go to the run's process group,
+/// which all three share: the job gets them directly; the outside process
+/// ignores SIGTERM (it must outlive the job's grace); PID 1, like any init,
+/// ignores what it has no handler for, except SIGKILL.
+fn enter_pid_namespace() -> std::io::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::{CloneFlags, unshare};
+    use nix::unistd::{ForkResult, fork};
+    let err = |e: nix::errno::Errno| std::io::Error::from_raw_os_error(e as i32);
+    unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS).map_err(err)?;
+    // SAFETY: this process is a single-threaded child between fork and exec.
+    if let ForkResult::Parent { child } = unsafe { fork() }.map_err(err)? {
+        outside(child);
+    }
+    // PID 1 of the new namespace: its own view of /proc, not the machine's.
+    let none = None::<&str>;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(err)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some("proc"), "/proc", Some("proc"), flags, none).map_err(err)?;
+    // SAFETY: as above.
+    match unsafe { fork() }.map_err(err)? {
+        ForkResult::Parent { child } => init(child),
+        ForkResult::Child => Ok(()),
+    }
+}
+
+/// Closes what the forked process inherited beyond stdio: the pipe through
+/// which the agent learns that the job's exec worked must close when the
+/// job execs, not stay open in processes that never exec.
+fn close_inherited() {
+    for fd in 3..1024 {
+        // SAFETY: closing descriptors this process will never use again.
+        unsafe { nix::libc::close(fd) };
+    }
+}
+
+/// The exit status of `pid` as a shell gives it: its code, or 128 + signal.
+fn wait_code(pid: Option<Pid>, target: Pid) -> Option<i32> {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(p, code)) if p == target => return Some(code),
+            Ok(WaitStatus::Signaled(p, sig, _)) if p == target => return Some(128 + sig as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// The process the agent spawned: waits outside the namespace for its
+/// PID 1 and ends the way the job did (a signal death as that signal).
+fn outside(init: Pid) -> ! {
+    use nix::sys::signal::{SigHandler, Signal, raise, signal};
+    close_inherited();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: setting a disposition, async-signal-safe.
+        let _ = unsafe { signal(s, SigHandler::SigIgn) };
+    }
+    let code = wait_code(Some(init), init).unwrap_or(127);
+    if code > 128
+        && let Ok(sig) = Signal::try_from(code - 128)
+    {
+        // SAFETY: as above.
+        let _ = unsafe { signal(sig, SigHandler::SigDfl) };
+        let _ = raise(sig);
+    }
+    // SAFETY: ending this process without running the parent's atexit handlers.
+    unsafe { nix::libc::_exit(code) }
+}
+
+/// PID 1 of the run's namespace: reaps whatever ends in it and exits with
+/// the job.
+fn init(job: Pid) -> ! {
+    close_inherited();
+    let code = wait_code(None, job).unwrap_or(127);
+    // SAFETY: as in `outside`.
+    unsafe { nix::libc::_exit(code) }
+}
+
+/// Whether this machine gives runs PID namespaces of their own: a shell run
+/// that way must find itself PID 2. Needs root.
+pub fn pid_namespaces_work() -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("/bin/sh");
+    // PID 2, and a /proc of the namespace (a process of it has a small pid).
+    cmd.args([
+        "-c",
+        "[ $$ -eq 2 ] && [ \"$(readlink /proc/self)\" -lt 100 ]",
+    ]);
+    // SAFETY: only async-signal-safe calls between fork and exec (see above).
+    unsafe { cmd.pre_exec(enter_pid_namespace) };
+    match cmd.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("a run in its own PID namespace ended with {s}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 struct Ends {
     cgroup: Option<RunCgroup>,
     container: Option<(Runtime, String)>,

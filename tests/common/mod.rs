@@ -373,13 +373,35 @@ pub fn start_dev_env(dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Daemo
 }
 
 /// The number after "pid" in a job's output (`echo pid $$`).
-pub fn pid_in(text: &str) -> i32 {
-    text.split_whitespace()
-        .skip_while(|w| *w != "pid")
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap()
+/// The host pid of attempt `attempt` of job `id`: the process with the job's
+/// id and attempt in its environment (a run in a PID namespace of its own
+/// cannot tell its pid on the machine).
+#[allow(dead_code)] // not every test binary looks for processes
+pub fn job_pid(id: &str, attempt: u32) -> i32 {
+    let want = [
+        format!("COOP_JOB_ID={id}"),
+        format!("COOP_JOB_ATTEMPT={attempt}"),
+    ];
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let found = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .find(|p| {
+                std::fs::read(format!("/proc/{p}/environ")).is_ok_and(|env| {
+                    let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+                    want.iter().all(|w| vars.contains(&w.as_bytes()))
+                })
+            });
+        if let Some(p) = found {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no process of attempt {attempt} of job {id}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 pub fn ms(v: &Value) -> i64 {

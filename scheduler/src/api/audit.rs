@@ -8,6 +8,32 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, invalid};
+use crate::head::SignedHead;
+
+/// A signed head as the API carries it, and back: the same fields.
+pub fn head_to_pb(h: SignedHead) -> pb::AuditHead {
+    pb::AuditHead {
+        format: h.format,
+        seq: h.seq,
+        hash: h.hash,
+        at_ms: h.at_ms,
+        scheduler_id: h.scheduler_id,
+        public_key: h.public_key,
+        signature: h.signature,
+    }
+}
+
+pub fn head_from_pb(h: pb::AuditHead) -> SignedHead {
+    SignedHead {
+        format: h.format,
+        seq: h.seq,
+        hash: h.hash,
+        at_ms: h.at_ms,
+        scheduler_id: h.scheduler_id,
+        public_key: h.public_key,
+        signature: h.signature,
+    }
+}
 use crate::ledger::GENESIS;
 use crate::replica::now_ms;
 
@@ -64,14 +90,6 @@ impl AuditService for Audit {
                 .map_or((0, GENESIS.to_string()), |r| (r.seq, r.hash.clone()))
         };
         let h = self.0.signer.sign(seq, &hash, now_ms());
-        Ok(Response::new(pb::AuditHead {
-            format: h.format,
-            seq: h.seq,
-            hash: h.hash,
-            at_ms: h.at_ms,
-            scheduler_id: h.scheduler_id,
-            public_key: h.public_key,
-            signature: h.signature,
-        }))
+        Ok(Response::new(head_to_pb(h)))
     }
 }
