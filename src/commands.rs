@@ -696,6 +696,7 @@ pub async fn fairshare(cli: &ClientArgs, a: FairshareArgs) -> anyhow::Result<()>
                 "submitted_at": rfc3339(w.submitted_at_ms),
                 "reason": w.reason,
             })).collect::<Vec<_>>(),
+            "waiting_total": r.waiting_total,
         })),
         Output::Table => {
             println!(
@@ -756,6 +757,10 @@ pub async fn fairshare(cli: &ClientArgs, a: FairshareArgs) -> anyhow::Result<()>
                         })
                         .collect(),
                 );
+                let more = r.waiting_total as usize - r.waiting.len().min(r.waiting_total as usize);
+                if more > 0 {
+                    println!("... and {more} more waiting behind these");
+                }
             }
         }
     }

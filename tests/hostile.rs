@@ -427,3 +427,47 @@ fn the_operator_cannot_vote_with_members_it_makes_up() {
         "{members}"
     );
 }
+
+/// However long the queue, the fair-share answer (every member may ask it)
+/// lists the front of the line and counts the rest.
+#[test]
+fn a_long_queue_is_shown_by_its_front() {
+    let c = Cluster::dev(&["--gpus", "sim:1xA100-80GB"]);
+    let acme = c.add_member("acme");
+    c.ok(&[
+        "policy",
+        "set",
+        "submit_rate=0",
+        "--reason",
+        "a flood, on purpose",
+    ]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ca = std::fs::read(c.ca.as_deref().unwrap()).unwrap();
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    let channel = rt.block_on(tls_channel(&c.addr, tls)).expect("connects");
+    let mut jobs = pb::job_service_client::JobServiceClient::new(channel);
+    rt.block_on(async {
+        for _ in 0..1_050 {
+            let r = pb::SubmitJobRequest {
+                kind: pb::JobKind::Finetune as i32,
+                gpus: 1,
+                command: vec!["sleep".into(), "600".into()],
+                ..Default::default()
+            };
+            jobs.submit(bearer(&acme, r)).await.expect("submitted");
+        }
+    });
+    let fs = c.json_as(&acme, &["fairshare"]);
+    assert_eq!(fs["waiting"].as_array().unwrap().len(), 1_000);
+    assert!(
+        fs["waiting_total"].as_u64().unwrap() >= 1_049,
+        "{}",
+        fs["waiting_total"]
+    );
+    assert_eq!(
+        fs["waiting"][0]["position"], 1,
+        "the front of the line first"
+    );
+    let table = c.ok_as(&acme, &["fairshare"]);
+    assert!(table.contains("more waiting behind these"), "{table}");
+}

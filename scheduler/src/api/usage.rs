@@ -10,6 +10,9 @@ use crate::replica::now_ms;
 use crate::state::State;
 use crate::usage::member_usage;
 
+/// Waiting jobs a fair-share answer lists (the rest are counted).
+const MAX_WAITING_SHOWN: usize = 1000;
+
 pub struct Usage(pub Ctx);
 
 fn check_member(state: &State, only: &Option<String>) -> Result<(), Status> {
@@ -195,11 +198,16 @@ pub fn fair_share_view(
         })
         .collect();
     waiting.sort_by_key(|w| (w.position == 0, w.position, w.submitted_at_ms));
+    // The front of the line, so that the answer stays well under 4 MiB
+    // however long the queue.
+    let waiting_total = waiting.len() as u32;
+    waiting.truncate(MAX_WAITING_SHOWN);
     pb::FairShareResponse {
         ordering: state.policy.ordering.as_str().to_string(),
         half_life_s: state.policy.half_life_s,
         members,
         waiting,
+        waiting_total,
         gpus_total: total_gpus(state),
         as_of_ms: now,
     }
