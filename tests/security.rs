@@ -331,14 +331,19 @@ fn jobs_see_no_credential_and_not_each_other() {
             (1_900_000_000..1_900_004_096).contains(&uid),
             "runs as uid {uid}"
         );
-        // Its own PID namespace: its shell and the namespace's init, nothing
-        // of acme's run or of the machine.
+        // Its own PID namespace (where the kernel gives them, as the agent
+        // says at start): its shell and the namespace's init, nothing of
+        // acme's run or of the machine.
         let seen: usize = out
             .lines()
             .find_map(|l| l.strip_prefix("processes "))
             .and_then(|n| n.trim().parse().ok())
             .expect("the process count printed");
-        assert!(seen <= 3, "bravo's job sees {seen} processes:\n{out}");
+        if c.daemons[0].stderr().contains("a PID namespace of its own") {
+            assert!(seen <= 3, "bravo's job sees {seen} processes:\n{out}");
+        } else {
+            eprintln!("no PID namespaces here: bravo's job saw {seen} processes");
+        }
     } else {
         eprintln!(
             "not root: runs share the agent's user and can read its files; only environments were checked"

@@ -622,7 +622,6 @@ pub async fn stop_groups(pgids: &[i32], grace: Duration) {
     }
 }
 
-/// What to clean up and look at when a run ends.
 /// In a freshly forked child, before exec (async-signal-safe calls only):
 /// a PID and mount namespace of the run's own, with its own /proc, so that
 /// the job sees no other process of the machine. Returns in the process
@@ -661,37 +660,86 @@ fn enter_pid_namespace() -> std::io::Result<()> {
 /// which the agent learns that the job's exec worked must close when the
 /// job execs, not stay open in processes that never exec.
 fn close_inherited() {
-    for fd in 3..1024 {
-        // SAFETY: closing descriptors this process will never use again.
-        unsafe { nix::libc::close(fd) };
+    use nix::libc;
+    // SAFETY: closing descriptors this process will never use again; plain
+    // system calls.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+            // Kernels before 5.9: one by one, as far as the limit goes.
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur.min(1 << 20) as i32
+            } else {
+                1024
+            };
+            for fd in 3..top {
+                libc::close(fd);
+            }
+        }
     }
 }
 
-/// The exit status of `pid` as a shell gives it: its code, or 128 + signal.
-fn wait_code(pid: Option<Pid>, target: Pid) -> Option<i32> {
-    use nix::sys::wait::{WaitStatus, waitpid};
+/// The exit status of `target` as a shell gives it (its code, or 128 +
+/// signal), reaping any other child that ends meanwhile (`pid` -1: any).
+fn wait_code(pid: i32, target: i32) -> Option<i32> {
+    use nix::libc;
     loop {
-        match waitpid(pid, None) {
-            Ok(WaitStatus::Exited(p, code)) if p == target => return Some(code),
-            Ok(WaitStatus::Signaled(p, sig, _)) if p == target => return Some(128 + sig as i32),
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return None,
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out-pointer.
+        let p = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if p == -1 {
+            if nix::errno::Errno::last() == nix::errno::Errno::EINTR {
+                continue;
+            }
+            return None;
+        }
+        if p == target {
+            if libc::WIFEXITED(status) {
+                return Some(libc::WEXITSTATUS(status));
+            }
+            if libc::WIFSIGNALED(status) {
+                return Some(128 + libc::WTERMSIG(status));
+            }
         }
     }
+}
+
+/// Neither helper process may dump core: each is a copy of the agent, with
+/// its credentials in memory.
+fn not_dumpable() {
+    // SAFETY: a plain prctl.
+    unsafe { nix::libc::prctl(nix::libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
 }
 
 /// The process the agent spawned: waits outside the namespace for its
 /// PID 1 and ends the way the job did (a signal death as that signal).
 fn outside(init: Pid) -> ! {
     use nix::sys::signal::{SigHandler, Signal, raise, signal};
+    not_dumpable();
     close_inherited();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         // SAFETY: setting a disposition, async-signal-safe.
         let _ = unsafe { signal(s, SigHandler::SigIgn) };
     }
-    let code = wait_code(Some(init), init).unwrap_or(127);
+    let code = wait_code(init.as_raw(), init.as_raw()).unwrap_or(127);
+    // Only signals that simply end a process are mirrored: not those that
+    // stop it or dump its core; the rest end as 128 + signal.
     if code > 128
         && let Ok(sig) = Signal::try_from(code - 128)
+        && matches!(
+            sig,
+            Signal::SIGHUP
+                | Signal::SIGINT
+                | Signal::SIGKILL
+                | Signal::SIGTERM
+                | Signal::SIGPIPE
+                | Signal::SIGALRM
+                | Signal::SIGUSR1
+                | Signal::SIGUSR2
+        )
     {
         // SAFETY: as above.
         let _ = unsafe { signal(sig, SigHandler::SigDfl) };
@@ -704,8 +752,9 @@ fn outside(init: Pid) -> ! {
 /// PID 1 of the run's namespace: reaps whatever ends in it and exits with
 /// the job.
 fn init(job: Pid) -> ! {
+    not_dumpable();
     close_inherited();
-    let code = wait_code(None, job).unwrap_or(127);
+    let code = wait_code(-1, job.as_raw()).unwrap_or(127);
     // SAFETY: as in `outside`.
     unsafe { nix::libc::_exit(code) }
 }
@@ -729,6 +778,7 @@ pub fn pid_namespaces_work() -> Result<(), String> {
     }
 }
 
+/// What to clean up and look at when a run ends.
 struct Ends {
     cgroup: Option<RunCgroup>,
     container: Option<(Runtime, String)>,

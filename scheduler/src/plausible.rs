@@ -10,6 +10,10 @@ use crate::state::{JobState, RunReport, State};
 pub const MAX_CLOCK_SKEW_MS: i64 = 5_000;
 /// No GPU board draws more (the largest today are about 1.2 kW).
 pub const MAX_GPU_POWER_W: u64 = 1_500;
+/// How long after its agent is back a run cut off with its node may still
+/// bill: the agent stops runs it no longer owns with a 10 s grace; a minute
+/// covers that and the reports' way to the leader.
+pub const CUT_OFF_STOP_MS: i64 = 60_000;
 /// Longest exit reason kept from an agent.
 pub const MAX_REASON_BYTES: usize = 512;
 
@@ -130,11 +134,22 @@ impl State {
                     0 => (c.gpus as u64).saturating_mul(MAX_GPU_POWER_W),
                     w => w,
                 };
-                Some((c.billed_to_ms, c.started_at_ms, c.energy_mj, w))
+                // Entries from before run starts were kept: from where billed.
+                let start = match c.started_at_ms {
+                    0 => c.billed_to_ms,
+                    s => s,
+                };
+                Some((c.billed_to_ms, start, c.energy_mj, w, c.deadline_ms))
             }
-            (None, Some(j)) => j
-                .started_at_ms
-                .map(|s| (j.billed_to_ms, s, j.run_energy_mj, self.run_power_w(j))),
+            (None, Some(j)) => j.started_at_ms.map(|s| {
+                (
+                    j.billed_to_ms,
+                    s,
+                    j.run_energy_mj,
+                    self.run_power_w(j),
+                    None,
+                )
+            }),
             _ => None,
         };
         match report {
@@ -169,8 +184,13 @@ impl State {
             }
             RunReport::Usage { .. } | RunReport::Exited { .. } | RunReport::Lost { .. } => {
                 let energy = report.energy_mj().unwrap_or(0);
-                if let Some((from, start, so_far, watts)) = billed {
-                    let to = report.time_ms().unwrap_or(from).min(at).max(from);
+                if let Some((from, start, so_far, watts, deadline)) = billed {
+                    let to = report
+                        .time_ms()
+                        .unwrap_or(from)
+                        .min(at)
+                        .min(deadline.unwrap_or(i64::MAX))
+                        .max(from);
                     let bound = energy_bound_mj(watts, to.saturating_sub(start));
                     if so_far.saturating_add(energy) > bound {
                         return Err(format!(

@@ -958,10 +958,8 @@ impl State {
             _ => (0, vec![]),
         };
         // Back in touch, it is told those runs are not its own any more and
-        // stops them within the longest grace: they bill no later.
-        let deadline = at
-            .saturating_add(self.policy.max_grace_s.saturating_mul(1000) as i64)
-            .saturating_add(crate::plausible::MAX_CLOCK_SKEW_MS);
+        // stops them at once: they bill no later.
+        let deadline = at.saturating_add(crate::plausible::CUT_OFF_STOP_MS);
         for c in &mut cut_off {
             c.deadline_ms.get_or_insert(deadline);
         }
@@ -1030,7 +1028,7 @@ impl State {
                         model,
                         weight_milli,
                         power_w: self.run_power_w(j),
-                        started_at_ms: j.started_at_ms.unwrap_or(j.billed_to_ms),
+                        started_at_ms: j.started_at_ms.unwrap_or(j.billed_to_ms).max(1),
                         energy_mj: j.run_energy_mj,
                         deadline_ms: None,
                     }
@@ -1421,6 +1419,22 @@ impl State {
             }
         }
         let voters_after = after.len();
+        let approvals_after = settings
+            .iter()
+            .rev()
+            .find_map(|s| match s {
+                Setting::Approvals(k) => Some(*k),
+                _ => None,
+            })
+            .unwrap_or(self.policy.approvals_required);
+        if approvals_after as usize > voters_after {
+            return Err(invalid(
+                "approvals",
+                format!(
+                    "{approvals_after} approvals, but the co-op would have {voters_after} members who can vote: nothing could pass again"
+                ),
+            ));
+        }
         for s in settings {
             match s {
                 Setting::Share { member, .. } if !self.members.contains_key(member) => {
@@ -1668,6 +1682,14 @@ impl State {
         if node.session != session {
             return Err(Rejection::FailedPrecondition(format!(
                 "agent session {session} of node {node_name} is no longer registered"
+            )));
+        }
+        // A node that went silent reports again once it has registered again
+        // (which bounds what it may still bill of the runs it was cut off
+        // from); refused, not acknowledged, so that nothing honest is lost.
+        if !node.up {
+            return Err(Rejection::FailedPrecondition(format!(
+                "node {node_name} is down: register again"
             )));
         }
         if seq <= node.last_seq {

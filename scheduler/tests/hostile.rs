@@ -910,9 +910,26 @@ fn a_run_cut_off_with_its_node_is_billed_until_its_agent_is_back_and_a_grace() {
         },
     )
     .unwrap();
+    // While down, the node's reports are refused (not acknowledged: the agent
+    // keeps them and sends them once it has registered again).
+    let before = s.clone();
+    let late = Op::Report {
+        node: "n1".into(),
+        session: "s1".into(),
+        seq: 2,
+        report: RunReport::Usage {
+            job: id,
+            attempt: 1,
+            to_ms: 3_000_000,
+            energy_mj: 0,
+        },
+    };
+    let e = apply(&mut s, 3_000_000, late).unwrap_err();
+    assert!(e.to_string().contains("register again"), "{e}");
+    assert_eq!(s, before);
     // The agent comes back an hour later (same session) and keeps reporting
-    // the run it was cut off from, for days: billed to its return plus the
-    // longest grace (10 min) and a skew, no further.
+    // the run it was cut off from, for days: billed to its return plus a
+    // minute (it stops the run at once), its energy no further either.
     let back = 3_600_000;
     let op = Op::RegisterNode {
         node: "n1".into(),
@@ -941,5 +958,29 @@ fn a_run_cut_off_with_its_node_is_billed_until_its_agent_is_back_and_a_grace() {
         .map(|r| r.end_ms)
         .max()
         .unwrap();
-    assert_eq!(billed_to, back + 600_000 + 5_000);
+    assert_eq!(billed_to, back + coop_scheduler::plausible::CUT_OFF_STOP_MS);
+    let bound = coop_scheduler::plausible::energy_bound_mj(2 * 1_500, billed_to - 10_000);
+    for seq in 3..30 {
+        report(
+            &mut s,
+            later + seq as i64,
+            seq,
+            RunReport::Usage {
+                job: id,
+                attempt: 1,
+                to_ms: later,
+                energy_mj: bound / 4,
+            },
+        );
+    }
+    let energy: u64 = s
+        .ledger
+        .iter()
+        .filter(|r| r.job == id)
+        .map(|r| r.energy_mj)
+        .sum();
+    assert!(
+        energy <= bound,
+        "{energy} mJ billed past the deadline's bound {bound}"
+    );
 }

@@ -614,8 +614,20 @@ fn node_loss_requeues_bills_up_to_the_last_heartbeat_then_what_the_agent_measure
             energy_mj: 7_000,
         },
     );
-    // It reaches the leader after the time it reports.
+    // It reaches the leader after the time it reports, once the agent has
+    // registered again (a node that is down reports nothing).
     late.at_ms = at + 31_000;
+    s.apply(&Command {
+        at_ms: at + 30_500,
+        op: Op::RegisterNode {
+            node: "n1".into(),
+            owner: "default".into(),
+            gpus: gpus("n1", 4, "A100-80GB"),
+            session: "s1".into(),
+            orphaned_runs_end_ms: at + 30_500,
+        },
+    })
+    .unwrap();
     s.apply(&late).unwrap();
     let j = &s.jobs[&id];
     assert_eq!(j.state, JobState::Pending, "the job itself has moved on");
