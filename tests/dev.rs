@@ -42,22 +42,13 @@ fn a_job_runs_with_exactly_its_gpus_in_its_own_process_group() {
     // agent signals it as a whole), not the agent's.
     c.wait_log(&id, "started");
     let pid = job_pid(&id, 1);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let pgid = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(2)
-        .unwrap();
-    let agent = std::fs::read_to_string(format!("/proc/{}/stat", c.daemons[0].pid())).unwrap();
-    let agent_pgid = agent
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(2)
-        .unwrap();
+    // The process group: the fifth field of /proc/PID/stat, after the name.
+    let pgid = |pid: i32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after_name = stat.rsplit(')').next().unwrap().to_string();
+        after_name.split_whitespace().nth(2).unwrap().to_string()
+    };
+    let (pgid, agent_pgid) = (pgid(pid), pgid(c.daemons[0].pid()));
     assert_ne!(pgid, agent_pgid, "the job has a process group of its own");
     let job = c.wait_final(&id);
     assert_eq!(job["state"], "completed");
