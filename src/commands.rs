@@ -68,6 +68,8 @@ fn job_json(j: &pb::Job) -> Value {
         "cpus": if j.cpu_millis == 0 { Value::Null } else { json!(j.cpu_millis as f64 / 1000.0) },
         "memory_mb": if j.memory_mb == 0 { Value::Null } else { json!(j.memory_mb) },
         "image": if j.image.is_empty() { Value::Null } else { json!(j.image) },
+        // Names only: the values may hold the member's secrets.
+        "env": j.env_names,
         "gpu_utilization_pct": j.gpu_utilization_pct,
     })
 }
@@ -426,6 +428,7 @@ fn print_job_detail(j: &pb::Job) {
         "gpus",
         "node",
         "command",
+        "env",
         "attempts",
         "exit_code",
         "submitted_at",

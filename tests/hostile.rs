@@ -260,11 +260,18 @@ fn what_a_member_controls_is_bounded_and_lists_come_in_pages() {
             "echo model=$MODEL steps=$STEPS job=$COOP_JOB_ID",
         ],
     );
-    c.wait_final(&id);
+    let job = c.wait_final(&id);
     let out = c.logs(&id);
     assert!(
         out.contains(&format!("model=llama steps=200 job={id}")),
         "{out}"
+    );
+    // `coop job get` names the variables, never their values.
+    assert_eq!(job["env"], serde_json::json!(["MODEL", "STEPS"]), "{job}");
+    let detail = c.ok_as(&acme, &["job", "get", &id]);
+    assert!(
+        detail.contains("MODEL STEPS") && !detail.contains("llama"),
+        "{detail}"
     );
 
     // A cancel ends a job that ignores SIGTERM: SIGKILL after its grace.

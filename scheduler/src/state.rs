@@ -833,8 +833,10 @@ impl State {
                 "owner: member {owner:?} does not exist"
             )));
         }
-        if session.is_empty() {
-            return Err(invalid("session", "must not be empty"));
+        // An agent's identity is a UUID; anything long would only weigh on
+        // every replica.
+        if session.is_empty() || session.len() > 128 {
+            return Err(invalid("session", "must be 1 to 128 bytes"));
         }
         if gpus.len() > MAX_GPUS_PER_NODE {
             return Err(invalid(

@@ -445,6 +445,19 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
     };
     apply(&mut s, 42_000, all).unwrap();
     // Absurd claims are refused even at the first registration.
+    let op = Op::RegisterNode {
+        node: "n9".into(),
+        owner: "a".into(),
+        gpus: gpus("n9", 1),
+        session: "s".repeat(4096),
+        orphaned_runs_end_ms: 0,
+    };
+    assert!(
+        apply(&mut s, 43_000, op)
+            .unwrap_err()
+            .to_string()
+            .starts_with("session:")
+    );
     let mut huge = gpus("n9", 1);
     huge[0].memory_mb = u64::MAX;
     let op = Op::RegisterNode {
