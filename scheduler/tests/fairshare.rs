@@ -162,7 +162,10 @@ proptest! {
     #[test]
     fn usage_is_conserved_and_decays_as_the_closed_form(
         gpus in 1u32..=4,
-        cuts in proptest::collection::vec((1i64..400_000, 0u64..5_000_000), 0..12),
+        // Each cut: how long after the last, and the GPUs' draw meanwhile (W
+        // each, under the 1.5 kW any board may draw: the scheduler refuses
+        // more, see `plausible`).
+        cuts in proptest::collection::vec((1i64..400_000, 0u64..1_400), 0..12),
         run_ms in 1i64..2_000_000,
         later_ms in 0i64..30_000_000,
         half_life_s in 60u64..1_000_000,
@@ -180,9 +183,11 @@ proptest! {
         let start = 1000;
         let mut t = start;
         let mut energy = 0;
-        for (dt, e) in &cuts {
+        for (dt, watts) in &cuts {
+            let from = t;
             t = (t + dt).min(start + run_ms);
-            agent.report(&mut s, t, id, RunReport::Usage { job: id, attempt: 1, to_ms: t, energy_mj: *e });
+            let e = watts * gpus as u64 * (t - from) as u64;
+            agent.report(&mut s, t, id, RunReport::Usage { job: id, attempt: 1, to_ms: t, energy_mj: e });
             energy += e;
             incremental.advance(&s, t);
         }
