@@ -44,6 +44,19 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
+    /// How long one call may take at one scheduler before the next address
+    /// is tried (connecting: at most 3s of it), e.g. 20s or 1m.
+    #[arg(long, env = "COOP_TIMEOUT", value_parser = parse_timeout, default_value = "20s", global = true)]
+    pub timeout: Duration,
+}
+
+/// A duration with its unit (`20s`, `1m`), more than zero.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?}: {e} (e.g. 20s)"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?} must be more than 0"));
+    }
+    Ok(d)
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

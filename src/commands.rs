@@ -142,35 +142,28 @@ const JOB_HEADER: [&str; 9] = [
 ];
 
 /// Submits, and while no scheduler can confirm it (a leader election, a node
-/// down) tries again, rotating through the addresses. The request id makes a
-/// resent submission return the job it created rather than a second one.
+/// down) tries again for up to `--timeout`; each try goes through every
+/// address. The request id makes a resent submission return the job it
+/// created rather than a second one.
 async fn submit_retrying(
     cli: &ClientArgs,
-    first: Client,
+    c: &Client,
     req: pb::SubmitJobRequest,
 ) -> anyhow::Result<pb::Job> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut client = Ok(first);
-    let mut attempt = 0;
+    let deadline = std::time::Instant::now() + cli.timeout;
     loop {
-        attempt += 1;
-        let err = match client {
-            Ok(c) => match c.jobs().submit(c.req(req.clone())).await {
-                Ok(r) => return Ok(r.into_inner().job.unwrap_or_default()),
-                // Unknown is how a connection cut mid-call (a node killed)
-                // surfaces; the request id makes resending safe.
-                Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => {
-                    anyhow::Error::from(s)
-                }
-                Err(s) => return Err(s.into()),
-            },
-            Err(e) => e,
-        };
-        if std::time::Instant::now() >= deadline {
-            return Err(err);
+        match c.jobs().submit(c.req(req.clone())).await {
+            Ok(r) => return Ok(r.into_inner().job.unwrap_or_default()),
+            // Unknown is how a connection cut mid-call (a node killed)
+            // surfaces; the request id makes resending safe.
+            Err(s)
+                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+                    && std::time::Instant::now() + Duration::from_millis(200) < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => return Err(s.into()),
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        client = Client::connect_from(cli, attempt).await;
     }
 }
 
@@ -260,7 +253,7 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                 image: a.image.unwrap_or_default(),
                 env: job_env(&a.env_file, &a.env)?,
             };
-            let job = submit_retrying(cli, c, req).await?;
+            let job = submit_retrying(cli, &c, req).await?;
             match cli.output {
                 Output::Json => print_json(&job_json(&job)),
                 Output::Table => println!("{}", job.id),

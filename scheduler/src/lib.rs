@@ -7,6 +7,7 @@ pub mod accounts;
 pub mod api;
 pub mod auth;
 pub mod consensus;
+pub mod datadir;
 pub mod fairshare;
 pub mod head;
 pub mod ledger;

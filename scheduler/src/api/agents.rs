@@ -317,6 +317,8 @@ async fn read_agent(
             m = inbound.message() => m?,
             // A deposed leader sends its agents on to the new one.
             _ = view.wait_for(|v| !v.is_leader()) => return ctx.leader_only(),
+            // A stopping scheduler sends them on to another at once.
+            _ = ctx.stopping() => return Err(super::shutting_down()),
         };
         let Some(msg) = msg else { break };
         ctx.registry.touch(node);

@@ -301,6 +301,7 @@ impl JobService for Jobs {
         let mut events = self.0.replica.subscribe();
         let first = self.visible(&who, id)?;
         let replica = self.0.replica.clone();
+        let ctx = self.0.clone();
         let stream = async_stream(move |tx| async move {
             let mut last = first;
             let mut finished = is_final(&last);
@@ -314,7 +315,14 @@ impl JobService for Jobs {
                 return;
             }
             while !finished {
-                match events.recv().await {
+                let event = tokio::select! {
+                    e = events.recv() => e,
+                    _ = ctx.stopping() => {
+                        let _ = tx.send(Err(super::shutting_down())).await;
+                        return;
+                    }
+                };
+                match event {
                     Ok(Event::Job(j)) if j == id => {}
                     Ok(_) => continue,
                     Err(RecvError::Lagged(_)) => {}
