@@ -49,7 +49,9 @@ pub enum ProposeError {
 fn not_leader_message(leader: &Option<String>) -> String {
     match leader {
         Some(a) => format!("this scheduler is not the leader; the leader is at {a}"),
-        None => "no scheduler leader is known yet; retry shortly".into(),
+        None => {
+            "this scheduler knows no leader (an election, or it is cut off from the others)".into()
+        }
     }
 }
 
