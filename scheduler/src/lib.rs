@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod consensus;
 pub mod fairshare;
+pub mod habits;
 pub mod head;
 pub mod ledger;
 pub mod liveness;
