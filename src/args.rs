@@ -523,7 +523,9 @@ pub fn parse_time_limit(s: &str) -> Result<Duration, String> {
     }
     let num = |x: &str| -> Result<u64, String> {
         if x.is_empty() || !x.bytes().all(|b| b.is_ascii_digit()) || x.len() > 9 {
-            return Err(format!("{s:?} is not a time limit (4h, 1:30:00, 2-00:00:00)"));
+            return Err(format!(
+                "{s:?} is not a time limit (4h, 1:30:00, 2-00:00:00)"
+            ));
         }
         Ok(x.parse().expect("digits"))
     };
@@ -538,7 +540,11 @@ pub fn parse_time_limit(s: &str) -> Result<Duration, String> {
             (true, [h, m]) => num(h)? * 3600 + num(m)? * 60,
             (false, [m, sec]) => num(m)? * 60 + num(sec)?,
             (_, [h, m, sec]) => num(h)? * 3600 + num(m)? * 60 + num(sec)?,
-            _ => return Err(format!("{s:?} is not a time limit (4h, 1:30:00, 2-00:00:00)")),
+            _ => {
+                return Err(format!(
+                    "{s:?} is not a time limit (4h, 1:30:00, 2-00:00:00)"
+                ));
+            }
         };
         Duration::from_secs(days * 86_400 + hms)
     } else {

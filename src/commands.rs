@@ -373,37 +373,9 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                 Output::Table => print_job_detail(&job),
             }
         }
-        JobCmd::Cancel(a) if a.ids.len() != 1 || a.all => {
-            crate::habits::cancel(cli, &c, a).await?;
-        }
+        JobCmd::Cancel(a) => crate::habits::cancel(cli, &c, a).await?,
         JobCmd::Hold(a) => crate::habits::hold(cli, &c, a.ids, true).await?,
         JobCmd::Release(a) => crate::habits::hold(cli, &c, a.ids, false).await?,
-        JobCmd::Cancel(a) => {
-            if a.member.is_some() || !a.state.is_empty() || a.name.is_some() || a.node.is_some() {
-                bail!("ids: give job ids or filters (--member, --state, --name, --node), not both");
-            }
-            let id = a.ids.into_iter().next().expect("one id");
-            let job = jobs
-                .cancel(c.req(pb::CancelJobRequest { id, ids: vec![] }))
-                .await?
-                .into_inner()
-                .job
-                .unwrap_or_default();
-            match cli.output {
-                Output::Json => print_json(&job_json(&job)),
-                Output::Table => {
-                    if job.cancel_requested {
-                        println!(
-                            "{}: stopping (SIGTERM, then SIGKILL after {} s)",
-                            job.id,
-                            job.kill_grace_ms / 1000
-                        );
-                    } else {
-                        println!("{}: {}", job.id, state_name(job.state));
-                    }
-                }
-            }
-        }
         JobCmd::Logs(a) => {
             let mut offset = 0;
             let mut out = std::io::stdout().lock();

@@ -40,6 +40,7 @@ pub fn parse_dependency(s: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
 pub async fn cancel(cli: &ClientArgs, c: &Client, a: CancelArgs) -> anyhow::Result<()> {
     let filtered =
         a.member.is_some() || !a.state.is_empty() || a.name.is_some() || a.node.is_some();
+    let one = a.ids.len() == 1;
     let ids = if !a.ids.is_empty() {
         if filtered || a.all {
             bail!("ids: give job ids or filters (--member, --state, --name, --node), not both");
@@ -100,6 +101,11 @@ pub async fn cancel(cli: &ClientArgs, c: &Client, a: CancelArgs) -> anyhow::Resu
             .into_inner();
         jobs.extend(r.jobs);
     }
+    if one && jobs.len() == 1 && matches!(cli.output, Output::Json) {
+        // One job named: its object, as before.
+        print_json(&job_json(&jobs[0]));
+        return Ok(());
+    }
     print_changed(cli, &jobs, |j| {
         if j.cancel_requested {
             format!(
@@ -129,7 +135,12 @@ fn print_changed(cli: &ClientArgs, jobs: &[pb::Job], what: impl Fn(&pb::Job) -> 
 }
 
 /// `coop job hold` / `coop job release`.
-pub async fn hold(cli: &ClientArgs, c: &Client, ids: Vec<String>, held: bool) -> anyhow::Result<()> {
+pub async fn hold(
+    cli: &ClientArgs,
+    c: &Client,
+    ids: Vec<String>,
+    held: bool,
+) -> anyhow::Result<()> {
     let req = c.req(pb::HoldJobsRequest { ids });
     let r = if held {
         c.jobs().hold(req).await?
@@ -176,7 +187,11 @@ pub async fn node(cli: &ClientArgs, c: &Client, cmd: NodeCmd) -> anyhow::Result<
             "requeued": requeued,
         })),
         Output::Table => {
-            let state = if node.drain.is_empty() { "resumed" } else { node.drain.as_str() };
+            let state = if node.drain.is_empty() {
+                "resumed"
+            } else {
+                node.drain.as_str()
+            };
             if node.drain_reason.is_empty() {
                 println!("{}: {state}", node.name);
             } else {

@@ -312,7 +312,12 @@ impl State {
             return Ok(events);
         };
         let (tasks, limit) = parse_array(array)?;
-        if self.jobs.contains_key(&id) || self.jobs.values().any(|j| j.array.as_ref().is_some_and(|a| a.array == id)) {
+        if self.jobs.contains_key(&id)
+            || self
+                .jobs
+                .values()
+                .any(|j| j.array.as_ref().is_some_and(|a| a.array == id))
+        {
             return Err(Rejection::AlreadyExists(format!("job {id} already exists")));
         }
         let max = self.policy.max_pending_jobs;
@@ -523,7 +528,16 @@ mod tests {
         assert_eq!(parse_array("3,1-2,3").unwrap().0, vec![1, 2, 3]);
         assert_eq!(parse_array("0-9999").unwrap().0.len(), 10_000);
         for bad in [
-            "", "0-10000", "0-999999999", "5-1", "a", "1,,2", "0-9%0", "0-9%x", "-1", "0-4:0",
+            "",
+            "0-10000",
+            "0-999999999",
+            "5-1",
+            "a",
+            "1,,2",
+            "0-9%0",
+            "0-9%x",
+            "-1",
+            "0-4:0",
             "0-1000000,1-100000",
         ] {
             let e = parse_array(bad).unwrap_err();

@@ -71,7 +71,11 @@ impl Cluster {
                         Some(_) if n.gpus.iter().any(|g| g.job.is_some()) => "draining".into(),
                         Some(_) => "drained".into(),
                     },
-                    drain_reason: n.cordon.as_ref().map(|c| c.reason.clone()).unwrap_or_default(),
+                    drain_reason: n
+                        .cordon
+                        .as_ref()
+                        .map(|c| c.reason.clone())
+                        .unwrap_or_default(),
                 }
             })
             .collect()
@@ -93,7 +97,9 @@ impl Cluster {
             Principal::Member(m) => Err(Status::permission_denied(format!(
                 "member {m} may drain and resume only machines it owns"
             ))),
-            _ => Err(Status::permission_denied("operator or the node's owner only")),
+            _ => Err(Status::permission_denied(
+                "operator or the node's owner only",
+            )),
         }
     }
 

@@ -141,7 +141,12 @@ pub fn resolve(state: &State, who: &Principal, field: &str, input: &str) -> Resu
 }
 
 /// One job (an array's id is refused: it names several).
-pub fn resolve_one(state: &State, who: &Principal, field: &str, input: &str) -> Result<JobId, Status> {
+pub fn resolve_one(
+    state: &State,
+    who: &Principal,
+    field: &str,
+    input: &str,
+) -> Result<JobId, Status> {
     match resolve(state, who, field, input)? {
         Target::Job(j) => Ok(j),
         Target::Array(a, tasks) => Err(invalid(
@@ -169,8 +174,12 @@ pub fn fill_wait_reasons(
         return;
     }
     let pass = crate::placement::plan(state, now, decayed);
-    let position: HashMap<JobId, usize> =
-        pass.order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let position: HashMap<JobId, usize> = pass
+        .order
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, i))
+        .collect();
     for pj in jobs.iter_mut().filter(|j| j.state == pending) {
         let Some(job) = uuid::Uuid::parse_str(&pj.id)
             .ok()

@@ -243,13 +243,9 @@ impl JobService for Jobs {
             // The same request sent again: its job, not a second one.
             Err(ProposeError::Rejected(Rejection::AlreadyExists(_)))
                 if retry
-                    && self
-                        .0
-                        .replica
-                        .read()
-                        .jobs
-                        .get(&shown)
-                        .is_some_and(|j| j.member == member && j.spec == spec && j.extra == extra) => {}
+                    && self.0.replica.read().jobs.get(&shown).is_some_and(|j| {
+                        j.member == member && j.spec == spec && j.extra == extra
+                    }) => {}
             Err(ProposeError::Rejected(Rejection::AlreadyExists(_))) if retry => {
                 return Err(Status::already_exists(format!(
                     "request_id: {id} was used for a different submission"
@@ -361,15 +357,28 @@ impl JobService for Jobs {
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let who = self.0.actor(&req).await?;
         let r = req.get_ref();
-        let single = r.ids.is_empty() && !r.id.trim().is_empty();
-        if !single {
+        let named: Vec<String> = std::iter::once(r.id.clone())
+            .filter(|i| !i.trim().is_empty())
+            .chain(r.ids.iter().cloned())
+            .collect();
+        let single = match named.as_slice() {
+            [one] => match uuid::Uuid::parse_str(one.trim()) {
+                // A full job id, as before (no read barrier needed).
+                Ok(id) if self.0.replica.read().jobs.contains_key(&id) => Some(id),
+                _ => {
+                    self.0.current().await?;
+                    match resolve(&self.0.replica.read(), &who, "id", one)? {
+                        Target::Job(id) => Some(id),
+                        Target::Array(..) => None,
+                    }
+                }
+            },
+            _ => None,
+        };
+        let Some(id) = single else {
             // Several (or an array): one command, so that all are cancelled
             // or, on bad input, none.
             self.0.current().await?;
-            let named: Vec<String> = std::iter::once(r.id.clone())
-                .filter(|i| !i.trim().is_empty())
-                .chain(r.ids.iter().cloned())
-                .collect();
             let ids = self.resolve_many(&who, &named)?;
             self.0
                 .replica
@@ -381,13 +390,6 @@ impl JobService for Jobs {
                 job: jobs.first().cloned(),
                 jobs,
             }));
-        }
-        let id = match uuid::Uuid::parse_str(r.id.trim()) {
-            Ok(id) => id,
-            Err(_) => {
-                self.0.current().await?;
-                self.resolve_one(&who, "id", &r.id)?
-            }
         };
         self.visible(&who, id)?;
         self.0
