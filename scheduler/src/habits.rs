@@ -621,7 +621,12 @@ mod tests {
         }
     }
 
-    fn submit(s: &mut State, member: &str, extra: JobExtra, array: Option<&str>) -> Result<JobId, Rejection> {
+    fn submit(
+        s: &mut State,
+        member: &str,
+        extra: JobExtra,
+        array: Option<&str>,
+    ) -> Result<JobId, Rejection> {
         let id = Uuid::new_v4();
         s.apply(&Command {
             at_ms: 10,
@@ -649,14 +654,23 @@ mod tests {
         let a = submit(&mut s, "acme", JobExtra::default(), None).unwrap();
         let b = submit(&mut s, "acme", after_ok(&[a]), None).unwrap();
         let c = submit(&mut s, "acme", after_ok(&[b]), None).unwrap();
-        assert_eq!(s.blocked(b, &s.array_running()), Some(Blocked::Dependency(a)));
+        assert_eq!(
+            s.blocked(b, &s.array_running()),
+            Some(Blocked::Dependency(a))
+        );
         // Placing a job whose dependency is unmet is refused at apply.
         let place = Op::Place {
             job: b,
             node: "n1".into(),
             gpus: vec!["GPU-0".into()],
         };
-        assert!(s.apply(&Command { at_ms: 11, op: place }).is_err());
+        assert!(
+            s.apply(&Command {
+                at_ms: 11,
+                op: place
+            })
+            .is_err()
+        );
         s.apply(&Command {
             at_ms: 12,
             op: Op::CancelJob { id: a },
@@ -693,7 +707,13 @@ mod tests {
             node: "n1".into(),
             gpus: vec![gpu.into()],
         };
-        assert!(s.apply(&Command { at_ms: 11, op: place(held, "GPU-0") }).is_err());
+        assert!(
+            s.apply(&Command {
+                at_ms: 11,
+                op: place(held, "GPU-0")
+            })
+            .is_err()
+        );
         s.apply(&Command {
             at_ms: 12,
             op: Op::HoldJobs {
@@ -713,25 +733,45 @@ mod tests {
             },
         })
         .unwrap();
-        assert!(s.apply(&Command { at_ms: 14, op: place(held, "GPU-0") }).is_err());
+        assert!(
+            s.apply(&Command {
+                at_ms: 14,
+                op: place(held, "GPU-0")
+            })
+            .is_err()
+        );
         s.apply(&Command {
             at_ms: 15,
             op: Op::ResumeNode { node: "n1".into() },
         })
         .unwrap();
-        s.apply(&Command { at_ms: 16, op: place(held, "GPU-0") }).unwrap();
+        s.apply(&Command {
+            at_ms: 16,
+            op: place(held, "GPU-0"),
+        })
+        .unwrap();
         // Only pending jobs are held.
         let hold = Op::HoldJobs {
             ids: vec![held],
             held: true,
         };
-        assert!(s.apply(&Command { at_ms: 17, op: hold }).is_err());
+        assert!(
+            s.apply(&Command {
+                at_ms: 17,
+                op: hold
+            })
+            .is_err()
+        );
         // An array of 3 with %1: one task at a time, derived ids.
         let before = s.jobs.len();
         let array = submit(&mut s, "acme", JobExtra::default(), Some("0-2%1")).unwrap();
         assert_eq!(s.jobs.len(), before + 3);
         let t0 = task_id(array, 0);
-        s.apply(&Command { at_ms: 18, op: place(t0, "GPU-1") }).unwrap();
+        s.apply(&Command {
+            at_ms: 18,
+            op: place(t0, "GPU-1"),
+        })
+        .unwrap();
         assert_eq!(
             s.blocked(task_id(array, 1), &s.array_running()),
             Some(Blocked::ArrayLimit(1))
