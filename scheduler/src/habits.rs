@@ -633,8 +633,8 @@ mod tests {
             op: Op::SubmitJobWith {
                 id,
                 member: member.into(),
-                spec: spec(),
-                extra,
+                spec: Box::new(spec()),
+                extra: Box::new(extra),
                 array: array.map(String::from),
             },
         })?;

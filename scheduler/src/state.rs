@@ -472,8 +472,8 @@ pub enum Op {
     SubmitJobWith {
         id: JobId,
         member: String,
-        spec: JobSpec,
-        extra: crate::habits::JobExtra,
+        spec: Box<JobSpec>,
+        extra: Box<crate::habits::JobExtra>,
         #[serde(default)]
         array: Option<String>,
     },

@@ -219,8 +219,8 @@ impl JobService for Jobs {
             .propose(Op::SubmitJobWith {
                 id,
                 member: member.clone(),
-                spec: spec.clone(),
-                extra: extra.clone(),
+                spec: Box::new(spec.clone()),
+                extra: Box::new(extra.clone()),
                 array: array.clone(),
             })
             .await;
