@@ -6,6 +6,7 @@ mod audit;
 mod client;
 mod commands;
 mod daemons;
+mod habits;
 mod simulate;
 
 use std::process::ExitCode;

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod consensus;
 pub mod datadir;
 pub mod fairshare;
+pub mod habits;
 pub mod head;
 pub mod ledger;
 pub mod liveness;

@@ -51,6 +51,13 @@ pub fn desired_runs(state: &State, node: &str) -> Vec<pb::Run> {
             memory_mb: j.spec.isolation.memory_mb,
             image: j.spec.isolation.image.clone().unwrap_or_default(),
             env: j.spec.env.clone().into_iter().collect(),
+            workdir: j.extra.workdir.clone().unwrap_or_default(),
+            array_job_id: j
+                .array
+                .as_ref()
+                .map(|a| a.array.to_string())
+                .unwrap_or_default(),
+            array_task_id: j.array.as_ref().map(|a| a.task),
         })
         .collect()
 }

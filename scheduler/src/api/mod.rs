@@ -3,6 +3,7 @@
 pub mod agents;
 pub mod audit;
 pub mod cluster;
+pub mod habits;
 pub mod jobs;
 pub mod limits;
 pub mod members;
@@ -280,6 +281,20 @@ pub fn job_to_pb(state: &State, job: &Job, now_ms: i64) -> pb::Job {
         image: job.spec.isolation.image.clone().unwrap_or_default(),
         gpu_utilization_pct: job.utilization_pct(),
         env_names: job.spec.env.keys().cloned().collect(),
+        name: job.extra.name.clone(),
+        workdir: job.extra.workdir.clone().unwrap_or_default(),
+        after_ok: job.extra.after_ok.iter().map(|j| j.to_string()).collect(),
+        after_any: job.extra.after_any.iter().map(|j| j.to_string()).collect(),
+        held: job.held,
+        array_id: job
+            .array
+            .as_ref()
+            .map(|a| a.array.to_string())
+            .unwrap_or_default(),
+        array_task: job.array.as_ref().map(|a| a.task),
+        array_limit: job.array.as_ref().map_or(0, |a| a.limit),
+        wait_reason: String::new(),
+        wait_detail: String::new(),
     }
 }
 
