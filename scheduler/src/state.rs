@@ -1428,9 +1428,9 @@ impl State {
         kind_ok
             && job.state == JobState::Running
             && !job.stopping()
-            && job
-                .started_at_ms
-                .is_some_and(|s| at.saturating_sub(s) >= (self.policy.min_runtime_s as i64).saturating_mul(1000))
+            && job.started_at_ms.is_some_and(|s| {
+                at.saturating_sub(s) >= (self.policy.min_runtime_s as i64).saturating_mul(1000)
+            })
     }
 
     fn expire(&mut self, at: i64, id: JobId) -> Result<Vec<Event>, Rejection> {
@@ -1441,7 +1441,9 @@ impl State {
         let limit = job.spec.time_limit_ms as i64;
         let over = job.state == JobState::Running
             && limit > 0
-            && job.started_at_ms.is_some_and(|s| at.saturating_sub(s) >= limit);
+            && job
+                .started_at_ms
+                .is_some_and(|s| at.saturating_sub(s) >= limit);
         if !over {
             return Err(Rejection::FailedPrecondition(format!(
                 "job {id} is not past its time limit"
