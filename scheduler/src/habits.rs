@@ -337,6 +337,19 @@ impl State {
                 });
             }
         }
+        // A task id that exists already (the same request resent is answered
+        // before this, by its request id) refuses the whole array before
+        // anything is added, so the rollback below only removes what this
+        // call added.
+        if let Some(&t) = tasks
+            .iter()
+            .find(|&&t| self.jobs.contains_key(&task_id(id, t)))
+        {
+            return Err(Rejection::AlreadyExists(format!(
+                "job {} (task {t} of array {id}) exists already",
+                task_id(id, t)
+            )));
+        }
         // All or nothing: the first task is checked as a whole submission
         // (spec, member, policy, a node it fits), then the rest follow it.
         let mut events = Vec::with_capacity(tasks.len());

@@ -33,6 +33,8 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// scheduler. An election takes 0.5 to 1 s; a node cut off from the majority
 /// never sees one.
 const LEADER_WAIT: Duration = Duration::from_secs(2);
+/// How long a follower waits to connect (TCP and TLS) to the leader.
+const LEADER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Inputs taken before a Ready is handled.
 const MAX_INPUTS: usize = 4096;
 
@@ -360,17 +362,24 @@ impl Replica {
         leader: &str,
     ) -> Result<pb::raft_service_client::RaftServiceClient<tonic::transport::Channel>, ProposeError>
     {
-        let mut cache = self.leaders.lock().await;
-        if let Some(ch) = cache.get(leader) {
+        if let Some(ch) = self.leaders.lock().await.get(leader) {
             return Ok(transport::client(ch.clone()));
         }
-        let ch = transport::endpoint(leader, &self.tls)
-            .map_err(|e| ProposeError::Unavailable(e.to_string()))?
-            .connect()
+        // Bounded as a whole: a frozen leader takes the TCP connection and
+        // never finishes TLS. Not under the cache's lock, so that a forward
+        // to the next leader does not wait on this one.
+        let endpoint = transport::endpoint(leader, &self.tls)
+            .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let ch = tokio::time::timeout(LEADER_CONNECT_TIMEOUT, endpoint.connect())
             .await
+            .ok()
+            .and_then(Result::ok)
             // Nothing was sent: safe to retry once a leader answers.
-            .map_err(|_| ProposeError::NotLeader(None))?;
-        cache.insert(leader.to_string(), ch.clone());
+            .ok_or(ProposeError::NotLeader(None))?;
+        self.leaders
+            .lock()
+            .await
+            .insert(leader.to_string(), ch.clone());
         Ok(transport::client(ch))
     }
 
@@ -754,17 +763,22 @@ impl Node {
             let v = self.view.borrow();
             (v.status.as_ref().map(|s| (s.leader, s.term)), v.is_leader())
         };
+        if before.is_some_and(|(leader, _)| leader != status.leader) {
+            // The leader a follower's ReadIndex went to is gone, or this node
+            // led and stepped down: the reader may ask again (reads change
+            // nothing), here once a leader is known, or at another node.
+            for (_, r) in self.reads.drain() {
+                let _ = r.send(Err(ProposeError::NotLeader(None)));
+            }
+        }
         if was_leader && status.role != "leader" {
             // Stepped down (cut off from the majority, or deposed): what this
             // node proposed and has not committed may or may not be committed
-            // by the next leader; its readers can ask another node.
+            // by the next leader (its readers were answered above).
             for (_, r) in self.proposals.drain() {
                 let _ = r.send(Err(ProposeError::Unavailable(format!(
                     "this scheduler lost the leadership; {OUTCOME_UNKNOWN}"
                 ))));
-            }
-            for (_, r) in self.reads.drain() {
-                let _ = r.send(Err(ProposeError::NotLeader(None)));
             }
         }
         if before.is_some_and(|(leader, _)| leader != status.leader) && status.leader != 0 {

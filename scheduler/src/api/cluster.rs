@@ -321,13 +321,24 @@ impl ClusterService for Cluster {
             })
             .await
             .map_err(propose_status)?;
-        let requeued = events
-            .iter()
-            .filter_map(|e| match e {
-                crate::state::Event::Job(j) => Some(j.to_string()),
-                _ => None,
-            })
-            .collect();
+        // A member draining its own machine learns of its own jobs only, as
+        // `mask_jobs` does for the GPUs.
+        let requeued = {
+            let state = self.0.replica.read();
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    crate::state::Event::Job(j) => Some(*j),
+                    _ => None,
+                })
+                .map(|j| match &who {
+                    Principal::Member(m) if state.jobs.get(&j).is_none_or(|x| x.member != *m) => {
+                        "(another member's job)".to_string()
+                    }
+                    _ => j.to_string(),
+                })
+                .collect()
+        };
         Ok(Response::new(pb::DrainNodeResponse {
             node: self.one_node(&who, &node),
             requeued,

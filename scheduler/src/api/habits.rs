@@ -32,8 +32,8 @@ impl Target {
     }
 }
 
-fn not_found(input: &str) -> Status {
-    Status::not_found(format!("job {input} does not exist"))
+fn not_found(field: &str, input: &str) -> Status {
+    Status::not_found(format!("{field}: job {input} does not exist"))
 }
 
 /// The tasks of array `array` that `who` may see, in task order.
@@ -53,13 +53,26 @@ fn tasks_of(state: &State, who: &Principal, array: JobId) -> Vec<JobId> {
     tasks.into_iter().map(|(_, j)| j).collect()
 }
 
+/// The longest id a caller may type (a uuid is 36; `ARRAY_TASK` a few more).
+const MAX_ID_INPUT: usize = 64;
+
 /// Resolves what a caller typed: a full id (as before: another member's job
 /// is PERMISSION_DENIED), `ARRAY_TASK`, or a prefix of at least
 /// `MIN_PREFIX` hex digits, matched only against jobs and arrays the caller
 /// may see, so that an ambiguity names none of another member's ids.
 pub fn resolve(state: &State, who: &Principal, field: &str, input: &str) -> Result<Target, Status> {
+    // A uuid with its dashes and a task index fit well within this.
+    if input.len() > MAX_ID_INPUT {
+        return Err(invalid(
+            field,
+            format!("{} characters is not a job id", input.len()),
+        ));
+    }
     let s = input.trim().to_ascii_lowercase();
-    if let Some((array, task)) = s.rsplit_once('_') {
+    if let Some((array, task)) = s.split_once('_') {
+        if array.is_empty() || task.contains('_') {
+            return Err(invalid(field, format!("{input:?} is not ARRAY_TASK")));
+        }
         let task: u32 = task
             .parse()
             .map_err(|_| invalid(field, format!("{input:?}: {task:?} is not a task index")))?;
@@ -73,7 +86,9 @@ pub fn resolve(state: &State, who: &Principal, field: &str, input: &str) -> Resu
             .into_iter()
             .find(|t| state.jobs[t].array.as_ref().is_some_and(|x| x.task == task))
             .map(Target::Job)
-            .ok_or_else(|| Status::not_found(format!("job array {a} has no task {task}")));
+            .ok_or_else(|| {
+                Status::not_found(format!("{field}: job array {a} has no task {task}"))
+            });
     }
     if let Ok(id) = uuid::Uuid::parse_str(&s) {
         if let Some(job) = state.jobs.get(&id) {
@@ -86,7 +101,7 @@ pub fn resolve(state: &State, who: &Principal, field: &str, input: &str) -> Resu
         }
         let tasks = tasks_of(state, who, id);
         if tasks.is_empty() {
-            return Err(not_found(&s));
+            return Err(not_found(field, &s));
         }
         return Ok(Target::Array(id, tasks));
     }
@@ -118,7 +133,7 @@ pub fn resolve(state: &State, who: &Principal, field: &str, input: &str) -> Resu
             let a = *arrays.first().expect("one");
             Ok(Target::Array(a, tasks_of(state, who, a)))
         }
-        (0, 0) => Err(not_found(input.trim())),
+        (0, 0) => Err(not_found(field, input.trim())),
         (n, m) => {
             let names: Vec<String> = jobs
                 .iter()

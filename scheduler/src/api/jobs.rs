@@ -148,8 +148,6 @@ impl JobService for Jobs {
             (Principal::Operator, other) => other.to_string(),
             (Principal::Auditor(_) | Principal::Node(_), _) => unreachable!("refused by actor"),
         };
-        let rate = self.0.replica.read().policy.submit_rate;
-        self.0.limits.check(&member, rate)?;
         let spec = JobSpec {
             kind,
             gpus: r.gpus,
@@ -178,15 +176,21 @@ impl JobService for Jobs {
             let state = self.0.replica.read();
             let owner = Principal::Member(member.clone());
             ids.iter()
-                .map(|i| resolve_one(&state, &owner, "dependency", i).map(|j| j.to_string()))
-                .collect::<Result<Vec<_>, Status>>()
-                .map_err(|e| match e.code() {
-                    tonic::Code::PermissionDenied | tonic::Code::NotFound => invalid(
-                        "dependency",
-                        format!("{}: no such job of member {member}", e.message()),
-                    ),
-                    _ => e,
+                .map(|i| {
+                    resolve_one(&state, &owner, "dependency", i)
+                        .map(|j| j.to_string())
+                        // The same answer whether the job is another
+                        // member's or does not exist: nothing is learnt of
+                        // others' jobs.
+                        .map_err(|e| match e.code() {
+                            tonic::Code::PermissionDenied | tonic::Code::NotFound => invalid(
+                                "dependency",
+                                format!("{:?}: no such job of member {member}", i.trim()),
+                            ),
+                            _ => e,
+                        })
                 })
+                .collect::<Result<Vec<_>, Status>>()
         };
         if r.after_ok.len() + r.after_any.len() > crate::habits::MAX_DEPENDENCIES {
             return Err(invalid(
@@ -207,6 +211,10 @@ impl JobService for Jobs {
             Some(a) => crate::habits::parse_array(a).map_err(rejection_status)?.0,
             None => vec![],
         };
+        // An array is charged a submission per task (up to a whole burst).
+        let rate = self.0.replica.read().policy.submit_rate;
+        let charge = u32::try_from(tasks.len()).unwrap_or(u32::MAX).max(1);
+        self.0.limits.check_n(&member, rate, charge)?;
         let retry = !r.request_id.trim().is_empty();
         let id = if retry {
             parse_job_id("request_id", &r.request_id)?
@@ -330,7 +338,12 @@ impl JobService for Jobs {
             .filter(|j| filter_member.is_empty() || j.member == filter_member)
             .filter(|j| states.is_empty() || states.contains(&j.state))
             .filter(|j| name.is_empty() || j.extra.name == name)
-            .filter(|j| node.is_empty() || j.node.as_deref() == Some(node))
+            // A pending job requeued from the node no longer runs there.
+            .filter(|j| {
+                node.is_empty()
+                    || (j.state != crate::state::JobState::Pending
+                        && j.node.as_deref() == Some(node))
+            })
             .filter(|j| r.to_ms == 0 || j.submitted_at_ms <= r.to_ms)
             .filter(|j| r.from_ms == 0 || j.finished_at_ms.is_none_or(|f| f >= r.from_ms))
             .filter(|j| array.is_none() || j.array.as_ref().map(|a| a.array) == array)

@@ -22,6 +22,12 @@ pub struct SubmitLimits {
 impl SubmitLimits {
     /// Takes one submission of `member` at `rate` per second (0: no limit).
     pub fn check(&self, member: &str, rate: u64) -> Result<(), Status> {
+        self.check_n(member, rate, 1)
+    }
+
+    /// Takes `jobs` submissions at once (an array's tasks), at most a whole
+    /// burst: a large array waits for a full bucket, then empties it.
+    pub fn check_n(&self, member: &str, rate: u64, jobs: u32) -> Result<(), Status> {
         let Some(per_s) = NonZeroU32::new(u32::try_from(rate).unwrap_or(u32::MAX)) else {
             return Ok(());
         };
@@ -39,7 +45,12 @@ impl SubmitLimits {
                 }
             }
         };
-        limiter.check_key(&member.to_string()).map_err(|not_until| {
+        let burst = per_s.saturating_mul(NonZeroU32::new(10).expect("10 > 0"));
+        let n = NonZeroU32::new(jobs.max(1)).expect("at least 1").min(burst);
+        let taken = limiter
+            .check_key_n(&member.to_string(), n)
+            .expect("n is within the burst");
+        taken.map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             let ms = wait.as_millis().max(1);
             let mut status = Status::resource_exhausted(format!(
