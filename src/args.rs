@@ -758,15 +758,18 @@ pub struct SimulateArgs {
     /// Preemption (trace jobs are preemptible finetune jobs); auto: off for fifo, on otherwise.
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     pub preemption: String,
-    /// Usage half-life.
-    #[arg(long, default_value = "7d")]
-    pub half_life: String,
-    /// Minimum run time before preemption.
-    #[arg(long, default_value = "5m")]
-    pub min_runtime: String,
+    /// Usage half-life, with a unit (e.g. 7d, 12h).
+    #[arg(long, default_value = "7d", value_parser = duration_s)]
+    pub half_life: u64,
+    /// Minimum run time before preemption, with a unit (e.g. 5m).
+    #[arg(long, default_value = "5m", value_parser = duration_s)]
+    pub min_runtime: u64,
     /// Only the first N jobs of the trace.
     #[arg(long)]
     pub limit: Option<usize>,
+    // `--output json`: summary.json on stdout instead of the one-line summary.
+    #[command(flatten)]
+    pub output: OutputArg,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -817,6 +820,12 @@ pub enum NodeCmd {
         /// The node.
         name: String,
     },
+}
+
+/// Seconds from a duration with a unit, as the policy writes them (`90s`,
+/// `15m`, `12h`, `7d`); a bare number other than 0 is refused.
+pub fn duration_s(s: &str) -> Result<u64, String> {
+    coop_scheduler::policy::parse_duration_s(s.trim())
 }
 
 /// CPUs as thousandths: "8" -> 8000, "0.5" -> 500.
