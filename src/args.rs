@@ -161,6 +161,9 @@ pub enum Command {
     /// Member organisations (operator only).
     Member(Client<MemberCmd>),
     /// GPU time, normalised units and energy per member over a window.
+    ///
+    /// Running jobs count up to now in GPU-hours and units; their energy is
+    /// what the agents have reported so far (every --usage-interval).
     Usage(UsageArgs),
     /// Fair share now: entitlement, decayed usage and factor per member, and why each job waits.
     Fairshare(FairshareArgs),

@@ -997,7 +997,8 @@ fn scheduler_table(schedulers: &[pb::SchedulerNode]) {
             "SCHEDULER",
             "ADDRESS",
             "ROLE",
-            "MEMBER",
+            // voter or learner (raft membership; not a member organisation)
+            "VOTER",
             "TERM",
             "COMMIT",
             "APPLIED",
@@ -1014,7 +1015,11 @@ fn scheduler_table(schedulers: &[pb::SchedulerNode]) {
                     s.id.to_string(),
                     s.address.clone(),
                     role,
-                    s.membership.clone(),
+                    match s.membership.as_str() {
+                        "voter" => "yes".to_string(),
+                        "learner" => "no (learner)".to_string(),
+                        other => other.to_string(),
+                    },
                     s.term.to_string(),
                     s.commit_index.to_string(),
                     s.applied_index.to_string(),
