@@ -344,6 +344,13 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
             }
         }
         JobCmd::Logs(a) => {
+            // A job's output is bytes as the job wrote them (stdout and
+            // stderr together, not necessarily text): nothing to put in JSON.
+            if cli.output == Output::Json {
+                bail!(
+                    "output: job logs prints the job's output as it wrote it; --output json has no meaning here"
+                );
+            }
             let mut offset = 0;
             let mut out = std::io::stdout().lock();
             loop {
