@@ -22,7 +22,10 @@ fn a_member_submits_watches_and_reads_usage_from_python() {
     // As the script's docstring says: `examples/python/make-stubs stubs`,
     // into a directory that does not exist yet.
     let doc = std::fs::read_to_string(root.join("examples/python/coop_client.py")).unwrap();
-    assert!(doc.contains("examples/python/make-stubs stubs"), "the docstring changed");
+    assert!(
+        doc.contains("examples/python/make-stubs stubs"),
+        "the docstring changed"
+    );
     let work = tempfile::tempdir().unwrap();
     let protoc = Command::new("sh")
         .arg(root.join("examples/python/make-stubs"))
