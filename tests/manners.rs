@@ -90,6 +90,8 @@ fn output_json_everywhere_or_a_clear_refusal() {
     assert!(err.contains("output:"), "{err}");
     let err = c.fails(&["audit", "export", "--format", "csv", "-o", "json"]);
     assert!(err.contains("output:"), "{err}");
+    c.ok(&["auditor", "add", "books"]);
+    assert_eq!(c.json(&["auditor", "remove", "books"])["removed"], true);
     let lines = c.ok(&["audit", "export", "-o", "json"]);
     for l in lines.lines() {
         serde_json::from_str::<serde_json::Value>(l).unwrap();
