@@ -611,8 +611,10 @@ pub enum MemberTokenCmd {
     },
 }
 
+// Not `args_conflicts_with_subcommands`: that would refuse the client flags
+// before `statement` (`coop usage --addr X statement`); `commands::usage`
+// refuses the window's flags with `statement` instead.
 #[derive(Args, Debug)]
-#[command(args_conflicts_with_subcommands = true)]
 pub struct UsageArgs {
     #[command(flatten)]
     pub client: ClientArgs,

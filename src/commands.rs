@@ -591,6 +591,11 @@ async fn statement(cli: &ClientArgs, a: StatementArgs) -> anyhow::Result<()> {
 
 pub async fn usage(cli: &ClientArgs, a: UsageArgs) -> anyhow::Result<()> {
     if let Some(UsageCmd::Statement(s)) = a.statement {
+        if a.member.is_some() || a.since.is_some() || a.from.is_some() || a.to.is_some() {
+            bail!(
+                "statement: --member, --since, --from and --to of a statement go after `statement`"
+            );
+        }
         return statement(cli, s).await;
     }
     let now = unix_ms(std::time::SystemTime::now());

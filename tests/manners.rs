@@ -69,6 +69,18 @@ fn output_json_everywhere_or_a_clear_refusal() {
     assert_eq!(v[0]["id"], id.as_str());
     assert_eq!(before, between);
     assert_eq!(before, after);
+    // Also before a subcommand's own subcommand.
+    let st = c.ok(&[
+        "usage",
+        "-o",
+        "json",
+        "statement",
+        "--member",
+        "default",
+        "--period",
+        "2026-11",
+    ]);
+    serde_json::from_str::<serde_json::Value>(&st).unwrap();
     // A wrong --addr before the subcommand is used unless given again after it.
     let out = c.run(&["--addr", "http://127.0.0.1:1", "job", "list"]);
     assert!(!out.status.success());
