@@ -218,7 +218,9 @@ pub async fn operator(cli: &ClientArgs, cmd: OperatorCmd) -> anyhow::Result<()> 
 pub async fn node(cli: &ClientArgs, c: &Client, cmd: NodeCmd) -> anyhow::Result<()> {
     let mut cluster = c.cluster();
     match cmd {
-        NodeCmd::List => unreachable!("listed by commands::node"),
+        NodeCmd::List | NodeCmd::Drain { .. } | NodeCmd::Resume { .. } => {
+            unreachable!("handled by commands::node")
+        }
         NodeCmd::Enroll { name, owner, ttl } => {
             if ttl.is_zero() {
                 bail!("ttl: must be more than 0");

@@ -45,6 +45,10 @@ pub struct TopClientArgs {
     /// Output format; also accepted after the subcommand.
     #[arg(long, short, value_enum)]
     pub output: Option<Output>,
+    /// How long one call may take at one scheduler (as COOP_TIMEOUT); also
+    /// accepted after a client subcommand.
+    #[arg(long, value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
 }
 
 impl TopClientArgs {
@@ -54,6 +58,7 @@ impl TopClientArgs {
             && self.ca.is_none()
             && !self.plain_text
             && self.output.is_none()
+            && self.timeout.is_none()
     }
 }
 
@@ -85,6 +90,19 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
+    /// How long one call may take at one scheduler before the next address
+    /// is tried (connecting: at most 3s of it), e.g. 20s or 1m.
+    #[arg(long, env = "COOP_TIMEOUT", value_parser = parse_timeout, default_value = "20s", global = true)]
+    pub timeout: Duration,
+}
+
+/// A duration with its unit (`20s`, `1m`), more than zero.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?}: {e} (e.g. 20s)"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?} must be more than 0"));
+    }
+    Ok(d)
 }
 
 impl ClientArgs {
@@ -107,6 +125,20 @@ impl ClientArgs {
         if let Some(o) = top.output.filter(|_| !after("output")) {
             self.output = o;
         }
+        if let Some(t) = top.timeout.filter(|_| !after("timeout")) {
+            self.timeout = t;
+        }
+    }
+
+    /// The client flags from the environment and the defaults alone (for
+    /// the agent's subcommands, which take only some of them as flags).
+    pub fn from_env() -> Result<Self, clap::Error> {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            c: ClientArgs,
+        }
+        Only::try_parse_from(["coop"]).map(|o| o.c)
     }
 }
 
@@ -442,10 +474,15 @@ pub enum JobCmd {
     Submit(SubmitArgs),
     /// List jobs (a member sees its own; the operator all).
     List(ListArgs),
-    /// Show one job.
+    /// Show one job (an id, a unique prefix of at least 4 characters, or ARRAY_TASK).
     Get(IdArg),
-    /// Cancel a job: SIGTERM, its grace period, then SIGKILL.
-    Cancel(IdArg),
+    /// Cancel jobs by id (several; an array's id: all its tasks) or by filter:
+    /// SIGTERM, their grace period, then SIGKILL.
+    Cancel(CancelArgs),
+    /// Keep pending jobs from being placed until released.
+    Hold(IdsArg),
+    /// Let held jobs be placed again.
+    Release(IdsArg),
     /// Print a job's output.
     Logs(LogsArgs),
     /// Follow a job's state changes until it ends.
@@ -478,9 +515,28 @@ pub struct SubmitArgs {
     /// Order among this member's own jobs: higher first (-1000 to 1000).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,
-    /// Stop the run and fail the job after this long (e.g. 4h); lets short jobs backfill.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Stop the run and fail the job after this long: 4h, 90m, 1:30:00 or
+    /// 2-00:00:00 (Slurm's D-HH:MM:SS); lets short jobs backfill.
+    #[arg(long, value_parser = parse_time_limit)]
     pub time_limit: Option<Duration>,
+    /// A name for the job (shown by job list; filter with job list --name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where the run starts, relative to the run's own directory (made for
+    /// it; no absolute path, no '..').
+    #[arg(long, visible_alias = "chdir")]
+    pub workdir: Option<String>,
+    /// Wait for other jobs of yours: afterok:ID[:ID..] (cancelled if one
+    /// fails) or afterany:ID[:ID..]; several separated by ','.
+    #[arg(long, short = 'd')]
+    pub dependency: Option<String>,
+    /// A job array: one job per task, e.g. 0-9, 1,3,5 or 0-99%4 (at most 4
+    /// at once). Each task has COOP_ARRAY_JOB_ID and COOP_ARRAY_TASK_ID.
+    #[arg(long)]
+    pub array: Option<String>,
+    /// Submit held: not placed until coop job release.
+    #[arg(long)]
+    pub hold: bool,
     /// CPU limit of the run's cgroup, in CPUs (e.g. 8 or 0.5).
     #[arg(long, value_parser = parse_cpus)]
     pub cpus: Option<u64>,
@@ -544,12 +600,112 @@ pub struct ListArgs {
     /// Go on from where a listing with --limit stopped.
     #[arg(long)]
     pub page_token: Option<String>,
+    /// Only jobs with this name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Only jobs whose current (or last) run is on this node.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Only the tasks of this job array.
+    #[arg(long)]
+    pub array: Option<String>,
+    /// Only jobs not ended before this: how long ago (24h, 7d) or RFC 3339.
+    #[arg(long, visible_alias = "from", value_parser = parse_when)]
+    pub since: Option<std::time::SystemTime>,
+    /// Only jobs submitted by this: how long ago (1h) or RFC 3339.
+    #[arg(long, visible_alias = "to", value_parser = parse_when)]
+    pub until: Option<std::time::SystemTime>,
 }
 
 #[derive(Args, Debug)]
 pub struct IdArg {
     /// The job's id.
     pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct IdsArg {
+    /// Job ids, unique prefixes, ARRAY_TASK, or array ids.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    /// Job ids, unique prefixes, ARRAY_TASK, or array ids.
+    pub ids: Vec<String>,
+    /// Every job of this member that matches the other filters.
+    #[arg(long)]
+    pub member: Option<String>,
+    /// Only jobs in these states (pending, running).
+    #[arg(long, value_enum)]
+    pub state: Vec<StateArg>,
+    /// Only jobs with this name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Only jobs running on this node.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// With no id and no filter: every job you may cancel.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// A time limit: "4h", "90m", "1:30:00" (H:MM:SS), "30:00" (MM:SS),
+/// "2-00:00:00", "2-12" (days-hours). A bare number has no unit and is refused.
+pub fn parse_time_limit(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "{t:?} has no unit: write e.g. {t}m, {t}h, 1:30:00 or 2-00:00:00"
+        ));
+    }
+    let num = |x: &str| -> Result<u64, String> {
+        if x.is_empty() || !x.bytes().all(|b| b.is_ascii_digit()) || x.len() > 9 {
+            return Err(format!(
+                "{s:?} is not a time limit (4h, 1:30:00, 2-00:00:00)"
+            ));
+        }
+        Ok(x.parse().expect("digits"))
+    };
+    let d = if t.contains(':') || t.contains('-') {
+        let (days, rest) = match t.split_once('-') {
+            Some((d, r)) => (num(d)?, r),
+            None => (0, t),
+        };
+        let parts: Vec<&str> = rest.split(':').collect();
+        let hms: u64 = match (t.contains('-'), parts.as_slice()) {
+            (true, [h]) => num(h)? * 3600,
+            (true, [h, m]) => num(h)? * 3600 + num(m)? * 60,
+            (false, [m, sec]) => num(m)? * 60 + num(sec)?,
+            (_, [h, m, sec]) => num(h)? * 3600 + num(m)? * 60 + num(sec)?,
+            _ => {
+                return Err(format!(
+                    "{s:?} is not a time limit (4h, 1:30:00, 2-00:00:00)"
+                ));
+            }
+        };
+        Duration::from_secs(days * 86_400 + hms)
+    } else {
+        humantime::parse_duration(t).map_err(|e| format!("{s:?}: {e}"))?
+    };
+    if d.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(d)
+}
+
+/// A point in time: RFC 3339, or how long ago ("24h", "7d").
+pub fn parse_when(s: &str) -> Result<std::time::SystemTime, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s.trim()) {
+        return Ok(t);
+    }
+    let ago = humantime::parse_duration(s.trim()).map_err(|_| {
+        format!("{s:?} is neither RFC 3339 (2026-11-01T00:00:00Z) nor a duration with a unit (24h)")
+    })?;
+    std::time::SystemTime::now()
+        .checked_sub(ago)
+        .ok_or_else(|| format!("{s:?} is too long ago"))
 }
 
 #[derive(Args, Debug)]
@@ -825,6 +981,23 @@ pub enum NodeCmd {
         /// The node.
         name: String,
     },
+    /// Place nothing new on a node (its runs finish); the operator, or the
+    /// member that owns it.
+    Drain {
+        /// The node.
+        name: String,
+        /// Why (shown by node list).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Stop its runs now (each with its grace) and requeue them.
+        #[arg(long)]
+        now: bool,
+    },
+    /// Let a drained node take jobs again.
+    Resume {
+        /// The node.
+        name: String,
+    },
 }
 
 /// Seconds from a duration with a unit, as the policy writes them (`90s`,
@@ -889,6 +1062,23 @@ mod tests {
         assert!(parse_memory_mb("12X").is_err());
         assert!(parse_memory_mb("0").is_err());
         assert!(parse_memory_mb("G").is_err());
+    }
+
+    #[test]
+    fn time_limits_parse_as_slurm_users_write_them_and_need_a_unit() {
+        let s = |x: &str| parse_time_limit(x).map(|d| d.as_secs());
+        assert_eq!(s("1:30:00"), Ok(5400));
+        assert_eq!(s("2-00:00:00"), Ok(2 * 86_400));
+        assert_eq!(s("2-12"), Ok(2 * 86_400 + 12 * 3600));
+        assert_eq!(s("1-02:30"), Ok(86_400 + 2 * 3600 + 30 * 60));
+        assert_eq!(s("30:00"), Ok(1800));
+        assert_eq!(s("90m"), Ok(5400));
+        assert_eq!(s("4h"), Ok(4 * 3600));
+        let bare = s("90").unwrap_err();
+        assert!(bare.contains("no unit"), "{bare}");
+        for bad in ["", "0:00:00", "1:2:3:4", "-1", "a:b", "1-", "4x"] {
+            assert!(s(bad).is_err(), "{bad:?}");
+        }
     }
 }
 

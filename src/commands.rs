@@ -26,7 +26,7 @@ fn kind_name(k: i32) -> &'static str {
     }
 }
 
-fn state_name(s: i32) -> &'static str {
+pub(crate) fn state_name(s: i32) -> &'static str {
     match pb::JobState::try_from(s) {
         Ok(pb::JobState::Pending) => "pending",
         Ok(pb::JobState::Running) => "running",
@@ -38,8 +38,8 @@ fn state_name(s: i32) -> &'static str {
     }
 }
 
-fn job_json(j: &pb::Job) -> Value {
-    json!({
+pub(crate) fn job_json(j: &pb::Job) -> Value {
+    let mut v = json!({
         "id": j.id,
         "member": j.member,
         "kind": kind_name(j.kind),
@@ -71,7 +71,35 @@ fn job_json(j: &pb::Job) -> Value {
         // Names only: the values may hold the member's secrets.
         "env": j.env_names,
         "gpu_utilization_pct": j.gpu_utilization_pct,
-    })
+    });
+    let opt = |s: &str| if s.is_empty() { Value::Null } else { json!(s) };
+    let extra = json!({
+        "name": opt(&j.name),
+        "workdir": opt(&j.workdir),
+        "after_ok": j.after_ok,
+        "after_any": j.after_any,
+        "held": j.held,
+        "array_id": opt(&j.array_id),
+        "array_task": j.array_task,
+        "array_limit": if j.array_limit == 0 { Value::Null } else { json!(j.array_limit) },
+        "wait_reason": opt(&j.wait_reason),
+        "wait_detail": opt(&j.wait_detail),
+    });
+    if let (Value::Object(v), Value::Object(x)) = (&mut v, extra) {
+        v.extend(x);
+    }
+    v
+}
+
+pub(crate) fn state_to_pb(s: StateArg) -> pb::JobState {
+    match s {
+        StateArg::Pending => pb::JobState::Pending,
+        StateArg::Running => pb::JobState::Running,
+        StateArg::Completed => pb::JobState::Completed,
+        StateArg::Failed => pb::JobState::Failed,
+        StateArg::Cancelled => pb::JobState::Cancelled,
+        StateArg::Lost => pb::JobState::Lost,
+    }
 }
 
 pub(crate) fn print_json(v: &Value) {
@@ -122,55 +150,60 @@ fn now_ms() -> i64 {
 fn job_row(j: &pb::Job, now: i64) -> Vec<String> {
     vec![
         j.id.clone(),
+        if j.name.is_empty() {
+            "-".into()
+        } else {
+            j.name.clone()
+        },
+        crate::habits::array_label(j),
         j.member.clone(),
         kind_name(j.kind).into(),
         state_name(j.state).into(),
         j.gpu_count.to_string(),
-        if j.node.is_empty() {
-            "-".into()
-        } else {
-            j.node.clone()
-        },
+        crate::habits::node_or_reason(j),
         j.attempts.to_string(),
         j.exit_code.map_or("-".into(), |c| c.to_string()),
         ago(j.submitted_at_ms, now),
     ]
 }
 
-const JOB_HEADER: [&str; 9] = [
-    "ID", "MEMBER", "KIND", "STATE", "GPUS", "NODE", "ATTEMPTS", "EXIT", "AGE",
+const JOB_HEADER: [&str; 11] = [
+    "ID",
+    "NAME",
+    "ARRAY",
+    "MEMBER",
+    "KIND",
+    "STATE",
+    "GPUS",
+    "NODELIST(REASON)",
+    "ATTEMPTS",
+    "EXIT",
+    "AGE",
 ];
 
 /// Submits, and while no scheduler can confirm it (a leader election, a node
-/// down) tries again, rotating through the addresses. The request id makes a
-/// resent submission return the job it created rather than a second one.
+/// down) tries again for up to `--timeout`; each try goes through every
+/// address. The request id makes a resent submission return the job it
+/// created rather than a second one.
 async fn submit_retrying(
     cli: &ClientArgs,
-    first: Client,
+    c: &Client,
     req: pb::SubmitJobRequest,
 ) -> anyhow::Result<pb::Job> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut client = Ok(first);
-    let mut attempt = 0;
+    let deadline = std::time::Instant::now() + cli.timeout;
     loop {
-        attempt += 1;
-        let err = match client {
-            Ok(c) => match c.jobs().submit(c.req(req.clone())).await {
-                Ok(r) => return Ok(r.into_inner().job.unwrap_or_default()),
-                // Unknown is how a connection cut mid-call (a node killed)
-                // surfaces; the request id makes resending safe.
-                Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => {
-                    anyhow::Error::from(s)
-                }
-                Err(s) => return Err(s.into()),
-            },
-            Err(e) => e,
-        };
-        if std::time::Instant::now() >= deadline {
-            return Err(err);
+        match c.jobs().submit(c.req(req.clone())).await {
+            Ok(r) => return Ok(r.into_inner().job.unwrap_or_default()),
+            // Unknown is how a connection cut mid-call (a node killed)
+            // surfaces; the request id makes resending safe.
+            Err(s)
+                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+                    && std::time::Instant::now() + Duration::from_millis(200) < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => return Err(s.into()),
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        client = Client::connect_from(cli, attempt).await;
     }
 }
 
@@ -236,6 +269,10 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                 Some(d) => d.as_millis() as u64,
                 None => 0,
             };
+            let deps = match &a.dependency {
+                Some(d) => crate::habits::parse_dependency(d)?,
+                None => (vec![], vec![]),
+            };
             let req = pb::SubmitJobRequest {
                 kind: match a.kind {
                     Kind::Finetune => pb::JobKind::Finetune,
@@ -254,32 +291,35 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                     Some(d) => d.as_millis() as u64,
                     None => 0,
                 },
+                name: a.name.unwrap_or_default(),
+                workdir: a.workdir.unwrap_or_default(),
+                after_ok: deps.0,
+                after_any: deps.1,
+                array: a.array.unwrap_or_default(),
+                hold: a.hold,
                 request_id: uuid::Uuid::new_v4().to_string(),
                 cpu_millis: a.cpus.unwrap_or(0),
                 memory_mb: a.memory.unwrap_or(0),
                 image: a.image.unwrap_or_default(),
                 env: job_env(&a.env_file, &a.env)?,
             };
-            let job = submit_retrying(cli, c, req).await?;
+            let job = submit_retrying(cli, &c, req).await?;
             match cli.output {
                 Output::Json => print_json(&job_json(&job)),
+                // An array: its id, which names all its tasks.
+                Output::Table if !job.array_id.is_empty() => println!("{}", job.array_id),
                 Output::Table => println!("{}", job.id),
             }
         }
         JobCmd::List(a) => {
-            let states: Vec<i32> = a
-                .state
-                .iter()
-                .map(|s| match s {
-                    StateArg::Pending => pb::JobState::Pending,
-                    StateArg::Running => pb::JobState::Running,
-                    StateArg::Completed => pb::JobState::Completed,
-                    StateArg::Failed => pb::JobState::Failed,
-                    StateArg::Cancelled => pb::JobState::Cancelled,
-                    StateArg::Lost => pb::JobState::Lost,
-                } as i32)
-                .collect();
+            let states: Vec<i32> = a.state.iter().map(|s| state_to_pb(*s) as i32).collect();
             let member = a.member.unwrap_or_default();
+            let (name, node, array_id) = (
+                a.name.unwrap_or_default(),
+                a.node.unwrap_or_default(),
+                a.array.unwrap_or_default(),
+            );
+            let (from_ms, to_ms) = (a.since.map_or(0, unix_ms), a.until.map_or(0, unix_ms));
             let (list, rest) = pages(
                 a.limit,
                 a.page_token.unwrap_or_default(),
@@ -290,6 +330,11 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                         member: member.clone(),
                         limit,
                         page_token,
+                        name: name.clone(),
+                        node: node.clone(),
+                        from_ms,
+                        to_ms,
+                        array_id: array_id.clone(),
                     });
                     async move {
                         let r = jobs.list(req).await?.into_inner();
@@ -321,28 +366,9 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                 Output::Table => print_job_detail(&job),
             }
         }
-        JobCmd::Cancel(IdArg { id }) => {
-            let job = jobs
-                .cancel(c.req(pb::CancelJobRequest { id }))
-                .await?
-                .into_inner()
-                .job
-                .unwrap_or_default();
-            match cli.output {
-                Output::Json => print_json(&job_json(&job)),
-                Output::Table => {
-                    if job.cancel_requested {
-                        println!(
-                            "{}: stopping (SIGTERM, then SIGKILL after {} s)",
-                            job.id,
-                            job.kill_grace_ms / 1000
-                        );
-                    } else {
-                        println!("{}: {}", job.id, state_name(job.state));
-                    }
-                }
-            }
-        }
+        JobCmd::Cancel(a) => crate::habits::cancel(cli, &c, a).await?,
+        JobCmd::Hold(a) => crate::habits::hold(cli, &c, a.ids, true).await?,
+        JobCmd::Release(a) => crate::habits::hold(cli, &c, a.ids, false).await?,
         JobCmd::Logs(a) => {
             // A job's output is bytes as the job wrote them (stdout and
             // stderr together, not necessarily text): nothing to put in JSON.
@@ -434,8 +460,17 @@ fn print_job_detail(j: &pb::Job) {
         "gpu_count",
         "gpus",
         "node",
+        "name",
         "command",
         "env",
+        "workdir",
+        "after_ok",
+        "after_any",
+        "held",
+        "array_id",
+        "array_task",
+        "wait_reason",
+        "wait_detail",
         "attempts",
         "exit_code",
         "submitted_at",
@@ -907,6 +942,8 @@ fn node_json(n: &pb::Node) -> Value {
         "connected": n.connected,
         "last_heartbeat": rfc3339(n.last_heartbeat_ms),
         "registered_at": rfc3339(n.registered_at_ms),
+        "drain": if n.drain.is_empty() { Value::Null } else { json!(n.drain) },
+        "drain_reason": if n.drain_reason.is_empty() { Value::Null } else { json!(n.drain_reason) },
         "gpus": n.gpus.iter().map(|g| json!({
             "uuid": g.uuid, "index": g.index, "model": g.model, "memory_mb": g.memory_mb,
             "job": if g.job.is_empty() { Value::Null } else { json!(g.job) },
@@ -929,21 +966,34 @@ fn node_rows(nodes: &[pb::Node]) -> Vec<Vec<String>> {
             vec![
                 n.name.clone(),
                 n.owner.clone(),
-                if n.state == pb::NodeState::Up as i32 {
-                    "up"
-                } else {
-                    "down"
-                }
-                .into(),
+                match (n.state == pb::NodeState::Up as i32, n.drain.as_str()) {
+                    (true, "") => "up".to_string(),
+                    (false, "") => "down".to_string(),
+                    (true, d) => d.to_string(),
+                    (false, d) => format!("down,{d}"),
+                },
                 format!("{used}/{}", n.gpus.len()),
                 models.join(","),
                 if n.connected { "yes" } else { "no" }.into(),
+                if n.drain_reason.is_empty() {
+                    "-".into()
+                } else {
+                    n.drain_reason.clone()
+                },
             ]
         })
         .collect()
 }
 
-const NODE_HEADER: [&str; 6] = ["NODE", "OWNER", "STATE", "GPUS USED", "MODELS", "CONNECTED"];
+const NODE_HEADER: [&str; 7] = [
+    "NODE",
+    "OWNER",
+    "STATE",
+    "GPUS USED",
+    "MODELS",
+    "CONNECTED",
+    "REASON",
+];
 
 pub async fn cluster(cli: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
     let c = Client::connect(cli).await?;
@@ -1053,6 +1103,9 @@ fn print_schedulers(cli: &ClientArgs, schedulers: &[pb::SchedulerNode]) -> anyho
 
 pub async fn node(cli: &ClientArgs, cmd: NodeCmd) -> anyhow::Result<()> {
     let c = Client::connect(cli).await?;
+    if matches!(cmd, NodeCmd::Drain { .. } | NodeCmd::Resume { .. }) {
+        return crate::habits::node(cli, &c, cmd).await;
+    }
     if !matches!(cmd, NodeCmd::List) {
         return crate::accounts::node(cli, &c, cmd).await;
     }

@@ -74,6 +74,16 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let real = gpus.driver_version.is_some();
     let dir = a.data_dir.unwrap_or_else(default_dev_dir);
     tls::private_dir(&dir)?;
+    // Before anything starts: a second `coop dev`, or a scheduler or agent
+    // run by hand on these dirs, stops this one here.
+    let _dev_lock = coop_scheduler::datadir::lock(&dir, "dev.lock", "coop dev")?;
+    let scheduler_dir = dir.join("scheduler");
+    coop_scheduler::datadir::check(
+        &scheduler_dir,
+        coop_scheduler::datadir::LOCK_FILE,
+        "scheduler",
+    )?;
+    coop_scheduler::datadir::check(&dir.join("agent"), coop_agent::agent::LOCK_FILE, "agent")?;
     if nix::unistd::geteuid().is_root() {
         // Runs, each its own user, pass through to their directories under
         // agent/; everything else here is private on its own.
@@ -81,7 +91,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
     }
     let creds = dev_credentials(&dir)?;
-    let mut config = scheduler_config(a.listen, dir.join("scheduler"), &a.timing);
+    let mut config = scheduler_config(a.listen, scheduler_dir, &a.timing);
     config.operator_token = Some(creds.operator_token.clone());
     config.default_member = Some((creds.member.clone(), hash_token(&creds.member_token)));
     // The everyday path is the secure one: a CA of this cluster's own.

@@ -6,6 +6,7 @@ mod audit;
 mod client;
 mod commands;
 mod daemons;
+mod habits;
 mod simulate;
 
 use std::process::ExitCode;
@@ -130,14 +131,15 @@ fn colour(stream: &impl std::io::IsTerminal) -> bool {
 
 /// The agent's subcommands as a client: its CA and plain-text permission
 /// (run), or its output format (status, probe).
-fn agent_client(cmd: &args::AgentCmd) -> ClientArgs {
-    let mut c = ClientArgs {
-        addr: String::new(),
-        token: std::env::var("COOP_TOKEN").ok().filter(|t| !t.is_empty()),
-        ca: None,
-        plain_text: false,
-        output: Output::Table,
-    };
+fn agent_client(cmd: &args::AgentCmd) -> anyhow::Result<ClientArgs> {
+    let mut c = ClientArgs::from_env().map_err(|e| {
+        let text = e.render().to_string();
+        let first = text.lines().next().unwrap_or_default();
+        anyhow::anyhow!("{}", first.trim_start_matches("error: "))
+    })?;
+    c.ca = None;
+    c.plain_text = false;
+    c.output = Output::Table;
     match cmd {
         args::AgentCmd::Run(a) => {
             c.ca = a.conn.ca.clone();
@@ -146,14 +148,14 @@ fn agent_client(cmd: &args::AgentCmd) -> ClientArgs {
         args::AgentCmd::Status(a) => c.output = a.output.output,
         args::AgentCmd::Probe(a) => c.output = a.output.output,
     }
-    c
+    Ok(c)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(a) => daemons::dev(a).await,
         Command::Scheduler(cmd) => daemons::scheduler(cmd).await,
-        Command::Agent(cmd) => daemons::agent(&agent_client(&cmd), cmd).await,
+        Command::Agent(cmd) => daemons::agent(&agent_client(&cmd)?, cmd).await,
         Command::Job(g) => commands::job(&g.client, g.cmd).await,
         Command::Member(g) => accounts::member(&g.client, g.cmd).await,
         Command::Auditor(g) => accounts::auditor(&g.client, g.cmd).await,

@@ -112,6 +112,7 @@ fn fresh(prefix: &str) -> String {
 fn rows(job_a: &str, session: &str) -> Vec<Row> {
     let (j, s) = (job_a.to_string(), session.to_string());
     let (j2, j3, j4) = (j.clone(), j.clone(), j.clone());
+    let (j5, j6) = (j.clone(), j.clone());
     let s2 = s.clone();
     let register = move || pb::RegisterRequest {
         node: "node-a".into(),
@@ -165,7 +166,10 @@ fn rows(job_a: &str, session: &str) -> Vec<Row> {
             call!(
                 job_service_client::JobServiceClient,
                 cancel,
-                pb::CancelJobRequest { id: j2.clone() }
+                pb::CancelJobRequest {
+                    id: j2.clone(),
+                    ids: vec![]
+                }
             ),
         ),
         row(
@@ -189,6 +193,32 @@ fn rows(job_a: &str, session: &str) -> Vec<Row> {
                 job_service_client::JobServiceClient,
                 watch,
                 pb::WatchJobRequest { id: j4.clone() }
+            ),
+        ),
+        // Job A runs: only pending jobs are held, so its member and the
+        // operator get FAILED_PRECONDITION, and nothing changes.
+        row(
+            "JobService/Hold",
+            true,
+            "UUFPPPPUPFUU",
+            call!(
+                job_service_client::JobServiceClient,
+                hold,
+                pb::HoldJobsRequest {
+                    ids: vec![j5.clone()]
+                }
+            ),
+        ),
+        row(
+            "JobService/Release",
+            true,
+            "UUFPPPPUPFUU",
+            call!(
+                job_service_client::JobServiceClient,
+                release,
+                pb::HoldJobsRequest {
+                    ids: vec![j6.clone()]
+                }
             ),
         ),
         row(
@@ -471,6 +501,34 @@ fn rows(job_a: &str, session: &str) -> Vec<Row> {
                 revoke_node,
                 pb::RevokeNodeRequest {
                     node: "ghost".into()
+                }
+            ),
+        ),
+        // The operator, or the member that owns the node (node-a is acme's);
+        // resumed right after.
+        row(
+            "ClusterService/DrainNode",
+            true,
+            "UUOPPPPUPOUU",
+            call!(
+                cluster_service_client::ClusterServiceClient,
+                drain_node,
+                pb::DrainNodeRequest {
+                    node: "node-a".into(),
+                    reason: "matrix".into(),
+                    now: false
+                }
+            ),
+        ),
+        row(
+            "ClusterService/ResumeNode",
+            true,
+            "UUOPPPPUPOUU",
+            call!(
+                cluster_service_client::ClusterServiceClient,
+                resume_node,
+                pb::ResumeNodeRequest {
+                    node: "node-a".into()
                 }
             ),
         ),

@@ -94,6 +94,7 @@ fn submit() -> impl Strategy<Value = pb::SubmitJobRequest> {
                     memory_mb: memory,
                     image,
                     env,
+                    ..Default::default()
                 }
             },
         )
@@ -182,6 +183,7 @@ fn hostile_requests_are_answered_and_leave_the_scheduler_sound() {
                     member,
                     limit,
                     page_token,
+                    ..Default::default()
                 };
                 answered(rt.block_on(jobs.list(req(&tokens[w], r))).map(drop))
             },

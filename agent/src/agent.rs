@@ -321,10 +321,7 @@ impl Agent {
         addr: &str,
         shutdown: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
-        let channel: Channel = crate::enroll::endpoint(addr, self.cfg.tls.as_ref())?
-            .connect()
-            .await
-            .context("connecting")?;
+        let channel: Channel = crate::enroll::connect(addr, self.cfg.tls.as_ref()).await?;
         // The desired runs of a full node carry every run's command and
         // environment (64 KiB each at most): above gRPC's default 4 MiB.
         let mut client = AgentServiceClient::new(channel).max_decoding_message_size(64 << 20);
@@ -704,8 +701,11 @@ pub fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
         .with_context(|| format!("restricting {}", dir.display()))
 }
 
+/// The agent's lock in its data dir: one agent per dir.
+pub const LOCK_FILE: &str = "agent.lock";
+
 fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
-    let path = dir.join("agent.lock");
+    let path = dir.join(LOCK_FILE);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -10,7 +10,7 @@ use anyhow::{Context, anyhow, bail};
 use coop_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 const FILE: &str = "credential.json";
 
@@ -48,16 +48,38 @@ pub fn load(data_dir: &Path) -> anyhow::Result<Option<Credential>> {
     }
 }
 
+/// How long a scheduler has to take a connection, TLS included.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a call (or opening the heartbeat stream) may take before the
+/// agent gives up on that scheduler and tries the next.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A channel to a scheduler: TLS verified against the cluster CA when given.
+/// Every call on it has a deadline; a connection that stops answering is
+/// found by HTTP/2 keep-alive pings within 10 s.
 pub fn endpoint(addr: &str, tls: Option<&ClientTlsConfig>) -> anyhow::Result<Endpoint> {
     let ep = Endpoint::from_shared(addr.to_string())
         .map_err(|_| anyhow!("scheduler: {addr:?} is not an address"))?
-        .connect_timeout(Duration::from_secs(3))
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
     match tls {
         Some(t) => ep.tls_config(t.clone()).context("tls"),
         None => Ok(ep),
+    }
+}
+
+/// Connects within [`CONNECT_TIMEOUT`]: the endpoint's own timeout covers TCP
+/// only, and a stopped scheduler accepts connections it never answers.
+pub async fn connect(addr: &str, tls: Option<&ClientTlsConfig>) -> anyhow::Result<Channel> {
+    let ep = endpoint(addr, tls)?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, ep.connect()).await {
+        Ok(r) => r.context("connecting"),
+        Err(_) => bail!(
+            "connecting: no connection within {} s",
+            CONNECT_TIMEOUT.as_secs()
+        ),
     }
 }
 
@@ -76,7 +98,7 @@ pub async fn join(
     let credential_hash = hash(&token);
     let mut last = anyhow!("scheduler: no address given");
     for addr in schedulers {
-        let ch = match endpoint(addr, tls)?.connect().await {
+        let ch = match connect(addr, tls).await {
             Ok(ch) => ch,
             Err(e) => {
                 last = anyhow!("{addr}: {e}");

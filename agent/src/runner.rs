@@ -238,6 +238,42 @@ impl Runner {
             }
             None => dir.clone(),
         };
+        // `--workdir`: a directory inside the run's own (the scheduler
+        // refuses absolute paths and '..'; checked again here), made for the
+        // run and given to its user. The run's directory is new, so no link
+        // a job made can redirect it.
+        let rel = std::path::Path::new(&run.workdir);
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            anyhow::bail!("workdir {:?} leaves the run's directory", run.workdir);
+        }
+        let base = if run.image.is_empty() { &work } else { &dir };
+        let start = base.join(rel);
+        if !run.workdir.is_empty() {
+            let mut at = base.clone();
+            for c in rel.components() {
+                if let std::path::Component::Normal(part) = c {
+                    at.push(part);
+                    match std::fs::symlink_metadata(&at) {
+                        Ok(m) if m.is_dir() => continue,
+                        Ok(_) => anyhow::bail!("workdir: {} is not a directory", at.display()),
+                        Err(_) => std::fs::create_dir(&at)
+                            .with_context(|| format!("creating {}", at.display()))?,
+                    }
+                    if let Some(uid) = uid {
+                        nix::unistd::chown(
+                            &at,
+                            Some(nix::unistd::Uid::from_raw(uid)),
+                            Some(nix::unistd::Gid::from_raw(uid)),
+                        )
+                        .with_context(|| format!("giving {} to uid {uid}", at.display()))?;
+                    }
+                }
+            }
+        }
         let log = {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
@@ -267,6 +303,14 @@ impl Runner {
             ("COOP_JOB_ATTEMPT", key.attempt.to_string()),
             (AGENT_ENV, self.agent.clone()),
         ]);
+        // Set by the scheduler from the job's own record (a member's COOP_*
+        // variables are refused at submission and dropped above).
+        if let Some(task) = run.array_task_id.filter(|_| !run.array_job_id.is_empty()) {
+            env.extend([
+                ("COOP_ARRAY_JOB_ID", run.array_job_id.clone()),
+                ("COOP_ARRAY_TASK_ID", task.to_string()),
+            ]);
+        }
         let name = format!("coop-{}-{}", key.job, key.attempt);
         let iso = &self.isolation;
         let (argv, container, cgroup) = if run.image.is_empty() {
@@ -283,7 +327,7 @@ impl Runner {
             let rt = iso.runtime.clone().context(
                 "the job names an image, and this agent has no container runtime (docker or podman)",
             )?;
-            let argv = rt.command(
+            let mut argv = rt.command(
                 &name,
                 &run.image,
                 &dir,
@@ -294,6 +338,12 @@ impl Runner {
                 &env,
                 &run.command,
             );
+            if !run.workdir.is_empty()
+                && let Some(i) = argv.iter().position(|a| a == "--workdir")
+                && i + 1 < argv.len()
+            {
+                argv[i + 1] = format!("/work/{}", run.workdir.trim_start_matches("./"));
+            }
             (argv, Some((rt, name)), None)
         };
         let (program, args) = argv.split_first().context("empty command")?;
@@ -310,7 +360,7 @@ impl Runner {
         // container, as --env arguments (`LD_PRELOAD` or `PATH` of a member
         // must never reach a process that runs as the agent).
         cmd.args(args)
-            .current_dir(&work)
+            .current_dir(if container.is_none() { &start } else { &work })
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -65,6 +65,29 @@ pub enum Wait {
     NoFit { gpus: u32, most_free: u32 },
     /// Its member holds `held` GPUs and may hold `quota` (policy gpu_quota).
     OverQuota { held: u64, quota: u64 },
+    /// Held (`coop job hold`) until released.
+    Held,
+    /// Waits for job `job` to end (successfully, for afterok).
+    Dependency { job: JobId },
+    /// `limit` tasks of its array are running already (`--array ...%N`).
+    ArrayLimit { limit: u32 },
+}
+
+impl Wait {
+    /// A one-word reason, as squeue's REASON column gives it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Wait::BackingOff { .. } => "BackOff",
+            Wait::MemberSuspended => "MemberSuspended",
+            Wait::Preempting { .. } => "Preempting",
+            Wait::Reserved { .. } | Wait::NoFit { .. } => "Resources",
+            Wait::BehindReservation { .. } => "Priority",
+            Wait::OverQuota { .. } => "Quota",
+            Wait::Held => "Held",
+            Wait::Dependency { .. } => "Dependency",
+            Wait::ArrayLimit { .. } => "ArrayTaskLimit",
+        }
+    }
 }
 
 impl fmt::Display for Wait {
@@ -88,6 +111,11 @@ impl fmt::Display for Wait {
                 f,
                 "its member holds {held} GPUs of its quota of {quota} (policy gpu_quota)"
             ),
+            Wait::Held => write!(f, "held: coop job release to let it run"),
+            Wait::Dependency { job } => write!(f, "waits for job {job}"),
+            Wait::ArrayLimit { limit } => {
+                write!(f, "{limit} tasks of its array are running, its limit")
+            }
             Wait::NoFit { gpus, most_free } => write!(
                 f,
                 "waiting for {gpus} free GPUs of one kind on one node (largest free block now: {most_free})"
@@ -157,10 +185,22 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
     let mut pool = Pool::new(state);
 
     let mut ready: Vec<&Job> = Vec::new();
+    // Tasks of each array running, or let through in this pass.
+    let mut array_running = state.array_running();
     for (_, id) in &state.queue {
         let j = &state.jobs[id];
+        let blocked = state.blocked(*id, &array_running);
         if state.members.get(&j.member).is_some_and(|m| m.suspended) {
             out.waiting.insert(*id, Wait::MemberSuspended);
+        } else if let Some(b) = blocked {
+            out.waiting.insert(
+                *id,
+                match b {
+                    crate::habits::Blocked::Held => Wait::Held,
+                    crate::habits::Blocked::Dependency(job) => Wait::Dependency { job },
+                    crate::habits::Blocked::ArrayLimit(limit) => Wait::ArrayLimit { limit },
+                },
+            );
         } else if j.not_before_ms > now_ms {
             out.waiting.insert(
                 *id,
@@ -169,6 +209,11 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
                 },
             );
         } else {
+            if let Some(a) = &j.array
+                && a.limit > 0
+            {
+                *array_running.entry(a.array).or_default() += 1;
+            }
             ready.push(j);
         }
     }
@@ -664,7 +709,7 @@ impl<'a> Pool<'a> {
         let nodes: Vec<&Node> = state
             .nodes
             .values()
-            .filter(|n| n.up && !n.draining)
+            .filter(|n| n.up && !n.draining && n.cordon.is_none())
             .collect();
         let mut classes: Vec<(&str, u64)> = nodes
             .iter()

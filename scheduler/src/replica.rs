@@ -26,8 +26,13 @@ use crate::consensus::log::Log;
 use crate::consensus::transport::{self, Feedback, Transport};
 use crate::state::{Event, Op, Rejection, State};
 
-/// How long a write waits for a leader and for its commit.
+/// How long a write waits for its commit.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call waits for a leader to be known before it is answered
+/// "no leader" (UNAVAILABLE, not applied) and the client tries another
+/// scheduler. An election takes 0.5 to 1 s; a node cut off from the majority
+/// never sees one.
+const LEADER_WAIT: Duration = Duration::from_secs(2);
 /// Inputs taken before a Ready is handled.
 const MAX_INPUTS: usize = 4096;
 
@@ -44,7 +49,9 @@ pub enum ProposeError {
 fn not_leader_message(leader: &Option<String>) -> String {
     match leader {
         Some(a) => format!("this scheduler is not the leader; the leader is at {a}"),
-        None => "no scheduler leader is known yet; retry shortly".into(),
+        None => {
+            "this scheduler knows no leader (an election, or it is cut off from the others)".into()
+        }
     }
 }
 
@@ -260,7 +267,7 @@ impl Replica {
     /// leader it waits for one, up to a limit.
     pub async fn propose(&self, op: Op) -> Result<Vec<Event>, ProposeError> {
         let _timer = crate::metrics::PROPOSAL_SECONDS.start_timer();
-        let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         let mut backoff = Duration::from_millis(20);
         loop {
             let result = match self.propose_local(op.clone()).await {
@@ -314,18 +321,36 @@ impl Replica {
     }
 
     async fn forward(&self, leader: &str, op: &Op) -> Result<Vec<Event>, ProposeError> {
+        let leader_id = self.view.borrow().status.as_ref().map(|s| s.leader);
         let mut client = self.leader_client(leader).await?;
         let body = pb::ForwardRequest {
             op: serde_json::to_vec(op).expect("ops serialise"),
         };
-        // A leader that stops answering (frozen, cut off) must not hang the caller.
+        // A leader that stops answering (frozen, cut off) must not hang the
+        // caller: the call ends when its commit would have timed out, or as
+        // soon as this node hears of another leader (the old one, cut off,
+        // can no longer commit what it has not yet).
+        let mut view = self.view.clone();
+        let deposed = async move {
+            let _ = view
+                .wait_for(|v| v.status.as_ref().map(|s| s.leader) != leader_id)
+                .await
+                .map(|_| ());
+        };
         let call = client.forward(body);
-        let resp = tokio::time::timeout(PROPOSE_TIMEOUT + Duration::from_secs(1), call)
-            .await
-            .map_err(|_| ProposeError::Unavailable(OUTCOME_UNKNOWN.into()))?
-            .map_err(|s| {
-                ProposeError::Unavailable(format!("the leader at {leader}: {}", s.message()))
-            })?;
+        let resp = tokio::select! {
+            r = tokio::time::timeout(PROPOSE_TIMEOUT + Duration::from_secs(1), call) => r,
+            _ = deposed => {
+                self.leaders.lock().await.remove(leader);
+                return Err(ProposeError::Unavailable(format!(
+                    "the leader changed while the write was with the old one; {OUTCOME_UNKNOWN}"
+                )));
+            }
+        }
+        .map_err(|_| ProposeError::Unavailable(OUTCOME_UNKNOWN.into()))?
+        .map_err(|s| {
+            ProposeError::Unavailable(format!("the leader at {leader}: {}", s.message()))
+        })?;
         serde_json::from_slice::<Result<Vec<Event>, ProposeError>>(&resp.into_inner().result)
             .map_err(|e| ProposeError::Unavailable(format!("the leader's answer: {e}")))?
     }
@@ -352,9 +377,26 @@ impl Replica {
     /// Waits until this node has applied every write acknowledged before the
     /// call (raft's ReadIndex), so that a read after it is current.
     pub async fn read_current(&self) -> Result<(), ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::ReadIndex(reply)).await?;
-        let index = self.wait(rx).await?;
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut backoff = Duration::from_millis(20);
+        let index = loop {
+            let (reply, rx) = oneshot::channel();
+            self.send(Input::ReadIndex(reply)).await?;
+            match self.wait(rx).await {
+                // No leader (an election, or cut off from the majority): wait
+                // a little for one, then let the client ask another node.
+                Err(ProposeError::NotLeader(l))
+                    if tokio::time::Instant::now() + backoff >= deadline =>
+                {
+                    return Err(ProposeError::NotLeader(l));
+                }
+                Err(ProposeError::NotLeader(_)) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                }
+                other => break other?,
+            }
+        };
         let mut applied = self.applied.clone();
         tokio::time::timeout(PROPOSE_TIMEOUT, applied.wait_for(|&a| a >= index))
             .await
@@ -610,6 +652,11 @@ impl Node {
                 }
             }
             Input::ReadIndex(reply) => {
+                // Without a leader raft drops the request unanswered.
+                if self.core.leader().is_none() {
+                    let _ = reply.send(Err(ProposeError::NotLeader(None)));
+                    return;
+                }
                 let token = self.token();
                 self.core.read_index(token);
                 self.reads.insert(token, reply);
@@ -703,12 +750,23 @@ impl Node {
         let status = self.core.status();
         let progress = self.core.progress();
         let peers = self.core.peers();
-        let before = self
-            .view
-            .borrow()
-            .status
-            .as_ref()
-            .map(|s| (s.leader, s.term));
+        let (before, was_leader) = {
+            let v = self.view.borrow();
+            (v.status.as_ref().map(|s| (s.leader, s.term)), v.is_leader())
+        };
+        if was_leader && status.role != "leader" {
+            // Stepped down (cut off from the majority, or deposed): what this
+            // node proposed and has not committed may or may not be committed
+            // by the next leader; its readers can ask another node.
+            for (_, r) in self.proposals.drain() {
+                let _ = r.send(Err(ProposeError::Unavailable(format!(
+                    "this scheduler lost the leadership; {OUTCOME_UNKNOWN}"
+                ))));
+            }
+            for (_, r) in self.reads.drain() {
+                let _ = r.send(Err(ProposeError::NotLeader(None)));
+            }
+        }
         if before.is_some_and(|(leader, _)| leader != status.leader) && status.leader != 0 {
             crate::metrics::LEADER_CHANGES.inc();
         }

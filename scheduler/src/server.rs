@@ -99,11 +99,14 @@ pub struct Scheduler {
     shutdown: tokio::sync::watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     peer_server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    _lock: crate::datadir::DirLock,
 }
 
 impl Scheduler {
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         crate::tls::private_dir(&config.data_dir)?;
+        // Before anything reads the log: a second scheduler on it exits here.
+        let lock = crate::datadir::lock(&config.data_dir, crate::datadir::LOCK_FILE, "scheduler")?;
         let signer = crate::signer::Signer::load_or_create(&config.data_dir, config.id)?;
         let several = config.join || config.peers.keys().any(|&id| id != config.id);
         if several && config.tls.is_none() {
@@ -231,7 +234,9 @@ impl Scheduler {
             }
         }
 
+        let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
         let ctx = Ctx {
+            shutdown: shutdown_rx.clone(),
             replica: replica.clone(),
             decayed: Default::default(),
             registry: Arc::new(Registry::new()),
@@ -241,7 +246,6 @@ impl Scheduler {
         };
         let metrics =
             crate::metrics::registry(replica.clone(), ctx.registry.clone(), ctx.decayed.clone());
-        let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(scheduling_loop(ctx.clone(), shutdown_rx.clone()));
         tokio::spawn(liveness_monitor(ctx.clone(), shutdown_rx.clone()));
         if let Some(url) = ctx.config.accounting_db.clone() {
@@ -332,15 +336,31 @@ impl Scheduler {
             shutdown,
             server,
             peer_server,
+            _lock: lock,
         })
     }
 
-    /// Stops serving; in-flight calls are allowed to finish.
-    pub async fn stop(self) {
+    /// Stops serving: no new calls; streams (agents, watchers) are told to
+    /// go on with another scheduler; other calls in flight get
+    /// [`STOP_GRACE`] to finish, then their connections are cut.
+    pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
-        let _ = self.server.await;
-        if let Some(p) = self.peer_server {
-            let _ = p.await;
+        let drained = tokio::time::timeout(STOP_GRACE, async {
+            let _ = (&mut self.server).await;
+            if let Some(p) = &mut self.peer_server {
+                let _ = p.await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                "calls still open {} s after the stop signal are cut",
+                STOP_GRACE.as_secs()
+            );
+            self.server.abort();
+            if let Some(p) = &self.peer_server {
+                p.abort();
+            }
         }
         self.replica.stop().await;
     }
@@ -372,6 +392,10 @@ fn restrict_files(dir: &std::path::Path) {
         let _ = std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o600));
     }
 }
+
+/// How long calls in flight may take to finish once the scheduler is asked
+/// to stop (systemd's TimeoutStopSec must be longer).
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// The least time from the start of one scheduling pass to the next.
 const MIN_PASS_INTERVAL: Duration = Duration::from_millis(50);

@@ -110,6 +110,10 @@ pub struct Node {
     /// Its agent is shutting down: nothing new is placed on it.
     #[serde(default)]
     pub draining: bool,
+    /// Drained by the operator or its owner (`coop node drain`): nothing new
+    /// is placed on it until `coop node resume`. Kept across registrations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cordon: Option<crate::habits::Cordon>,
 }
 
 /// A run the scheduler gave up on when its node went silent. The agent kept
@@ -276,6 +280,23 @@ pub struct Job {
     /// limits over its time, see `plausible`).
     #[serde(default)]
     pub run_energy_mj: u64,
+    /// Name, working directory, dependencies (see `habits`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub extra: crate::habits::JobExtra,
+    /// Held (`coop job hold`): not placed until released.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+    /// The current run is being stopped to go back to the queue (its node
+    /// was drained with `--now`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requeue_requested: bool,
+    /// The job is one task of an array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<crate::habits::ArrayTask>,
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
 }
 
 impl Job {
@@ -290,7 +311,10 @@ impl Job {
 
     /// The agent must stop the current run (cancel, preemption or time limit).
     pub fn stopping(&self) -> bool {
-        self.cancel_requested || self.preempted_for.is_some() || self.timed_out
+        self.cancel_requested
+            || self.preempted_for.is_some()
+            || self.timed_out
+            || self.requeue_requested
     }
 }
 
@@ -442,6 +466,37 @@ pub enum Op {
         id: JobId,
         member: String,
         spec: JobSpec,
+    },
+    /// A submission with a name, working directory, dependencies or hold;
+    /// with `array` ("0-9%2"), one job per task (`id` is the array's).
+    SubmitJobWith {
+        id: JobId,
+        member: String,
+        spec: Box<JobSpec>,
+        extra: Box<crate::habits::JobExtra>,
+        #[serde(default)]
+        array: Option<String>,
+    },
+    /// Holds (or releases) pending jobs.
+    HoldJobs {
+        ids: Vec<JobId>,
+        held: bool,
+    },
+    /// Cancels several jobs at once (those that have ended stay as they are).
+    CancelJobs {
+        ids: Vec<JobId>,
+    },
+    /// `coop node drain`: nothing new is placed on the node; with `requeue`
+    /// its runs are stopped and requeued.
+    CordonNode {
+        node: String,
+        reason: String,
+        by: String,
+        requeue: bool,
+    },
+    /// `coop node resume`: the node takes jobs again.
+    ResumeNode {
+        node: String,
     },
     CancelJob {
         id: JobId,
@@ -645,6 +700,12 @@ impl State {
 
     /// Applies one command. On `Err` nothing has changed.
     pub fn apply(&mut self, cmd: &Command) -> Result<Vec<Event>, Rejection> {
+        let mut events = self.apply_op(cmd)?;
+        self.settle_dependencies(cmd.at_ms, &mut events);
+        Ok(events)
+    }
+
+    fn apply_op(&mut self, cmd: &Command) -> Result<Vec<Event>, Rejection> {
         let at = cmd.at_ms;
         match &cmd.op {
             Op::Bootstrap {
@@ -719,6 +780,22 @@ impl State {
             }
             Op::SubmitJob { id, member, spec } => self.submit(at, *id, member, spec),
             Op::CancelJob { id } => self.cancel(at, *id),
+            Op::SubmitJobWith {
+                id,
+                member,
+                spec,
+                extra,
+                array,
+            } => self.submit_with(at, *id, member, spec, extra, array.as_deref()),
+            Op::HoldJobs { ids, held } => self.hold_jobs(ids, *held),
+            Op::CancelJobs { ids } => self.cancel_jobs(at, ids),
+            Op::CordonNode {
+                node,
+                reason,
+                by,
+                requeue,
+            } => self.cordon(at, node, reason, by, *requeue),
+            Op::ResumeNode { node } => self.resume_node(node),
             Op::Place { job, node, gpus } => self.place(at, *job, node, gpus),
             Op::Preempt { job, for_job } => self.preempt(at, *job, *for_job),
             Op::Expire { job } => self.expire(at, *job),
@@ -987,6 +1064,7 @@ impl State {
                 last_seq,
                 cut_off,
                 draining: false,
+                cordon: self.nodes.get(name).and_then(|n| n.cordon.clone()),
                 registered_at_ms,
                 up_since_ms,
             },
@@ -1048,7 +1126,7 @@ impl State {
         Ok(events)
     }
 
-    fn submit(
+    pub(crate) fn submit(
         &mut self,
         at: i64,
         id: JobId,
@@ -1144,6 +1222,10 @@ impl State {
                 nominated_node: None,
                 placed_at_ms: 0,
                 run_energy_mj: 0,
+                extra: Default::default(),
+                held: false,
+                requeue_requested: false,
+                array: None,
             },
         );
         self.queue.insert((at, id));
@@ -1205,6 +1287,28 @@ impl State {
             return Err(Rejection::FailedPrecondition(format!(
                 "node {node_name} is draining: its agent is shutting down"
             )));
+        }
+        if let Some(c) = &node.cordon {
+            return Err(Rejection::FailedPrecondition(format!(
+                "node {node_name} is drained: {}",
+                c.reason
+            )));
+        }
+        match self.blocked(id, &self.array_running()) {
+            None => {}
+            Some(crate::habits::Blocked::Held) => {
+                return Err(Rejection::FailedPrecondition(format!("job {id} is held")));
+            }
+            Some(crate::habits::Blocked::Dependency(d)) => {
+                return Err(Rejection::FailedPrecondition(format!(
+                    "job {id} waits for job {d}"
+                )));
+            }
+            Some(crate::habits::Blocked::ArrayLimit(n)) => {
+                return Err(Rejection::FailedPrecondition(format!(
+                    "{n} tasks of job {id}'s array are running, its limit"
+                )));
+            }
         }
         if let Some(q) = self.policy.gpu_quota(&job.member) {
             let held = self.gpus_held(&job.member);
@@ -1324,9 +1428,9 @@ impl State {
         kind_ok
             && job.state == JobState::Running
             && !job.stopping()
-            && job
-                .started_at_ms
-                .is_some_and(|s| at - s >= (self.policy.min_runtime_s as i64).saturating_mul(1000))
+            && job.started_at_ms.is_some_and(|s| {
+                at.saturating_sub(s) >= (self.policy.min_runtime_s as i64).saturating_mul(1000)
+            })
     }
 
     fn expire(&mut self, at: i64, id: JobId) -> Result<Vec<Event>, Rejection> {
@@ -1337,7 +1441,9 @@ impl State {
         let limit = job.spec.time_limit_ms as i64;
         let over = job.state == JobState::Running
             && limit > 0
-            && job.started_at_ms.is_some_and(|s| at - s >= limit);
+            && job
+                .started_at_ms
+                .is_some_and(|s| at.saturating_sub(s) >= limit);
         if !over {
             return Err(Rejection::FailedPrecondition(format!(
                 "job {id} is not past its time limit"
@@ -1801,6 +1907,10 @@ impl State {
                 } else if let Some(for_job) = preempted {
                     j.reason = format!("preempted for job {for_job}");
                     self.end_preempted(*job, at.max(end));
+                } else if j.requeue_requested {
+                    let node = j.node.clone().unwrap_or_default();
+                    j.reason = format!("node {node} drained: requeued");
+                    self.requeue(*job, at.max(end));
                 } else if timed_out {
                     j.state = JobState::Failed;
                     j.finished_at_ms = Some(end);
@@ -2122,6 +2232,10 @@ impl State {
             self.end_preempted(id, end_ms);
             return;
         }
+        if job.requeue_requested && !job.cancel_requested {
+            self.requeue(id, end_ms);
+            return;
+        }
         job.reason = format!("{why} during attempt {}", job.attempts);
         if job.cancel_requested {
             job.state = JobState::Cancelled;
@@ -2141,6 +2255,7 @@ impl State {
         job.cancel_requested = false;
         job.preempted_for = None;
         job.timed_out = false;
+        job.requeue_requested = false;
         self.queue.insert((job.submitted_at_ms, id));
     }
 

@@ -41,13 +41,24 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(name: &str, dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
+        Self::spawn_program(BIN, name, dir, args, envs)
+    }
+
+    /// As `spawn`, through another program (e.g. `ip netns exec NS coop ...`).
+    pub fn spawn_program(
+        program: &str,
+        name: &str,
+        dir: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Daemon {
         let log = dir.join(format!("{name}.stderr"));
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .env_remove("COOP_ADDR")
             .env_remove("COOP_TOKEN")

@@ -51,6 +51,13 @@ pub fn desired_runs(state: &State, node: &str) -> Vec<pb::Run> {
             memory_mb: j.spec.isolation.memory_mb,
             image: j.spec.isolation.image.clone().unwrap_or_default(),
             env: j.spec.env.clone().into_iter().collect(),
+            workdir: j.extra.workdir.clone().unwrap_or_default(),
+            array_job_id: j
+                .array
+                .as_ref()
+                .map(|a| a.array.to_string())
+                .unwrap_or_default(),
+            array_task_id: j.array.as_ref().map(|a| a.task),
         })
         .collect()
 }
@@ -317,6 +324,8 @@ async fn read_agent(
             m = inbound.message() => m?,
             // A deposed leader sends its agents on to the new one.
             _ = view.wait_for(|v| !v.is_leader()) => return ctx.leader_only(),
+            // A stopping scheduler sends them on to another at once.
+            _ = ctx.stopping() => return Err(super::shutting_down()),
         };
         let Some(msg) = msg else { break };
         ctx.registry.touch(node);

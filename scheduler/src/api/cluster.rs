@@ -66,6 +66,16 @@ impl Cluster {
                     registered_at_ms: n.registered_at_ms,
                     last_heartbeat_ms: live.last_seen_ms,
                     connected: live.connected,
+                    drain: match &n.cordon {
+                        None => String::new(),
+                        Some(_) if n.gpus.iter().any(|g| g.job.is_some()) => "draining".into(),
+                        Some(_) => "drained".into(),
+                    },
+                    drain_reason: n
+                        .cordon
+                        .as_ref()
+                        .map(|c| c.reason.clone())
+                        .unwrap_or_default(),
                 }
             })
             .collect()
@@ -73,6 +83,34 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// Who may drain and resume `node`: the operator, or the member that owns
+    /// it (as for `coop node enroll`). Answers the name to record.
+    async fn may_manage(&self, who: &Principal, node: &str) -> Result<String, Status> {
+        self.0.current().await?;
+        let state = self.0.replica.read();
+        let Some(n) = state.nodes.get(node) else {
+            return Err(Status::not_found(format!("node {node:?} does not exist")));
+        };
+        match who {
+            Principal::Operator => Ok("the operator".into()),
+            Principal::Member(m) if *m == n.owner => Ok(format!("member {m}")),
+            Principal::Member(m) => Err(Status::permission_denied(format!(
+                "member {m} may drain and resume only machines it owns"
+            ))),
+            _ => Err(Status::permission_denied(
+                "operator or the node's owner only",
+            )),
+        }
+    }
+
+    fn one_node(&self, who: &Principal, node: &str) -> Option<pb::Node> {
+        let state = self.0.replica.read();
+        let mut nodes = self.nodes(&state);
+        nodes.retain(|n| n.name == node);
+        mask_jobs(who, &state, &mut nodes);
+        nodes.pop()
+    }
+
     /// Every scheduler node's own account of itself, asked in parallel; one
     /// that does not answer in time is listed as unreachable.
     async fn schedulers(&self) -> Vec<pb::SchedulerNode> {
@@ -258,6 +296,60 @@ impl ClusterService for Cluster {
             .map_err(propose_status)?;
         self.0.registry.wake_scheduler();
         Ok(Response::new(pb::RevokeNodeResponse {}))
+    }
+
+    async fn drain_node(
+        &self,
+        req: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        let who = self.0.actor(&req).await?;
+        let r = req.into_inner();
+        let node = r.node.trim().to_string();
+        let by = self.may_manage(&who, &node).await?;
+        let reason = match r.reason.trim() {
+            "" => format!("drained by {by}"),
+            reason => reason.to_string(),
+        };
+        let events = self
+            .0
+            .replica
+            .propose(Op::CordonNode {
+                node: node.clone(),
+                reason,
+                by,
+                requeue: r.now,
+            })
+            .await
+            .map_err(propose_status)?;
+        let requeued = events
+            .iter()
+            .filter_map(|e| match e {
+                crate::state::Event::Job(j) => Some(j.to_string()),
+                _ => None,
+            })
+            .collect();
+        Ok(Response::new(pb::DrainNodeResponse {
+            node: self.one_node(&who, &node),
+            requeued,
+        }))
+    }
+
+    async fn resume_node(
+        &self,
+        req: Request<pb::ResumeNodeRequest>,
+    ) -> Result<Response<pb::ResumeNodeResponse>, Status> {
+        let who = self.0.actor(&req).await?;
+        let node = req.into_inner().node.trim().to_string();
+        self.may_manage(&who, &node).await?;
+        self.0
+            .replica
+            .propose(Op::ResumeNode { node: node.clone() })
+            .await
+            .map_err(propose_status)?;
+        self.0.registry.wake_scheduler();
+        Ok(Response::new(pb::ResumeNodeResponse {
+            node: self.one_node(&who, &node),
+        }))
     }
 
     async fn status(

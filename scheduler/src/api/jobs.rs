@@ -8,10 +8,13 @@ use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
+use super::habits::{Target, fill_wait_reasons, resolve, resolve_one};
 use super::{
     Ctx, after, invalid, job_key, job_to_pb, may_access, page, parse_job_id, propose_status,
     rejection_status,
 };
+use crate::fairshare::DecayedUsage;
+use crate::habits::{JobExtra, MAX_IDS, validate_extra};
 use crate::replica::{ProposeError, now_ms};
 use crate::state::{Event, Isolation, JobKind, JobSpec, Op, Principal, Rejection, validate_spec};
 
@@ -34,6 +37,79 @@ impl Jobs {
         }
         Ok(job_to_pb(&state, job, now_ms()))
     }
+
+    /// What the caller named, resolved among the jobs it may see.
+    fn resolve_one(&self, who: &Principal, field: &str, input: &str) -> Result<uuid::Uuid, Status> {
+        resolve_one(&self.0.replica.read(), who, field, input)
+    }
+
+    /// Each id (or prefix, `ARRAY_TASK`, array id) of a request, resolved.
+    fn resolve_many(&self, who: &Principal, ids: &[String]) -> Result<Vec<uuid::Uuid>, Status> {
+        if ids.is_empty() {
+            return Err(invalid("ids", "name at least one job"));
+        }
+        if ids.len() > MAX_IDS {
+            return Err(invalid("ids", format!("at most {MAX_IDS} jobs")));
+        }
+        let state = self.0.replica.read();
+        let mut out = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for id in ids {
+            for j in resolve(&state, who, "ids", id)?.jobs() {
+                if seen.insert(j) {
+                    out.push(j);
+                }
+            }
+        }
+        if out.len() > MAX_IDS {
+            return Err(invalid("ids", format!("at most {MAX_IDS} jobs")));
+        }
+        Ok(out)
+    }
+
+    fn jobs_pb(&self, ids: &[uuid::Uuid]) -> Vec<pb::Job> {
+        let state = self.0.replica.read();
+        let now = now_ms();
+        ids.iter()
+            .filter_map(|id| state.jobs.get(id))
+            .map(|j| job_to_pb(&state, j, now))
+            .collect()
+    }
+
+    async fn hold_or_release(
+        &self,
+        req: Request<pb::HoldJobsRequest>,
+        held: bool,
+    ) -> Result<Response<pb::HoldJobsResponse>, Status> {
+        let who = self.0.actor(&req).await?;
+        self.0.current().await?;
+        let ids = self.resolve_many(&who, &req.get_ref().ids)?;
+        self.0
+            .replica
+            .propose(Op::HoldJobs {
+                ids: ids.clone(),
+                held,
+            })
+            .await
+            .map_err(propose_status)?;
+        if !held {
+            self.0.registry.wake_scheduler();
+        }
+        Ok(Response::new(pb::HoldJobsResponse {
+            jobs: self.jobs_pb(&ids),
+        }))
+    }
+}
+
+fn parse_dependencies(field: &str, ids: &[String]) -> Result<Vec<uuid::Uuid>, Status> {
+    let mut out = Vec::new();
+    for id in ids {
+        let id = parse_job_id(field, id)?;
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    Ok(out)
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
@@ -96,6 +172,41 @@ impl JobService for Jobs {
             env: r.env.into_iter().collect(),
         };
         validate_spec(&spec).map_err(rejection_status)?;
+        // Dependencies may be given as prefixes too: resolved among the
+        // member's own jobs (apply checks again that they are its own).
+        let deps = |ids: &[String]| -> Result<Vec<String>, Status> {
+            let state = self.0.replica.read();
+            let owner = Principal::Member(member.clone());
+            ids.iter()
+                .map(|i| resolve_one(&state, &owner, "dependency", i).map(|j| j.to_string()))
+                .collect::<Result<Vec<_>, Status>>()
+                .map_err(|e| match e.code() {
+                    tonic::Code::PermissionDenied | tonic::Code::NotFound => invalid(
+                        "dependency",
+                        format!("{}: no such job of member {member}", e.message()),
+                    ),
+                    _ => e,
+                })
+        };
+        if r.after_ok.len() + r.after_any.len() > crate::habits::MAX_DEPENDENCIES {
+            return Err(invalid(
+                "dependency",
+                format!("at most {} jobs", crate::habits::MAX_DEPENDENCIES),
+            ));
+        }
+        let extra = JobExtra {
+            name: r.name,
+            workdir: Some(r.workdir).filter(|w| !w.is_empty()),
+            after_ok: parse_dependencies("dependency", &deps(&r.after_ok)?)?,
+            after_any: parse_dependencies("dependency", &deps(&r.after_any)?)?,
+            hold: r.hold,
+        };
+        validate_extra(&extra).map_err(rejection_status)?;
+        let array = Some(r.array.trim().to_string()).filter(|a| !a.is_empty());
+        let tasks = match &array {
+            Some(a) => crate::habits::parse_array(a).map_err(rejection_status)?.0,
+            None => vec![],
+        };
         let retry = !r.request_id.trim().is_empty();
         let id = if retry {
             parse_job_id("request_id", &r.request_id)?
@@ -105,12 +216,19 @@ impl JobService for Jobs {
         let submitted = self
             .0
             .replica
-            .propose(Op::SubmitJob {
+            .propose(Op::SubmitJobWith {
                 id,
                 member: member.clone(),
-                spec: spec.clone(),
+                spec: Box::new(spec.clone()),
+                extra: Box::new(extra.clone()),
+                array: array.clone(),
             })
             .await;
+        // The job the answer shows: an array's first task.
+        let shown = match tasks.first() {
+            Some(t) => crate::habits::task_id(id, *t),
+            None => id,
+        };
         if retry
             && matches!(
                 submitted,
@@ -125,13 +243,9 @@ impl JobService for Jobs {
             // The same request sent again: its job, not a second one.
             Err(ProposeError::Rejected(Rejection::AlreadyExists(_)))
                 if retry
-                    && self
-                        .0
-                        .replica
-                        .read()
-                        .jobs
-                        .get(&id)
-                        .is_some_and(|j| j.member == member && j.spec == spec) => {}
+                    && self.0.replica.read().jobs.get(&shown).is_some_and(|j| {
+                        j.member == member && j.spec == spec && j.extra == extra
+                    }) => {}
             Err(ProposeError::Rejected(Rejection::AlreadyExists(_))) if retry => {
                 return Err(Status::already_exists(format!(
                     "request_id: {id} was used for a different submission"
@@ -141,7 +255,8 @@ impl JobService for Jobs {
         }
         self.0.registry.wake_scheduler();
         Ok(Response::new(pb::SubmitJobResponse {
-            job: Some(self.visible(&who, id)?),
+            job: Some(self.visible(&who, shown)?),
+            tasks: tasks.len() as u32,
         }))
     }
 
@@ -150,11 +265,15 @@ impl JobService for Jobs {
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
         let who = self.0.actor(&req).await?;
-        let id = parse_job_id("id", &req.get_ref().id)?;
         self.0.current().await?;
-        Ok(Response::new(pb::GetJobResponse {
-            job: Some(self.visible(&who, id)?),
-        }))
+        let id = self.resolve_one(&who, "id", &req.get_ref().id)?;
+        let mut job = [self.visible(&who, id)?];
+        let state = self.0.replica.read();
+        let now = now_ms();
+        let decayed = DecayedUsage::shared_at(&self.0.decayed, &state, now);
+        fill_wait_reasons(&state, now, &decayed, &mut job);
+        let [job] = job;
+        Ok(Response::new(pb::GetJobResponse { job: Some(job) }))
     }
 
     async fn list(
@@ -187,6 +306,22 @@ impl JobService for Jobs {
                 "member: {filter_member:?} does not exist"
             )));
         }
+        if r.from_ms < 0 || r.to_ms < 0 || (r.to_ms > 0 && r.from_ms > r.to_ms) {
+            return Err(invalid("from", "the window must start before it ends"));
+        }
+        let (name, node) = (r.name.as_str(), r.node.trim());
+        let array = match r.array_id.trim() {
+            "" => None,
+            a => match resolve(&state, &who, "array_id", a)? {
+                Target::Array(a, _) => Some(a),
+                Target::Job(j) => {
+                    return Err(invalid(
+                        "array_id",
+                        format!("{j} is a job, not a job array"),
+                    ));
+                }
+            },
+        };
         let now = now_ms();
         let mut jobs: Vec<_> = state
             .jobs
@@ -194,15 +329,22 @@ impl JobService for Jobs {
             .filter(|j| may_access(&who, j))
             .filter(|j| filter_member.is_empty() || j.member == filter_member)
             .filter(|j| states.is_empty() || states.contains(&j.state))
+            .filter(|j| name.is_empty() || j.extra.name == name)
+            .filter(|j| node.is_empty() || j.node.as_deref() == Some(node))
+            .filter(|j| r.to_ms == 0 || j.submitted_at_ms <= r.to_ms)
+            .filter(|j| r.from_ms == 0 || j.finished_at_ms.is_none_or(|f| f >= r.from_ms))
+            .filter(|j| array.is_none() || j.array.as_ref().map(|a| a.array) == array)
             .map(|j| (job_key(j), j))
             .filter(|(k, _)| after(k, &r.page_token))
             .collect();
         jobs.sort_by(|a, b| a.0.cmp(&b.0));
-        let (jobs, next_page_token) = page(
+        let (mut jobs, next_page_token) = page(
             jobs.into_iter()
                 .map(|(k, j)| (k, job_to_pb(&state, j, now))),
             r.limit,
         );
+        let decayed = DecayedUsage::shared_at(&self.0.decayed, &state, now);
+        fill_wait_reasons(&state, now, &decayed, &mut jobs);
         Ok(Response::new(pb::ListJobsResponse {
             jobs,
             next_page_token,
@@ -214,15 +356,51 @@ impl JobService for Jobs {
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let who = self.0.actor(&req).await?;
-        let id = parse_job_id("id", &req.get_ref().id)?;
+        let r = req.get_ref();
+        let named: Vec<String> = std::iter::once(r.id.clone())
+            .filter(|i| !i.trim().is_empty())
+            .chain(r.ids.iter().cloned())
+            .collect();
+        let single = match named.as_slice() {
+            [one] => match uuid::Uuid::parse_str(one.trim()) {
+                // A full job id, as before (no read barrier needed).
+                Ok(id) if self.0.replica.read().jobs.contains_key(&id) => Some(id),
+                _ => {
+                    self.0.current().await?;
+                    match resolve(&self.0.replica.read(), &who, "id", one)? {
+                        Target::Job(id) => Some(id),
+                        Target::Array(..) => None,
+                    }
+                }
+            },
+            _ => None,
+        };
+        let Some(id) = single else {
+            // Several (or an array): one command, so that all are cancelled
+            // or, on bad input, none.
+            self.0.current().await?;
+            let ids = self.resolve_many(&who, &named)?;
+            self.0
+                .replica
+                .propose(Op::CancelJobs { ids: ids.clone() })
+                .await
+                .map_err(propose_status)?;
+            let jobs = self.jobs_pb(&ids);
+            return Ok(Response::new(pb::CancelJobResponse {
+                job: jobs.first().cloned(),
+                jobs,
+            }));
+        };
         self.visible(&who, id)?;
         self.0
             .replica
             .propose(Op::CancelJob { id })
             .await
             .map_err(propose_status)?;
+        let job = self.visible(&who, id)?;
         Ok(Response::new(pb::CancelJobResponse {
-            job: Some(self.visible(&who, id)?),
+            job: Some(job.clone()),
+            jobs: vec![job],
         }))
     }
 
@@ -232,7 +410,7 @@ impl JobService for Jobs {
     ) -> Result<Response<pb::JobLogsResponse>, Status> {
         let who = self.0.actor(&req).await?;
         let r = req.into_inner();
-        let id = parse_job_id("id", &r.id)?;
+        let id = self.resolve_one(&who, "id", &r.id)?;
         let job = self.visible(&who, id)?;
         let attempt = if r.attempt == 0 {
             job.attempts
@@ -295,12 +473,13 @@ impl JobService for Jobs {
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = self.0.actor(&req).await?;
-        let id = parse_job_id("id", &req.get_ref().id)?;
         self.0.current().await?;
+        let id = self.resolve_one(&who, "id", &req.get_ref().id)?;
         // Subscribe before the first read so that no change falls in between.
         let mut events = self.0.replica.subscribe();
         let first = self.visible(&who, id)?;
         let replica = self.0.replica.clone();
+        let ctx = self.0.clone();
         let stream = async_stream(move |tx| async move {
             let mut last = first;
             let mut finished = is_final(&last);
@@ -314,7 +493,14 @@ impl JobService for Jobs {
                 return;
             }
             while !finished {
-                match events.recv().await {
+                let event = tokio::select! {
+                    e = events.recv() => e,
+                    _ = ctx.stopping() => {
+                        let _ = tx.send(Err(super::shutting_down())).await;
+                        return;
+                    }
+                };
+                match event {
                     Ok(Event::Job(j)) if j == id => {}
                     Ok(_) => continue,
                     Err(RecvError::Lagged(_)) => {}
@@ -343,6 +529,20 @@ impl JobService for Jobs {
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn hold(
+        &self,
+        req: Request<pb::HoldJobsRequest>,
+    ) -> Result<Response<pb::HoldJobsResponse>, Status> {
+        self.hold_or_release(req, true).await
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::HoldJobsRequest>,
+    ) -> Result<Response<pb::HoldJobsResponse>, Status> {
+        self.hold_or_release(req, false).await
     }
 }
 

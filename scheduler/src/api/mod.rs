@@ -3,6 +3,7 @@
 pub mod agents;
 pub mod audit;
 pub mod cluster;
+pub mod habits;
 pub mod jobs;
 pub mod limits;
 pub mod members;
@@ -31,9 +32,28 @@ pub struct Ctx {
     pub limits: Arc<limits::SubmitLimits>,
     /// Signs audit heads (`AuditService.Head`) with this scheduler's key.
     pub signer: Arc<crate::signer::Signer>,
+    /// Turns true when the scheduler is asked to stop: long-lived streams end.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// How a stream ends when its scheduler stops: the agent or client goes on
+/// with another scheduler.
+pub fn shutting_down() -> Status {
+    let mut s = Status::unavailable("this scheduler is shutting down: go on with another");
+    s.metadata_mut().insert(
+        NOT_APPLIED_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    s
 }
 
 impl Ctx {
+    /// Resolves once the scheduler is asked to stop.
+    pub async fn stopping(&self) {
+        let mut rx = self.shutdown.clone();
+        let _ = rx.wait_for(|s| *s).await.map(|_| ());
+    }
+
     /// The caller's principal, from `authorization: Bearer <token>`: any
     /// credential, a node's included. A token this node does not know yet may
     /// have been created on the leader a moment ago (or this node is replaying
@@ -165,6 +185,9 @@ pub fn rejection_status(r: Rejection) -> Status {
 
 /// Metadata naming the leader's address on an UNAVAILABLE answer.
 pub const LEADER_HEADER: &str = "x-coop-leader";
+/// Metadata on an UNAVAILABLE answer when the call was certainly not carried
+/// out (this node knows no leader): a client may send it to another node.
+pub const NOT_APPLIED_HEADER: &str = "x-coop-not-applied";
 
 pub fn propose_status(e: ProposeError) -> Status {
     match e {
@@ -172,6 +195,10 @@ pub fn propose_status(e: ProposeError) -> Status {
         ProposeError::Unavailable(m) => Status::unavailable(m),
         ProposeError::NotLeader(leader) => {
             let mut s = Status::unavailable(ProposeError::NotLeader(leader.clone()).to_string());
+            s.metadata_mut().insert(
+                NOT_APPLIED_HEADER,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
             if let Some(l) = leader
                 && let Ok(v) = l.parse()
             {
@@ -254,6 +281,20 @@ pub fn job_to_pb(state: &State, job: &Job, now_ms: i64) -> pb::Job {
         image: job.spec.isolation.image.clone().unwrap_or_default(),
         gpu_utilization_pct: job.utilization_pct(),
         env_names: job.spec.env.keys().cloned().collect(),
+        name: job.extra.name.clone(),
+        workdir: job.extra.workdir.clone().unwrap_or_default(),
+        after_ok: job.extra.after_ok.iter().map(|j| j.to_string()).collect(),
+        after_any: job.extra.after_any.iter().map(|j| j.to_string()).collect(),
+        held: job.held,
+        array_id: job
+            .array
+            .as_ref()
+            .map(|a| a.array.to_string())
+            .unwrap_or_default(),
+        array_task: job.array.as_ref().map(|a| a.task),
+        array_limit: job.array.as_ref().map_or(0, |a| a.limit),
+        wait_reason: String::new(),
+        wait_detail: String::new(),
     }
 }
 
