@@ -201,16 +201,22 @@ fn words(cmd: &str) -> Vec<String> {
 }
 
 /// The `coop` command lines of the README's examples (console and sh
-/// blocks), without prompts, comments, pipes and redirections.
-fn readme_commands() -> Vec<String> {
+/// blocks), without prompts, comments, pipes and redirections, each with
+/// the error a console block shows it answering, if any.
+fn readme_commands() -> Vec<(String, Option<String>)> {
     let mut out = Vec::new();
     for (lang, body) in blocks(&readme()) {
         if !matches!(lang.as_str(), "console" | "sh" | "bash") {
             continue;
         }
         let joined = body.replace("\\\n", " ");
-        for line in joined.lines() {
+        let lines: Vec<&str> = joined.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
             let line = line.trim();
+            let shown = lines
+                .get(i + 1)
+                .filter(|next| lang == "console" && next.starts_with("error:"))
+                .map(|next| next.trim().to_string());
             let line = line
                 .strip_prefix("$ ")
                 .unwrap_or(if lang == "console" { "" } else { line });
@@ -242,7 +248,7 @@ fn readme_commands() -> Vec<String> {
                 }
             }
             cmd.truncate(end);
-            out.push(cmd.trim().to_string());
+            out.push((cmd.trim().to_string(), shown));
         }
     }
     out
@@ -253,7 +259,7 @@ fn every_coop_command_in_the_readme_parses() {
     let cmds = readme_commands();
     assert!(cmds.len() > 30, "found only {cmds:?}");
     let mut bad = Vec::new();
-    for cmd in &cmds {
+    for (cmd, shown) in &cmds {
         let mut args = words(&fill_vars(cmd));
         assert_eq!(args.remove(0), "coop");
         // Flags and values are checked as they are parsed; `--help` (before
@@ -264,6 +270,16 @@ fn every_coop_command_in_the_readme_parses() {
         let err = String::from_utf8_lossy(&out.stderr);
         // A shell variable stands where a typed value goes: only its type is unknown.
         let placeholder = err.contains("invalid value 'x1'");
+        // An example of a refusal: the README shows the binary's words.
+        if let Some(shown) = shown.as_ref().filter(|_| out.status.code() == Some(2)) {
+            if err.trim() != shown {
+                bad.push(format!(
+                    "{cmd}\n    README: {shown}\n    coop:   {}",
+                    err.trim()
+                ));
+            }
+            continue;
+        }
         if !out.status.success() && !placeholder {
             bad.push(format!(
                 "{cmd}\n    {}",
