@@ -189,7 +189,10 @@ pub async fn auditor(cli: &ClientArgs, cmd: AuditorCmd) -> anyhow::Result<()> {
             members
                 .remove_auditor(c.req(pb::RemoveAuditorRequest { name: name.clone() }))
                 .await?;
-            eprintln!("auditor {name} removed; its token no longer works");
+            match cli.output {
+                Output::Json => print_json(&json!({ "auditor": name, "removed": true })),
+                Output::Table => eprintln!("auditor {name} removed; its token no longer works"),
+            }
         }
     }
     Ok(())

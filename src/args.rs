@@ -13,12 +13,58 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about = "GPU scheduling and accounting for cooperative data centers"
 )]
 pub struct Cli {
+    /// Client flags given before the subcommand (`coop --addr X job list`).
+    /// They are not global: daemons and offline commands (`dev`, `scheduler`,
+    /// `ca`, `simulate`) do not take them, so their help does not show them.
     #[command(flatten)]
-    pub client: ClientArgs,
+    pub client: TopClientArgs,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The client flags as written before the subcommand: no defaults and no
+/// environment here, so that [`ClientArgs`] (after the subcommand, with
+/// `COOP_ADDR`, `COOP_TOKEN`, ... and the defaults) knows what was given.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TopClientArgs {
+    /// Scheduler addresses, comma-separated (as COOP_ADDR); also accepted
+    /// after a client subcommand.
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Bearer token (as COOP_TOKEN); also accepted after a client subcommand.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// The cluster CA's certificate (as COOP_CA); also accepted after a
+    /// client subcommand.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Allow sending the credential in plain text to a remote scheduler (as
+    /// COOP_PLAIN_TEXT); also accepted after a client subcommand.
+    #[arg(long = "plain-text")]
+    pub plain_text: bool,
+    /// Output format; also accepted after the subcommand.
+    #[arg(long, short, value_enum)]
+    pub output: Option<Output>,
+    /// How long one call may take at one scheduler (as COOP_TIMEOUT); also
+    /// accepted after a client subcommand.
+    #[arg(long, value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
+}
+
+impl TopClientArgs {
+    pub fn is_empty(&self) -> bool {
+        self.addr.is_none()
+            && self.token.is_none()
+            && self.ca.is_none()
+            && !self.plain_text
+            && self.output.is_none()
+            && self.timeout.is_none()
+    }
+}
+
+/// How a client command reaches the cluster. Global within the client
+/// subcommand that flattens it (`coop job --addr X list` and `coop job list
+/// --addr X` both work), never on daemons or offline commands.
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
     /// Scheduler addresses, comma-separated; any node of the cluster will do.
@@ -59,6 +105,73 @@ pub fn parse_timeout(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+impl ClientArgs {
+    /// Applies the flags given before the subcommand, except where the same
+    /// flag was given after it (`after` says which ids were, from clap's
+    /// value sources).
+    pub fn merge(&mut self, top: &TopClientArgs, after: impl Fn(&str) -> bool) {
+        if let Some(a) = top.addr.as_ref().filter(|_| !after("addr")) {
+            self.addr = a.clone();
+        }
+        if let Some(t) = top.token.as_ref().filter(|_| !after("token")) {
+            self.token = Some(t.clone());
+        }
+        if let Some(c) = top.ca.as_ref().filter(|_| !after("ca")) {
+            self.ca = Some(c.clone());
+        }
+        if top.plain_text {
+            self.plain_text = true;
+        }
+        if let Some(o) = top.output.filter(|_| !after("output")) {
+            self.output = o;
+        }
+        if let Some(t) = top.timeout.filter(|_| !after("timeout")) {
+            self.timeout = t;
+        }
+    }
+
+    /// The client flags from the environment and the defaults alone (for
+    /// the agent's subcommands, which take only some of them as flags).
+    pub fn from_env() -> Result<Self, clap::Error> {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            c: ClientArgs,
+        }
+        Only::try_parse_from(["coop"]).map(|o| o.c)
+    }
+}
+
+/// A client subcommand group with the client flags.
+#[derive(Args, Debug)]
+pub struct Client<C: Subcommand> {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub cmd: C,
+}
+
+/// The agent's own connection flags (the scheduler's address is --scheduler;
+/// it acts with its node credential, not a token).
+#[derive(Args, Debug, Clone)]
+pub struct AgentConn {
+    /// The cluster CA's certificate (ca.pem): the schedulers are verified against it.
+    #[arg(long, env = "COOP_CA")]
+    pub ca: Option<PathBuf>,
+    /// Allow talking to a scheduler that is not on this machine in plain text
+    /// (http://): the node credential then crosses the network unencrypted.
+    #[arg(long = "plain-text", env = "COOP_PLAIN_TEXT")]
+    pub plain_text: bool,
+}
+
+/// `--output` alone, for commands that print data without calling a scheduler.
+#[derive(Args, Debug, Clone)]
+pub struct OutputArg {
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
     Table,
@@ -76,35 +189,30 @@ pub enum Command {
     #[command(subcommand)]
     Agent(AgentCmd),
     /// Submit, list, inspect, cancel and watch jobs.
-    #[command(subcommand)]
-    Job(JobCmd),
+    Job(Client<JobCmd>),
     /// Member organisations (operator only).
-    #[command(subcommand)]
-    Member(MemberCmd),
+    Member(Client<MemberCmd>),
     /// GPU time, normalised units and energy per member over a window.
+    ///
+    /// Running jobs count up to now in GPU-hours and units; their energy is
+    /// what the agents have reported so far (every --usage-interval).
     Usage(UsageArgs),
     /// Fair share now: entitlement, decayed usage and factor per member, and why each job waits.
     Fairshare(FairshareArgs),
     /// The scheduling policy (shares, weights, decay, preemption).
-    #[command(subcommand)]
-    Policy(PolicyCmd),
+    Policy(Client<PolicyCmd>),
     /// Replay a workload trace through the real scheduling code, in simulated time.
     Simulate(SimulateArgs),
     /// Export and verify the hash-chained audit ledger, and its signed head.
-    #[command(subcommand)]
-    Audit(AuditCmd),
+    Audit(Client<AuditCmd>),
     /// Cluster overview.
-    #[command(subcommand)]
-    Cluster(ClusterCmd),
+    Cluster(Client<ClusterCmd>),
     /// Agent nodes and their GPUs; enrolling and revoking machines.
-    #[command(subcommand)]
-    Node(NodeCmd),
+    Node(Client<NodeCmd>),
     /// Read-only accounts for auditors (operator only).
-    #[command(subcommand)]
-    Auditor(AuditorCmd),
+    Auditor(Client<AuditorCmd>),
     /// The operator's own credential.
-    #[command(subcommand)]
-    Operator(OperatorCmd),
+    Operator(Client<OperatorCmd>),
     /// The cluster's certificate authority and the schedulers' certificates.
     #[command(subcommand)]
     Ca(CaCmd),
@@ -113,11 +221,17 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum AuditorCmd {
     /// Add an auditor; prints its read-only token (shown once).
-    Add { name: String },
+    Add {
+        /// The auditor's name.
+        name: String,
+    },
     /// List auditors.
     List,
     /// Remove an auditor: its token dies at once.
-    Remove { name: String },
+    Remove {
+        /// The auditor.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -139,6 +253,7 @@ pub enum CaCmd {
     /// Make a cluster CA in DIR (ca.pem, and ca.key readable by you only).
     /// Keep ca.key off the schedulers if you can: it is needed only to issue.
     Init {
+        /// The directory to create the CA in (made if missing).
         #[arg(long)]
         dir: PathBuf,
     },
@@ -155,6 +270,7 @@ pub enum CaCmd {
         /// scheduler at (repeatable, or comma-separated).
         #[arg(long, required = true, value_delimiter = ',')]
         host: Vec<String>,
+        /// The directory to write cert.pem, key.pem and ca.pem into.
         #[arg(long)]
         out: PathBuf,
     },
@@ -212,6 +328,7 @@ pub struct DevArgs {
     /// Where the cluster keeps its SQLite files [default: $XDG_DATA_HOME/coop/dev].
     #[arg(long, env = "COOP_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Where clients call the scheduler (TLS unless --insecure).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
     /// Serve clients in plain text instead of TLS (credentials then cross
@@ -267,6 +384,7 @@ pub struct SchedulerRunArgs {
     /// Snapshot the state and compact the raft log every this many entries.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_every: u64,
+    /// Where this scheduler keeps its raft log, snapshots and keys (SQLite).
     #[arg(long)]
     pub data_dir: PathBuf,
     /// Operator credential to create at first boot (generated and printed if absent).
@@ -293,6 +411,8 @@ pub enum AgentCmd {
 
 #[derive(Args, Debug)]
 pub struct ProbeArgs {
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Afterwards keep every visible GPU busy with fp16 matmuls this long
     /// (e.g. 30s): a known load for checking telemetry and accounting.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -301,6 +421,8 @@ pub struct ProbeArgs {
 
 #[derive(Args, Debug)]
 pub struct AgentStatusArgs {
+    #[command(flatten)]
+    pub output: OutputArg,
     /// The agent's data dir.
     #[arg(long)]
     pub data_dir: PathBuf,
@@ -329,6 +451,8 @@ pub struct AgentRunArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub runs: RunArgs,
+    #[command(flatten)]
+    pub conn: AgentConn,
     /// Do not probe real GPUs at start. By default each is checked and
     /// measured first (as `coop agent probe`); one that fails is not offered.
     #[arg(long)]
@@ -367,6 +491,7 @@ pub enum JobCmd {
 
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
+    /// finetune: a batch job, runs to completion; inference: a service, runs until cancelled.
     #[arg(long, value_enum, default_value_t = Kind::Finetune)]
     pub kind: Kind,
     /// GPUs, all at once on one node.
@@ -494,6 +619,7 @@ pub struct ListArgs {
 
 #[derive(Args, Debug)]
 pub struct IdArg {
+    /// The job's id.
     pub id: String,
 }
 
@@ -584,6 +710,7 @@ pub fn parse_when(s: &str) -> Result<std::time::SystemTime, String> {
 
 #[derive(Args, Debug)]
 pub struct LogsArgs {
+    /// The job's id.
     pub id: String,
     /// Keep printing new output until the run ends.
     #[arg(long, short)]
@@ -598,6 +725,7 @@ pub enum MemberCmd {
     /// Add a member; prints its token (shown once). While the policy needs
     /// approvals, this proposes the member: its token works once they come.
     Add {
+        /// The member's name (letters, digits, - and _).
         name: String,
         /// The token stops working after this long (e.g. 90d) [default: never].
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -609,12 +737,21 @@ pub enum MemberCmd {
     #[command(subcommand)]
     Token(MemberTokenCmd),
     /// Refuse a member's token and hold its pending jobs (running ones go on).
-    Suspend { name: String },
+    Suspend {
+        /// The member.
+        name: String,
+    },
     /// Undo `suspend`.
-    Resume { name: String },
+    Resume {
+        /// The member.
+        name: String,
+    },
     /// Remove a member: its pending jobs are cancelled, running ones stopped,
     /// its machines revoked and its token dies; its ledger history stays.
-    Remove { name: String },
+    Remove {
+        /// The member.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -622,6 +759,7 @@ pub enum MemberTokenCmd {
     /// A new token for the member (operator, or the member itself), printed
     /// once; the old one is dead once this returns.
     Rotate {
+        /// The member.
         name: String,
         /// The new token stops working after this long [default: never].
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -629,9 +767,13 @@ pub enum MemberTokenCmd {
     },
 }
 
+// Not `args_conflicts_with_subcommands`: that would refuse the client flags
+// before `statement` (`coop usage --addr X statement`); `commands::usage`
+// refuses the window's flags with `statement` instead.
 #[derive(Args, Debug)]
-#[command(args_conflicts_with_subcommands = true)]
 pub struct UsageArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
     #[command(subcommand)]
     pub statement: Option<UsageCmd>,
     /// Only this member (a member always sees only itself).
@@ -676,6 +818,8 @@ pub struct StatementArgs {
 
 #[derive(Args, Debug)]
 pub struct FairshareArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Only this member (a member always sees only itself).
     #[arg(long)]
     pub member: Option<String>,
@@ -706,7 +850,10 @@ pub enum PolicyCmd {
         reason: String,
     },
     /// Approve a proposal, as the member whose token is used.
-    Approve { id: u64 },
+    Approve {
+        /// The proposal's number (`coop policy proposals`).
+        id: u64,
+    },
     /// Proposals: open, enacted and expired, with their approvals.
     Proposals,
 }
@@ -744,6 +891,7 @@ pub enum AuditFormat {
 
 #[derive(Args, Debug)]
 pub struct AuditExportArgs {
+    /// JSON lines (one entry a line) or CSV with a header row.
     #[arg(long, value_enum, default_value_t = AuditFormat::Jsonl)]
     pub format: AuditFormat,
     /// The period's start, RFC 3339.
@@ -759,6 +907,7 @@ pub struct SimulateArgs {
     /// Trace CSV: tenant,submit_s,gpus,duration_s[,...] with a header row.
     #[arg(long)]
     pub trace: PathBuf,
+    /// The scheduling order: fifo, fair share, or dominant resource fairness.
     #[arg(long, value_enum, default_value_t = PolicyArg::Fairshare)]
     pub policy: PolicyArg,
     /// The simulated cluster: COUNT:GPUSxMODEL[,...], e.g. 32:8xV100-32GB,16:4xT4-16GB.
@@ -770,15 +919,18 @@ pub struct SimulateArgs {
     /// Preemption (trace jobs are preemptible finetune jobs); auto: off for fifo, on otherwise.
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     pub preemption: String,
-    /// Usage half-life.
-    #[arg(long, default_value = "7d")]
-    pub half_life: String,
-    /// Minimum run time before preemption.
-    #[arg(long, default_value = "5m")]
-    pub min_runtime: String,
+    /// Usage half-life, with a unit (e.g. 7d, 12h).
+    #[arg(long, default_value = "7d", value_parser = duration_s)]
+    pub half_life: u64,
+    /// Minimum run time before preemption, with a unit (e.g. 5m).
+    #[arg(long, default_value = "5m", value_parser = duration_s)]
+    pub min_runtime: u64,
     /// Only the first N jobs of the trace.
     #[arg(long)]
     pub limit: Option<usize>,
+    // `--output json`: summary.json on stdout instead of the one-line summary.
+    #[command(flatten)]
+    pub output: OutputArg,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -801,7 +953,10 @@ pub enum ClusterCmd {
         address: String,
     },
     /// Remove a scheduler node from the voters.
-    RemoveNode { id: u64 },
+    RemoveNode {
+        /// Its raft id.
+        id: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -811,6 +966,7 @@ pub enum NodeCmd {
     /// Print a one-time join token for a machine's agent (`coop agent run
     /// --join TOKEN`); the operator, or the member that owns the machine.
     Enroll {
+        /// The machine's node name (its agent's --name).
         name: String,
         /// The member that owns the machine.
         #[arg(long)]
@@ -821,10 +977,14 @@ pub enum NodeCmd {
     },
     /// Make a node's credential useless at once; its runs are handled as if
     /// the node was lost.
-    Revoke { name: String },
+    Revoke {
+        /// The node.
+        name: String,
+    },
     /// Place nothing new on a node (its runs finish); the operator, or the
     /// member that owns it.
     Drain {
+        /// The node.
         name: String,
         /// Why (shown by node list).
         #[arg(long)]
@@ -834,7 +994,16 @@ pub enum NodeCmd {
         now: bool,
     },
     /// Let a drained node take jobs again.
-    Resume { name: String },
+    Resume {
+        /// The node.
+        name: String,
+    },
+}
+
+/// Seconds from a duration with a unit, as the policy writes them (`90s`,
+/// `15m`, `12h`, `7d`); a bare number other than 0 is refused.
+pub fn duration_s(s: &str) -> Result<u64, String> {
+    coop_scheduler::policy::parse_duration_s(s.trim())
 }
 
 /// CPUs as thousandths: "8" -> 8000, "0.5" -> 500.
@@ -909,6 +1078,74 @@ mod tests {
         assert!(bare.contains("no unit"), "{bare}");
         for bad in ["", "0:00:00", "1:2:3:4", "-1", "a:b", "1-", "4x"] {
             assert!(s(bad).is_err(), "{bad:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for a in c.get_arguments() {
+            let builtin = matches!(a.get_id().as_str(), "help" | "version");
+            if !a.is_hide_set() && !builtin && a.get_help().is_none() {
+                missing.push(format!("{path} {}", a.get_id()));
+            }
+        }
+        for s in c.get_subcommands() {
+            if s.get_name() != "help" {
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+    }
+
+    #[test]
+    fn every_flag_and_argument_says_what_it_is() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "coop", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    #[test]
+    fn daemons_and_offline_commands_show_no_client_flags() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let client = ["addr", "token", "output", "plain-text"];
+        for path in [
+            &["dev"][..],
+            &["scheduler", "run"],
+            &["agent", "run"],
+            &["ca", "init"],
+            &["ca", "issue"],
+            &["simulate"],
+        ] {
+            let mut c = &cmd;
+            for p in path {
+                c = c.find_subcommand(p).unwrap();
+            }
+            let help = c.clone().render_long_help().to_string();
+            for flag in client {
+                if *path == ["simulate"] && flag == "output" {
+                    continue; // simulate prints its summary, as JSON with --output json
+                }
+                assert!(
+                    !help.contains(&format!("--{flag} ")),
+                    "coop {} --help shows --{flag}:\n{help}",
+                    path.join(" ")
+                );
+            }
+        }
+        // Client commands take them after the subcommand.
+        let job = cmd.find_subcommand("job").unwrap();
+        let list = job.find_subcommand("list").unwrap();
+        let help = list.clone().render_long_help().to_string();
+        for flag in client {
+            assert!(help.contains(&format!("--{flag}")), "{help}");
         }
     }
 }

@@ -42,6 +42,10 @@ pub async fn run(cli: &ClientArgs, cmd: AuditCmd) -> anyhow::Result<()> {
     match cmd {
         AuditCmd::Export(a) => {
             let (from, to) = (unix_ms(a.from), unix_ms(a.to));
+            // The export is JSON lines unless --format csv: `-o json` agrees.
+            if cli.output == Output::Json && a.format == AuditFormat::Csv {
+                bail!("output: --output json and --format csv ask for two formats; choose one");
+            }
             if to > 0 && from > to {
                 bail!("from: the period starts after it ends");
             }

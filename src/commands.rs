@@ -370,6 +370,13 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
         JobCmd::Hold(a) => crate::habits::hold(cli, &c, a.ids, true).await?,
         JobCmd::Release(a) => crate::habits::hold(cli, &c, a.ids, false).await?,
         JobCmd::Logs(a) => {
+            // A job's output is bytes as the job wrote them (stdout and
+            // stderr together, not necessarily text): nothing to put in JSON.
+            if cli.output == Output::Json {
+                bail!(
+                    "output: job logs prints the job's output as it wrote it; --output json has no meaning here"
+                );
+            }
             let mut offset = 0;
             let mut out = std::io::stdout().lock();
             loop {
@@ -619,6 +626,11 @@ async fn statement(cli: &ClientArgs, a: StatementArgs) -> anyhow::Result<()> {
 
 pub async fn usage(cli: &ClientArgs, a: UsageArgs) -> anyhow::Result<()> {
     if let Some(UsageCmd::Statement(s)) = a.statement {
+        if a.member.is_some() || a.since.is_some() || a.from.is_some() || a.to.is_some() {
+            bail!(
+                "statement: --member, --since, --from and --to of a statement go after `statement`"
+            );
+        }
         return statement(cli, s).await;
     }
     let now = unix_ms(std::time::SystemTime::now());
@@ -1047,7 +1059,8 @@ fn scheduler_table(schedulers: &[pb::SchedulerNode]) {
             "SCHEDULER",
             "ADDRESS",
             "ROLE",
-            "MEMBER",
+            // voter or learner (raft membership; not a member organisation)
+            "VOTER",
             "TERM",
             "COMMIT",
             "APPLIED",
@@ -1064,7 +1077,11 @@ fn scheduler_table(schedulers: &[pb::SchedulerNode]) {
                     s.id.to_string(),
                     s.address.clone(),
                     role,
-                    s.membership.clone(),
+                    match s.membership.as_str() {
+                        "voter" => "yes".to_string(),
+                        "learner" => "no (learner)".to_string(),
+                        other => other.to_string(),
+                    },
                     s.term.to_string(),
                     s.commit_index.to_string(),
                     s.applied_index.to_string(),

@@ -11,12 +11,18 @@ mod simulate;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
-use args::{Cli, Command};
+use args::{Cli, ClientArgs, Command, Output};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // A client's output piped into `head` ends like `ls | head`: killed
+    // quietly by SIGPIPE, not a panic in println!. (Rust ignores SIGPIPE by
+    // default; the daemons go back to ignoring it below, since a peer that
+    // hangs up must not kill them.)
+    #[cfg(unix)]
+    set_sigpipe(nix::sys::signal::SigHandler::SigDfl);
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind::*;
@@ -43,8 +49,11 @@ fn main() -> ExitCode {
         Command::Dev(_) | Command::Scheduler(_) | Command::Agent(_)
     );
     if daemon {
+        #[cfg(unix)]
+        set_sigpipe(nix::sys::signal::SigHandler::SigIgn);
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
+            .with_ansi(colour(&std::io::stderr()))
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
                     .unwrap_or_else(|_| "info,h2=warn,tower=warn,hyper=warn,sqlx=warn".into()),
@@ -61,24 +70,104 @@ fn main() -> ExitCode {
     }
 }
 
+/// Parses the command line; client flags given before the subcommand
+/// (`coop --addr X job list`) apply unless given again after it.
+fn parse() -> Result<Cli, clap::Error> {
+    let mut cmd = Cli::command();
+    let matches = cmd.try_get_matches_from_mut(std::env::args_os())?;
+    let mut cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))?;
+    let top = std::mem::take(&mut cli.client);
+    let sub = matches.subcommand().map(|(_, m)| m);
+    let after = |id: &str| {
+        sub.and_then(|m| m.try_get_raw(id).ok().flatten().map(|_| m.value_source(id)))
+            .flatten()
+            == Some(clap::parser::ValueSource::CommandLine)
+    };
+    match client_args(&mut cli.command) {
+        Some(c) => c.merge(&top, after),
+        None if !top.is_empty() => {
+            return Err(cmd.error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--addr, --token, --ca, --plain-text and --output before the subcommand are for client commands",
+            ));
+        }
+        None => {}
+    }
+    Ok(cli)
+}
+
+/// The client flags of a client command.
+fn client_args(c: &mut Command) -> Option<&mut ClientArgs> {
+    match c {
+        Command::Job(g) => Some(&mut g.client),
+        Command::Member(g) => Some(&mut g.client),
+        Command::Auditor(g) => Some(&mut g.client),
+        Command::Operator(g) => Some(&mut g.client),
+        Command::Policy(g) => Some(&mut g.client),
+        Command::Audit(g) => Some(&mut g.client),
+        Command::Cluster(g) => Some(&mut g.client),
+        Command::Node(g) => Some(&mut g.client),
+        Command::Usage(a) => Some(&mut a.client),
+        Command::Fairshare(a) => Some(&mut a.client),
+        Command::Dev(_)
+        | Command::Scheduler(_)
+        | Command::Agent(_)
+        | Command::Ca(_)
+        | Command::Simulate(_) => None,
+    }
+}
+
+#[cfg(unix)]
+fn set_sigpipe(h: nix::sys::signal::SigHandler) {
+    // SAFETY: SIG_DFL and SIG_IGN are not handlers that run code.
+    let _ = unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, h) };
+}
+
+/// Colour in logs only on a terminal, and never with NO_COLOR set
+/// (https://no-color.org: present and not empty).
+fn colour(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// The agent's subcommands as a client: its CA and plain-text permission
+/// (run), or its output format (status, probe).
+fn agent_client(cmd: &args::AgentCmd) -> anyhow::Result<ClientArgs> {
+    let mut c = ClientArgs::from_env().map_err(|e| {
+        let text = e.render().to_string();
+        let first = text.lines().next().unwrap_or_default();
+        anyhow::anyhow!("{}", first.trim_start_matches("error: "))
+    })?;
+    c.ca = None;
+    c.plain_text = false;
+    c.output = Output::Table;
+    match cmd {
+        args::AgentCmd::Run(a) => {
+            c.ca = a.conn.ca.clone();
+            c.plain_text = a.conn.plain_text;
+        }
+        args::AgentCmd::Status(a) => c.output = a.output.output,
+        args::AgentCmd::Probe(a) => c.output = a.output.output,
+    }
+    Ok(c)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let c = &cli.client;
     match cli.command {
         Command::Dev(a) => daemons::dev(a).await,
         Command::Scheduler(cmd) => daemons::scheduler(cmd).await,
-        Command::Agent(cmd) => daemons::agent(c, cmd).await,
-        Command::Job(cmd) => commands::job(c, cmd).await,
-        Command::Member(cmd) => accounts::member(c, cmd).await,
-        Command::Auditor(cmd) => accounts::auditor(c, cmd).await,
-        Command::Operator(cmd) => accounts::operator(c, cmd).await,
+        Command::Agent(cmd) => daemons::agent(&agent_client(&cmd)?, cmd).await,
+        Command::Job(g) => commands::job(&g.client, g.cmd).await,
+        Command::Member(g) => accounts::member(&g.client, g.cmd).await,
+        Command::Auditor(g) => accounts::auditor(&g.client, g.cmd).await,
+        Command::Operator(g) => accounts::operator(&g.client, g.cmd).await,
         Command::Ca(cmd) => accounts::ca(cmd),
-        Command::Usage(a) => commands::usage(c, a).await,
-        Command::Fairshare(a) => commands::fairshare(c, a).await,
-        Command::Policy(cmd) => commands::policy(c, cmd).await,
+        Command::Usage(a) => commands::usage(&a.client.clone(), a).await,
+        Command::Fairshare(a) => commands::fairshare(&a.client.clone(), a).await,
+        Command::Policy(g) => commands::policy(&g.client, g.cmd).await,
         Command::Simulate(a) => simulate::run(a),
-        Command::Audit(cmd) => audit::run(c, cmd).await,
-        Command::Cluster(cmd) => commands::cluster(c, cmd).await,
-        Command::Node(cmd) => commands::node(c, cmd).await,
+        Command::Audit(g) => audit::run(&g.client, g.cmd).await,
+        Command::Cluster(g) => commands::cluster(&g.client, g.cmd).await,
+        Command::Node(g) => commands::node(&g.client, g.cmd).await,
     }
 }
 

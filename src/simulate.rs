@@ -7,11 +7,46 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, anyhow, bail};
-use coop_scheduler::policy::{Ordering, parse_duration_s};
-use coop_scheduler::simulate::{NodeGroup, SimConfig, SimResult, TraceJob, simulate};
+use coop_scheduler::policy::Ordering;
+use coop_scheduler::simulate::{NodeGroup, SimConfig, SimResult, TraceJob, simulate_with_progress};
 use serde_json::json;
 
-use crate::args::{PolicyArg, SimulateArgs};
+use crate::args::{Output, PolicyArg, SimulateArgs};
+
+/// A progress line on stderr while a long simulation runs, only when stderr
+/// is a terminal (logs and tests stay clean).
+struct Progress {
+    tty: bool,
+    last: Instant,
+    shown: bool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        Self {
+            tty: std::io::stderr().is_terminal(),
+            last: Instant::now(),
+            shown: false,
+        }
+    }
+
+    fn show(&mut self, done: usize, all: usize) {
+        if !self.tty || self.last.elapsed() < std::time::Duration::from_millis(250) {
+            return;
+        }
+        self.last = Instant::now();
+        self.shown = true;
+        let pct = done as f64 * 100.0 / all.max(1) as f64;
+        eprint!("\rsimulating: {done}/{all} jobs ended ({pct:.0}%)\x1b[K");
+    }
+
+    fn clear(&mut self) {
+        if self.shown {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
 
 pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     let nodes = parse_nodes(&a.nodes)?;
@@ -32,17 +67,26 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
         "auto" => ordering != Ordering::Fifo,
         v => v == "on",
     };
-    cfg.half_life_s = parse_duration_s(&a.half_life)
-        .ok()
-        .filter(|s| *s > 0)
-        .ok_or_else(|| anyhow!("half_life: {:?} is not a duration like 7d", a.half_life))?;
-    cfg.min_runtime_s =
-        parse_duration_s(&a.min_runtime).map_err(|e| anyhow!("min_runtime: {e}"))?;
+    if a.half_life == 0 {
+        bail!("half_life: must be longer than zero");
+    }
+    cfg.half_life_s = a.half_life;
+    cfg.min_runtime_s = a.min_runtime;
     let started = Instant::now();
-    let result = simulate(&trace, &cfg).map_err(|e| anyhow!("{e}"))?;
+    let mut progress = Progress::new();
+    let result = simulate_with_progress(&trace, &cfg, &mut |done, all| progress.show(done, all))
+        .map_err(|e| anyhow!("{e}"))?;
+    progress.clear();
     let wall_s = started.elapsed().as_secs_f64();
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let summary = summary(&result, ordering, cfg.preemption, wall_s, trace.len());
+    let mut summary = summary(&result, ordering, cfg.preemption, wall_s, trace.len());
+    summary["never_placed"] = json!(
+        result
+            .jobs
+            .iter()
+            .filter(|j| j.first_start_s.is_none())
+            .count()
+    );
     std::fs::write(
         a.out.join("summary.json"),
         serde_json::to_string_pretty(&summary)? + "\n",
@@ -51,6 +95,25 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     write_summary_csv(&a.out.join("summary.csv"), &summary)?;
     write_jobs_csv(&a.out.join("jobs.csv"), &result)?;
     std::fs::write(a.out.join("share.svg"), share_svg(&result, ordering))?;
+    let never = result
+        .jobs
+        .iter()
+        .filter(|j| j.first_start_s.is_none())
+        .collect::<Vec<_>>();
+    if let Some(biggest) = never.iter().map(|j| j.gpus).max() {
+        let largest_node = cfg.nodes.iter().map(|g| g.gpus).max().unwrap_or(0);
+        bail!(
+            "trace: {} of {} jobs could never be placed (up to {biggest} GPUs each; the largest node has {largest_node}): \
+             the figures in {} leave them out",
+            never.len(),
+            trace.len(),
+            a.out.display()
+        );
+    }
+    if a.output.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
     println!(
         "{} jobs, {} GPUs, policy {}: jain {:.3}, utilization {:.1}%, wait p50 {:.0} s, p95 {:.0} s, makespan {:.1} d; {} passes in {:.2} s. Wrote {}",
         trace.len(),

@@ -19,13 +19,18 @@ fn a_member_submits_watches_and_reads_usage_from_python() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let stubs = tempfile::tempdir().unwrap();
-    let protoc = Command::new("python3")
-        .args(["-m", "grpc_tools.protoc", "-I"])
-        .arg(root.join("proto"))
-        .arg(format!("--python_out={}", stubs.path().display()))
-        .arg(format!("--grpc_python_out={}", stubs.path().display()))
-        .arg(root.join("proto/coop/v1/coop.proto"))
+    // As the script's docstring says: `examples/python/make-stubs stubs`,
+    // into a directory that does not exist yet.
+    let doc = std::fs::read_to_string(root.join("examples/python/coop_client.py")).unwrap();
+    assert!(
+        doc.contains("examples/python/make-stubs stubs"),
+        "the docstring changed"
+    );
+    let work = tempfile::tempdir().unwrap();
+    let protoc = Command::new("sh")
+        .arg(root.join("examples/python/make-stubs"))
+        .arg("stubs")
+        .current_dir(work.path())
         .output()
         .unwrap();
     assert!(
@@ -33,6 +38,7 @@ fn a_member_submits_watches_and_reads_usage_from_python() {
         "{}",
         String::from_utf8_lossy(&protoc.stderr)
     );
+    let stubs = work.path().join("stubs");
 
     let c = Cluster::dev(&[]);
     let acme = c.add_member("acme");
@@ -40,7 +46,7 @@ fn a_member_submits_watches_and_reads_usage_from_python() {
         Command::new("python3")
             .arg(root.join("examples/python/coop_client.py"))
             .args(["--", "sh", "-c", "echo hello from python; sleep 1"])
-            .env("PYTHONPATH", stubs.path())
+            .env("PYTHONPATH", &stubs)
             .env("COOP_ADDR", &c.addr)
             .env("COOP_CA", c.ca.as_ref().unwrap())
             .env("COOP_TOKEN", token)

@@ -172,3 +172,52 @@ fn bad_input_names_what_is_wrong() {
         "nothing is written on bad input"
     );
 }
+
+#[test]
+fn jobs_that_can_never_be_placed_fail_the_simulation_by_name_and_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.csv");
+    std::fs::write(
+        &trace,
+        "tenant,submit_s,gpus,duration_s\na,0,16,100\nb,10,2,50\na,20,1,50\n",
+    )
+    .unwrap();
+    let run = |nodes: &str, extra: &[&str]| {
+        Command::new(BIN)
+            .arg("simulate")
+            .arg("--trace")
+            .arg(&trace)
+            .args(["--nodes", nodes, "--out"])
+            .arg(dir.path().join("out"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run("2:8xV100-32GB", &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a 16-GPU job on 8-GPU nodes: {err}");
+    assert!(
+        err.contains("1 of 3 jobs could never be placed") && err.contains("largest node has 8"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(o.stdout.is_empty(), "no summary line as if all was well");
+    // The files say so too.
+    let s: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(s["never_placed"], 1);
+    // On nodes big enough, it runs, and --output json prints summary.json;
+    // stderr is not a terminal, so no progress line either.
+    let o = run("1:16xV100-32GB", &["--output", "json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["completed"], 3);
+    assert_eq!(s["never_placed"], 0);
+}

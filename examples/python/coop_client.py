@@ -2,11 +2,11 @@
 """A member's own client of a coop cluster, in Python, over the gRPC API.
 
 Submits a job, follows it until it ends, and prints the job and the member's
-usage as JSON. Stubs are generated from the repository's protos:
+usage as JSON. Stubs are generated from the repository's protos (the script
+makes the directory, then runs grpc_tools.protoc); from the repository root:
 
     python3 -m pip install grpcio grpcio-tools
-    python3 -m grpc_tools.protoc -I proto --python_out=stubs --grpc_python_out=stubs \
-        proto/coop/v1/coop.proto
+    examples/python/make-stubs stubs
     PYTHONPATH=stubs COOP_ADDR=127.0.0.1:7070 COOP_TOKEN=coop_... COOP_CA=.../ca.pem \
         python3 examples/python/coop_client.py -- sh -c 'echo hello'
 

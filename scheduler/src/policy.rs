@@ -443,12 +443,19 @@ fn on_off(b: bool) -> &'static str {
 }
 
 /// `90s`, `15m`, `12h`, `7d`, or plain seconds.
+/// A duration as a person writes it: a whole number and a unit (`90s`,
+/// `15m`, `12h`, `7d`). A bare number is refused (is `7` seconds or days?),
+/// except `0`.
 pub fn parse_duration_s(v: &str) -> Result<u64, String> {
     let (num, mult) = match v.char_indices().last() {
         Some((i, 's')) => (&v[..i], 1),
         Some((i, 'm')) => (&v[..i], 60),
         Some((i, 'h')) => (&v[..i], 3600),
         Some((i, 'd')) => (&v[..i], 86_400),
+        _ if v == "0" => (v, 1),
+        _ if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+            return Err(format!("{v} needs a unit (e.g. {v}d, {v}h, {v}m or {v}s)"));
+        }
         _ => (v, 1),
     };
     num.parse::<u64>()
@@ -521,6 +528,27 @@ mod tests {
         ] {
             assert_eq!(Setting::parse(kv).unwrap_err().0, key, "{kv}");
         }
+    }
+
+    #[test]
+    fn durations_need_a_unit() {
+        for key in [
+            "half_life",
+            "min_runtime",
+            "preempt_grace",
+            "max_grace",
+            "proposal_ttl",
+        ] {
+            let (k, m) = Setting::parse(&format!("{key}=7")).unwrap_err();
+            assert_eq!(
+                (k.as_str(), m.as_str()),
+                (key, "7 needs a unit (e.g. 7d, 7h, 7m or 7s)")
+            );
+            assert!(Setting::parse(&format!("{key}=7h")).is_ok(), "{key}=7h");
+        }
+        assert_eq!(Setting::parse("min_runtime=0"), Ok(Setting::MinRuntimeS(0)));
+        assert_eq!(parse_duration_s("90s"), Ok(90));
+        assert_eq!(parse_duration_s("7d"), Ok(7 * 86_400));
     }
 
     #[test]

@@ -129,6 +129,8 @@ struct Sim<'a> {
     last_t: i64,
     passes: u64,
     preemptions: u64,
+    /// Trace jobs that have ended.
+    ended: usize,
 }
 
 /// Member names must be valid names; trace tenants become `t-<tenant>`.
@@ -143,8 +145,19 @@ pub fn member_name(tenant: &str) -> String {
 }
 
 pub fn simulate(trace: &[TraceJob], cfg: &SimConfig) -> Result<SimResult, String> {
+    simulate_with_progress(trace, cfg, &mut |_, _| {})
+}
+
+/// [`simulate`], calling `progress(ended, jobs)` after every scheduling pass
+/// with how many of the trace's jobs have ended so far (the shell shows it;
+/// the core does no I/O).
+pub fn simulate_with_progress(
+    trace: &[TraceJob],
+    cfg: &SimConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<SimResult, String> {
     let mut sim = Sim::new(trace, cfg)?;
-    sim.run();
+    sim.run(progress);
     Ok(sim.finish())
 }
 
@@ -179,6 +192,7 @@ impl<'a> Sim<'a> {
             last_t: start * MS,
             passes: 0,
             preemptions: 0,
+            ended: 0,
         };
         s.apply(Op::Bootstrap {
             operator_token_hash: "simulation".into(),
@@ -278,7 +292,7 @@ impl<'a> Sim<'a> {
             .expect("reports of the simulated agents apply");
     }
 
-    fn run(&mut self) {
+    fn run(&mut self, progress: &mut dyn FnMut(usize, usize)) {
         let mut decayed = DecayedUsage::default();
         let tick = (self.cfg.min_runtime_s as i64).max(60) * MS;
         let mut tick_pending = false;
@@ -301,6 +315,7 @@ impl<'a> Sim<'a> {
             decayed.advance(&self.state, self.now);
             let pass = plan(&self.state, self.now, &decayed.per_member(&self.state));
             self.passes += 1;
+            progress(self.ended, self.trace.len());
             for p in pass.preemptions {
                 if self
                     .apply(Op::Preempt {
@@ -413,6 +428,9 @@ impl<'a> Sim<'a> {
         if job.state.is_final() {
             let end = self.secs(self.now);
             let o = &mut self.out[i];
+            if o.end_s.is_none() {
+                self.ended += 1;
+            }
             o.end_s = Some(end);
             o.preemptions = job.preemptions;
             o.wait_s = Some((end - o.submit_s - o.duration_s).max(0.0));

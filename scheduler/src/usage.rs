@@ -30,8 +30,10 @@ fn pro_rata(value: u64, start: i64, end: i64, from: i64, to: i64) -> u64 {
 
 /// Usage of every member (or just `only`) in `[from_ms, to_ms]`: billed ledger
 /// intervals, cut pro rata at the window's edges, plus running jobs' unbilled
-/// time up to `min(now_ms, to_ms)`. Job counts are as of now, except
-/// `finished_jobs`: jobs that ended in the window.
+/// time up to `min(now_ms, to_ms)`, in GPU time and in units alike (weighted
+/// as the run is billed). Energy is what the agents reported: a running job's
+/// energy counts up to its last usage report, since nothing else is measured.
+/// Job counts are as of now, except `finished_jobs`: jobs that ended in the window.
 pub fn member_usage(
     state: &State,
     now_ms: i64,
@@ -72,7 +74,10 @@ pub fn member_usage(
                 u.running_gpus += job.spec.gpus;
                 if unbilled_ms(job, now_ms) > 0 {
                     let s = job.billed_to_ms.max(from_ms);
-                    u.gpu_ms += (end - s).max(0) as u64 * job.spec.gpus as u64;
+                    let gpu_ms = (end - s).max(0) as u64 * job.spec.gpus as u64;
+                    let (_, weight_milli) = state.run_weight(job);
+                    u.gpu_ms += gpu_ms;
+                    u.weighted_gpu_ms += (gpu_ms as u128 * weight_milli as u128 / 1000) as u64;
                 }
             }
             JobState::Pending => u.pending_jobs += 1,
