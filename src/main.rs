@@ -32,15 +32,11 @@ fn main() -> ExitCode {
             ) {
                 e.exit();
             }
-            // One line naming the argument; `--help` has the rest.
-            let text = e.render().to_string();
-            let first: Vec<&str> = text
-                .lines()
-                .skip_while(|l| l.trim().is_empty())
-                .take_while(|l| !l.trim().is_empty())
-                .map(str::trim)
-                .collect();
-            eprintln!("{}", first.join(" "));
+            let mut line = one_line(&e.render().to_string());
+            if let Some(tip) = dash_dash_tip(&e) {
+                line.push_str(&tip);
+            }
+            eprintln!("{line}");
             return ExitCode::from(2);
         }
     };
@@ -169,6 +165,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster(g) => commands::cluster(&g.client, g.cmd).await,
         Command::Node(g) => commands::node(&g.client, g.cmd).await,
     }
+}
+
+/// A usage error on one line naming the argument, with clap's tips kept
+/// ("a similar subcommand exists: 'list'", "use '-- sleep'"); `--help` has
+/// the rest.
+fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let mut out: Vec<&str> = lines
+        .iter()
+        .copied()
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect();
+    out.extend(lines.iter().copied().filter(|l| l.starts_with("tip:")));
+    out.join(" ")
+}
+
+/// `coop job submit sleep 10`: the command was given without `--`.
+fn dash_dash_tip(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let submitting = std::env::args().skip(1).take(3).any(|a| a == "submit");
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(a)) => a.clone(),
+        _ => return None,
+    };
+    (e.kind() == ErrorKind::UnknownArgument && submitting && !arg.starts_with('-')).then(|| {
+        format!(" tip: the job's command goes after --: coop job submit [OPTIONS] -- {arg} ...")
+    })
 }
 
 /// One line: a gRPC error's message and code, or the error chain.

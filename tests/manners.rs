@@ -200,3 +200,26 @@ fn usage_counts_running_time_in_units_as_in_gpu_hours() {
     assert!((units - hours).abs() <= 1e-9 + hours * 1e-6, "{m}");
     c.ok(&["job", "cancel", &id]);
 }
+
+#[test]
+fn typos_get_a_suggestion_and_a_command_without_dash_dash_a_hint() {
+    let usage_error = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+        err
+    };
+    let err = usage_error(&["job", "lsit"]);
+    assert!(
+        err.contains("similar subcommands exist") && err.contains("'list'"),
+        "{err}"
+    );
+    let err = usage_error(&["job", "submit", "--gpu", "2", "--", "true"]);
+    assert!(err.contains("a similar argument exists: '--gpus'"), "{err}");
+    let err = usage_error(&["job", "submit", "--gpus", "2", "python", "train.py"]);
+    assert!(
+        err.contains("the job's command goes after --: coop job submit [OPTIONS] -- python"),
+        "{err}"
+    );
+}
