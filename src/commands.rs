@@ -400,12 +400,42 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
             }
         }
         JobCmd::Watch(IdArg { id }) => {
+            // A scheduler that stops ends the stream with UNAVAILABLE (not
+            // applied): watch on through another, printing only what changed.
+            let mut shown = None;
             let mut stream = jobs
-                .watch(c.req(pb::WatchJobRequest { id }))
+                .watch(c.req(pb::WatchJobRequest { id: id.clone() }))
                 .await?
                 .into_inner();
-            while let Some(ev) = stream.message().await? {
+            loop {
+                let ev = match stream.message().await {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => break,
+                    Err(s)
+                        if s.code() == tonic::Code::Unavailable
+                            && s.metadata().contains_key(crate::client::NOT_APPLIED_HEADER) =>
+                    {
+                        eprintln!("({}; watching on)", s.message());
+                        stream = jobs
+                            .watch(c.req(pb::WatchJobRequest { id: id.clone() }))
+                            .await?
+                            .into_inner();
+                        continue;
+                    }
+                    Err(s) => return Err(s.into()),
+                };
                 let Some(j) = ev.job else { continue };
+                let seen = Some((
+                    j.state,
+                    j.attempts,
+                    j.cancel_requested,
+                    j.started_at_ms,
+                    j.node.clone(),
+                ));
+                if seen == shown {
+                    continue;
+                }
+                shown = seen;
                 match cli.output {
                     Output::Json => println!("{}", job_json(&j)),
                     Output::Table => {
