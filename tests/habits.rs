@@ -223,6 +223,12 @@ fn hold_release_reasons_and_cancel_by_filter() {
     let out = c.ok(&["job", "cancel", "--member", "acme", "--state", "pending"]);
     assert!(out.contains(&a3), "{out}");
     assert_eq!(c.job(&a3)["state"], "cancelled");
+    // Cancelling is idempotent (the CLI may send it again after a timeout):
+    // a job cancelled already is what was asked; one that completed is not.
+    let again = c.json_as(&acme, &["job", "cancel", &a3]);
+    assert_eq!(again["state"], "cancelled", "{again}");
+    let err = c.fails_as(Some(&acme), &["job", "cancel", &a]);
+    assert!(err.contains("already ended (Completed)"), "{err}");
     let out = c.ok(&["job", "cancel", &b, &a3]);
     assert!(out.contains(&b), "{out}");
     c.wait_final(&b);

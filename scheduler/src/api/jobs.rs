@@ -405,11 +405,20 @@ impl JobService for Jobs {
             }));
         };
         self.visible(&who, id)?;
-        self.0
-            .replica
-            .propose(Op::CancelJob { id })
-            .await
-            .map_err(propose_status)?;
+        let cancelled = |s: &Self| {
+            s.0.replica
+                .read()
+                .jobs
+                .get(&id)
+                .is_some_and(|j| j.state == crate::state::JobState::Cancelled)
+        };
+        match self.0.replica.propose(Op::CancelJob { id }).await {
+            Ok(_) => {}
+            // Cancelling is idempotent (a CLI may send it again after a
+            // timeout): a job cancelled already is what was asked for.
+            Err(ProposeError::Rejected(Rejection::FailedPrecondition(_))) if cancelled(self) => {}
+            Err(e) => return Err(propose_status(e)),
+        }
         let job = self.visible(&who, id)?;
         Ok(Response::new(pb::CancelJobResponse {
             job: Some(job.clone()),
