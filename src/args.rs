@@ -98,7 +98,11 @@ pub struct ClientArgs {
 
 /// A duration with its unit (`20s`, `1m`), more than zero.
 pub fn parse_timeout(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?}: {e} (e.g. 20s)"))?;
+    if s.trim().parse::<f64>().is_ok() {
+        return Err(format!("{s:?} has no unit: write e.g. 20s or 1m"));
+    }
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}): write e.g. 20s or 1m"))?;
     if d.is_zero() {
         return Err(format!("{s:?} must be more than 0"));
     }

@@ -296,7 +296,13 @@ impl Targets {
                 }
                 Ok(Err(e)) => {
                     target.forget().await;
-                    let why = format!("{}: {}", target.url, chain(&e));
+                    // tonic's own timeouts (connecting, the HTTP/2 handshake)
+                    // read as ours.
+                    let why = if chain(&e).contains("Timeout expired") {
+                        format!("{}: no answer within {wait} (--timeout)", target.url)
+                    } else {
+                        format!("{}: {}", target.url, chain(&e))
+                    };
                     if refused(&e) {
                         failures.push(why);
                         continue;

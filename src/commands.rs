@@ -162,7 +162,10 @@ fn job_row(j: &pb::Job, now: i64) -> Vec<String> {
         j.gpu_count.to_string(),
         crate::habits::node_or_reason(j),
         j.attempts.to_string(),
-        j.exit_code.map_or("-".into(), |c| c.to_string()),
+        // A requeued job's last exit is not its own yet.
+        j.exit_code
+            .filter(|_| j.state != pb::JobState::Pending as i32)
+            .map_or("-".into(), |c| c.to_string()),
         ago(j.submitted_at_ms, now),
     ]
 }
@@ -413,7 +416,8 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                     Ok(None) => break,
                     Err(s)
                         if s.code() == tonic::Code::Unavailable
-                            && s.metadata().contains_key(crate::client::NOT_APPLIED_HEADER) =>
+                            && s.metadata().contains_key(crate::client::NOT_APPLIED_HEADER)
+                            && cli.addr.split(',').filter(|a| !a.trim().is_empty()).count() > 1 =>
                     {
                         eprintln!("({}; watching on)", s.message());
                         stream = jobs
@@ -439,7 +443,13 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                 match cli.output {
                     Output::Json => println!("{}", job_json(&j)),
                     Output::Table => {
-                        let when = rfc3339(now_ms());
+                        // A job that has ended: when it ended, not when this
+                        // line is printed.
+                        let when = rfc3339(if j.finished_at_ms > 0 {
+                            j.finished_at_ms
+                        } else {
+                            now_ms()
+                        });
                         let mut line = format!(
                             "{}  {}  {}",
                             when.as_str().unwrap_or("-"),

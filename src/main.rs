@@ -178,7 +178,18 @@ fn one_line(text: &str) -> String {
         .skip_while(|l| l.is_empty())
         .take_while(|l| !l.is_empty())
         .collect();
-    out.extend(lines.iter().copied().filter(|l| l.starts_with("tip:")));
+    let tips: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("tip:"))
+        .collect();
+    // "to pass '--gpu' as a value, use '-- --gpu'" misleads where a similar
+    // flag was meant (after `--` comes a job's command).
+    let similar = tips.iter().any(|t| t.contains("similar"));
+    out.extend(
+        tips.into_iter()
+            .filter(|t| !(similar && t.starts_with("tip: to pass"))),
+    );
     out.join(" ")
 }
 

@@ -126,6 +126,19 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // SIGTERM first, so that an agent (or `coop dev`) stops its jobs: a
+        // run survives its agent's SIGKILL by design (the next agent stops
+        // it), and a test must not leave it behind. SIGKILL if that takes long.
+        if let Ok(None) = self.child.try_wait() {
+            // A test may have left it stopped (SIGSTOP). Never a panic here.
+            let pid = nix::unistd::Pid::from_raw(self.pid());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
