@@ -233,5 +233,5 @@ fn a_run_past_its_time_limit_is_stopped_and_the_job_fails() {
     assert!(ran >= 1000, "stopped after {ran} ms, before its limit");
     assert!(c.logs(&id).contains("stopping"), "it got SIGTERM first");
     let err = c.fails(&["job", "submit", "--time-limit", "0s", "--", "true"]);
-    assert!(err.contains("time_limit"), "{err}");
+    assert!(err.contains("--time-limit"), "{err}");
 }

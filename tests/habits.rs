@@ -344,6 +344,15 @@ fn arrays_run_each_task_with_its_index_and_are_bounded() {
         let log = c.logs(id);
         assert_eq!(log.trim(), format!("task={n} array={array}"));
     }
+    // Tasks start in index order, two at a time: 0 and 1 before 2 and 3.
+    let started = |n: u32| {
+        let j = c.json_as(&acme, &["job", "get", &format!("{}_{n}", &array[..8])]);
+        ms(&j["started_at"])
+    };
+    assert!(
+        started(0).max(started(1)) <= started(2).min(started(3)),
+        "tasks 2 or 3 started before 0 and 1"
+    );
     // The array's id names all its tasks: get refuses, cancel takes all.
     let err = c.fails_as(Some(&acme), &["job", "get", &array]);
     assert!(err.contains("array of 4 tasks"), "{err}");

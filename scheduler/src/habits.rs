@@ -209,13 +209,7 @@ pub fn parse_array(s: &str) -> Result<(Vec<u32>, u32), Rejection> {
 /// The job id of task `task` of array `array`: derived, so that every
 /// replica makes the same one.
 pub fn task_id(array: JobId, task: u32) -> JobId {
-    // An array's tasks sort by index, so that (the queue ordering equal
-    // submission times by id) they start 0, 1, 2, ... as in Slurm: the first
-    // ten bytes are the array's own (a v5 hash of it, version and variant
-    // bits included), the last six the index.
-    let mut b = *Uuid::new_v5(&array, b"coop array tasks").as_bytes();
-    b[10..].copy_from_slice(&u64::from(task).to_be_bytes()[2..]);
-    Uuid::from_bytes(b)
+    Uuid::new_v5(&array, &task.to_le_bytes())
 }
 
 /// Why a pending job may not be placed yet, before resources are looked at.

@@ -187,8 +187,12 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
     let mut ready: Vec<&Job> = Vec::new();
     // Tasks of each array running, or let through in this pass.
     let mut array_running = state.array_running();
-    for (_, id) in &state.queue {
-        let j = &state.jobs[id];
+    // In queue order, but an array's tasks (one submission time) by index,
+    // so that its `%N` lets through the lowest ones first.
+    let mut queued: Vec<&Job> = state.queue.iter().map(|(_, id)| &state.jobs[id]).collect();
+    queued.sort_by_key(|j| age(j));
+    for j in queued {
+        let id = &j.id;
         let blocked = state.blocked(*id, &array_running);
         if state.members.get(&j.member).is_some_and(|m| m.suspended) {
             out.waiting.insert(*id, Wait::MemberSuspended);
@@ -522,6 +526,16 @@ enum Order<'a> {
     },
 }
 
+/// Queue order: by submission time; an array's tasks (which share theirs)
+/// by index, 0, 1, 2, ... as in Slurm; then by id.
+fn age(j: &Job) -> (i64, u32, JobId) {
+    (
+        j.submitted_at_ms,
+        j.array.as_ref().map_or(0, |a| a.task),
+        j.id,
+    )
+}
+
 /// A non-negative float as an integer that sorts the same way.
 fn sort_key(x: f64) -> u64 {
     x.max(0.0).to_bits()
@@ -538,8 +552,7 @@ impl<'a> Order<'a> {
     ) -> Self {
         let (mut first, mut rest): (Vec<&Job>, Vec<&Job>) =
             ready.into_iter().partition(|j| j.nominated_node.is_some());
-        first.sort_by_key(|j| (j.submitted_at_ms, j.id));
-        let age = |j: &Job| (j.submitted_at_ms, j.id);
+        first.sort_by_key(|j| age(j));
         match state.policy.ordering {
             Ordering::Fifo => {
                 rest.sort_by_key(|j| age(j));
