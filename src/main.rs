@@ -16,12 +16,11 @@ use clap::{CommandFactory, FromArgMatches};
 use args::{Cli, ClientArgs, Command, Output};
 
 fn main() -> ExitCode {
-    // A client's output piped into `head` ends like `ls | head`: killed
-    // quietly by SIGPIPE, not a panic in println!. (Rust ignores SIGPIPE by
-    // default; the daemons go back to ignoring it below, since a peer that
-    // hangs up must not kill them.)
-    #[cfg(unix)]
-    set_sigpipe(nix::sys::signal::SigHandler::SigDfl);
+    // A client's output piped into `head` ends like `ls | head`: by SIGPIPE,
+    // not with a panic in println!. SIGPIPE itself stays ignored (Rust's
+    // default): TLS and HTTP/2 write to sockets with writev, which raises it
+    // when a scheduler hangs up, and that must be an error, not a death.
+    quiet_on_closed_stdout();
     let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -45,8 +44,6 @@ fn main() -> ExitCode {
         Command::Dev(_) | Command::Scheduler(_) | Command::Agent(_)
     );
     if daemon {
-        #[cfg(unix)]
-        set_sigpipe(nix::sys::signal::SigHandler::SigIgn);
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
             .with_ansi(colour(&std::io::stderr()))
@@ -59,6 +56,15 @@ fn main() -> ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // Output written with a writer of its own (audit export) to a closed
+        // pipe: as println! does, see quiet_on_closed_stdout.
+        Err(e)
+            if e.root_cause()
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            die_of_sigpipe()
+        }
         Err(e) => {
             eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
@@ -113,7 +119,31 @@ fn client_args(c: &mut Command) -> Option<&mut ClientArgs> {
     }
 }
 
-#[cfg(unix)]
+/// When stdout is a closed pipe, `println!` panics with "failed printing to
+/// stdout: Broken pipe": end as a Unix tool does instead, by SIGPIPE.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            die_of_sigpipe();
+        }
+        default(info)
+    }));
+}
+
+/// Ends the process as SIGPIPE ends `ls` in `ls | head`.
+fn die_of_sigpipe() -> ! {
+    set_sigpipe(nix::sys::signal::SigHandler::SigDfl);
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGPIPE);
+    std::process::exit(141)
+}
+
 fn set_sigpipe(h: nix::sys::signal::SigHandler) {
     // SAFETY: SIG_DFL and SIG_IGN are not handlers that run code.
     let _ = unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, h) };

@@ -215,13 +215,13 @@ fn sigterm_stops_a_scheduler_with_an_agent_and_a_watcher_connected() {
     // The watcher was told and, with no other scheduler in its list, ends
     // with that error rather than hanging.
     let st = watch.0.wait().unwrap();
-    assert!(!st.success());
     let mut err = String::new();
     let mut pipe = watch.0.stderr.take().unwrap();
     pipe.read_to_string(&mut err).unwrap();
+    assert!(!st.success(), "{st}: {err}");
     assert!(
         err.contains("this scheduler is shutting down: go on with another"),
-        "{err}"
+        "{st}: {err:?}"
     );
     assert!(!err.contains("watching on"), "{err}");
 }
