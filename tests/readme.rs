@@ -1,5 +1,8 @@
 //! The README cannot drift from the binary: its replicated-cluster block is
 //! run as written (three schedulers on loopback addresses of this machine),
+//! the tour's, the habits' and the fair-share console blocks are typed into a
+//! shell against `coop dev` (each command refused where the README shows a
+//! refusal, with its first words, and each table with the README's columns),
 //! and every `coop ...` command in its examples parses with the real parser.
 
 mod common;
@@ -292,4 +295,109 @@ fn every_coop_command_in_the_readme_parses() {
         "README commands that do not parse:\n{}",
         bad.join("\n")
     );
+}
+
+/// The README's console blocks as (command, what the README shows after it):
+/// a command is a `$ ` line and the lines it continues with `\`.
+fn console_commands(block: &str) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    let mut continued = false;
+    for line in block.lines() {
+        if let Some(cmd) = line.strip_prefix("$ ") {
+            out.push((cmd.to_string(), vec![]));
+            continued = cmd.ends_with('\\');
+        } else if let Some((cmd, shown)) = out.last_mut() {
+            if continued {
+                cmd.push('\n');
+                cmd.push_str(line);
+                continued = line.ends_with('\\');
+            } else {
+                shown.push(line.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// A table's header line: two or more upper-case column names.
+fn header(line: &str) -> Option<Vec<String>> {
+    let cols: Vec<String> = line.split_whitespace().map(String::from).collect();
+    let upper = |c: &String| {
+        c.chars().next().is_some_and(|f| f.is_ascii_uppercase())
+            && c.chars().all(|ch| !ch.is_ascii_lowercase())
+    };
+    (cols.len() >= 2 && cols.iter().all(upper)).then_some(cols)
+}
+
+#[test]
+fn the_tour_habits_and_fair_share_blocks_run_against_coop_dev() {
+    let c = common::Cluster::dev(&[]);
+    let text = readme();
+    // The blocks a reader types against `coop dev`, in the README's order and
+    // in one shell each, on one cluster (the fair-share block needs the
+    // member the tour adds).
+    let firsts = [
+        "id=$(coop job submit --gpus 2",
+        "A=$(coop job submit --name train-llama",
+        "coop policy set share.acme=3",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(BIN, bin.join("coop")).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let mut ran = 0;
+    for first in firsts {
+        let (_, block) = blocks(&text)
+            .into_iter()
+            .find(|(lang, body)| lang == "console" && body.starts_with(&format!("$ {first}")))
+            .unwrap_or_else(|| panic!("README: no console block starting with {first:?}"));
+        let commands = console_commands(&block);
+        // Each command's output, error and status go to files of their own.
+        let mut script = String::new();
+        for (i, (cmd, _)) in commands.iter().enumerate() {
+            script.push_str(&format!(
+                "{{\n{cmd}\n}} >out.{i} 2>err.{i}; echo $? >status.{i}\n"
+            ));
+        }
+        let out = Command::new("bash")
+            .args(["-c", &script])
+            .current_dir(dir.path())
+            .env("PATH", &path)
+            .env("COOP_ADDR", &c.addr)
+            .env("COOP_TOKEN", &c.token)
+            .env("COOP_CA", c.ca.as_deref().unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for (i, (cmd, shown)) in commands.iter().enumerate() {
+            let read =
+                |f: &str| std::fs::read_to_string(dir.path().join(format!("{f}.{i}"))).unwrap();
+            let status: i32 = read("status").trim().parse().unwrap();
+            let (stdout, stderr) = (read("out"), read("err"));
+            let what = format!("README command {cmd:?}\n--- stdout\n{stdout}--- stderr\n{stderr}");
+            match shown.first() {
+                // A refusal: refused too, with the same first words.
+                Some(e) if e.starts_with("error:") => {
+                    assert_ne!(status, 0, "{what}");
+                    let words =
+                        |t: &str| t.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+                    assert_eq!(words(&stderr), words(e), "{what}");
+                }
+                // A table: the same columns.
+                Some(l) if header(l).is_some() => {
+                    assert_eq!(status, 0, "{what}");
+                    let first = stdout.lines().next().unwrap_or_default();
+                    assert_eq!(header(first), header(l), "{what}");
+                }
+                _ => assert_eq!(status, 0, "{what}"),
+            }
+            ran += 1;
+        }
+    }
+    assert!(ran >= 30, "only {ran} commands ran");
 }
