@@ -1,7 +1,7 @@
 //! The README cannot drift from the binary: its replicated-cluster block is
 //! run as written (three schedulers on loopback addresses of this machine),
-//! the tour's, the habits' and the fair-share console blocks are typed into a
-//! shell against `coop dev` (each command refused where the README shows a
+//! the tour's, the habits', the fair-share and the audit console blocks are
+//! typed into a shell against `coop dev` (each command refused where the README shows a
 //! refusal, with its first words, and each table with the README's columns),
 //! and every `coop ...` command in its examples parses with the real parser.
 
@@ -330,16 +330,22 @@ fn header(line: &str) -> Option<Vec<String>> {
 }
 
 #[test]
-fn the_tour_habits_and_fair_share_blocks_run_against_coop_dev() {
+fn the_console_blocks_run_against_coop_dev() {
     let c = common::Cluster::dev(&[]);
     let text = readme();
     // The blocks a reader types against `coop dev`, in the README's order and
     // in one shell each, on one cluster (the fair-share block needs the
     // member the tour adds).
+    // The audit blocks follow: an export edited and caught, a head saved and
+    // checked after one more entry. (The block after those needs the
+    // scheduler stopped and its log edited: `tests/audit.rs` does that.)
     let firsts = [
         "id=$(coop job submit --gpus 2",
         "A=$(coop job submit --name train-llama",
         "coop policy set share.acme=3",
+        "coop audit export > ledger.jsonl",
+        "coop audit head\n",
+        "coop member add bravo",
     ];
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
@@ -399,5 +405,5 @@ fn the_tour_habits_and_fair_share_blocks_run_against_coop_dev() {
             ran += 1;
         }
     }
-    assert!(ran >= 30, "only {ran} commands ran");
+    assert!(ran >= 35, "only {ran} commands ran");
 }
