@@ -522,3 +522,80 @@ fn scheduler_nodes_are_added_as_learners_then_voters_and_removed() {
     // The three left still make progress.
     s.client.ok(&["member", "add", "last"]);
 }
+
+#[test]
+fn a_leader_stopped_with_sigterm_sends_its_agent_and_watchers_to_the_others() {
+    let mut s = Schedulers::start(3, &[]);
+    let leader = s.leader();
+    s.client.ok(&["member", "add", "coop"]);
+    s.agent("a1", "sim:1xA100-80GB");
+    s.client.wait_node("a1", "up", |n| n["state"] == "up");
+    let id = s.client.submit(&["--member", "coop", "--", "sleep", "600"]);
+    s.client
+        .wait_job(&id, "running", |j| j["state"] == "running");
+
+    // A watcher whose first address is the leader.
+    let order: Vec<String> = std::iter::once(leader)
+        .chain((0..3).filter(|&i| i != leader))
+        .map(|i| s.addr(i))
+        .collect();
+    let mut watch = Command::new(BIN);
+    watch
+        .args(["job", "watch", &id])
+        .env("COOP_ADDR", order.join(","))
+        .env("COOP_CA", s.ca())
+        .env("COOP_TOKEN", OPERATOR)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut watch = KillOnDrop(watch.spawn().unwrap());
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(watch.0.stdout.take().unwrap()));
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("running"), "{first}");
+
+    // SIGTERM: the leader exits cleanly; the others elect another.
+    let mut stopped = s.nodes[leader].take().unwrap();
+    stopped.stop();
+    s.client.daemons.push(stopped);
+    let rest: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let new = s.leader();
+    assert!(rest.contains(&new));
+    // The job ran on: its agent went on with the new leader, which sees it
+    // connected and the run still the one it was.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let nodes = s.via(new, &["node", "list"]).unwrap_or_default();
+        let a1 = nodes
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["name"] == "a1"));
+        if a1.is_some_and(|n| n["state"] == "up" && n["connected"] == true) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a1 never reached the new leader: {nodes}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let job = s.client.job(&id);
+    assert_eq!(
+        (job["state"].as_str(), job["attempts"].as_u64()),
+        (Some("running"), Some(1)),
+        "{job}"
+    );
+    // The watcher watched on through the next address and sees the end.
+    s.client.ok(&["job", "cancel", &id]);
+    let rest_of_it: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest_of_it.last().is_some_and(|l| l.contains("cancelled")),
+        "{rest_of_it:?}"
+    );
+    let status = watch.0.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut watch.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert!(
+        err.contains("shutting down: go on with another; watching on"),
+        "{err}"
+    );
+}
