@@ -442,7 +442,6 @@ fn on_off(b: bool) -> &'static str {
     if b { "on" } else { "off" }
 }
 
-/// `90s`, `15m`, `12h`, `7d`, or plain seconds.
 /// A duration as a person writes it: a whole number and a unit (`90s`,
 /// `15m`, `12h`, `7d`). A bare number is refused (is `7` seconds or days?),
 /// except `0`.
