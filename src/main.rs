@@ -226,7 +226,10 @@ fn one_line(text: &str) -> String {
 /// `coop job submit sleep 10`: the command was given without `--`.
 fn dash_dash_tip(e: &clap::Error) -> Option<String> {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
-    let submitting = std::env::args().skip(1).take(3).any(|a| a == "submit");
+    let submitting = std::env::args()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "submit");
     let arg = match e.get(ContextKind::InvalidArg) {
         Some(ContextValue::String(a)) => a.clone(),
         _ => return None,

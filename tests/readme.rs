@@ -34,12 +34,13 @@ fn blocks(text: &str) -> Vec<(String, String)> {
     out
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A PATH on which `coop` is the binary under test (in `dir/bin`), as a
+/// reader who followed the README has it.
+fn coop_on_path(dir: &Path) -> String {
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(BIN, bin.join("coop")).unwrap();
+    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap())
 }
 
 /// Schedulers the script started in the background: killed (by pid) when
@@ -70,7 +71,7 @@ fn the_replicated_cluster_block_runs_as_written() {
         .find(|(lang, _)| lang == "sh")
         .expect("a sh block");
     let dir = tempfile::tempdir().unwrap();
-    let (client, peer) = (free_port(), free_port());
+    let (client, peer) = (common::free_port(), common::free_port());
     // Host 10.0.0.N becomes 127.0.10.N (all of 127/8 is loopback); each
     // scheduler line runs in the background with a data dir of its own.
     let mut script = String::from("set -euo pipefail\n");
@@ -104,11 +105,8 @@ fn the_replicated_cluster_block_runs_as_written() {
         script.push_str(&l);
         script.push('\n');
     }
-    let bin = dir.path().join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    std::os::unix::fs::symlink(BIN, bin.join("coop")).unwrap();
+    let path = coop_on_path(dir.path());
     let _started = Started(dir.path().join("pids"));
-    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let out = Command::new("bash")
         .args(["-c", &script])
         .current_dir(dir.path())
@@ -348,10 +346,7 @@ fn the_console_blocks_run_against_coop_dev() {
         "coop member add bravo",
     ];
     let dir = tempfile::tempdir().unwrap();
-    let bin = dir.path().join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    std::os::unix::fs::symlink(BIN, bin.join("coop")).unwrap();
-    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let path = coop_on_path(dir.path());
     let mut ran = 0;
     for first in firsts {
         let (_, block) = blocks(&text)
