@@ -1007,7 +1007,7 @@ pub enum NodeCmd {
 /// Seconds from a duration with a unit, as the policy writes them (`90s`,
 /// `15m`, `12h`, `7d`); a bare number other than 0 is refused.
 pub fn duration_s(s: &str) -> Result<u64, String> {
-    coop_scheduler::policy::parse_duration_s(s.trim())
+    coop_core::policy::parse_duration_s(s.trim())
 }
 
 /// CPUs as thousandths: "8" -> 8000, "0.5" -> 500.

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, anyhow, bail};
+use coop_core::ledger::{self, Record};
 use coop_proto::v1 as pb;
 use coop_scheduler::head::{self, SignedHead};
-use coop_scheduler::ledger::{self, Record};
 use serde_json::{Value, json};
 
 use crate::args::{AuditCmd, AuditFormat, ClientArgs, Output};

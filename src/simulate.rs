@@ -1,4 +1,4 @@
-//! `coop simulate`: reads a trace, runs `coop_scheduler::simulate`, and writes
+//! `coop simulate`: reads a trace, runs `coop_core::simulate`, and writes
 //! summary.json, members.csv, jobs.csv and share.svg.
 
 use std::collections::BTreeMap;
@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, anyhow, bail};
-use coop_scheduler::policy::Ordering;
-use coop_scheduler::simulate::{NodeGroup, SimConfig, SimResult, TraceJob, simulate_with_progress};
+use coop_core::policy::Ordering;
+use coop_core::simulate::{NodeGroup, SimConfig, SimResult, TraceJob, simulate_with_progress};
 use serde_json::json;
 
 use crate::args::{Output, PolicyArg, SimulateArgs};
@@ -215,7 +215,7 @@ fn summary(
     wall_s: f64,
     trace_jobs: usize,
 ) -> serde_json::Value {
-    let mut by: BTreeMap<&str, Vec<&coop_scheduler::simulate::JobOutcome>> = BTreeMap::new();
+    let mut by: BTreeMap<&str, Vec<&coop_core::simulate::JobOutcome>> = BTreeMap::new();
     for j in &r.jobs {
         by.entry(j.member.as_str()).or_default().push(j);
     }
@@ -225,7 +225,7 @@ fn summary(
             *used.entry(m.as_str()).or_default() += v;
         }
     }
-    let figures = |jobs: &[&coop_scheduler::simulate::JobOutcome]| {
+    let figures = |jobs: &[&coop_core::simulate::JobOutcome]| {
         let waits = sorted(jobs.iter().filter_map(|j| j.wait_s).collect());
         let jct = sorted(
             jobs.iter()
@@ -252,7 +252,7 @@ fn summary(
             v
         })
         .collect();
-    let all: Vec<&coop_scheduler::simulate::JobOutcome> = r.jobs.iter().collect();
+    let all: Vec<&coop_core::simulate::JobOutcome> = r.jobs.iter().collect();
     let mut s = figures(&all);
     let o = s.as_object_mut().expect("object");
     o.insert("policy".into(), json!(ordering.as_str()));

@@ -176,7 +176,7 @@ fn the_raft_port_refuses_forged_forwards_snapshots_and_huge_messages_and_changes
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let forged_op = serde_json::to_vec(&coop_scheduler::state::Op::AddMember {
+        let forged_op = serde_json::to_vec(&coop_core::state::Op::AddMember {
             name: "mallory".into(),
             token_hash: coop_scheduler::auth::hash_token("coop_mallory"),
             expires_at_ms: None,

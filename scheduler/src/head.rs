@@ -14,7 +14,7 @@
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
-use crate::ledger::{GENESIS, Record};
+use coop_core::ledger::{GENESIS, Record};
 
 /// What the signature covers; a new layout gets a new version.
 pub const FORMAT: &str = "coop-audit-head/v1";
@@ -191,7 +191,7 @@ pub fn extends(records: &[Record], head: &SignedHead) -> Result<(), Divergence> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{Entry, append};
+    use coop_core::ledger::{Entry, append};
 
     /// A fixed key (ring makes keys from a random source; tests need none).
     fn key() -> Ed25519KeyPair {

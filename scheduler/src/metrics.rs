@@ -18,12 +18,12 @@ use prometheus::{
     IntGaugeVec, Opts, Registry,
 };
 
-use crate::fairshare::{
-    DecayedUsage, entitlements, factors, jain, running_gpus, total_gpus, water_fill,
-};
 use crate::liveness::Registry as Liveness;
 use crate::replica::{Replica, now_ms};
-use crate::state::{JobKind, JobState};
+use coop_core::fairshare::{
+    DecayedUsage, entitlements, factors, jain, running_gpus, total_gpus, water_fill,
+};
+use coop_core::state::{JobKind, JobState};
 
 fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
     Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric")

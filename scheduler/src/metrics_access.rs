@@ -122,7 +122,7 @@ pub fn guard(
     replica: crate::replica::Replica,
     tls: &crate::tls::SchedulerTls,
 ) -> anyhow::Result<Guard> {
-    use crate::state::Principal;
+    use coop_core::state::Principal;
     let allow: Allow = Arc::new(move |token| {
         let hash = crate::auth::hash_token(token);
         matches!(

@@ -24,7 +24,7 @@ use crate::consensus::core::{ConfContext, Core, NodeStatus, Timing};
 use crate::consensus::disk::Disk;
 use crate::consensus::log::Log;
 use crate::consensus::transport::{self, Feedback, Transport};
-use crate::state::{Event, Op, Rejection, State};
+use coop_core::state::{Event, Op, Rejection, State};
 
 /// How long a write waits for its commit.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);

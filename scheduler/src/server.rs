@@ -15,12 +15,12 @@ use tokio::task::JoinHandle;
 use crate::api::{self, Ctx};
 use crate::auth::{hash_token, new_token};
 use crate::consensus::core::Timing as RaftTiming;
-use crate::fairshare::DecayedUsage;
 use crate::liveness::Registry;
 use crate::metrics;
-use crate::placement::plan;
 use crate::replica::{Replica, ReplicaConfig, now_ms};
-use crate::state::Op;
+use coop_core::fairshare::DecayedUsage;
+use coop_core::placement::plan;
+use coop_core::state::Op;
 
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -85,7 +85,7 @@ mod tests {
         let path = d.path().join(KEY_FILE);
         let mode = || std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(), 0o600);
-        let h = s.sign(0, crate::ledger::GENESIS, 42);
+        let h = s.sign(0, coop_core::ledger::GENESIS, 42);
         assert_eq!(head::check_signature(&h), Ok(()));
         assert_eq!(h.scheduler_id, 3);
         assert_eq!(h.public_key, s.public_key());

@@ -19,8 +19,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::sync::watch;
 
-use crate::ledger::Record;
 use crate::replica::Replica;
+use coop_core::ledger::Record;
 
 const BATCH: usize = 1000;
 /// How often a refused (diverged) database is looked at again.
@@ -205,7 +205,7 @@ pub async fn read(url: &str) -> anyhow::Result<Vec<Record>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{Entry, append};
+    use coop_core::ledger::{Entry, append};
 
     fn chain(members: &[&str], at_ms: i64) -> Vec<Record> {
         let mut c = Vec::new();

@@ -4,10 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use coop_scheduler::fairshare::{DecayedUsage, entitlements, factors};
-use coop_scheduler::placement::plan;
-use coop_scheduler::policy::Setting;
-use coop_scheduler::state::*;
+use coop_core::fairshare::{DecayedUsage, entitlements, factors};
+use coop_core::placement::plan;
+use coop_core::policy::Setting;
+use coop_core::state::*;
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -124,7 +124,7 @@ impl Agent {
     }
 
     /// Places what the pass places and starts each run at once.
-    fn pass(&mut self, s: &mut State, at: i64) -> coop_scheduler::placement::Plan {
+    fn pass(&mut self, s: &mut State, at: i64) -> coop_core::placement::Plan {
         let p = plan(s, at, &DecayedUsage::exact(s, at));
         for pl in &p.placements {
             apply(
@@ -518,7 +518,7 @@ fn backfill_uses_idle_gpus_only_when_it_does_not_delay_the_reserved_job() {
         "only the job that ends in time backfills"
     );
     match p.wait_of(&s.jobs[&head], Some(0)) {
-        Some(coop_scheduler::placement::Wait::Reserved { at_ms, .. }) => {
+        Some(coop_core::placement::Wait::Reserved { at_ms, .. }) => {
             assert_eq!(
                 at_ms,
                 Some(10 * 60_000),
@@ -529,7 +529,7 @@ fn backfill_uses_idle_gpus_only_when_it_does_not_delay_the_reserved_job() {
     }
     assert!(matches!(
         p.waiting.get(&long),
-        Some(coop_scheduler::placement::Wait::BehindReservation { job }) if *job == head
+        Some(coop_core::placement::Wait::BehindReservation { job }) if *job == head
     ));
 
     // Without time limits nothing is known about when GPUs free up: the

@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 
-use coop_scheduler::policy::Setting;
-use coop_scheduler::state::*;
+use coop_core::policy::Setting;
+use coop_core::state::*;
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -319,7 +319,7 @@ fn check(s: &State) -> Result<(), TestCaseError> {
         s.jobs.get(&Uuid::from_u128(1)).map_or(0, |j| j.gpu_ms),
         "job totals equal the ledger"
     );
-    prop_assert_eq!(coop_scheduler::ledger::verify(&s.audit), Ok(()));
+    prop_assert_eq!(coop_core::ledger::verify(&s.audit), Ok(()));
     Ok(())
 }
 

@@ -11,10 +11,10 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::{Arc, RwLock};
 
+use coop_core::placement::plan;
+use coop_core::state::{GpuInfo, JobId, JobKind, JobSpec, JobState, Op, RunReport, State};
 use coop_scheduler::consensus::core::{Core, Done, Staged, Timing};
 use coop_scheduler::consensus::log::Log;
-use coop_scheduler::placement::plan;
-use coop_scheduler::state::{GpuInfo, JobId, JobKind, JobSpec, JobState, Op, RunReport, State};
 use raft::eraftpb::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

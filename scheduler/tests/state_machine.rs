@@ -4,10 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use coop_scheduler::fairshare::DecayedUsage;
-use coop_scheduler::placement::{Placement, plan};
-use coop_scheduler::policy::{Ordering, Setting};
-use coop_scheduler::state::*;
+use coop_core::fairshare::DecayedUsage;
+use coop_core::placement::{Placement, plan};
+use coop_core::policy::{Ordering, Setting};
+use coop_core::state::*;
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -129,12 +129,12 @@ fn check_invariants(s: &State) {
     let jobs: u64 = s.jobs.values().map(|j| j.energy_mj).sum();
     assert_eq!(billed, jobs, "ledger and jobs disagree on energy");
     // The audit chain holds every usage record, in order, and verifies.
-    assert_eq!(coop_scheduler::ledger::verify(&s.audit), Ok(()));
+    assert_eq!(coop_core::ledger::verify(&s.audit), Ok(()));
     let chained: Vec<&UsageRecord> = s
         .audit
         .iter()
         .filter_map(|r| match &r.entry {
-            coop_scheduler::ledger::Entry::Usage(u) => Some(u),
+            coop_core::ledger::Entry::Usage(u) => Some(u),
             _ => None,
         })
         .collect();

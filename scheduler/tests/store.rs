@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use coop_core::state::Op;
 use coop_scheduler::consensus::core::Timing;
 use coop_scheduler::consensus::disk::Disk;
 use coop_scheduler::replica::{Replica, ReplicaConfig};
-use coop_scheduler::state::Op;
 
 fn member(i: usize) -> Op {
     Op::AddMember {

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{Ctx, invalid, parse_job_id, propose_status};
 use crate::liveness::AgentTx;
 use crate::replica::now_ms;
-use crate::state::{Capacity, GpuInfo, JobState, Op, RunReport, State, valid_name};
+use coop_core::state::{Capacity, GpuInfo, JobState, Op, RunReport, State, valid_name};
 
 pub struct Agents(pub Ctx);
 
@@ -154,7 +154,7 @@ impl AgentService for Agents {
         let node = events
             .iter()
             .find_map(|e| match e {
-                crate::state::Event::Node(n) => Some(n.clone()),
+                coop_core::state::Event::Node(n) => Some(n.clone()),
                 _ => None,
             })
             .ok_or_else(|| Status::internal("the join was applied without a node"))?;

@@ -34,8 +34,8 @@ pub fn head_from_pb(h: pb::AuditHead) -> SignedHead {
         signature: h.signature,
     }
 }
-use crate::ledger::GENESIS;
 use crate::replica::now_ms;
+use coop_core::ledger::GENESIS;
 
 pub struct Audit(pub Ctx);
 

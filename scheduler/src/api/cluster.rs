@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::{Ctx, after, invalid, page, propose_status};
 use crate::consensus::transport;
 use crate::replica::Membership;
-use crate::state::{JobState, Op, Principal, State};
+use coop_core::state::{JobState, Op, Principal, State};
 
 /// Longest a join token may stay usable.
 const MAX_JOIN_TTL_S: u64 = 7 * 24 * 3600;
@@ -229,7 +229,7 @@ impl ClusterService for Cluster {
         let who = self.0.actor(&req).await?;
         let r = req.into_inner();
         let (node, owner) = (r.node.trim().to_string(), r.owner.trim().to_string());
-        if !crate::state::valid_name(&node) {
+        if !coop_core::state::valid_name(&node) {
             return Err(invalid(
                 "node",
                 format!("{node:?} is not a valid node name"),
@@ -328,7 +328,7 @@ impl ClusterService for Cluster {
             events
                 .iter()
                 .filter_map(|e| match e {
-                    crate::state::Event::Job(j) => Some(*j),
+                    coop_core::state::Event::Job(j) => Some(*j),
                     _ => None,
                 })
                 .map(|j| match &who {

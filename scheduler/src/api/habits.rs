@@ -8,7 +8,7 @@ use coop_proto::v1 as pb;
 use tonic::Status;
 
 use super::{invalid, may_access};
-use crate::state::{JobId, JobState, Principal, State};
+use coop_core::state::{JobId, JobState, Principal, State};
 
 /// Fewest characters of an id prefix (git's minimum).
 pub const MIN_PREFIX: usize = 4;
@@ -188,7 +188,7 @@ pub fn fill_wait_reasons(
     if !jobs.iter().any(|j| j.state == pending) {
         return;
     }
-    let pass = crate::placement::plan(state, now, decayed);
+    let pass = coop_core::placement::plan(state, now, decayed);
     let position: HashMap<JobId, usize> = pass
         .order
         .iter()

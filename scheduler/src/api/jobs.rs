@@ -13,10 +13,12 @@ use super::{
     Ctx, after, invalid, job_key, job_to_pb, may_access, page, parse_job_id, propose_status,
     rejection_status,
 };
-use crate::fairshare::DecayedUsage;
-use crate::habits::{JobExtra, MAX_IDS, validate_extra};
 use crate::replica::{ProposeError, now_ms};
-use crate::state::{Event, Isolation, JobKind, JobSpec, Op, Principal, Rejection, validate_spec};
+use coop_core::fairshare::DecayedUsage;
+use coop_core::habits::{JobExtra, MAX_IDS, validate_extra};
+use coop_core::state::{
+    Event, Isolation, JobKind, JobSpec, Op, Principal, Rejection, validate_spec,
+};
 
 pub struct Jobs(pub Ctx);
 
@@ -192,10 +194,10 @@ impl JobService for Jobs {
                 })
                 .collect::<Result<Vec<_>, Status>>()
         };
-        if r.after_ok.len() + r.after_any.len() > crate::habits::MAX_DEPENDENCIES {
+        if r.after_ok.len() + r.after_any.len() > coop_core::habits::MAX_DEPENDENCIES {
             return Err(invalid(
                 "dependency",
-                format!("at most {} jobs", crate::habits::MAX_DEPENDENCIES),
+                format!("at most {} jobs", coop_core::habits::MAX_DEPENDENCIES),
             ));
         }
         let extra = JobExtra {
@@ -208,7 +210,11 @@ impl JobService for Jobs {
         validate_extra(&extra).map_err(rejection_status)?;
         let array = Some(r.array.trim().to_string()).filter(|a| !a.is_empty());
         let tasks = match &array {
-            Some(a) => crate::habits::parse_array(a).map_err(rejection_status)?.0,
+            Some(a) => {
+                coop_core::habits::parse_array(a)
+                    .map_err(rejection_status)?
+                    .0
+            }
             None => vec![],
         };
         // An array is charged a submission per task (up to a whole burst).
@@ -234,7 +240,7 @@ impl JobService for Jobs {
             .await;
         // The job the answer shows: an array's first task.
         let shown = match tasks.first() {
-            Some(t) => crate::habits::task_id(id, *t),
+            Some(t) => coop_core::habits::task_id(id, *t),
             None => id,
         };
         if retry
@@ -341,7 +347,7 @@ impl JobService for Jobs {
             // A pending job requeued from the node no longer runs there.
             .filter(|j| {
                 node.is_empty()
-                    || (j.state != crate::state::JobState::Pending
+                    || (j.state != coop_core::state::JobState::Pending
                         && j.node.as_deref() == Some(node))
             })
             .filter(|j| r.to_ms == 0 || j.submitted_at_ms <= r.to_ms)
@@ -410,7 +416,7 @@ impl JobService for Jobs {
                 .read()
                 .jobs
                 .get(&id)
-                .is_some_and(|j| j.state == crate::state::JobState::Cancelled)
+                .is_some_and(|j| j.state == coop_core::state::JobState::Cancelled)
         };
         match self.0.replica.propose(Op::CancelJob { id }).await {
             Ok(_) => {}

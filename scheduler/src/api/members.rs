@@ -6,9 +6,9 @@ use tonic::{Request, Response, Status};
 
 use super::{Ctx, after, invalid, page, propose_status};
 use crate::auth::{hash_token, new_token};
-use crate::policy::Setting;
 use crate::replica::now_ms;
-use crate::state::{Member, Op, Principal, State, valid_name};
+use coop_core::policy::Setting;
+use coop_core::state::{Member, Op, Principal, State, valid_name};
 
 pub struct Members(pub Ctx);
 

@@ -18,7 +18,7 @@ use tonic::{Request, Status};
 use crate::auth::hash_token;
 use crate::liveness::Registry;
 use crate::replica::{ProposeError, Replica};
-use crate::state::{Job, JobKind, JobState, Principal, Rejection, State};
+use coop_core::state::{Job, JobKind, JobState, Principal, Rejection, State};
 
 /// What every service holds.
 #[derive(Clone)]
@@ -26,7 +26,7 @@ pub struct Ctx {
     pub replica: Replica,
     /// Decayed usage per member, kept up to date incrementally and shared by
     /// the scheduling loop, the API and the metrics.
-    pub decayed: Arc<std::sync::Mutex<crate::fairshare::DecayedUsage>>,
+    pub decayed: Arc<std::sync::Mutex<coop_core::fairshare::DecayedUsage>>,
     pub registry: Arc<Registry>,
     pub config: Arc<crate::server::Config>,
     pub limits: Arc<limits::SubmitLimits>,
@@ -80,18 +80,18 @@ impl Ctx {
         };
         match check() {
             Ok(p) if self.replica.is_leader() => return Ok(p),
-            Err(crate::accounts::Refused::Expired) => {
+            Err(coop_core::accounts::Refused::Expired) => {
                 return Err(Status::unauthenticated("token expired: ask for a new one"));
             }
             _ => {}
         }
         self.current().await?;
         check().map_err(|r| match r {
-            crate::accounts::Refused::Unknown => Status::unauthenticated("unknown token"),
-            crate::accounts::Refused::Expired => {
+            coop_core::accounts::Refused::Unknown => Status::unauthenticated("unknown token"),
+            coop_core::accounts::Refused::Expired => {
                 Status::unauthenticated("token expired: ask for a new one")
             }
-            crate::accounts::Refused::Suspended(m) => Status::permission_denied(format!(
+            coop_core::accounts::Refused::Suspended(m) => Status::permission_denied(format!(
                 "member {m} is suspended: ask the operator to resume it"
             )),
         })

@@ -4,9 +4,9 @@ use coop_proto::v1::{self as pb, policy_service_server::PolicyService};
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, after, invalid, page, propose_status};
-use crate::policy::Setting;
 use crate::replica::now_ms;
-use crate::state::{Op, Principal, Proposal, State};
+use coop_core::policy::Setting;
+use coop_core::state::{Op, Principal, Proposal, State};
 
 fn proposal_to_pb(p: &Proposal, now: i64) -> pb::PolicyProposal {
     pb::PolicyProposal {

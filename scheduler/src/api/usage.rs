@@ -4,11 +4,11 @@ use coop_proto::v1::{self as pb, usage_service_server::UsageService};
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, invalid, readable_member};
-use crate::fairshare::{DecayedUsage, entitlements, factors, running_gpus, total_gpus};
-use crate::placement::plan;
 use crate::replica::now_ms;
-use crate::state::State;
-use crate::usage::member_usage;
+use coop_core::fairshare::{DecayedUsage, entitlements, factors, running_gpus, total_gpus};
+use coop_core::placement::plan;
+use coop_core::state::State;
+use coop_core::usage::member_usage;
 
 /// Waiting jobs a fair-share answer lists (the rest are counted).
 const MAX_WAITING_SHOWN: usize = 1000;
@@ -84,7 +84,7 @@ impl UsageService for Usage {
         let now = now_ms();
         let state = self.0.replica.read();
         check_member(&state, &Some(member.clone()))?;
-        let st = crate::usage::statement(&state, &member, r.from_ms, r.to_ms, now);
+        let st = coop_core::usage::statement(&state, &member, r.from_ms, r.to_ms, now);
         Ok(Response::new(pb::MemberStatement {
             balance_weighted_gpu_ms: st.balance_weighted_gpu_ms(),
             member: st.member,

@@ -25,7 +25,7 @@ use raft::{RawNode, StateRole, Storage};
 use serde::{Deserialize, Serialize};
 
 use super::log::Log;
-use crate::state::{Command, Event, Op, Rejection, State};
+use coop_core::state::{Command, Event, Op, Rejection, State};
 
 /// What a snapshot holds besides raft's metadata.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

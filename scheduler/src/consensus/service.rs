@@ -7,7 +7,7 @@ use raft::eraftpb::Message;
 use tonic::{Request, Response, Status};
 
 use crate::replica::{Membership, Replica};
-use crate::state::Op;
+use coop_core::state::Op;
 
 /// Served on the peer listener only, whose TLS handshake already refused any
 /// caller without a certificate of the cluster CA.

@@ -394,10 +394,9 @@ impl<'a> Sim<'a> {
         };
         self.ids.push(id);
         self.index.insert(id, i);
-        if let Err(e) = self.apply(op) {
-            // Larger than any node: it can never run; recorded as never started.
-            tracing::debug!("trace job {i} rejected: {e}");
-        }
+        // A rejected job (larger than any node) can never run: it stays
+        // recorded as never started.
+        let _ = self.apply(op);
     }
 
     /// The run `attempt` of trace job `i` exits (0: its work is done; 143: it

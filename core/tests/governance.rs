@@ -1,8 +1,8 @@
 //! Governed policy changes: K of N member approvals, expiry, and the ledger.
 
-use coop_scheduler::ledger::{self, Entry};
-use coop_scheduler::policy::Setting;
-use coop_scheduler::state::*;
+use coop_core::ledger::{self, Entry};
+use coop_core::policy::Setting;
+use coop_core::state::*;
 
 fn apply(s: &mut State, at: i64, op: Op) -> Result<Vec<Event>, Rejection> {
     let before = s.clone();

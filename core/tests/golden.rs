@@ -7,8 +7,8 @@
 //! one made on purpose needs a new format version and a migration, not a new
 //! constant here.
 
-use coop_scheduler::policy::Setting;
-use coop_scheduler::state::*;
+use coop_core::policy::Setting;
+use coop_core::state::*;
 use uuid::Uuid;
 
 fn a100s(node: &str, n: u32) -> Vec<GpuInfo> {

@@ -10,10 +10,10 @@
 
 use std::time::Instant;
 
-use coop_scheduler::fairshare::DecayedUsage;
-use coop_scheduler::placement::plan;
-use coop_scheduler::policy::{Ordering, Setting};
-use coop_scheduler::state::*;
+use coop_core::fairshare::DecayedUsage;
+use coop_core::placement::plan;
+use coop_core::policy::{Ordering, Setting};
+use coop_core::state::*;
 use uuid::Uuid;
 
 const NODES: u32 = 1250;

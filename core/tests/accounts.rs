@@ -1,8 +1,8 @@
 //! Who may act, in the pure state machine: enrollment, joining, revocation,
 //! removal, rotation and expiry. Every rejected command must change nothing.
 
-use coop_scheduler::accounts::Refused;
-use coop_scheduler::state::*;
+use coop_core::accounts::Refused;
+use coop_core::state::*;
 
 fn apply(s: &mut State, at: i64, op: Op) -> Result<Vec<Event>, Rejection> {
     let before = s.clone();
@@ -128,7 +128,7 @@ fn a_removed_member_keeps_no_machine_and_no_token() {
     assert!(s.members["alice"].removed_at_ms.is_some());
     // Its history stays in the ledger.
     let removed = s.audit.iter().any(|r| {
-        matches!(&r.entry, coop_scheduler::ledger::Entry::AccountChanged { account, change }
+        matches!(&r.entry, coop_core::ledger::Entry::AccountChanged { account, change }
             if account == "member:alice" && change == "removed")
     });
     assert!(removed);

@@ -2,9 +2,9 @@
 //! hostile operator: each forgery or overreach of issue 13 is refused,
 //! changes no bill, and (for reports) leaves evidence in the audit ledger.
 
-use coop_scheduler::ledger::Entry;
-use coop_scheduler::policy::Setting;
-use coop_scheduler::state::*;
+use coop_core::ledger::Entry;
+use coop_core::policy::Setting;
+use coop_core::state::*;
 use uuid::Uuid;
 
 fn gpus(node: &str, n: u32) -> Vec<GpuInfo> {
@@ -605,7 +605,7 @@ fn a_gpu_quota_holds_at_submission_and_at_placement() {
     };
     let e = apply(&mut s, 50_003, place).unwrap_err();
     assert!(e.to_string().contains("its quota is 3"), "{e}");
-    let plan = coop_scheduler::placement::plan(&s, 50_004, &Default::default());
+    let plan = coop_core::placement::plan(&s, 50_004, &Default::default());
     assert!(
         plan.placements.is_empty(),
         "the scheduler does not place it either"
@@ -883,7 +883,7 @@ fn a_run_starts_once_and_its_energy_is_bounded_over_its_whole_time() {
     );
     // Zero-length reports each claiming the slack of one clock skew: the
     // bound is over the run, so the slack is granted once.
-    let bound = coop_scheduler::plausible::energy_bound_mj(2 * 1_500, 20_000);
+    let bound = coop_core::plausible::energy_bound_mj(2 * 1_500, 20_000);
     for seq in 5..50 {
         report(
             &mut s,
@@ -971,8 +971,8 @@ fn a_run_cut_off_with_its_node_is_billed_until_its_agent_is_back_and_a_grace() {
         .map(|r| r.end_ms)
         .max()
         .unwrap();
-    assert_eq!(billed_to, back + coop_scheduler::plausible::CUT_OFF_STOP_MS);
-    let bound = coop_scheduler::plausible::energy_bound_mj(2 * 1_500, billed_to - 10_000);
+    assert_eq!(billed_to, back + coop_core::plausible::CUT_OFF_STOP_MS);
+    let bound = coop_core::plausible::energy_bound_mj(2 * 1_500, billed_to - 10_000);
     for seq in 3..30 {
         report(
             &mut s,

@@ -640,7 +640,12 @@ mod tests {
         extra: JobExtra,
         array: Option<&str>,
     ) -> Result<JobId, Rejection> {
-        let id = Uuid::new_v4();
+        // Distinct ids without a random source (the core has none).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = Uuid::from_u128(
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .into(),
+        );
         s.apply(&Command {
             at_ms: 10,
             op: Op::SubmitJobWith {
@@ -695,7 +700,11 @@ mod tests {
         assert!(s.queue.is_empty());
         // Another member's job, a missing one, one that can never succeed.
         let before = s.clone();
-        for (member, dep) in [("bravo", a), ("acme", Uuid::new_v4()), ("acme", a)] {
+        for (member, dep) in [
+            ("bravo", a),
+            ("acme", Uuid::from_u128(u128::MAX)),
+            ("acme", a),
+        ] {
             let e = submit(&mut s, member, after_ok(&[dep]), None).unwrap_err();
             assert!(e.to_string().starts_with("dependency: "), "{e}");
         }
@@ -799,7 +808,7 @@ mod tests {
 
     #[test]
     fn task_ids_are_derived_and_distinct() {
-        let a = Uuid::new_v4();
+        let a = Uuid::from_u128(0x5eed);
         assert_eq!(task_id(a, 3), task_id(a, 3));
         assert_ne!(task_id(a, 3), task_id(a, 4));
         assert_ne!(task_id(a, 3), a);
