@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::args::*;
 use crate::client::Client;
-use crate::commands::{print_json, rfc3339, show_time, table};
+use crate::view::{pages, print_json, rfc3339, show_time, table};
 
 fn ttl_s(d: Option<Duration>) -> u64 {
     // Rounded up: a lifetime under a second is still a lifetime.
@@ -69,7 +69,7 @@ pub async fn member(cli: &ClientArgs, cmd: MemberCmd) -> anyhow::Result<()> {
             return Ok(());
         }
         MemberCmd::List => {
-            let (list, _) = crate::commands::pages(None, String::new(), |limit, page_token| {
+            let (list, _) = pages(None, String::new(), |limit, page_token| {
                 let mut members = members.clone();
                 let req = c.req(pb::ListMembersRequest { limit, page_token });
                 async move {
@@ -162,7 +162,7 @@ pub async fn auditor(cli: &ClientArgs, cmd: AuditorCmd) -> anyhow::Result<()> {
             print_secret(cli, &what, fields, &r.token);
         }
         AuditorCmd::List => {
-            let (list, _) = crate::commands::pages(None, String::new(), |limit, page_token| {
+            let (list, _) = pages(None, String::new(), |limit, page_token| {
                 let mut members = members.clone();
                 let req = c.req(pb::ListAuditorsRequest { limit, page_token });
                 async move {

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::args::{AuditCmd, AuditFormat, ClientArgs, Output};
 use crate::client::Client;
-use crate::commands::{print_json, rfc3339};
+use crate::view::{print_json, rfc3339};
 
 const CSV_HEADER: [&str; 6] = ["seq", "at_ms", "kind", "entry", "prev_hash", "hash"];
 

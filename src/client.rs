@@ -336,7 +336,7 @@ impl Targets {
 
 /// Metadata on an UNAVAILABLE answer: the scheduler did not carry the call
 /// out (it knows no leader), so another may be asked.
-pub use coop_scheduler::api::NOT_APPLIED_HEADER;
+pub use coop_scheduler::status::NOT_APPLIED_HEADER;
 
 impl tower::Service<http::Request<Body>> for Failover {
     type Response = http::Response<Body>;

@@ -137,7 +137,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
                     node: a.node.clone(),
                     owner: creds.member.clone(),
                     join_hash: hash_token(&join),
-                    expires_at_ms: coop_scheduler::replica::now_ms() + 60_000,
+                    expires_at_ms: coop_scheduler::clock::now_ms() + 60_000,
                 })
                 .await
                 .context("enrolling the local node")?;

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::args::*;
 use crate::client::Client;
-use crate::commands::{job_json, pages, print_json, state_name, state_to_pb};
+use crate::view::{job_json, pages, print_json, state_name, state_to_pb};
 
 /// `afterok:ID[:ID..][,afterany:ID..]`: the jobs waited for successfully, and
 /// those waited for however they end.

@@ -8,6 +8,7 @@ mod commands;
 mod daemons;
 mod habits;
 mod simulate;
+mod view;
 
 use std::process::ExitCode;
 

@@ -2,13 +2,15 @@
 //! same committed commands. The state machine (`state`), the order jobs run in
 //! (`placement`, `fairshare`, `habits`), the rules members vote on (`policy`,
 //! `accounts`), what a job costs (`usage`, `plausible`) and the audit chain
-//! (`ledger`); `simulate` replays a workload trace through all of it.
+//! (`ledger`); `codec` writes and strictly reads the log's entries and
+//! snapshots; `simulate` replays a workload trace through all of it.
 //!
 //! Nothing here reads a clock, a file, the network or a random source: the
 //! shell (`coop-scheduler`) brings time and ids in with each command, so a
 //! replay of the log gives the same state, byte for byte, on every replica.
 
 pub mod accounts;
+pub mod codec;
 pub mod fairshare;
 pub mod habits;
 pub mod ledger;

@@ -5,9 +5,12 @@
 
 pub mod api;
 pub mod auth;
+pub mod clock;
+pub mod config;
 pub mod consensus;
 pub mod datadir;
 pub mod head;
+pub mod instruments;
 pub mod liveness;
 pub mod metrics;
 pub mod metrics_access;
@@ -15,6 +18,8 @@ pub mod replica;
 pub mod server;
 pub mod signer;
 pub mod sink;
+pub mod status;
 pub mod tls;
 
-pub use server::{Config, Scheduler};
+pub use config::Config;
+pub use server::Scheduler;

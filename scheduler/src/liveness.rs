@@ -11,7 +11,7 @@ use coop_proto::v1 as pb;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tonic::Status;
 
-use crate::replica::now_ms;
+use crate::clock::now_ms;
 
 pub type AgentTx = mpsc::Sender<Result<pb::SchedulerMessage, Status>>;
 

@@ -126,7 +126,7 @@ pub fn guard(
     let allow: Allow = Arc::new(move |token| {
         let hash = crate::auth::hash_token(token);
         matches!(
-            replica.read().authenticate(&hash, crate::replica::now_ms()),
+            replica.read().authenticate(&hash, crate::clock::now_ms()),
             Ok(Principal::Operator | Principal::Auditor(_))
         )
     });

@@ -13,14 +13,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use coop_proto::v1 as pb;
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Message};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::consensus::core::{ConfContext, Core, NodeStatus, Timing};
+use crate::clock::now_ms;
+use crate::consensus::core::{ConfContext, Core, NodeStatus, Refused, Timing};
 use crate::consensus::disk::Disk;
 use crate::consensus::log::Log;
 use crate::consensus::transport::{self, Feedback, Transport};
@@ -144,13 +145,6 @@ pub struct Replica {
     fresh: bool,
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Replica {
     /// Loads the log from disk (or starts a new one) and starts the node loop.
     pub async fn start(config: ReplicaConfig) -> anyhow::Result<Self> {
@@ -167,7 +161,7 @@ impl Replica {
                 };
                 let log = Log::with_voters(&voters);
                 // Stored at once, so a restart knows it is no longer new.
-                disk.persist(&crate::consensus::core::Persist {
+                disk.persist(&crate::consensus::log::Persist {
                     hard_state: Some(log.hard_state.clone()),
                     conf_state: Some(log.conf_state.clone()),
                     ..Default::default()
@@ -268,7 +262,7 @@ impl Replica {
     /// result. On a follower it is carried to the leader; while there is no
     /// leader it waits for one, up to a limit.
     pub async fn propose(&self, op: Op) -> Result<Vec<Event>, ProposeError> {
-        let _timer = crate::metrics::PROPOSAL_SECONDS.start_timer();
+        let _timer = crate::instruments::PROPOSAL_SECONDS.start_timer();
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -534,7 +528,7 @@ impl Replica {
         single.node_id = id;
         let mut cc = ConfChangeV2::default();
         cc.set_changes(vec![single].into());
-        cc.context = serde_json::to_vec(ctx).expect("contexts serialise").into();
+        cc.context = coop_core::codec::encode(&ctx).into();
         let (reply, rx) = oneshot::channel();
         self.send(Input::ConfChange(cc, reply)).await?;
         self.wait(rx).await.map(|_| ())
@@ -641,9 +635,13 @@ impl Node {
                     Ok(()) => {
                         self.proposals.insert(token, reply);
                     }
-                    Err(e) => {
+                    Err(Refused::NotLeader(e)) => {
                         let leader = e.leader.and_then(|l| self.core.peers().get(&l).cloned());
                         let _ = reply.send(Err(ProposeError::NotLeader(leader)));
+                    }
+                    Err(e @ Refused::Unwritable(_)) => {
+                        tracing::error!("{e}");
+                        let _ = reply.send(Err(ProposeError::Unavailable(e.to_string())));
                     }
                 }
             }
@@ -705,7 +703,7 @@ impl Node {
             let early = std::mem::take(&mut staged.done);
             self.finish(early);
             if !staged.persist.is_empty() {
-                let _timer = crate::metrics::RAFT_PERSIST_SECONDS.start_timer();
+                let _timer = crate::instruments::RAFT_PERSIST_SECONDS.start_timer();
                 self.disk.persist(&staged.persist).await?;
             }
             let done = self.core.persisted(staged);
@@ -782,7 +780,7 @@ impl Node {
             }
         }
         if before.is_some_and(|(leader, _)| leader != status.leader) && status.leader != 0 {
-            crate::metrics::LEADER_CHANGES.inc();
+            crate::instruments::LEADER_CHANGES.inc();
         }
         if before != Some((status.leader, status.term)) {
             tracing::info!(

@@ -61,7 +61,7 @@ pub async fn run(url: String, replica: Replica, mut shutdown: watch::Receiver<bo
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
     // The next leader's sink judges for itself; a stale 1 here would be a false alert.
-    crate::metrics::SINK_DIVERGED.set(0);
+    crate::instruments::SINK_DIVERGED.set(0);
 }
 
 /// Why the cluster's chain does not extend the database's ledger, whose last
@@ -122,7 +122,7 @@ async fn stream(
         caught_up = false;
         if let Some(why) = diverged {
             tx.rollback().await?;
-            crate::metrics::SINK_DIVERGED.set(1);
+            crate::instruments::SINK_DIVERGED.set(1);
             if reported.as_ref() != Some(&why) {
                 tracing::error!(
                     "accounting sink: the database's ledger is not the cluster's: {why}; \
@@ -138,7 +138,7 @@ async fn stream(
             }
             continue;
         }
-        crate::metrics::SINK_DIVERGED.set(0);
+        crate::instruments::SINK_DIVERGED.set(0);
         if reported.take().is_some() {
             tracing::info!("accounting sink: the database's ledger is the cluster's again");
         }

@@ -101,7 +101,7 @@ async fn snapshots_compact_the_log_and_restore_the_same_state() {
 /// leader's snapshot that replaces the log, hard and conf states.
 #[tokio::test]
 async fn the_sqlite_log_and_the_simulated_disk_agree() {
-    use coop_scheduler::consensus::core::Persist;
+    use coop_scheduler::consensus::log::Persist;
     use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 
     fn entries(from: u64, to: u64, term: u64) -> Vec<Entry> {
@@ -194,28 +194,23 @@ async fn pool(db: &Path) -> sqlx::SqlitePool {
         .unwrap()
 }
 
-#[tokio::test]
-async fn a_committed_entry_that_cannot_be_decoded_stops_the_node() {
+/// Rewrites the data of the second-to-last raft entry of a stopped node.
+async fn rewrite_entry(db: &Path, edit: impl FnOnce(serde_json::Value) -> Vec<u8>) -> i64 {
     use protobuf::Message as _;
     use sqlx::Row;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("s.db");
-    let replica = start(&db, 10_000).await;
-    for i in 0..3 {
-        replica.propose(member(i)).await.unwrap();
-    }
-    replica.stop().await;
-
-    // A command's bytes are rewritten outside raft.
-    let p = pool(&db).await;
-    // The second of the three commands: what follows it must not be applied.
+    let p = pool(db).await;
     let row = sqlx::query("SELECT idx, entry FROM raft_entries ORDER BY idx DESC LIMIT 1 OFFSET 1")
         .fetch_one(&p)
         .await
         .unwrap();
     let (idx, bytes): (i64, Vec<u8>) = (row.get(0), row.get(1));
     let mut entry = raft::eraftpb::Entry::parse_from_bytes(&bytes).unwrap();
-    entry.data = b"{\"at_ms\":1,\"op\":{\"NoSuchOp\":{}}}".to_vec().into();
+    let written: serde_json::Value = serde_json::from_slice(&entry.data).unwrap();
+    assert_eq!(
+        written["format"], 1,
+        "entries carry their format: {written}"
+    );
+    entry.data = edit(written).into();
     sqlx::query("UPDATE raft_entries SET entry = ? WHERE idx = ?")
         .bind(entry.write_to_bytes().unwrap())
         .bind(idx)
@@ -223,18 +218,77 @@ async fn a_committed_entry_that_cannot_be_decoded_stops_the_node() {
         .await
         .unwrap();
     p.close().await;
+    idx
+}
 
-    // Replaying it, the node stops and says why, rather than skip it.
-    let replica = start(&db, 10_000).await;
-    let why = tokio::time::timeout(Duration::from_secs(10), replica.failure())
-        .await
-        .expect("the node went on past an entry it cannot decode");
-    assert!(
-        why.contains(&format!("committed log entry {idx}")) && why.contains("cannot be decoded"),
-        "{why}"
-    );
-    // It applied nothing from there on: the first command only.
-    assert_eq!(replica.read().members.len(), 1);
+#[tokio::test]
+async fn a_committed_entry_that_cannot_be_read_exactly_stops_the_node() {
+    type Edit = fn(serde_json::Value) -> Vec<u8>;
+    let cases: [(&str, Edit, &str); 5] = [
+        (
+            "an unknown command",
+            |_| br#"{"format":1,"value":{"at_ms":1,"op":{"NoSuchOp":{}}}}"#.to_vec(),
+            "does not decode",
+        ),
+        (
+            "a newer format",
+            |mut v| {
+                v["format"] = 2.into();
+                serde_json::to_vec(&v).unwrap()
+            },
+            "newer coop",
+        ),
+        (
+            "a field this build does not know",
+            |mut v| {
+                v["value"]["op"]["AddMember"]["quota_gpus"] = 8.into();
+                serde_json::to_vec(&v).unwrap()
+            },
+            "quota_gpus is not a known field",
+        ),
+        (
+            "a field left out",
+            |mut v| {
+                v["value"]["op"]["AddMember"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("expires_at_ms");
+                serde_json::to_vec(&v).unwrap()
+            },
+            "expires_at_ms is missing",
+        ),
+        (
+            "an entry without a format",
+            |v| serde_json::to_vec(&v["value"]).unwrap(),
+            "no format version",
+        ),
+    ];
+    for (what, edit, says) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("s.db");
+        let replica = start(&db, 10_000).await;
+        for i in 0..3 {
+            replica.propose(member(i)).await.unwrap();
+        }
+        replica.stop().await;
+        // The second of the three commands is rewritten outside raft: what
+        // follows it must not be applied.
+        let idx = rewrite_entry(&db, edit).await;
+
+        // Replaying it, the node stops and says why, rather than skip it or
+        // apply something other than what was written.
+        let replica = start(&db, 10_000).await;
+        let why = tokio::time::timeout(Duration::from_secs(10), replica.failure())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the node went on past an entry it cannot read"));
+        assert!(
+            why.contains(&format!("committed log entry {idx}")) && why.contains(says),
+            "{what}: {why}"
+        );
+        // It applied nothing from there on: the first command only.
+        assert_eq!(replica.read().members.len(), 1, "{what}");
+        replica.stop().await;
+    }
 }
 
 #[tokio::test]
@@ -255,6 +309,8 @@ async fn a_snapshot_that_cannot_be_decoded_refuses_the_start() {
         .await
         .unwrap();
     let mut snap = raft::eraftpb::Snapshot::parse_from_bytes(&row.get::<Vec<u8>, _>(0)).unwrap();
+    let written: serde_json::Value = serde_json::from_slice(&snap.data).unwrap();
+    assert_eq!(written["format"], 1, "snapshots carry their format");
     snap.data = b"not a snapshot".to_vec().into();
     sqlx::query("UPDATE raft_meta SET value = ? WHERE key = 'snapshot'")
         .bind(snap.write_to_bytes().unwrap())
@@ -267,5 +323,9 @@ async fn a_snapshot_that_cannot_be_decoded_refuses_the_start() {
         .await
         .err()
         .expect("started on a snapshot it cannot decode");
-    assert!(format!("{err:#}").contains("cannot be decoded"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("the snapshot at")
+            && format!("{err:#}").contains("cannot be read"),
+        "{err:#}"
+    );
 }

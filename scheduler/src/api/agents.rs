@@ -14,8 +14,8 @@ use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Ctx, invalid, parse_job_id, propose_status};
+use crate::clock::now_ms;
 use crate::liveness::AgentTx;
-use crate::replica::now_ms;
 use coop_core::state::{Capacity, GpuInfo, JobState, Op, RunReport, State, valid_name};
 
 pub struct Agents(pub Ctx);

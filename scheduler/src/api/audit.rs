@@ -34,7 +34,7 @@ pub fn head_from_pb(h: pb::AuditHead) -> SignedHead {
         signature: h.signature,
     }
 }
-use crate::replica::now_ms;
+use crate::clock::now_ms;
 use coop_core::ledger::GENESIS;
 
 pub struct Audit(pub Ctx);

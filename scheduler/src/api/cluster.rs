@@ -254,7 +254,7 @@ impl ClusterService for Cluster {
             t => t,
         };
         let join_token = crate::auth::new_join_token();
-        let expires_at_ms = crate::replica::now_ms() + ttl_s as i64 * 1000;
+        let expires_at_ms = crate::clock::now_ms() + ttl_s as i64 * 1000;
         self.0
             .replica
             .propose(Op::EnrollNode {

@@ -13,7 +13,8 @@ use super::{
     Ctx, after, invalid, job_key, job_to_pb, may_access, page, parse_job_id, propose_status,
     rejection_status,
 };
-use crate::replica::{ProposeError, now_ms};
+use crate::clock::now_ms;
+use crate::replica::ProposeError;
 use coop_core::fairshare::DecayedUsage;
 use coop_core::habits::{JobExtra, MAX_IDS, validate_extra};
 use coop_core::state::{

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Ctx, after, invalid, page, propose_status};
 use crate::auth::{hash_token, new_token};
-use crate::replica::now_ms;
+use crate::clock::now_ms;
 use coop_core::policy::Setting;
 use coop_core::state::{Member, Op, Principal, State, valid_name};
 

@@ -18,7 +18,7 @@ use tonic::{Request, Status};
 use crate::auth::hash_token;
 use crate::liveness::Registry;
 use crate::replica::{ProposeError, Replica};
-use coop_core::state::{Job, JobKind, JobState, Principal, Rejection, State};
+use coop_core::state::{Job, JobKind, JobState, Principal, State};
 
 /// What every service holds.
 #[derive(Clone)]
@@ -28,7 +28,7 @@ pub struct Ctx {
     /// the scheduling loop, the API and the metrics.
     pub decayed: Arc<std::sync::Mutex<coop_core::fairshare::DecayedUsage>>,
     pub registry: Arc<Registry>,
-    pub config: Arc<crate::server::Config>,
+    pub config: Arc<crate::config::Config>,
     pub limits: Arc<limits::SubmitLimits>,
     /// Signs audit heads (`AuditService.Head`) with this scheduler's key.
     pub signer: Arc<crate::signer::Signer>,
@@ -75,7 +75,7 @@ impl Ctx {
         let check = || {
             self.replica
                 .read()
-                .authenticate(&hash, crate::replica::now_ms())
+                .authenticate(&hash, crate::clock::now_ms())
                 .cloned()
         };
         match check() {
@@ -173,41 +173,7 @@ impl Ctx {
     }
 }
 
-pub fn rejection_status(r: Rejection) -> Status {
-    match r {
-        Rejection::InvalidArgument { .. } => Status::invalid_argument(r.to_string()),
-        Rejection::NotFound(m) => Status::not_found(m),
-        Rejection::AlreadyExists(m) => Status::already_exists(m),
-        Rejection::FailedPrecondition(m) => Status::failed_precondition(m),
-        Rejection::ResourceExhausted { .. } => Status::resource_exhausted(r.to_string()),
-    }
-}
-
-/// Metadata naming the leader's address on an UNAVAILABLE answer.
-pub const LEADER_HEADER: &str = "x-coop-leader";
-/// Metadata on an UNAVAILABLE answer when the call was certainly not carried
-/// out (this node knows no leader): a client may send it to another node.
-pub const NOT_APPLIED_HEADER: &str = "x-coop-not-applied";
-
-pub fn propose_status(e: ProposeError) -> Status {
-    match e {
-        ProposeError::Rejected(r) => rejection_status(r),
-        ProposeError::Unavailable(m) => Status::unavailable(m),
-        ProposeError::NotLeader(leader) => {
-            let mut s = Status::unavailable(ProposeError::NotLeader(leader.clone()).to_string());
-            s.metadata_mut().insert(
-                NOT_APPLIED_HEADER,
-                tonic::metadata::MetadataValue::from_static("1"),
-            );
-            if let Some(l) = leader
-                && let Ok(v) = l.parse()
-            {
-                s.metadata_mut().insert(LEADER_HEADER, v);
-            }
-            s
-        }
-    }
-}
+pub use crate::status::{LEADER_HEADER, NOT_APPLIED_HEADER, propose_status, rejection_status};
 
 pub fn invalid(field: &str, msg: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {msg}"))

@@ -4,7 +4,7 @@ use coop_proto::v1::{self as pb, policy_service_server::PolicyService};
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, after, invalid, page, propose_status};
-use crate::replica::now_ms;
+use crate::clock::now_ms;
 use coop_core::policy::Setting;
 use coop_core::state::{Op, Principal, Proposal, State};
 

@@ -4,7 +4,7 @@ use coop_proto::v1::{self as pb, usage_service_server::UsageService};
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, invalid, readable_member};
-use crate::replica::now_ms;
+use crate::clock::now_ms;
 use coop_core::fairshare::{DecayedUsage, entitlements, factors, running_gpus, total_gpus};
 use coop_core::placement::plan;
 use coop_core::state::State;

@@ -24,7 +24,8 @@ use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Messag
 use raft::{RawNode, StateRole, Storage};
 use serde::{Deserialize, Serialize};
 
-use super::log::Log;
+use super::log::{Log, Persist};
+use coop_core::codec;
 use coop_core::state::{Command, Event, Op, Rejection, State};
 
 /// What a snapshot holds besides raft's metadata.
@@ -49,26 +50,14 @@ pub struct NotLeader {
     pub leader: Option<u64>,
 }
 
-/// What must be durable before [`Core::persisted`].
-#[derive(Debug, Default)]
-pub struct Persist {
-    /// A snapshot to store. With `replace_log`, it came from the leader and
-    /// replaces the whole log; otherwise it is ours and drops the entries it covers.
-    pub snapshot: Option<Snapshot>,
-    pub replace_log: bool,
-    /// Entries to append; any stored entry at or after the first one's index goes.
-    pub entries: Vec<Entry>,
-    pub hard_state: Option<HardState>,
-    pub conf_state: Option<ConfState>,
-}
-
-impl Persist {
-    pub fn is_empty(&self) -> bool {
-        self.snapshot.is_none()
-            && self.entries.is_empty()
-            && self.hard_state.is_none()
-            && self.conf_state.is_none()
-    }
+/// Why a proposal was not appended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error(transparent)]
+    NotLeader(#[from] NotLeader),
+    /// The command would not read back exactly as written (a bug in coop).
+    #[error("the command cannot be written to the log: {0}")]
+    Unwritable(String),
 }
 
 pub type ApplyResult = Result<Vec<Event>, Rejection>;
@@ -177,8 +166,8 @@ impl Core {
         let mut restored = State::default();
         let applied = log.snapshot_index();
         if !log.snapshot.data.is_empty() {
-            let data: SnapshotData = serde_json::from_slice(&log.snapshot.data).map_err(|e| {
-                anyhow::anyhow!("the snapshot at {applied} in the raft log cannot be decoded: {e}")
+            let data: SnapshotData = codec::decode(&log.snapshot.data).map_err(|e| {
+                anyhow::anyhow!("the snapshot at {applied} in the raft log cannot be read: {e}")
             })?;
             restored = data.state;
             book = data.peers;
@@ -326,13 +315,18 @@ impl Core {
     }
 
     /// Appends `op`, stamped with the leader's clock, to the log.
-    pub fn propose(&mut self, token: u64, op: Op, now_ms: i64) -> Result<(), NotLeader> {
+    pub fn propose(&mut self, token: u64, op: Op, now_ms: i64) -> Result<(), Refused> {
         self.check_leader()?;
         let at_ms = now_ms.max(self.last_at_ms);
-        let data = serde_json::to_vec(&Command { at_ms, op }).expect("commands serialise");
+        let data = codec::encode(&Command { at_ms, op });
+        // An entry no replica could read back exactly would stop them all once
+        // committed: it is refused here instead, before it is anyone's log.
+        if let Err(e) = codec::decode::<Command>(&data) {
+            return Err(Refused::Unwritable(e.to_string()));
+        }
         self.raw
             .propose(vec![], data)
-            .map_err(|_| self.not_leader())?;
+            .map_err(|_| Refused::NotLeader(self.not_leader()))?;
         self.last_at_ms = at_ms;
         self.track(token);
         Ok(())
@@ -478,7 +472,7 @@ impl Core {
     /// Replaces the state with a snapshot's; false (and `fatal` set) when it
     /// cannot be decoded: keeping the old state would diverge silently.
     fn restore(&mut self, snap: &Snapshot) -> bool {
-        match serde_json::from_slice::<SnapshotData>(&snap.data) {
+        match codec::decode::<SnapshotData>(&snap.data) {
             Ok(data) => {
                 *self.state.write().unwrap_or_else(|e| e.into_inner()) = data.state;
                 // What this node was configured with or committed stays; the
@@ -491,7 +485,7 @@ impl Core {
             }
             Err(e) => {
                 self.fatal = Some(format!(
-                    "the snapshot at index {} (term {}) cannot be decoded: {e}",
+                    "the snapshot at index {} (term {}) cannot be read: {e}",
                     snap.get_metadata().index,
                     snap.get_metadata().term
                 ));
@@ -515,7 +509,7 @@ impl Core {
             }
             let result = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => Ok(vec![]),
-                EntryType::EntryNormal => match serde_json::from_slice::<Command>(&entry.data) {
+                EntryType::EntryNormal => match codec::decode::<Command>(&entry.data) {
                     Ok(cmd) => {
                         self.last_at_ms = self.last_at_ms.max(cmd.at_ms);
                         state.apply(&cmd)
@@ -523,14 +517,23 @@ impl Core {
                     Err(e) => {
                         // Every replica must apply every committed entry.
                         self.fatal = Some(format!(
-                            "committed log entry {} (term {}) cannot be decoded: {e}",
+                            "committed log entry {} (term {}) cannot be read: {e}",
                             entry.index, entry.term
                         ));
                         return;
                     }
                 },
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    self.apply_conf_change(&entry)
+                    match self.apply_conf_change(&entry) {
+                        Ok(result) => result,
+                        Err(e) => {
+                            self.fatal = Some(format!(
+                                "committed membership change {} (term {}) cannot be read: {e}",
+                                entry.index, entry.term
+                            ));
+                            return;
+                        }
+                    }
                 }
             };
             self.applied = entry.index;
@@ -552,33 +555,40 @@ impl Core {
         }
     }
 
-    fn apply_conf_change(&mut self, entry: &Entry) -> ApplyResult {
+    /// Applies a membership change: `Err` when the entry cannot be read (the
+    /// node must stop), `Ok(Err(..))` when raft refuses it (as every replica does).
+    fn apply_conf_change(&mut self, entry: &Entry) -> Result<ApplyResult, String> {
         // This node proposes only V2 changes (they can join several at once).
         if entry.get_entry_type() != EntryType::EntryConfChangeV2 {
-            return Err(Rejection::FailedPrecondition(
+            return Ok(Err(Rejection::FailedPrecondition(
                 "a version 1 membership change; only version 2 is proposed here".into(),
-            ));
+            )));
         }
         let mut cc = ConfChangeV2::default();
         cc.merge_from_bytes(&entry.data)
-            .map_err(|e| Rejection::FailedPrecondition(e.to_string()))?;
-        let cs = self
-            .raw
-            .apply_conf_change(&cc)
-            .map_err(|e| Rejection::FailedPrecondition(e.to_string()))?;
-        if let Ok(ctx) = serde_json::from_slice::<Vec<ConfContext>>(&cc.context) {
-            for c in ctx {
-                if cs.voters.contains(&c.id) || cs.learners.contains(&c.id) {
-                    self.removed.remove(&c.id);
-                    self.peers.insert(c.id, c.address);
-                } else {
-                    self.removed.insert(c.id);
-                    self.peers.remove(&c.id);
-                }
+            .map_err(|e| e.to_string())?;
+        // Read before applying: a change whose addresses cannot be read must not
+        // half-apply.
+        let ctx: Vec<ConfContext> = if cc.context.is_empty() {
+            vec![]
+        } else {
+            codec::decode(&cc.context).map_err(|e| e.to_string())?
+        };
+        let cs = match self.raw.apply_conf_change(&cc) {
+            Ok(cs) => cs,
+            Err(e) => return Ok(Err(Rejection::FailedPrecondition(e.to_string()))),
+        };
+        for c in ctx {
+            if cs.voters.contains(&c.id) || cs.learners.contains(&c.id) {
+                self.removed.remove(&c.id);
+                self.peers.insert(c.id, c.address);
+            } else {
+                self.removed.insert(c.id);
+                self.peers.remove(&c.id);
             }
         }
         self.raw.mut_store().conf_state = cs;
-        Ok(vec![])
+        Ok(Ok(vec![]))
     }
 
     /// Snapshots the applied state every `snapshot_every` entries; the log up to
@@ -593,11 +603,10 @@ impl Core {
         };
         let data = {
             let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-            serde_json::to_vec(&SnapshotDataRef {
+            codec::encode(&SnapshotDataRef {
                 state: &state,
                 peers: &self.peers,
             })
-            .expect("state serialises")
         };
         let mut snap = Snapshot {
             data: data.into(),

@@ -11,8 +11,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::core::Persist;
-use super::log::Log;
+use super::log::{Log, Persist};
 
 pub struct Disk {
     pool: SqlitePool,

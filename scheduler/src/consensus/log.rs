@@ -8,6 +8,28 @@
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
+/// What must be durable before the node goes on (`Core::persisted`).
+#[derive(Debug, Default)]
+pub struct Persist {
+    /// A snapshot to store. With `replace_log`, it came from the leader and
+    /// replaces the whole log; otherwise it is ours and drops the entries it covers.
+    pub snapshot: Option<Snapshot>,
+    pub replace_log: bool,
+    /// Entries to append; any stored entry at or after the first one's index goes.
+    pub entries: Vec<Entry>,
+    pub hard_state: Option<HardState>,
+    pub conf_state: Option<ConfState>,
+}
+
+impl Persist {
+    pub fn is_empty(&self) -> bool {
+        self.snapshot.is_none()
+            && self.entries.is_empty()
+            && self.hard_state.is_none()
+            && self.conf_state.is_none()
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Log {
     pub hard_state: HardState,
@@ -78,7 +100,7 @@ impl Log {
 
     /// Applies what a Ready made durable: the same changes the SQLite disk
     /// makes to its tables (the simulation's disk is this).
-    pub fn persist(&mut self, p: &super::core::Persist) {
+    pub fn persist(&mut self, p: &Persist) {
         if let Some(snap) = &p.snapshot {
             if p.replace_log {
                 self.install(snap.clone());

@@ -65,7 +65,7 @@ impl RaftService for Raft {
         self.0
             .change_membership(change)
             .await
-            .map_err(crate::api::propose_status)?;
+            .map_err(crate::status::propose_status)?;
         Ok(Response::new(pb::MembershipResponse {}))
     }
 

@@ -1,0 +1,192 @@
+//! How committed entries and snapshots are written: a format version around
+//! the value, read back strictly.
+//!
+//! Every replica must apply every committed entry exactly as its proposer
+//! meant it. So a reader refuses what it cannot reproduce: a format it does
+//! not know (written by a newer coop), a field it does not know, or a field
+//! left out that it would fill in with a default. It re-encodes what it
+//! decoded and compares it with what was written; anything lost or invented
+//! on the way is an error, never a silent default. A change to what an entry
+//! or the state holds goes with a new `FORMAT` and, if older data is to be
+//! read, a conversion from the older one here.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// The format this build writes, and the only one it reads.
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a coop record: {0}")]
+    Malformed(String),
+    #[error(
+        "format {found} was written by a newer coop; this build reads format {FORMAT}: upgrade it"
+    )]
+    Newer { found: u64 },
+    #[error("format {found} is older than this build reads (format {FORMAT})")]
+    Older { found: u64 },
+    #[error("it does not decode as format {FORMAT}: {0}")]
+    Invalid(String),
+    #[error("it does not read back as written (an unknown or missing field): {0}")]
+    NotExact(String),
+}
+
+#[derive(Serialize)]
+struct Envelope<'a, T> {
+    format: u32,
+    value: &'a T,
+}
+
+/// The value in the current format.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(&Envelope {
+        format: FORMAT,
+        value,
+    })
+    .expect("coop's records serialise to JSON")
+}
+
+/// A value written by [`encode`], exactly as written.
+pub fn decode<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let outer: Value =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let Value::Object(mut outer) = outer else {
+        return Err(DecodeError::Malformed("not a JSON object".into()));
+    };
+    let format = outer
+        .get("format")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| DecodeError::Malformed("no format version".into()))?;
+    match format {
+        f if f > u64::from(FORMAT) => return Err(DecodeError::Newer { found: f }),
+        f if f < u64::from(FORMAT) => return Err(DecodeError::Older { found: f }),
+        _ => {}
+    }
+    let value = outer
+        .remove("value")
+        .ok_or_else(|| DecodeError::Malformed("no value".into()))?;
+    if let Some(extra) = outer.keys().find(|k| *k != "format") {
+        return Err(DecodeError::NotExact(format!("unknown field {extra:?}")));
+    }
+    let decoded: T =
+        serde_json::from_value(value.clone()).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    let again = serde_json::to_value(&decoded).expect("coop's records serialise to JSON");
+    if again != value {
+        return Err(DecodeError::NotExact(first_difference(&value, &again, "")));
+    }
+    Ok(decoded)
+}
+
+/// Where two JSON values first differ, as a path (for the error).
+fn first_difference(written: &Value, read: &Value, path: &str) -> String {
+    match (written, read) {
+        (Value::Object(w), Value::Object(r)) => {
+            for (k, wv) in w {
+                let p = format!("{path}.{k}");
+                match r.get(k) {
+                    None => return format!("{p} is not a known field"),
+                    Some(rv) if rv != wv => return first_difference(wv, rv, &p),
+                    Some(_) => {}
+                }
+            }
+            match r.keys().find(|k| !w.contains_key(*k)) {
+                Some(k) => format!("{path}.{k} is missing"),
+                None => format!("{path} differs"),
+            }
+        }
+        (Value::Array(w), Value::Array(r)) if w.len() == r.len() => w
+            .iter()
+            .zip(r)
+            .enumerate()
+            .find(|(_, (a, b))| a != b)
+            .map(|(i, (a, b))| first_difference(a, b, &format!("{path}[{i}]")))
+            .unwrap_or_else(|| format!("{path} differs")),
+        _ => format!(
+            "{} differs",
+            if path.is_empty() { "the value" } else { path }
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, Op};
+
+    fn cmd() -> Command {
+        Command {
+            at_ms: 7,
+            op: Op::AddAuditor {
+                name: "acme".into(),
+                token_hash: "ab".repeat(32),
+            },
+        }
+    }
+
+    fn edit(bytes: &[u8], f: impl FnOnce(&mut Value)) -> Vec<u8> {
+        let mut v: Value = serde_json::from_slice(bytes).unwrap();
+        f(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn a_command_reads_back_as_written() {
+        let bytes = encode(&cmd());
+        assert!(bytes.starts_with(br#"{"format":1,"value":"#));
+        assert_eq!(decode::<Command>(&bytes).unwrap(), cmd());
+    }
+
+    #[test]
+    fn a_newer_or_older_format_is_refused() {
+        let newer = edit(&encode(&cmd()), |v| v["format"] = 2.into());
+        let e = decode::<Command>(&newer).unwrap_err();
+        assert_eq!(e, DecodeError::Newer { found: 2 });
+        assert!(e.to_string().contains("newer coop"), "{e}");
+        let older = edit(&encode(&cmd()), |v| v["format"] = 0.into());
+        assert_eq!(
+            decode::<Command>(&older).unwrap_err(),
+            DecodeError::Older { found: 0 }
+        );
+        let none = edit(&encode(&cmd()), |v| {
+            v.as_object_mut().unwrap().remove("format");
+        });
+        assert!(matches!(
+            decode::<Command>(&none),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_not_dropped() {
+        let extra = edit(&encode(&cmd()), |v| {
+            v["value"]["op"]["AddAuditor"]["quota"] = 5.into()
+        });
+        let e = decode::<Command>(&extra).unwrap_err();
+        assert!(
+            matches!(&e, DecodeError::NotExact(m) if m.contains("quota")),
+            "{e}"
+        );
+        let outer = edit(&encode(&cmd()), |v| v["signature"] = "x".into());
+        assert!(matches!(
+            decode::<Command>(&outer),
+            Err(DecodeError::NotExact(_))
+        ));
+    }
+
+    #[test]
+    fn a_missing_field_is_refused_not_defaulted() {
+        let missing = edit(&encode(&cmd()), |v| {
+            v["value"].as_object_mut().unwrap().remove("at_ms");
+        });
+        assert!(decode::<Command>(&missing).is_err());
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        for bytes in [&b""[..], b"null", b"[1]", b"{\"format\":1}", b"\xff\xfe"] {
+            assert!(decode::<Command>(bytes).is_err(), "{bytes:?}");
+        }
+    }
+}
