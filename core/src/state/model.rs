@@ -1,0 +1,377 @@
+//! What the state is made of: members, nodes and their GPUs, jobs and their
+//! specs, usage records, proposals.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::policy::Setting;
+
+pub type JobId = Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Finetune,
+    Inference,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    Lost,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Cancelled | JobState::Lost
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Principal {
+    Operator,
+    Member(String),
+    /// Reads every member's figures and the audit ledger; changes nothing.
+    Auditor(String),
+    /// An enrolled agent machine, scoped to its one node.
+    Node(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub created_at_ms: i64,
+    /// Its tokens are refused and its pending jobs wait until resumed.
+    #[serde(default)]
+    pub suspended: bool,
+    /// Removed: no token, no jobs; kept for its ledger history.
+    #[serde(default)]
+    pub removed_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gpu {
+    pub uuid: String,
+    pub index: u32,
+    pub model: String,
+    pub memory_mb: u64,
+    /// The job holding this GPU; `None` when free.
+    pub job: Option<JobId>,
+    /// Throughput measured by the agent's probe.
+    #[serde(default)]
+    pub measured: Option<Capacity>,
+    /// The board's power limit, W, as enrolled (0: unknown; see `plausible`).
+    #[serde(default)]
+    pub power_limit_w: u32,
+}
+
+/// A GPU's throughput as the agent's probe measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub fp16_gflops: u64,
+    pub bf16_gflops: u64,
+    pub memory_mb_per_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub owner: String,
+    pub gpus: Vec<Gpu>,
+    pub up: bool,
+    /// The agent process that registered last; reports from any other are stale.
+    pub session: String,
+    /// Highest report sequence applied for `session` (reports are applied once).
+    pub last_seq: u64,
+    pub registered_at_ms: i64,
+    /// Since when the node has offered its GPUs as they are now (while up).
+    #[serde(default)]
+    pub up_since_ms: i64,
+    /// Runs ended by the node going down while its agent may still have run
+    /// them: what that agent reports of them later is billed too.
+    #[serde(default)]
+    pub cut_off: Vec<CutOff>,
+    /// Its agent is shutting down: nothing new is placed on it.
+    #[serde(default)]
+    pub draining: bool,
+    /// Drained by the operator or its owner (`coop node drain`): nothing new
+    /// is placed on it until `coop node resume`. Kept across registrations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cordon: Option<crate::habits::Cordon>,
+}
+
+/// A run the scheduler gave up on when its node went silent. The agent kept
+/// metering it; its late reports bill the time past `billed_to_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutOff {
+    pub job: JobId,
+    pub attempt: u32,
+    pub billed_to_ms: i64,
+    pub gpus: u32,
+    pub model: String,
+    pub weight_milli: u64,
+    /// The power limits of its GPUs, summed (0 in entries from before it was kept).
+    #[serde(default)]
+    pub power_w: u64,
+    /// When the run started, and the energy billed for it so far: its
+    /// energy stays within its GPUs' limits over its whole time.
+    #[serde(default)]
+    pub started_at_ms: i64,
+    #[serde(default)]
+    pub energy_mj: u64,
+    /// Billed no later than this: set when the agent registers again, which
+    /// then stops the run within the longest grace.
+    #[serde(default)]
+    pub deadline_ms: Option<i64>,
+}
+
+/// GPUs a member's node offered to the cluster over a time: what statements
+/// count as contributed capacity. The open interval of a node that is up is
+/// not here but in `Node::up_since_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapacityRecord {
+    pub node: String,
+    pub owner: String,
+    pub model: String,
+    pub gpus: u32,
+    pub start_ms: i64,
+    pub end_ms: i64,
+}
+
+impl Node {
+    /// The node's GPUs by model: (model, count).
+    pub fn models(&self) -> BTreeMap<&str, u32> {
+        let mut m: BTreeMap<&str, u32> = BTreeMap::new();
+        for g in &self.gpus {
+            *m.entry(g.model.as_str()).or_default() += 1;
+        }
+        m
+    }
+
+    /// The node's open offer, up to `now_ms` (nothing while it is down).
+    pub fn offered_until_now(&self, now_ms: i64) -> Vec<CapacityRecord> {
+        self.offered_until(now_ms)
+    }
+
+    pub(super) fn offered_until(&self, end_ms: i64) -> Vec<CapacityRecord> {
+        if !self.up || end_ms <= self.up_since_ms {
+            return vec![];
+        }
+        self.models()
+            .into_iter()
+            .map(|(model, gpus)| CapacityRecord {
+                node: self.name.clone(),
+                owner: self.owner.clone(),
+                model: model.to_string(),
+                gpus,
+                start_ms: self.up_since_ms,
+                end_ms,
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub kind: JobKind,
+    pub gpus: u32,
+    pub command: Vec<String>,
+    pub gpu_model: Option<String>,
+    pub min_gpu_memory_mb: u64,
+    pub preemptible: bool,
+    pub kill_grace_ms: u64,
+    /// Orders a member's own jobs: higher first (-1000..=1000).
+    #[serde(default)]
+    pub priority: i32,
+    /// A run is stopped and the job fails after this long (0 = no limit). Backfill
+    /// uses it to know when GPUs will be free.
+    #[serde(default)]
+    pub time_limit_ms: u64,
+    /// How the agent keeps the run apart from others.
+    #[serde(default)]
+    pub isolation: Isolation,
+    /// Environment the member gives the run, on top of the agent's allowlist.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// What a run may use besides its GPUs, and what it runs in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Isolation {
+    /// CPU limit in thousandths of a CPU (0 = none).
+    pub cpu_millis: u64,
+    /// Memory limit in MiB (0 = none).
+    pub memory_mb: u64,
+    /// Container image the command runs in (none = a plain process).
+    pub image: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub member: String,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Node and GPUs of the current run, or of the last one once it ended.
+    pub node: Option<String>,
+    pub gpus: Vec<String>,
+    pub exit_code: Option<i32>,
+    /// Runs started so far (placements).
+    pub attempts: u32,
+    pub submitted_at_ms: i64,
+    /// When the current (or last) run started, as measured by its agent.
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub cancel_requested: bool,
+    /// Not placed before this time (restart back-off of services).
+    pub not_before_ms: i64,
+    pub reason: String,
+    /// GPU-milliseconds billed so far, over all runs.
+    pub gpu_ms: u64,
+    /// Normalised usage billed so far: GPU-milliseconds times the model weight.
+    #[serde(default)]
+    pub weighted_gpu_ms: u64,
+    #[serde(default)]
+    pub energy_mj: u64,
+    /// The current run is billed up to here (agents report usage in intervals).
+    #[serde(default)]
+    pub billed_to_ms: i64,
+    /// The current run is being stopped to make room for this pending job.
+    #[serde(default)]
+    pub preempted_for: Option<JobId>,
+    /// The current run is being stopped because it ran past its time limit.
+    #[serde(default)]
+    pub timed_out: bool,
+    #[serde(default)]
+    pub preemptions: u32,
+    /// Runs of other members preempted to make room for this job.
+    #[serde(default)]
+    pub preemptions_caused: u32,
+    /// GPU utilisation readings (sum of percents, count) of the finished
+    /// runs, and of the current run so far.
+    #[serde(default)]
+    pub utilization: (u64, u64),
+    #[serde(default)]
+    pub run_utilization: (u64, u64),
+    /// GPUs are being freed for this job on this node by preemption.
+    #[serde(default)]
+    pub nominated_node: Option<String>,
+    /// When the current (or last) run was placed, by the leader's clock: no
+    /// report of the run may start before it.
+    #[serde(default)]
+    pub placed_at_ms: i64,
+    /// Energy billed for the current run so far (bounded by its GPUs' power
+    /// limits over its time, see `plausible`).
+    #[serde(default)]
+    pub run_energy_mj: u64,
+    /// Name, working directory, dependencies (see `habits`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub extra: crate::habits::JobExtra,
+    /// Held (`coop job hold`): not placed until released.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+    /// The current run is being stopped to go back to the queue (its node
+    /// was drained with `--now`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requeue_requested: bool,
+    /// The job is one task of an array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<crate::habits::ArrayTask>,
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
+}
+
+impl Job {
+    /// Mean utilisation of the job's GPUs over all its runs, percent.
+    pub fn utilization_pct(&self) -> Option<f64> {
+        let (sum, n) = (
+            self.utilization.0.saturating_add(self.run_utilization.0),
+            self.utilization.1.saturating_add(self.run_utilization.1),
+        );
+        (n > 0).then(|| sum as f64 / n as f64)
+    }
+
+    /// The agent must stop the current run (cancel, preemption or time limit).
+    pub fn stopping(&self) -> bool {
+        self.cancel_requested
+            || self.preempted_for.is_some()
+            || self.timed_out
+            || self.requeue_requested
+    }
+}
+
+/// One billed interval of a run: what the ledger holds. Agents report usage at
+/// least every 30 s and at the end, so a run is several contiguous records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub job: JobId,
+    pub attempt: u32,
+    pub member: String,
+    pub node: String,
+    /// Model of the run's GPUs (placement gives a job GPUs of one model).
+    #[serde(default)]
+    pub model: String,
+    pub gpus: u32,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub gpu_ms: u64,
+    /// `gpu_ms` times the policy's weight of the model when it was billed.
+    #[serde(default)]
+    pub weighted_gpu_ms: u64,
+    #[serde(default)]
+    pub energy_mj: u64,
+}
+
+/// A proposed policy change waiting for members' approvals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub id: u64,
+    pub settings: Vec<Setting>,
+    pub by: String,
+    pub reason: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    /// Members that approved it.
+    pub approvals: BTreeSet<String>,
+    /// Approvals it needs (the policy's figure when it was proposed).
+    pub required: u32,
+    pub enacted_at_ms: Option<i64>,
+    /// The members who may approve it: those of the co-op, active and not
+    /// suspended, when it was proposed. Members added since do not vote on
+    /// it. (Empty in proposals made before electorates were kept.)
+    #[serde(default)]
+    pub electorate: BTreeSet<String>,
+}
+
+/// A change of policy: who made it, when, why, and what was set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyChange {
+    pub at_ms: i64,
+    pub by: String,
+    pub reason: String,
+    pub settings: Vec<Setting>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub uuid: String,
+    pub index: u32,
+    pub model: String,
+    pub memory_mb: u64,
+    #[serde(default)]
+    pub measured: Option<Capacity>,
+    #[serde(default)]
+    pub power_limit_w: u32,
+}
