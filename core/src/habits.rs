@@ -428,7 +428,7 @@ impl State {
         }
         let mut events = Vec::new();
         for id in ids {
-            if !self.jobs[id].state.is_final() && !self.jobs[id].cancel_requested {
+            if !self.jobs[id].state.is_final() && !self.jobs[id].cancel_requested() {
                 events.extend(self.cancel(at, *id)?);
             }
         }
@@ -461,7 +461,7 @@ impl State {
             for id in running {
                 let j = self.jobs.get_mut(&id).expect("GPUs hold known jobs");
                 if j.state == JobState::Running && !j.stopping() {
-                    j.requeue_requested = true;
+                    j.request_stop(crate::state::Stop::Requeue);
                     j.reason = format!("node {node} drained: requeued");
                     events.push(Event::Job(id));
                 }

@@ -900,7 +900,7 @@ impl<'a> Pool<'a> {
 
 /// When a running job's GPUs are expected to be free.
 fn expected_end(job: &Job, now_ms: i64, policy: &crate::policy::Policy) -> Option<i64> {
-    if job.preempted_for.is_some() {
+    if job.preempted_for().is_some() {
         return Some(now_ms + policy.preempt_grace_s as i64 * 1000);
     }
     if job.stopping() {

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use super::{
-    Event, Job, JobId, JobKind, JobSpec, JobState, Rejection, State, gpu_fits, invalid,
+    Event, Job, JobId, JobKind, JobSpec, JobState, Rejection, State, Stop, gpu_fits, invalid,
     largest_class, validate_spec,
 };
 use crate::ledger;
@@ -96,15 +96,13 @@ impl State {
                 submitted_at_ms: at,
                 started_at_ms: None,
                 finished_at_ms: None,
-                cancel_requested: false,
+                stop: None,
                 not_before_ms: at,
                 reason: String::new(),
                 gpu_ms: 0,
                 weighted_gpu_ms: 0,
                 energy_mj: 0,
                 billed_to_ms: 0,
-                preempted_for: None,
-                timed_out: false,
                 preemptions: 0,
                 preemptions_caused: 0,
                 utilization: (0, 0),
@@ -114,7 +112,6 @@ impl State {
                 run_energy_mj: 0,
                 extra: Default::default(),
                 held: false,
-                requeue_requested: false,
                 array: None,
             },
         );
@@ -136,7 +133,7 @@ impl State {
                 self.queue.remove(&key);
             }
             // The agent stops it (SIGTERM, grace, SIGKILL); its exit report ends it.
-            JobState::Running => job.cancel_requested = true,
+            JobState::Running => job.request_stop(Stop::Cancel),
             s => {
                 return Err(Rejection::FailedPrecondition(format!(
                     "job {id} has already ended ({s:?})"
@@ -296,7 +293,7 @@ impl State {
         };
         ledger::append(&mut self.audit, at, entry);
         let job = self.jobs.get_mut(&id).expect("checked");
-        job.preempted_for = Some(for_id);
+        job.request_stop(Stop::Preempt { for_job: for_id });
         job.reason = format!("preempted for job {for_id} of member {member}");
         let waiting = self.jobs.get_mut(&for_id).expect("checked");
         waiting.nominated_node = Some(node.clone());
@@ -344,7 +341,7 @@ impl State {
                 "job {id} is not past its time limit"
             )));
         }
-        job.timed_out = true;
+        job.request_stop(Stop::TimeLimit);
         Ok(vec![Event::Job(id)])
     }
 
@@ -369,17 +366,22 @@ impl State {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        job.timed_out = false;
-        if job.preempted_for.take().is_some() && !job.cancel_requested {
-            self.end_preempted(id, end_ms);
-            return;
-        }
-        if job.requeue_requested && !job.cancel_requested {
-            self.requeue(id, end_ms);
-            return;
+        // Why it was being stopped decides, as for a run that exits, except
+        // that a time limit fails no run that was lost anyway (see `Stop`).
+        match job.stop {
+            Some(Stop::Preempt { .. }) => {
+                self.end_preempted(id, end_ms);
+                return;
+            }
+            Some(Stop::Requeue) => {
+                self.requeue(id, end_ms);
+                return;
+            }
+            Some(Stop::TimeLimit) => job.stop = None,
+            Some(Stop::Cancel) | None => {}
         }
         job.reason = format!("{why} during attempt {}", job.attempts);
-        if job.cancel_requested {
+        if job.cancel_requested() {
             job.state = JobState::Cancelled;
             job.finished_at_ms = Some(end_ms);
         } else if job.spec.kind == JobKind::Finetune && job.attempts >= MAX_ATTEMPTS {
@@ -394,10 +396,7 @@ impl State {
         let job = self.jobs.get_mut(&id).expect("requeue of a known job");
         job.state = JobState::Pending;
         job.not_before_ms = not_before;
-        job.cancel_requested = false;
-        job.preempted_for = None;
-        job.timed_out = false;
-        job.requeue_requested = false;
+        job.stop = None;
         self.queue.insert((job.submitted_at_ms, id));
     }
 }

@@ -34,7 +34,7 @@ pub use governance::MAX_OPEN_PROPOSALS;
 pub use jobs::{MAX_ATTEMPTS, MAX_RESTART_BACKOFF_MS};
 pub use model::{
     Capacity, CapacityRecord, CutOff, Gpu, GpuInfo, Isolation, Job, JobId, JobKind, JobSpec,
-    JobState, Member, Node, PolicyChange, Principal, Proposal, UsageRecord,
+    JobState, Member, Node, PolicyChange, Principal, Proposal, Stop, UsageRecord,
 };
 pub use validation::{
     MAX_ARGS, MAX_ENV_VARS, MAX_GPUS_PER_NODE, MAX_SPEC_BYTES, MAX_TIME_LIMIT_MS, gpu_fits,

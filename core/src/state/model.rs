@@ -232,7 +232,10 @@ pub struct Job {
     /// When the current (or last) run started, as measured by its agent.
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
-    pub cancel_requested: bool,
+    /// Why the current run is being stopped, if it is (see `Stop`). A job
+    /// cancelled while it ran keeps `Stop::Cancel` once it has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
     /// Not placed before this time (restart back-off of services).
     pub not_before_ms: i64,
     pub reason: String,
@@ -246,12 +249,6 @@ pub struct Job {
     /// The current run is billed up to here (agents report usage in intervals).
     #[serde(default)]
     pub billed_to_ms: i64,
-    /// The current run is being stopped to make room for this pending job.
-    #[serde(default)]
-    pub preempted_for: Option<JobId>,
-    /// The current run is being stopped because it ran past its time limit.
-    #[serde(default)]
-    pub timed_out: bool,
     #[serde(default)]
     pub preemptions: u32,
     /// Runs of other members preempted to make room for this job.
@@ -280,10 +277,6 @@ pub struct Job {
     /// Held (`coop job hold`): not placed until released.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub held: bool,
-    /// The current run is being stopped to go back to the queue (its node
-    /// was drained with `--now`).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub requeue_requested: bool,
     /// The job is one task of an array.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub array: Option<crate::habits::ArrayTask>,
@@ -303,12 +296,87 @@ impl Job {
         (n > 0).then(|| sum as f64 / n as f64)
     }
 
-    /// The agent must stop the current run (cancel, preemption or time limit).
+    /// The agent must stop the current run (cancel, preemption, requeue or
+    /// time limit).
     pub fn stopping(&self) -> bool {
-        self.cancel_requested
-            || self.preempted_for.is_some()
-            || self.timed_out
-            || self.requeue_requested
+        self.stop.is_some()
+    }
+
+    /// A cancel was asked for while the job ran.
+    pub fn cancel_requested(&self) -> bool {
+        self.stop == Some(Stop::Cancel)
+    }
+
+    /// The pending job the current run is being stopped for, if it is
+    /// being preempted.
+    pub fn preempted_for(&self) -> Option<JobId> {
+        match self.stop {
+            Some(Stop::Preempt { for_job }) => Some(for_job),
+            _ => None,
+        }
+    }
+
+    /// Asks the agent to stop the current run for `why`, unless it is being
+    /// stopped already for a reason that takes precedence (`Stop::merge`).
+    pub fn request_stop(&mut self, why: Stop) {
+        self.stop = Some(Stop::merge(self.stop, why));
+    }
+}
+
+/// Why a running job's current run is being stopped. The agent stops it (the
+/// command's SIGTERM, a grace, SIGKILL); its exit or loss report then ends the
+/// run, and the reason decides what becomes of the job:
+///
+/// | reason      | run exits                    | run is lost (node down, agent restart) |
+/// |-------------|------------------------------|----------------------------------------|
+/// | `Cancel`    | cancelled                    | cancelled                              |
+/// | `Preempt`   | requeued, `preemptions` + 1  | requeued, `preemptions` + 1            |
+/// | `Requeue`   | requeued                     | requeued                               |
+/// | `TimeLimit` | failed ("time limit ... reached") | as if none: requeued, or lost after `MAX_ATTEMPTS` |
+///
+/// One run has one reason. When a second arrives while the first is pending
+/// the stronger one stands, in this order:
+///
+/// `Cancel` > `Preempt` > `Requeue` > `TimeLimit`
+///
+/// A cancel overrides whatever was under way (a cancelled job never goes back
+/// to the queue); a time limit never overrides anything (a run stopped for
+/// another reason does not fail for having run long). Preempting or draining
+/// a node with `--now` only picks runs that are not being stopped already, so
+/// those two never meet each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stop {
+    /// `coop job cancel` (or the member's removal).
+    Cancel,
+    /// To free GPUs for the pending job `for_job`; the run gets the policy's
+    /// preemption grace to checkpoint.
+    Preempt { for_job: JobId },
+    /// Back to the queue: its node was drained with `--now`.
+    Requeue,
+    /// The run went past the spec's time limit.
+    TimeLimit,
+}
+
+impl Stop {
+    /// Rank in the precedence above: the higher wins.
+    fn rank(self) -> u8 {
+        match self {
+            Stop::TimeLimit => 0,
+            Stop::Requeue => 1,
+            Stop::Preempt { .. } => 2,
+            Stop::Cancel => 3,
+        }
+    }
+
+    /// The reason that stands when `new` arrives while the run is already
+    /// being stopped for `current`: the higher ranked, and on a tie the one
+    /// that was there first.
+    pub fn merge(current: Option<Stop>, new: Stop) -> Stop {
+        match current {
+            Some(c) if c.rank() >= new.rank() => c,
+            _ => new,
+        }
     }
 }
 
@@ -374,4 +442,35 @@ pub struct GpuInfo {
     pub measured: Option<Capacity>,
     #[serde(default)]
     pub power_limit_w: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_overrides_any_stop_and_a_time_limit_none() {
+        let p = Stop::Preempt {
+            for_job: Uuid::nil(),
+        };
+        for s in [Stop::Cancel, p, Stop::Requeue, Stop::TimeLimit] {
+            assert_eq!(Stop::merge(None, s), s);
+            assert_eq!(Stop::merge(Some(s), Stop::Cancel), Stop::Cancel);
+            assert_eq!(Stop::merge(Some(s), Stop::TimeLimit), s);
+        }
+        assert_eq!(Stop::merge(Some(p), Stop::Requeue), p);
+        assert_eq!(Stop::merge(Some(Stop::Requeue), p), p);
+    }
+
+    #[test]
+    fn a_stop_is_written_by_name() {
+        let json = |s: Stop| serde_json::to_string(&s).unwrap();
+        assert_eq!(json(Stop::TimeLimit), r#""time_limit""#);
+        assert_eq!(
+            json(Stop::Preempt {
+                for_job: Uuid::nil()
+            }),
+            r#"{"preempt":{"for_job":"00000000-0000-0000-0000-000000000000"}}"#
+        );
+    }
 }

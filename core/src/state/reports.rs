@@ -2,7 +2,7 @@
 //! reports of runs cut off with their node, and implausible ones.
 
 use super::{
-    Event, JobId, JobKind, JobState, Rejection, RunReport, State, UsageRecord,
+    Event, JobId, JobKind, JobState, Rejection, RunReport, State, Stop, UsageRecord,
     billing::{ms_between, weighted_ms},
     jobs::restart_backoff,
 };
@@ -133,24 +133,30 @@ impl State {
                 let j = self.jobs.get_mut(job).expect("checked");
                 j.exit_code = Some(*exit_code);
                 j.reason = reason.clone();
-                let (preempted, timed_out) =
-                    (j.preempted_for.take(), std::mem::take(&mut j.timed_out));
-                if j.cancel_requested {
-                    j.state = JobState::Cancelled;
-                    j.finished_at_ms = Some(end);
-                } else if let Some(for_job) = preempted {
-                    j.reason = format!("preempted for job {for_job}");
-                    self.end_preempted(*job, at.max(end));
-                } else if j.requeue_requested {
-                    let node = j.node.clone().unwrap_or_default();
-                    j.reason = format!("node {node} drained: requeued");
-                    self.requeue(*job, at.max(end));
-                } else if timed_out {
-                    j.state = JobState::Failed;
-                    j.finished_at_ms = Some(end);
-                    j.reason = format!("time limit of {} s reached", j.spec.time_limit_ms / 1000);
-                } else {
-                    match j.spec.kind {
+                // Why it was being stopped decides (see `Stop`); a cancelled
+                // job keeps its `Stop::Cancel`.
+                match j.stop {
+                    Some(Stop::Cancel) => {
+                        j.state = JobState::Cancelled;
+                        j.finished_at_ms = Some(end);
+                    }
+                    Some(Stop::Preempt { for_job }) => {
+                        j.reason = format!("preempted for job {for_job}");
+                        self.end_preempted(*job, at.max(end));
+                    }
+                    Some(Stop::Requeue) => {
+                        let node = j.node.clone().unwrap_or_default();
+                        j.reason = format!("node {node} drained: requeued");
+                        self.requeue(*job, at.max(end));
+                    }
+                    Some(Stop::TimeLimit) => {
+                        j.stop = None;
+                        j.state = JobState::Failed;
+                        j.finished_at_ms = Some(end);
+                        j.reason =
+                            format!("time limit of {} s reached", j.spec.time_limit_ms / 1000);
+                    }
+                    None => match j.spec.kind {
                         JobKind::Finetune => {
                             j.state = if *exit_code == 0 {
                                 JobState::Completed
@@ -173,7 +179,7 @@ impl State {
                             );
                             self.requeue(*job, at.max(end) + backoff);
                         }
-                    }
+                    },
                 }
                 Ok(vec![Event::Job(*job), Event::Node(node_name.to_string())])
             }
