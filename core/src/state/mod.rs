@@ -22,6 +22,7 @@ use crate::policy::{Policy, Setting};
 mod billing;
 mod commands;
 mod governance;
+mod invariants;
 mod jobs;
 mod model;
 mod nodes;
@@ -113,11 +114,22 @@ impl State {
         self.operator_token_hash.is_some()
     }
 
-    /// Applies one command. On `Err` nothing has changed.
+    /// Applies one command. On `Err` nothing has changed. In debug builds the
+    /// state's invariants (`State::check`) are checked after it, applied or not.
     pub fn apply(&mut self, cmd: &Command) -> Result<Vec<Event>, Rejection> {
-        let mut events = self.apply_op(cmd)?;
-        self.settle_dependencies(cmd.at_ms, &mut events);
-        Ok(events)
+        let result = self.apply_op(cmd).map(|mut events| {
+            self.settle_dependencies(cmd.at_ms, &mut events);
+            events
+        });
+        #[cfg(debug_assertions)]
+        if let Err(broken) = self.check() {
+            panic!(
+                "invariant broken after {} at {}: {broken}",
+                invariants::op_name(&cmd.op),
+                cmd.at_ms
+            );
+        }
+        result
     }
 
     fn apply_op(&mut self, cmd: &Command) -> Result<Vec<Event>, Rejection> {
