@@ -54,7 +54,6 @@ pub struct ArrayTask {
     pub array: JobId,
     pub task: u32,
     /// At most this many tasks of the array run at once (0 = no limit).
-    #[serde(default)]
     pub limit: u32,
 }
 

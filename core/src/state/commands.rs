@@ -25,7 +25,6 @@ pub enum Op {
         name: String,
         token_hash: String,
         /// The token stops working at this time (never, when absent).
-        #[serde(default)]
         expires_at_ms: Option<i64>,
     },
     AddAuditor {
@@ -39,10 +38,8 @@ pub enum Op {
     RotateToken {
         account: Principal,
         token_hash: String,
-        #[serde(default)]
         expires_at_ms: Option<i64>,
-        /// Who asked (absent in entries from before it was recorded).
-        #[serde(default)]
+        /// Who asked (`None` where it was not recorded).
         by: Option<Principal>,
     },
     SuspendMember {
@@ -98,7 +95,6 @@ pub enum Op {
         member: String,
         spec: Box<JobSpec>,
         extra: Box<crate::habits::JobExtra>,
-        #[serde(default)]
         array: Option<String>,
     },
     /// Holds (or releases) pending jobs.
@@ -176,7 +172,6 @@ pub enum RunReport {
         exit_code: i32,
         reason: String,
         /// Energy since the last usage report.
-        #[serde(default)]
         energy_mj: u64,
     },
     /// The run's usage up to `to_ms` since the previous report (or its start).

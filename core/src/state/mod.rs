@@ -51,51 +51,37 @@ pub struct State {
     pub members: BTreeMap<String, Member>,
     pub tokens: BTreeMap<String, Principal>,
     /// When tokens (by hash) stop working; absent: never.
-    #[serde(default)]
     pub token_expiry: BTreeMap<String, i64>,
-    #[serde(default)]
     pub auditors: BTreeMap<String, crate::accounts::Auditor>,
     /// Unused join tokens by hash.
-    #[serde(default)]
     pub enrollments: BTreeMap<String, crate::accounts::Enrollment>,
     /// The owner each enrolled node's credential was issued for.
-    #[serde(default)]
     pub node_owners: BTreeMap<String, String>,
     pub nodes: BTreeMap<String, Node>,
     pub jobs: BTreeMap<JobId, Job>,
     /// Pending jobs in arrival order (an index over `jobs`).
     pub queue: BTreeSet<(i64, JobId)>,
     /// Running jobs (an index over `jobs`).
-    #[serde(default)]
     pub running: BTreeSet<JobId>,
     pub ledger: Vec<UsageRecord>,
-    #[serde(default)]
     pub policy: Policy,
-    #[serde(default)]
     pub policy_log: Vec<PolicyChange>,
     /// The hash-chained audit ledger (see `ledger`).
-    #[serde(default)]
     pub audit: Vec<crate::ledger::Record>,
     /// Closed intervals of GPUs offered by members' nodes.
-    #[serde(default)]
     pub capacity: Vec<CapacityRecord>,
-    #[serde(default)]
     pub proposals: BTreeMap<u64, Proposal>,
     /// Mean probed throughput of each GPU model's registered GPUs (kept up to
     /// date at registration), for measured weights.
-    #[serde(default)]
     pub measured_models: BTreeMap<String, Capacity>,
     /// Implausible reports per node, kept as evidence (see `plausible`).
-    #[serde(default)]
     pub rejected_reports: BTreeMap<String, u64>,
     /// The GPUs each node registered first after it enrolled: a later
     /// registration may offer fewer of them, but no other or changed ones.
-    #[serde(default)]
     pub inventory: BTreeMap<String, Vec<GpuInfo>>,
     /// Members whose token is one they made themselves (rotated with their
     /// own token): only they vote, since the operator saw the token each
     /// member was given.
-    #[serde(default)]
     pub self_keyed: BTreeSet<String>,
 }
 

@@ -52,10 +52,8 @@ pub struct Member {
     pub name: String,
     pub created_at_ms: i64,
     /// Its tokens are refused and its pending jobs wait until resumed.
-    #[serde(default)]
     pub suspended: bool,
     /// Removed: no token, no jobs; kept for its ledger history.
-    #[serde(default)]
     pub removed_at_ms: Option<i64>,
 }
 
@@ -68,10 +66,8 @@ pub struct Gpu {
     /// The job holding this GPU; `None` when free.
     pub job: Option<JobId>,
     /// Throughput measured by the agent's probe.
-    #[serde(default)]
     pub measured: Option<Capacity>,
     /// The board's power limit, W, as enrolled (0: unknown; see `plausible`).
-    #[serde(default)]
     pub power_limit_w: u32,
 }
 
@@ -95,14 +91,11 @@ pub struct Node {
     pub last_seq: u64,
     pub registered_at_ms: i64,
     /// Since when the node has offered its GPUs as they are now (while up).
-    #[serde(default)]
     pub up_since_ms: i64,
     /// Runs ended by the node going down while its agent may still have run
     /// them: what that agent reports of them later is billed too.
-    #[serde(default)]
     pub cut_off: Vec<CutOff>,
     /// Its agent is shutting down: nothing new is placed on it.
-    #[serde(default)]
     pub draining: bool,
     /// Drained by the operator or its owner (`coop node drain`): nothing new
     /// is placed on it until `coop node resume`. Kept across registrations.
@@ -120,18 +113,14 @@ pub struct CutOff {
     pub gpus: u32,
     pub model: String,
     pub weight_milli: u64,
-    /// The power limits of its GPUs, summed (0 in entries from before it was kept).
-    #[serde(default)]
+    /// The power limits of its GPUs, summed (0: unknown).
     pub power_w: u64,
     /// When the run started, and the energy billed for it so far: its
     /// energy stays within its GPUs' limits over its whole time.
-    #[serde(default)]
     pub started_at_ms: i64,
-    #[serde(default)]
     pub energy_mj: u64,
     /// Billed no later than this: set when the agent registers again, which
     /// then stops the run within the longest grace.
-    #[serde(default)]
     pub deadline_ms: Option<i64>,
 }
 
@@ -191,17 +180,13 @@ pub struct JobSpec {
     pub preemptible: bool,
     pub kill_grace_ms: u64,
     /// Orders a member's own jobs: higher first (-1000..=1000).
-    #[serde(default)]
     pub priority: i32,
     /// A run is stopped and the job fails after this long (0 = no limit). Backfill
     /// uses it to know when GPUs will be free.
-    #[serde(default)]
     pub time_limit_ms: u64,
     /// How the agent keeps the run apart from others.
-    #[serde(default)]
     pub isolation: Isolation,
     /// Environment the member gives the run, on top of the agent's allowlist.
-    #[serde(default)]
     pub env: BTreeMap<String, String>,
 }
 
@@ -242,34 +227,24 @@ pub struct Job {
     /// GPU-milliseconds billed so far, over all runs.
     pub gpu_ms: u64,
     /// Normalised usage billed so far: GPU-milliseconds times the model weight.
-    #[serde(default)]
     pub weighted_gpu_ms: u64,
-    #[serde(default)]
     pub energy_mj: u64,
     /// The current run is billed up to here (agents report usage in intervals).
-    #[serde(default)]
     pub billed_to_ms: i64,
-    #[serde(default)]
     pub preemptions: u32,
     /// Runs of other members preempted to make room for this job.
-    #[serde(default)]
     pub preemptions_caused: u32,
     /// GPU utilisation readings (sum of percents, count) of the finished
     /// runs, and of the current run so far.
-    #[serde(default)]
     pub utilization: (u64, u64),
-    #[serde(default)]
     pub run_utilization: (u64, u64),
     /// GPUs are being freed for this job on this node by preemption.
-    #[serde(default)]
     pub nominated_node: Option<String>,
     /// When the current (or last) run was placed, by the leader's clock: no
     /// report of the run may start before it.
-    #[serde(default)]
     pub placed_at_ms: i64,
     /// Energy billed for the current run so far (bounded by its GPUs' power
     /// limits over its time, see `plausible`).
-    #[serde(default)]
     pub run_energy_mj: u64,
     /// Name, working directory, dependencies (see `habits`).
     #[serde(default, skip_serializing_if = "is_default")]
@@ -389,16 +364,13 @@ pub struct UsageRecord {
     pub member: String,
     pub node: String,
     /// Model of the run's GPUs (placement gives a job GPUs of one model).
-    #[serde(default)]
     pub model: String,
     pub gpus: u32,
     pub start_ms: i64,
     pub end_ms: i64,
     pub gpu_ms: u64,
     /// `gpu_ms` times the policy's weight of the model when it was billed.
-    #[serde(default)]
     pub weighted_gpu_ms: u64,
-    #[serde(default)]
     pub energy_mj: u64,
 }
 
@@ -419,7 +391,6 @@ pub struct Proposal {
     /// The members who may approve it: those of the co-op, active and not
     /// suspended, when it was proposed. Members added since do not vote on
     /// it. (Empty in proposals made before electorates were kept.)
-    #[serde(default)]
     pub electorate: BTreeSet<String>,
 }
 
@@ -438,9 +409,7 @@ pub struct GpuInfo {
     pub index: u32,
     pub model: String,
     pub memory_mb: u64,
-    #[serde(default)]
     pub measured: Option<Capacity>,
-    #[serde(default)]
     pub power_limit_w: u32,
 }
 
@@ -460,6 +429,28 @@ mod tests {
         }
         assert_eq!(Stop::merge(Some(p), Stop::Requeue), p);
         assert_eq!(Stop::merge(Some(Stop::Requeue), p), p);
+    }
+
+    #[test]
+    fn a_record_missing_a_field_is_refused_not_defaulted() {
+        let r = UsageRecord {
+            job: Uuid::nil(),
+            attempt: 1,
+            member: "alice".into(),
+            node: "n1".into(),
+            model: "A100".into(),
+            gpus: 1,
+            start_ms: 0,
+            end_ms: 1000,
+            gpu_ms: 1000,
+            weighted_gpu_ms: 1000,
+            energy_mj: 5,
+        };
+        let mut v = serde_json::to_value(&r).unwrap();
+        assert_eq!(serde_json::from_value::<UsageRecord>(v.clone()).unwrap(), r);
+        v.as_object_mut().unwrap().remove("weighted_gpu_ms");
+        let err = serde_json::from_value::<UsageRecord>(v).unwrap_err();
+        assert!(err.to_string().contains("weighted_gpu_ms"), "{err}");
     }
 
     #[test]
