@@ -159,7 +159,8 @@ fn check_invariants(s: &State) {
         "running index out of step"
     );
     for j in s.jobs.values() {
-        if j.preempted_for.is_some() || j.timed_out {
+        // Only a cancel outlives its run (a cancelled job keeps it).
+        if j.stop.is_some_and(|s| s != Stop::Cancel) {
             assert_eq!(
                 j.state,
                 JobState::Running,

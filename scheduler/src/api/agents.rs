@@ -38,9 +38,10 @@ pub fn desired_runs(state: &State, node: &str) -> Vec<pb::Run> {
             attempt: j.attempts,
             command: j.spec.command.clone(),
             gpus: j.gpus.clone(),
-            // A preempted run gets the policy's grace for its checkpoint;
-            // none gets more than the policy's longest.
-            kill_grace_ms: if j.preempted_for.is_some() && !j.cancel_requested {
+            // A preempted run gets the policy's grace for its checkpoint (a
+            // cancel overrides a preemption, see `Stop`); none gets more than
+            // the policy's longest.
+            kill_grace_ms: if j.preempted_for().is_some() {
                 state.policy.preempt_grace_s.saturating_mul(1000)
             } else {
                 j.spec.kill_grace_ms

@@ -232,7 +232,7 @@ pub fn job_to_pb(state: &State, job: &Job, now_ms: i64) -> pb::Job {
         submitted_at_ms: job.submitted_at_ms,
         started_at_ms: job.started_at_ms.unwrap_or(0),
         finished_at_ms: job.finished_at_ms.unwrap_or(0),
-        cancel_requested: job.cancel_requested,
+        cancel_requested: job.cancel_requested(),
         kill_grace_ms: job.spec.kill_grace_ms,
         reason: job.reason.clone(),
         gpu_ms: state.job_gpu_ms(job, now_ms),
@@ -241,7 +241,10 @@ pub fn job_to_pb(state: &State, job: &Job, now_ms: i64) -> pb::Job {
         weighted_gpu_ms: job.weighted_gpu_ms,
         energy_mj: job.energy_mj,
         preemptions: job.preemptions,
-        preempted_for: job.preempted_for.map(|j| j.to_string()).unwrap_or_default(),
+        preempted_for: job
+            .preempted_for()
+            .map(|j| j.to_string())
+            .unwrap_or_default(),
         cpu_millis: job.spec.isolation.cpu_millis,
         memory_mb: job.spec.isolation.memory_mb,
         image: job.spec.isolation.image.clone().unwrap_or_default(),

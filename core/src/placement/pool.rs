@@ -1,0 +1,273 @@
+//! The free GPUs of a pass by node and kind, best-fit gang placement, and
+//! the head-of-line job's reservation for backfill.
+
+use super::*;
+
+/// A job that found no place in this pass, for skipping the like of it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Failure {
+    pub(super) gpus: u32,
+    /// Expected end (None: no time limit).
+    pub(super) ends: Option<i64>,
+    /// It would have fitted but for the reservation.
+    pub(super) behind_reservation: bool,
+}
+
+impl Failure {
+    /// A job of `gpus` ending at `ends` fails too: it is no smaller and ends
+    /// no earlier, so no slot admits it that did not admit this one.
+    pub(super) fn covers(&self, gpus: u32, ends: Option<i64>) -> bool {
+        let no_earlier = match (ends, self.ends) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(a), Some(b)) => a >= b,
+        };
+        gpus >= self.gpus && no_earlier
+    }
+}
+
+/// The head-of-line job's hold on one node's GPUs of one kind.
+pub(super) struct Reservation {
+    pub(super) job: JobId,
+    pub(super) slot: (usize, usize),
+    /// When enough GPUs will be free for it; `None`: not known.
+    pub(super) at_ms: Option<i64>,
+    /// GPUs of the slot that later jobs may still take without delaying it.
+    pub(super) spare: usize,
+}
+
+impl Reservation {
+    pub(super) fn admits(&self, expected_end: Option<i64>, gpus: usize) -> bool {
+        let ends_first = matches!((expected_end, self.at_ms), (Some(e), Some(t)) if e <= t);
+        ends_first || gpus <= self.spare
+    }
+
+    pub(super) fn consume(&mut self, expected_end: Option<i64>, gpus: usize) {
+        let ends_first = matches!((expected_end, self.at_ms), (Some(e), Some(t)) if e <= t);
+        if !ends_first {
+            self.spare -= gpus;
+        }
+    }
+}
+
+/// One node's GPUs of one kind.
+#[derive(Default)]
+pub(super) struct Slot<'a> {
+    /// Free GPUs, lowest index first.
+    pub(super) free: Vec<&'a Gpu>,
+    pub(super) size: usize,
+    /// Expected ends of the runs placed here in this pass, one per GPU.
+    pub(super) taken_ends: Vec<Option<i64>>,
+}
+
+/// Free GPUs of the pass, by node and kind (model, memory).
+pub(super) struct Pool<'a> {
+    pub(super) nodes: Vec<&'a Node>,
+    pub(super) classes: Vec<(&'a str, u64)>,
+    /// Per node: its GPUs of each class.
+    pub(super) slots: Vec<BTreeMap<usize, Slot<'a>>>,
+    /// Per class: (free GPUs, node) for every node with that class.
+    pub(super) by_free: Vec<BTreeSet<(usize, usize)>>,
+    pub(super) free_total: usize,
+}
+
+impl<'a> Pool<'a> {
+    pub(super) fn new(state: &'a State) -> Self {
+        let nodes: Vec<&Node> = state
+            .nodes
+            .values()
+            .filter(|n| n.up && !n.draining && n.cordon.is_none())
+            .collect();
+        let mut classes: Vec<(&str, u64)> = nodes
+            .iter()
+            .flat_map(|n| n.gpus.iter().map(|g| (g.model.as_str(), g.memory_mb)))
+            .collect();
+        classes.sort();
+        classes.dedup();
+        let class_idx: BTreeMap<(&str, u64), usize> =
+            classes.iter().enumerate().map(|(i, c)| (*c, i)).collect();
+        let mut slots = Vec::with_capacity(nodes.len());
+        let mut by_free = vec![BTreeSet::new(); classes.len()];
+        let mut free_total = 0;
+        for (ni, n) in nodes.iter().enumerate() {
+            let mut s: BTreeMap<usize, Slot> = BTreeMap::new();
+            for g in &n.gpus {
+                let e = s
+                    .entry(class_idx[&(g.model.as_str(), g.memory_mb)])
+                    .or_default();
+                e.size += 1;
+                if g.job.is_none() {
+                    e.free.push(g);
+                }
+            }
+            for (c, slot) in s.iter_mut() {
+                slot.free.sort_by_key(|g| g.index);
+                free_total += slot.free.len();
+                by_free[*c].insert((slot.free.len(), ni));
+            }
+            slots.push(s);
+        }
+        Self {
+            nodes,
+            classes,
+            slots,
+            by_free,
+            free_total,
+        }
+    }
+
+    pub(super) fn class_of(&self, g: &Gpu) -> Option<usize> {
+        self.classes
+            .binary_search(&(g.model.as_str(), g.memory_mb))
+            .ok()
+    }
+
+    pub(super) fn matching<'s>(&'s self, spec: &'s JobSpec) -> impl Iterator<Item = usize> + 's {
+        let model = spec.gpu_model.as_ref();
+        let min = spec.min_gpu_memory_mb;
+        self.classes
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, (m, mem))| {
+                (model
+                    .as_ref()
+                    .is_none_or(|want| want.eq_ignore_ascii_case(m))
+                    && *mem >= min)
+                    .then_some(i)
+            })
+    }
+
+    /// The best-fit slot with enough free GPUs that `allowed` accepts.
+    pub(super) fn best_fit(
+        &self,
+        spec: &JobSpec,
+        allowed: impl Fn((usize, usize), usize) -> bool,
+    ) -> Option<(usize, usize)> {
+        let want = spec.gpus as usize;
+        self.matching(spec)
+            .filter_map(|c| {
+                self.by_free[c]
+                    .range((want, 0)..)
+                    .find(|(free, n)| allowed((*n, c), *free))
+                    .map(|(free, n)| (*free, *n, c))
+            })
+            .min()
+            .map(|(_, n, c)| (n, c))
+    }
+
+    pub(super) fn fits_anywhere(&self, spec: &JobSpec) -> bool {
+        self.best_fit(spec, |_, _| true).is_some()
+    }
+
+    pub(super) fn most_free(&self, spec: &JobSpec) -> usize {
+        self.matching(spec)
+            .filter_map(|c| self.by_free[c].last().map(|(f, _)| *f))
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub(super) fn no_fit(&self, spec: &JobSpec) -> Wait {
+        Wait::NoFit {
+            gpus: spec.gpus,
+            most_free: if self.free_total == 0 {
+                0
+            } else {
+                self.most_free(spec) as u32
+            },
+        }
+    }
+
+    /// Every slot whose kind fits `spec` and that is large enough, with its free count.
+    pub(super) fn slots_for(&self, spec: &JobSpec) -> Vec<((usize, usize), usize)> {
+        let want = spec.gpus as usize;
+        let classes: Vec<usize> = self.matching(spec).collect();
+        let mut out = Vec::new();
+        for (ni, s) in self.slots.iter().enumerate() {
+            for c in &classes {
+                if let Some(slot) = s.get(c)
+                    && slot.size >= want
+                {
+                    out.push(((ni, *c), slot.free.len()));
+                }
+            }
+        }
+        out
+    }
+
+    pub(super) fn take(
+        &mut self,
+        at: (usize, usize),
+        want: usize,
+        ends: Option<i64>,
+    ) -> Vec<String> {
+        let slot = self.slots[at.0].get_mut(&at.1).expect("slot exists");
+        self.by_free[at.1].remove(&(slot.free.len(), at.0));
+        let taken: Vec<String> = slot.free.drain(..want).map(|g| g.uuid.clone()).collect();
+        slot.taken_ends.extend(std::iter::repeat_n(ends, want));
+        self.by_free[at.1].insert((slot.free.len(), at.0));
+        self.free_total -= want;
+        taken
+    }
+
+    /// Where `job` will fit soonest, from the time limits of the runs there
+    /// (and of those placed earlier in this pass). The node preemption is
+    /// freeing for it comes first.
+    pub(super) fn reserve(&self, state: &State, job: &Job, now_ms: i64) -> Option<Reservation> {
+        let want = job.spec.gpus as usize;
+        type Rank = (bool, i64, std::cmp::Reverse<usize>, (usize, usize));
+        let mut best: Option<(Rank, Reservation)> = None;
+        for (slot, free) in self.slots_for(&job.spec) {
+            let node = self.nodes[slot.0];
+            let mut ends: Vec<Option<i64>> = node
+                .gpus
+                .iter()
+                .filter(|g| self.class_of(g) == Some(slot.1))
+                .filter_map(|g| g.job)
+                .map(|id| expected_end(&state.jobs[&id], now_ms, &state.policy))
+                .chain(self.slots[slot.0][&slot.1].taken_ends.iter().copied())
+                .collect();
+            ends.sort_by_key(|e| e.unwrap_or(i64::MAX));
+            let need = want.saturating_sub(free);
+            let at = if need == 0 {
+                Some(now_ms)
+            } else {
+                ends.get(need - 1).copied().flatten()
+            };
+            let spare = at.map_or(0, |t| {
+                free + ends.iter().filter(|e| e.is_some_and(|e| e <= t)).count() - want
+            });
+            let nominated = job.nominated_node.as_deref() == Some(node.name.as_str());
+            let rank = (
+                !nominated,
+                at.unwrap_or(i64::MAX),
+                std::cmp::Reverse(free),
+                slot,
+            );
+            if best.as_ref().is_none_or(|(r, _)| rank < *r) {
+                let r = Reservation {
+                    job: job.id,
+                    slot,
+                    at_ms: at,
+                    spare,
+                };
+                best = Some((rank, r));
+            }
+        }
+        best.map(|(_, r)| r)
+    }
+}
+
+/// When a running job's GPUs are expected to be free.
+fn expected_end(job: &Job, now_ms: i64, policy: &crate::policy::Policy) -> Option<i64> {
+    if job.preempted_for().is_some() {
+        return Some(now_ms + policy.preempt_grace_s as i64 * 1000);
+    }
+    if job.stopping() {
+        return Some(now_ms + job.spec.kill_grace_ms as i64);
+    }
+    let limit = job.spec.time_limit_ms as i64;
+    if limit == 0 {
+        return None;
+    }
+    Some(job.started_at_ms.unwrap_or(now_ms) + limit)
+}

@@ -1,0 +1,243 @@
+//! What holds after every command, checked after each `State::apply` in
+//! debug builds. Each check costs in proportion to the live state (the
+//! queue, the running set, the nodes and their GPUs), never to its history
+//! (all jobs, the ledger, the audit chain): simulations and property tests
+//! apply hundreds of thousands of commands.
+
+use super::{JobState, Op, State};
+
+impl State {
+    /// Checks the state's invariants; the error names the first one broken.
+    ///
+    /// - `queue`: each entry is a pending job's `(submitted_at_ms, id)`, and a
+    ///   pending job is not being stopped.
+    /// - `running`: each entry is a running job with a node that is up, on
+    ///   which it holds its spec's count of distinct GPUs, each recorded as
+    ///   held by it (`Gpu::job`); it has had an attempt, and is billed from
+    ///   no earlier than its start.
+    /// - GPUs: a GPU held by a job is held by a running job, on that GPU's
+    ///   node, that lists it. With the above, no GPU is held by two runs.
+    /// - `audit`: its last record follows the one before (sequence and hash
+    ///   link).
+    pub fn check(&self) -> Result<(), String> {
+        for &(at, id) in &self.queue {
+            let j = self
+                .jobs
+                .get(&id)
+                .ok_or_else(|| format!("queue: job {id} does not exist"))?;
+            if j.state != JobState::Pending {
+                return Err(format!("queue: job {id} is {:?}, not pending", j.state));
+            }
+            if j.submitted_at_ms != at {
+                return Err(format!(
+                    "queue: job {id} is queued at {at} but was submitted at {}",
+                    j.submitted_at_ms
+                ));
+            }
+            if let Some(s) = j.stop {
+                return Err(format!("queue: pending job {id} is being stopped ({s:?})"));
+            }
+        }
+        for id in &self.running {
+            let j = self
+                .jobs
+                .get(id)
+                .ok_or_else(|| format!("running: job {id} does not exist"))?;
+            if j.state != JobState::Running {
+                return Err(format!("running: job {id} is {:?}, not running", j.state));
+            }
+            let name = j
+                .node
+                .as_deref()
+                .ok_or_else(|| format!("running: job {id} has no node"))?;
+            let node = self.nodes.get(name).ok_or_else(|| {
+                format!("running: job {id} is on node {name}, which does not exist")
+            })?;
+            if !node.up {
+                return Err(format!(
+                    "running: job {id} is on node {name}, which is down"
+                ));
+            }
+            if j.attempts == 0 {
+                return Err(format!("running: job {id} runs with no attempt counted"));
+            }
+            if j.gpus.len() != j.spec.gpus as usize {
+                return Err(format!(
+                    "running: job {id} holds {} GPUs but asks for {}",
+                    j.gpus.len(),
+                    j.spec.gpus
+                ));
+            }
+            for (k, uuid) in j.gpus.iter().enumerate() {
+                if j.gpus[..k].contains(uuid) {
+                    return Err(format!("running: job {id} lists GPU {uuid} twice"));
+                }
+                let g = node.gpus.iter().find(|g| &g.uuid == uuid).ok_or_else(|| {
+                    format!("running: job {id}'s GPU {uuid} is not on node {name}")
+                })?;
+                if g.job != Some(*id) {
+                    return Err(format!(
+                        "GPU {uuid} on node {name}: held by {:?}, but running job {id} holds it",
+                        g.job
+                    ));
+                }
+            }
+            if let Some(s) = j.started_at_ms
+                && j.billed_to_ms < s
+            {
+                return Err(format!(
+                    "running: job {id} is billed to {} before its start {s}",
+                    j.billed_to_ms
+                ));
+            }
+        }
+        for node in self.nodes.values() {
+            for g in &node.gpus {
+                let Some(id) = g.job else { continue };
+                let held = self.running.contains(&id)
+                    && self.jobs.get(&id).is_some_and(|j| {
+                        j.node.as_deref() == Some(node.name.as_str()) && j.gpus.contains(&g.uuid)
+                    });
+                if !held {
+                    return Err(format!(
+                        "GPU {} on node {}: held by job {id}, which is not running there on it",
+                        g.uuid, node.name
+                    ));
+                }
+            }
+        }
+        if let [.., before, last] = self.audit.as_slice()
+            && (last.seq != before.seq + 1 || last.prev_hash != before.hash)
+        {
+            return Err(format!(
+                "audit: record {} does not follow record {}",
+                last.seq, before.seq
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The name of a command's op, for the message of a broken invariant.
+pub(super) fn op_name(op: &Op) -> String {
+    let debug = format!("{op:?}");
+    debug
+        .split(|c: char| !c.is_alphanumeric())
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::super::{Command, GpuInfo, JobKind, JobSpec, Op};
+    use super::*;
+
+    fn run(s: &mut State, at_ms: i64, op: Op) {
+        s.apply(&Command { at_ms, op }).expect("applies");
+    }
+
+    /// A co-op with one two-GPU node, job `a` running on its first GPU and
+    /// job `b` pending.
+    fn two_jobs() -> (State, Uuid, Uuid) {
+        let mut s = State::default();
+        run(
+            &mut s,
+            1,
+            Op::Bootstrap {
+                operator_token_hash: "op".into(),
+                default_member: Some(("alice".into(), "alice".into())),
+            },
+        );
+        let gpu = |i: u32| GpuInfo {
+            uuid: format!("GPU-{i}"),
+            index: i,
+            model: "A100".into(),
+            memory_mb: 40_000,
+            measured: None,
+            power_limit_w: 0,
+        };
+        run(
+            &mut s,
+            2,
+            Op::RegisterNode {
+                node: "n1".into(),
+                owner: "alice".into(),
+                gpus: vec![gpu(0), gpu(1)],
+                session: "s1".into(),
+                orphaned_runs_end_ms: 2,
+            },
+        );
+        let spec = JobSpec {
+            kind: JobKind::Finetune,
+            gpus: 1,
+            command: vec!["train".into()],
+            gpu_model: None,
+            min_gpu_memory_mb: 0,
+            preemptible: false,
+            kill_grace_ms: 0,
+            priority: 0,
+            time_limit_ms: 0,
+            isolation: Default::default(),
+            env: Default::default(),
+        };
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        for id in [a, b] {
+            let member = "alice".into();
+            let spec = spec.clone();
+            run(&mut s, 3, Op::SubmitJob { id, member, spec });
+        }
+        let gpus = vec!["GPU-0".to_string()];
+        let node = "n1".into();
+        run(&mut s, 4, Op::Place { job: a, node, gpus });
+        (s, a, b)
+    }
+
+    /// Job `b` made to run on job `a`'s GPU, behind the state machine's back.
+    fn corrupt(s: &mut State, b: Uuid) {
+        let j = s.jobs.get_mut(&b).unwrap();
+        s.queue.remove(&(j.submitted_at_ms, b));
+        j.state = JobState::Running;
+        j.node = Some("n1".into());
+        j.gpus = vec!["GPU-0".into()];
+        j.attempts = 1;
+        s.running.insert(b);
+    }
+
+    #[test]
+    fn two_runs_on_one_gpu_are_named() {
+        let (mut s, _, b) = two_jobs();
+        assert_eq!(s.check(), Ok(()));
+        corrupt(&mut s, b);
+        let err = s.check().unwrap_err();
+        assert!(
+            err.contains("GPU GPU-0") && err.contains(&b.to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_queued_job_that_is_not_pending_is_named() {
+        let (mut s, a, _) = two_jobs();
+        s.queue.insert((3, a));
+        let err = s.check().unwrap_err();
+        assert!(
+            err.starts_with("queue:") && err.contains("not pending"),
+            "{err}"
+        );
+    }
+
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "invariant broken after CancelJob")]
+    fn apply_panics_on_a_broken_invariant_naming_the_op() {
+        let (mut s, a, b) = two_jobs();
+        corrupt(&mut s, b);
+        let _ = s.apply(&Command {
+            at_ms: 5,
+            op: Op::CancelJob { id: a },
+        });
+    }
+}

@@ -1,0 +1,246 @@
+//! The cluster's state machine: members, nodes, GPUs, jobs and the usage ledger.
+//!
+//! Pure and deterministic: `State::apply(&Command)` reads nothing but the state and
+//! the command (time arrives inside the command, stamped by the proposer), so every
+//! replica that applies the same log reaches the same state. It validates everything
+//! it is told: a placement of a GPU that is no longer free is rejected here, not
+//! trusted, and a rejected command changes nothing.
+//!
+//! By concern: `model` (what the state is made of), `commands` (what it is told
+//! and how it refuses), `jobs` (a job's life: submit, place, preempt, stop,
+//! requeue), `nodes` (registration and loss), `reports` (what agents say of
+//! runs), `billing` (usage records and weights), `governance` (members and
+//! policy), `validation` (checks that need no state) and `invariants` (what
+//! holds after every command, checked in debug builds).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Policy, Setting};
+
+mod billing;
+mod commands;
+mod governance;
+mod invariants;
+mod jobs;
+mod model;
+mod nodes;
+mod reports;
+mod validation;
+
+pub use billing::unbilled_ms;
+pub use commands::{Command, Event, Op, Rejection, RunReport};
+pub use governance::MAX_OPEN_PROPOSALS;
+pub use jobs::{MAX_ATTEMPTS, MAX_RESTART_BACKOFF_MS};
+pub use model::{
+    Capacity, CapacityRecord, CutOff, Gpu, GpuInfo, Isolation, Job, JobId, JobKind, JobSpec,
+    JobState, Member, Node, PolicyChange, Principal, Proposal, Stop, UsageRecord,
+};
+pub use validation::{
+    MAX_ARGS, MAX_ENV_VARS, MAX_GPUS_PER_NODE, MAX_SPEC_BYTES, MAX_TIME_LIMIT_MS, gpu_fits,
+    largest_class, reserved_env, valid_name, validate_spec,
+};
+
+use commands::invalid;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub operator_token_hash: Option<String>,
+    pub default_member: Option<String>,
+    pub members: BTreeMap<String, Member>,
+    pub tokens: BTreeMap<String, Principal>,
+    /// When tokens (by hash) stop working; absent: never.
+    pub token_expiry: BTreeMap<String, i64>,
+    pub auditors: BTreeMap<String, crate::accounts::Auditor>,
+    /// Unused join tokens by hash.
+    pub enrollments: BTreeMap<String, crate::accounts::Enrollment>,
+    /// The owner each enrolled node's credential was issued for.
+    pub node_owners: BTreeMap<String, String>,
+    pub nodes: BTreeMap<String, Node>,
+    pub jobs: BTreeMap<JobId, Job>,
+    /// Pending jobs in arrival order (an index over `jobs`).
+    pub queue: BTreeSet<(i64, JobId)>,
+    /// Running jobs (an index over `jobs`).
+    pub running: BTreeSet<JobId>,
+    pub ledger: Vec<UsageRecord>,
+    pub policy: Policy,
+    pub policy_log: Vec<PolicyChange>,
+    /// The hash-chained audit ledger (see `ledger`).
+    pub audit: Vec<crate::ledger::Record>,
+    /// Closed intervals of GPUs offered by members' nodes.
+    pub capacity: Vec<CapacityRecord>,
+    pub proposals: BTreeMap<u64, Proposal>,
+    /// Mean probed throughput of each GPU model's registered GPUs (kept up to
+    /// date at registration), for measured weights.
+    pub measured_models: BTreeMap<String, Capacity>,
+    /// Implausible reports per node, kept as evidence (see `plausible`).
+    pub rejected_reports: BTreeMap<String, u64>,
+    /// The GPUs each node registered first after it enrolled: a later
+    /// registration may offer fewer of them, but no other or changed ones.
+    pub inventory: BTreeMap<String, Vec<GpuInfo>>,
+    /// Members whose token is one they made themselves (rotated with their
+    /// own token): only they vote, since the operator saw the token each
+    /// member was given.
+    pub self_keyed: BTreeSet<String>,
+}
+
+impl State {
+    pub fn principal(&self, token_hash: &str) -> Option<&Principal> {
+        self.tokens.get(token_hash)
+    }
+
+    pub(super) fn job(&self, id: JobId) -> Result<&Job, Rejection> {
+        self.jobs
+            .get(&id)
+            .ok_or_else(|| Rejection::NotFound(format!("job {id} does not exist")))
+    }
+
+    pub fn bootstrapped(&self) -> bool {
+        self.operator_token_hash.is_some()
+    }
+
+    /// Applies one command. On `Err` nothing has changed. In debug builds the
+    /// state's invariants (`State::check`) are checked after it, applied or not.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Vec<Event>, Rejection> {
+        let result = self.apply_op(cmd).map(|mut events| {
+            self.settle_dependencies(cmd.at_ms, &mut events);
+            events
+        });
+        #[cfg(debug_assertions)]
+        if let Err(broken) = self.check() {
+            panic!(
+                "invariant broken after {} at {}: {broken}",
+                invariants::op_name(&cmd.op),
+                cmd.at_ms
+            );
+        }
+        result
+    }
+
+    fn apply_op(&mut self, cmd: &Command) -> Result<Vec<Event>, Rejection> {
+        let at = cmd.at_ms;
+        match &cmd.op {
+            Op::Bootstrap {
+                operator_token_hash,
+                default_member,
+            } => self.bootstrap(at, operator_token_hash, default_member.as_ref()),
+            Op::AddMember {
+                name,
+                token_hash,
+                expires_at_ms,
+            } => {
+                self.ungoverned("adding a member")?;
+                let events = self.add_member(at, name, token_hash)?;
+                if let Some(t) = expires_at_ms {
+                    self.token_expiry.insert(token_hash.clone(), *t);
+                }
+                Ok(events)
+            }
+            Op::AddAuditor { name, token_hash } => self.add_auditor(at, name, token_hash),
+            Op::RemoveAuditor { name } => self.remove_auditor(at, name),
+            Op::RotateToken {
+                account,
+                token_hash,
+                expires_at_ms,
+                by,
+            } => {
+                // The operator holding a new token of a member could vote as it.
+                if matches!(account, Principal::Member(_)) && *by == Some(Principal::Operator) {
+                    self.ungoverned("the operator rotating a member's token")?;
+                }
+                let events = self.rotate_token(at, account, token_hash, *expires_at_ms)?;
+                if let Principal::Member(m) = account {
+                    if by.as_ref() == Some(account) {
+                        self.self_keyed.insert(m.clone());
+                    } else {
+                        self.self_keyed.remove(m);
+                    }
+                }
+                Ok(events)
+            }
+            Op::SuspendMember { name, suspended } => self.suspend_member(at, name, *suspended),
+            Op::RemoveMember { name } => {
+                self.ungoverned("removing a member")?;
+                self.remove_member(at, name)
+            }
+            Op::EnrollNode {
+                node,
+                owner,
+                join_hash,
+                expires_at_ms,
+            } => self.enroll_node(at, node, owner, join_hash, *expires_at_ms),
+            Op::JoinNode {
+                join_hash,
+                credential_hash,
+            } => self.join_node(at, join_hash, credential_hash),
+            Op::RevokeNode { node } => self.revoke_node(at, node),
+            Op::RegisterNode {
+                node,
+                owner,
+                gpus,
+                session,
+                orphaned_runs_end_ms,
+            } => self.register_node(at, node, owner, gpus, session, *orphaned_runs_end_ms),
+            Op::NodeDown { node, last_seen_ms } => self.node_down(node, *last_seen_ms),
+            Op::DrainNode { node } => {
+                let n = self
+                    .nodes
+                    .get_mut(node)
+                    .ok_or_else(|| Rejection::NotFound(format!("node {node:?} does not exist")))?;
+                n.draining = n.up;
+                Ok(vec![Event::Node(node.clone())])
+            }
+            Op::SubmitJob { id, member, spec } => self.submit(at, *id, member, spec),
+            Op::CancelJob { id } => self.cancel(at, *id),
+            Op::SubmitJobWith {
+                id,
+                member,
+                spec,
+                extra,
+                array,
+            } => self.submit_with(at, *id, member, spec, extra, array.as_deref()),
+            Op::HoldJobs { ids, held } => self.hold_jobs(ids, *held),
+            Op::CancelJobs { ids } => self.cancel_jobs(at, ids),
+            Op::CordonNode {
+                node,
+                reason,
+                by,
+                requeue,
+            } => self.cordon(at, node, reason, by, *requeue),
+            Op::ResumeNode { node } => self.resume_node(node),
+            Op::Place { job, node, gpus } => self.place(at, *job, node, gpus),
+            Op::Preempt { job, for_job } => self.preempt(at, *job, *for_job),
+            Op::Expire { job } => self.expire(at, *job),
+            Op::SetPolicy {
+                settings,
+                by,
+                reason,
+            } => {
+                self.ungoverned("a policy change")?;
+                if settings
+                    .iter()
+                    .any(|s| matches!(s, Setting::AddMember { .. } | Setting::RemoveMember(_)))
+                {
+                    return Err(invalid(
+                        "settings",
+                        "members are added and removed with coop member add/remove",
+                    ));
+                }
+                self.set_policy(at, settings, by, reason)
+            }
+            Op::ProposePolicy {
+                settings,
+                by,
+                reason,
+            } => self.propose_policy(at, settings, by, reason),
+            Op::ApprovePolicy { id, member } => self.approve_policy(at, *id, member),
+            Op::Report {
+                node,
+                session,
+                seq,
+                report,
+            } => self.report(at, node, session, *seq, report),
+        }
+    }
+}
