@@ -4,25 +4,10 @@
 
 use std::collections::BTreeSet;
 
-use serde::{Deserialize, Serialize};
-
 use crate::ledger;
 use crate::state::{Event, JobState, Principal, Rejection, State, valid_name};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Auditor {
-    pub name: String,
-    pub created_at_ms: i64,
-}
-
-/// An unused join token: whoever holds it may enroll the agent of `node`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Enrollment {
-    pub node: String,
-    pub owner: String,
-    pub created_at_ms: i64,
-    pub expires_at_ms: i64,
-}
+pub use crate::state::model::{Auditor, Enrollment};
 
 /// Why a credential is refused, for the caller's error.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::state::{Event, JobId, JobSpec, JobState, Rejection, State};
@@ -25,45 +24,7 @@ pub const MAX_DRAIN_REASON: usize = 256;
 /// Most jobs one hold, release or cancel names.
 pub const MAX_IDS: usize = 10_000;
 
-/// What a submission carries besides its `JobSpec` (kept apart so that the
-/// spec stays as it was for older log entries).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobExtra {
-    /// A label for people (`--name`); not unique.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub name: String,
-    /// Where the run starts, relative to the run's own directory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workdir: Option<String>,
-    /// Placed only once each of these has completed successfully; cancelled
-    /// when one ends otherwise.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub after_ok: Vec<JobId>,
-    /// Placed only once each of these has ended, however.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub after_any: Vec<JobId>,
-    /// Submitted held: not placed until released.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub hold: bool,
-}
-
-/// A job that is one task of an array.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ArrayTask {
-    /// The array's id (not itself a job's).
-    pub array: JobId,
-    pub task: u32,
-    /// At most this many tasks of the array run at once (0 = no limit).
-    pub limit: u32,
-}
-
-/// An operator's drain of a node: nothing new is placed there until resumed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Cordon {
-    pub reason: String,
-    pub at_ms: i64,
-    pub by: String,
-}
+pub use crate::state::model::{ArrayTask, Cordon, JobExtra};
 
 fn invalid(field: &str, message: impl Into<String>) -> Rejection {
     Rejection::InvalidArgument {

@@ -24,7 +24,7 @@ mod commands;
 mod governance;
 mod invariants;
 mod jobs;
-mod model;
+pub mod model;
 mod nodes;
 mod reports;
 mod validation;
@@ -52,9 +52,9 @@ pub struct State {
     pub tokens: BTreeMap<String, Principal>,
     /// When tokens (by hash) stop working; absent: never.
     pub token_expiry: BTreeMap<String, i64>,
-    pub auditors: BTreeMap<String, crate::accounts::Auditor>,
+    pub auditors: BTreeMap<String, model::Auditor>,
     /// Unused join tokens by hash.
-    pub enrollments: BTreeMap<String, crate::accounts::Enrollment>,
+    pub enrollments: BTreeMap<String, model::Enrollment>,
     /// The owner each enrolled node's credential was issued for.
     pub node_owners: BTreeMap<String, String>,
     pub nodes: BTreeMap<String, Node>,

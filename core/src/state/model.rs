@@ -100,7 +100,7 @@ pub struct Node {
     /// Drained by the operator or its owner (`coop node drain`): nothing new
     /// is placed on it until `coop node resume`. Kept across registrations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cordon: Option<crate::habits::Cordon>,
+    pub cordon: Option<Cordon>,
 }
 
 /// A run the scheduler gave up on when its node went silent. The agent kept
@@ -248,13 +248,13 @@ pub struct Job {
     pub run_energy_mj: u64,
     /// Name, working directory, dependencies (see `habits`).
     #[serde(default, skip_serializing_if = "is_default")]
-    pub extra: crate::habits::JobExtra,
+    pub extra: JobExtra,
     /// Held (`coop job hold`): not placed until released.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub held: bool,
     /// The job is one task of an array.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub array: Option<crate::habits::ArrayTask>,
+    pub array: Option<ArrayTask>,
 }
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
@@ -411,6 +411,65 @@ pub struct GpuInfo {
     pub memory_mb: u64,
     pub measured: Option<Capacity>,
     pub power_limit_w: u32,
+}
+
+// What members' habits add to jobs and nodes (see `habits`).
+
+/// What a submission carries besides its `JobSpec` (kept apart so that the
+/// spec stays as it was for older log entries).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobExtra {
+    /// A label for people (`--name`); not unique.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Where the run starts, relative to the run's own directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Placed only once each of these has completed successfully; cancelled
+    /// when one ends otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after_ok: Vec<JobId>,
+    /// Placed only once each of these has ended, however.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after_any: Vec<JobId>,
+    /// Submitted held: not placed until released.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
+}
+
+/// A job that is one task of an array.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArrayTask {
+    /// The array's id (not itself a job's).
+    pub array: JobId,
+    pub task: u32,
+    /// At most this many tasks of the array run at once (0 = no limit).
+    pub limit: u32,
+}
+
+/// An operator's drain of a node: nothing new is placed there until resumed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cordon {
+    pub reason: String,
+    pub at_ms: i64,
+    pub by: String,
+}
+
+// Accounts other than members' (see `accounts`).
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Auditor {
+    pub name: String,
+    pub created_at_ms: i64,
+}
+
+/// An unused join token: whoever holds it may enroll the agent of `node`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub node: String,
+    pub owner: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
 }
 
 #[cfg(test)]
