@@ -50,9 +50,17 @@ fn the_checker_finds_a_cycle() {
     for want in ["a::X", "b::Y", "b::Z", "e::c::g", "d::h"] {
         assert!(paths.iter().any(|p| p == want), "{want} in {paths:?}");
     }
+    let code = code_of(
+        "use crate::a::X; // crate::b::Y\n#[cfg(test)]\nmod tests {\n    use crate::c::Z;\n    fn f() { {} }\n}\nfn g() { crate::d::h() }",
+    );
+    assert_eq!(referenced("e", &code), ["a::X", "d::h"], "{code}");
 }
 
-/// Module path -> the modules it imports (not its ancestors or descendants).
+/// Module path -> the sibling modules it stands on. An import from deep in
+/// one module of another's part counts between the two siblings under their
+/// common ancestor (`state::jobs` using `habits::Blocked` is `state` -> `habits`),
+/// and a name re-exported with `pub use` counts as the module that defines it.
+/// A module's imports of its own ancestors or descendants do not count.
 fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let files = rust_files(src);
     let module_of = |f: &Path| -> String {
@@ -69,35 +77,157 @@ fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         }
         parts.join("::")
     };
-    let modules: BTreeSet<String> = files.iter().map(|f| module_of(f)).collect();
-    let mut graph = BTreeMap::new();
+    // Test modules in files of their own (`#[cfg(test)] mod tests;`) do not count.
+    let mut tests = BTreeSet::new();
     for f in &files {
         let m = module_of(f);
         let text = std::fs::read_to_string(f).unwrap();
-        let text = text.split("#[cfg(test)]").next().unwrap();
-        let mut deps = BTreeSet::new();
-        for path in referenced(&m, text) {
-            // The longest module the path names.
-            let segs: Vec<&str> = path.split("::").collect();
-            let Some(target) = (1..=segs.len())
-                .rev()
-                .map(|n| segs[..n].join("::"))
-                .find(|p| modules.contains(p))
-            else {
-                continue;
-            };
-            let related = target == m
-                || target.is_empty()
-                || m.starts_with(&format!("{target}::"))
-                || target.starts_with(&format!("{m}::"))
-                || m.is_empty();
-            if !related {
-                deps.insert(target);
+        for after in text.split("#[cfg(test)]").skip(1) {
+            let item = after.trim_start();
+            if let Some(name) = item.strip_prefix("mod ").and_then(|r| r.split(';').next())
+                && !name.contains('{')
+            {
+                let name = name.trim();
+                tests.insert(if m.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{m}::{name}")
+                });
             }
         }
-        graph.insert(m, deps);
+    }
+    let texts: BTreeMap<String, String> = files
+        .iter()
+        .map(|f| (module_of(f), f))
+        .filter(|(m, _)| {
+            !tests
+                .iter()
+                .any(|t| m == t || m.starts_with(&format!("{t}::")))
+        })
+        .map(|(m, f)| (m, code_of(&std::fs::read_to_string(f).unwrap())))
+        .collect();
+    let modules: BTreeSet<String> = texts.keys().cloned().collect();
+    let longest = |path: &str| -> Option<(String, Vec<String>)> {
+        let segs: Vec<&str> = path.split("::").collect();
+        (0..=segs.len()).rev().find_map(|n| {
+            let m = segs[..n].join("::");
+            modules
+                .contains(&m)
+                .then(|| (m, segs[n..].iter().map(|s| s.to_string()).collect()))
+        })
+    };
+    // (module, name) -> the path it re-exports.
+    let mut reexports: BTreeMap<(String, String), String> = BTreeMap::new();
+    for (m, text) in &texts {
+        for stmt in text.split("pub use ").skip(1) {
+            let (paths, _) = tree(stmt);
+            for p in paths {
+                let name = p.rsplit("::").next().unwrap().to_string();
+                let full = if let Some(rest) = p.strip_prefix("crate::") {
+                    rest.to_string()
+                } else if p.starts_with("super::") {
+                    match referenced(m, &p).pop() {
+                        Some(r) => r,
+                        None => continue,
+                    }
+                } else if m.is_empty() {
+                    p.clone()
+                } else {
+                    format!("{m}::{p}")
+                };
+                reexports.insert((m.clone(), name), full);
+            }
+        }
+    }
+    let resolve = |path: &str| -> Option<String> {
+        let mut path = path.to_string();
+        for _ in 0..8 {
+            let (m, rest) = longest(&path)?;
+            match rest
+                .first()
+                .and_then(|n| reexports.get(&(m.clone(), n.clone())))
+            {
+                Some(to) if *to != path => {
+                    path = std::iter::once(to.clone())
+                        .chain(rest[1..].iter().cloned())
+                        .collect::<Vec<_>>()
+                        .join("::")
+                }
+                _ => return Some(m),
+            }
+        }
+        longest(&path).map(|(m, _)| m)
+    };
+    let mut graph: BTreeMap<String, BTreeSet<String>> = modules
+        .iter()
+        .map(|m| (m.clone(), BTreeSet::new()))
+        .collect();
+    for (m, text) in &texts {
+        for path in referenced(m, text) {
+            let Some(target) = resolve(&path) else {
+                continue;
+            };
+            let a: Vec<&str> = m.split("::").filter(|s| !s.is_empty()).collect();
+            let b: Vec<&str> = target.split("::").filter(|s| !s.is_empty()).collect();
+            let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+            if common == a.len() || common == b.len() {
+                continue; // the same module, an ancestor or a descendant
+            }
+            let from = a[..=common].join("::");
+            let to = b[..=common].join("::");
+            graph.entry(from).or_default().insert(to);
+        }
     }
     graph
+}
+
+/// A file's code without its comments and without `#[cfg(test)]` modules.
+fn code_of(text: &str) -> String {
+    let no_comments: String = text
+        .lines()
+        .map(|l| match l.find("//") {
+            Some(i) => &l[..i],
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut out = String::new();
+    let mut rest = no_comments.as_str();
+    while let Some(i) = rest.find("#[cfg(test)]") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + "#[cfg(test)]".len()..];
+        let item = after.trim_start();
+        if item.starts_with("mod ") {
+            match (item.find(';'), item.find('{')) {
+                (Some(semi), brace) if brace.is_none_or(|b| semi < b) => {
+                    rest = &item[semi + 1..];
+                }
+                (_, Some(open)) => {
+                    let mut depth = 0;
+                    let mut end = item.len();
+                    for (j, c) in item[open..].char_indices() {
+                        match c {
+                            '{' => depth += 1,
+                            '}' => {
+                                depth -= 1;
+                                if depth == 0 {
+                                    end = open + j + 1;
+                                    break;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    rest = &item[end..];
+                }
+                _ => rest = after,
+            }
+        } else {
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The crate paths a module's text refers to, `super::` resolved.

@@ -28,13 +28,7 @@ pub struct GpuProbe {
     pub memory_gb_per_s: Option<f64>,
 }
 
-/// What the scheduler is told of a probed GPU, in whole units.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Capacity {
-    pub fp16_gflops: u64,
-    pub bf16_gflops: u64,
-    pub memory_mb_per_s: u64,
-}
+pub use crate::gpu::Capacity;
 
 impl GpuProbe {
     pub fn capacity(&self) -> Option<Capacity> {

@@ -27,6 +27,12 @@ pub enum DecodeError {
     Newer { found: u64 },
     #[error("format {found} is older than this build reads (format {FORMAT})")]
     Older { found: u64 },
+    #[error(
+        "it has no format version: it was written by a coop from before format 1, which this \
+         build cannot read (upgrading a cluster's data is not supported yet: start from an \
+         empty data dir)"
+    )]
+    Unversioned,
     #[error("it does not decode as format {FORMAT}: {0}")]
     Invalid(String),
     #[error("it does not read back as written (an unknown or missing field): {0}")]
@@ -55,10 +61,12 @@ pub fn decode<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Result<T, Decode
     let Value::Object(mut outer) = outer else {
         return Err(DecodeError::Malformed("not a JSON object".into()));
     };
-    let format = outer
-        .get("format")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| DecodeError::Malformed("no format version".into()))?;
+    let format = match outer.get("format") {
+        Some(f) => f
+            .as_u64()
+            .ok_or_else(|| DecodeError::Malformed(format!("format {f} is not a version")))?,
+        None => return Err(DecodeError::Unversioned),
+    };
     match format {
         f if f > u64::from(FORMAT) => return Err(DecodeError::Newer { found: f }),
         f if f < u64::from(FORMAT) => return Err(DecodeError::Older { found: f }),
@@ -70,8 +78,8 @@ pub fn decode<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Result<T, Decode
     if let Some(extra) = outer.keys().find(|k| *k != "format") {
         return Err(DecodeError::NotExact(format!("unknown field {extra:?}")));
     }
-    let decoded: T =
-        serde_json::from_value(value.clone()).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    // Borrowed, not cloned: a snapshot is the whole state.
+    let decoded = T::deserialize(&value).map_err(|e| DecodeError::Invalid(e.to_string()))?;
     let again = serde_json::to_value(&decoded).expect("coop's records serialise to JSON");
     if again != value {
         return Err(DecodeError::NotExact(first_difference(&value, &again, "")));
@@ -152,10 +160,12 @@ mod tests {
         let none = edit(&encode(&cmd()), |v| {
             v.as_object_mut().unwrap().remove("format");
         });
-        assert!(matches!(
-            decode::<Command>(&none),
-            Err(DecodeError::Malformed(_))
-        ));
+        let e = decode::<Command>(&none).unwrap_err();
+        assert_eq!(e, DecodeError::Unversioned);
+        assert!(e.to_string().contains("before format 1"), "{e}");
+        // What coop wrote before formats: the bare command.
+        let bare = serde_json::to_vec(&cmd()).unwrap();
+        assert_eq!(decode::<Command>(&bare), Err(DecodeError::Unversioned));
     }
 
     #[test]

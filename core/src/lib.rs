@@ -9,14 +9,17 @@
 //! shell (`coop-scheduler`) brings time and ids in with each command, so a
 //! replay of the log gives the same state, byte for byte, on every replica.
 
-pub mod accounts;
 pub mod codec;
+pub mod commands;
 pub mod fairshare;
 pub mod habits;
 pub mod ledger;
+pub mod model;
 pub mod placement;
-pub mod plausible;
 pub mod policy;
 pub mod simulate;
 pub mod state;
 pub mod usage;
+
+// Parts of the state machine that callers name on their own.
+pub use state::{accounts, plausible};

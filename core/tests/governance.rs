@@ -152,6 +152,9 @@ fn a_change_takes_effect_with_the_last_approval_it_needs() {
         Entry::PolicyChanged { by, .. } => assert!(by.contains("approved by a, b"), "{by}"),
         e => panic!("{e:?}"),
     }
+    // Proposals, approvals and the policy log read back from a snapshot exactly.
+    let back: State = coop_core::codec::decode(&coop_core::codec::encode(&s)).unwrap();
+    assert_eq!(back, s);
 }
 
 #[test]

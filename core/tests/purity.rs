@@ -1,6 +1,7 @@
-//! The core stays pure: no async runtime, no gRPC or protobuf types, no
-//! database and no random source in its dependency tree, and no clock, file,
-//! network, process or environment access in its source. Every replica must
+//! The core stays pure: its direct dependencies are a short, fixed list; no
+//! async runtime, gRPC or protobuf types, database or random source anywhere
+//! in its tree; and no clock, file, network, process, terminal or environment
+//! access in its source (a scan for the std paths and macros that reach them). Every replica must
 //! compute the same state from the same log; anything read from the world
 //! would make them differ.
 
@@ -28,6 +29,34 @@ fn dependency_tree_has_no_runtime_rpc_database_or_randomness() {
         .collect();
     assert!(crates.contains(&"coop-core"), "{tree}");
     assert!(crates.contains(&"serde"), "the tree is listed: {tree}");
+    // Its own dependencies are exactly these (a new one is a decision, made here).
+    let direct = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "tree",
+            "-p",
+            "coop-core",
+            "--edges",
+            "normal,build,dev",
+            "--depth",
+            "1",
+        ])
+        .args(["--prefix", "none", "--format", "{p}", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo runs");
+    let direct: std::collections::BTreeSet<String> = String::from_utf8(direct.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "coop-core")
+        .map(String::from)
+        .collect();
+    let allowed = ["hex", "serde", "serde_json", "sha2", "thiserror", "uuid"];
+    assert_eq!(
+        direct,
+        allowed.iter().map(|c| c.to_string()).collect(),
+        "coop-core's direct dependencies changed"
+    );
     for banned in [
         "tokio",
         "tonic",
@@ -61,8 +90,15 @@ fn source_reads_no_clock_file_network_process_or_environment() {
             "std::process",
             "std::env",
             "std::thread",
+            "std::io",
+            "std::{",
+            "UNIX_EPOCH",
+            "new_v4",
+            "now_v7",
+            "print!",
             "println!",
             "eprintln!",
+            "dbg!",
         ] {
             assert!(
                 !text.contains(forbidden),

@@ -14,6 +14,7 @@ pub mod instruments;
 pub mod liveness;
 pub mod metrics;
 pub mod metrics_access;
+pub mod peers;
 pub mod replica;
 pub mod server;
 pub mod signer;

@@ -47,6 +47,9 @@ pub enum ProposeError {
     NotLeader(Option<String>),
     #[error("the scheduler is unavailable: {0}")]
     Unavailable(String),
+    /// A bug in coop, not a passing condition: trying again will not help.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 fn not_leader_message(leader: &Option<String>) -> String {
@@ -320,7 +323,7 @@ impl Replica {
         let leader_id = self.view.borrow().status.as_ref().map(|s| s.leader);
         let mut client = self.leader_client(leader).await?;
         let body = pb::ForwardRequest {
-            op: serde_json::to_vec(op).expect("ops serialise"),
+            op: coop_core::codec::encode(op),
         };
         // A leader that stops answering (frozen, cut off) must not hang the
         // caller: the call ends when its commit would have timed out, or as
@@ -641,7 +644,7 @@ impl Node {
                     }
                     Err(e @ Refused::Unwritable(_)) => {
                         tracing::error!("{e}");
-                        let _ = reply.send(Err(ProposeError::Unavailable(e.to_string())));
+                        let _ = reply.send(Err(ProposeError::Internal(e.to_string())));
                     }
                 }
             }

@@ -242,9 +242,9 @@ impl Scheduler {
                     .tcp_nodelay(true)
                     .tls_config(t.peer_server())?
                     .add_service(
-                        pb::raft_service_server::RaftServiceServer::new(
-                            crate::consensus::service::Raft(replica.clone()),
-                        )
+                        pb::raft_service_server::RaftServiceServer::new(crate::peers::Raft(
+                            replica.clone(),
+                        ))
                         .max_decoding_message_size(crate::consensus::transport::MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(crate::consensus::transport::MAX_MESSAGE_BYTES),
                     );

@@ -26,6 +26,7 @@ pub fn propose_status(e: ProposeError) -> Status {
     match e {
         ProposeError::Rejected(r) => rejection_status(r),
         ProposeError::Unavailable(m) => Status::unavailable(m),
+        ProposeError::Internal(m) => Status::internal(m),
         ProposeError::NotLeader(leader) => {
             let mut s = Status::unavailable(ProposeError::NotLeader(leader.clone()).to_string());
             s.metadata_mut().insert(

@@ -258,9 +258,9 @@ async fn a_committed_entry_that_cannot_be_read_exactly_stops_the_node() {
             "expires_at_ms is missing",
         ),
         (
-            "an entry without a format",
+            "an entry from before formats",
             |v| serde_json::to_vec(&v["value"]).unwrap(),
-            "no format version",
+            "before format 1",
         ),
     ];
     for (what, edit, says) in cases {

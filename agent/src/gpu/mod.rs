@@ -80,7 +80,7 @@ pub struct GpuInfo {
     pub model: String,
     pub memory_mb: u64,
     /// Throughput the probe measured (`coop agent probe`), if it ran.
-    pub measured: Option<crate::probe::Capacity>,
+    pub measured: Option<Capacity>,
     /// The board's enforced power limit, W (0: the device cannot say, as a
     /// MIG slice cannot).
     pub power_limit_w: u32,
@@ -163,6 +163,14 @@ impl GpuSource {
     pub fn is_simulated(&self) -> bool {
         matches!(self, GpuSource::Sim(_))
     }
+}
+
+/// What the scheduler is told of a probed GPU (see `probe`), in whole units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Capacity {
+    pub fp16_gflops: u64,
+    pub bf16_gflops: u64,
+    pub memory_mb_per_s: u64,
 }
 
 #[cfg(test)]

@@ -3,11 +3,12 @@
 //! draining a node for maintenance. Pure, like the rest of the state machine:
 //! every change here is an `Op` applied on every replica.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use uuid::Uuid;
 
-use crate::state::{Event, JobId, JobSpec, JobState, Rejection, State};
+use crate::commands::Rejection;
+use crate::model::JobId;
 
 /// Most characters of a job name.
 pub const MAX_NAME: usize = 128;
@@ -24,7 +25,7 @@ pub const MAX_DRAIN_REASON: usize = 256;
 /// Most jobs one hold, release or cancel names.
 pub const MAX_IDS: usize = 10_000;
 
-pub use crate::state::model::{ArrayTask, Cordon, JobExtra};
+pub use crate::model::{ArrayTask, Cordon, JobExtra};
 
 fn invalid(field: &str, message: impl Into<String>) -> Rejection {
     Rejection::InvalidArgument {
@@ -34,7 +35,7 @@ fn invalid(field: &str, message: impl Into<String>) -> Rejection {
 }
 
 /// Printable text of at most `max` characters, no control characters.
-fn check_text(field: &str, s: &str, max: usize) -> Result<(), Rejection> {
+pub(crate) fn check_text(field: &str, s: &str, max: usize) -> Result<(), Rejection> {
     if s.chars().count() > max {
         return Err(invalid(field, format!("at most {max} characters")));
     }
@@ -180,6 +181,5 @@ pub enum Blocked {
     ArrayLimit(u32),
 }
 
-mod ops;
 #[cfg(test)]
 mod tests;

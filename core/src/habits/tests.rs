@@ -1,4 +1,5 @@
 use super::*;
+use crate::state::*;
 
 #[test]
 fn arrays_parse_as_slurm_writes_them_and_are_bounded_before_expanding() {
@@ -272,6 +273,9 @@ fn holds_arrays_and_drains_gate_placement() {
     let e = submit(&mut s, "acme", JobExtra::default(), Some("0-1")).unwrap_err();
     assert!(e.to_string().contains("max_pending"), "{e}");
     assert_eq!(s, before);
+    // Holds, arrays, drains and dependencies read back from a snapshot exactly.
+    let back: State = crate::codec::decode(&crate::codec::encode(&s)).unwrap();
+    assert_eq!(back, s);
 }
 
 #[test]

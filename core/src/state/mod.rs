@@ -19,30 +19,31 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{Policy, Setting};
 
+pub mod accounts;
 mod billing;
-mod commands;
 mod governance;
+mod habits;
 mod invariants;
 mod jobs;
-pub mod model;
 mod nodes;
+pub mod plausible;
 mod reports;
 mod validation;
 
-pub use billing::unbilled_ms;
-pub use commands::{Command, Event, Op, Rejection, RunReport};
-pub use governance::MAX_OPEN_PROPOSALS;
-pub use jobs::{MAX_ATTEMPTS, MAX_RESTART_BACKOFF_MS};
-pub use model::{
+pub use crate::commands::{Command, Event, Op, Rejection, RunReport};
+pub use crate::model::{
     Capacity, CapacityRecord, CutOff, Gpu, GpuInfo, Isolation, Job, JobId, JobKind, JobSpec,
     JobState, Member, Node, PolicyChange, Principal, Proposal, Stop, UsageRecord,
 };
+pub use billing::unbilled_ms;
+pub use governance::MAX_OPEN_PROPOSALS;
+pub use jobs::{MAX_ATTEMPTS, MAX_RESTART_BACKOFF_MS};
 pub use validation::{
     MAX_ARGS, MAX_ENV_VARS, MAX_GPUS_PER_NODE, MAX_SPEC_BYTES, MAX_TIME_LIMIT_MS, gpu_fits,
     largest_class, reserved_env, valid_name, validate_spec,
 };
 
-use commands::invalid;
+use crate::commands::invalid;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -52,9 +53,9 @@ pub struct State {
     pub tokens: BTreeMap<String, Principal>,
     /// When tokens (by hash) stop working; absent: never.
     pub token_expiry: BTreeMap<String, i64>,
-    pub auditors: BTreeMap<String, model::Auditor>,
+    pub auditors: BTreeMap<String, crate::model::Auditor>,
     /// Unused join tokens by hash.
-    pub enrollments: BTreeMap<String, model::Enrollment>,
+    pub enrollments: BTreeMap<String, crate::model::Enrollment>,
     /// The owner each enrolled node's credential was issued for.
     pub node_owners: BTreeMap<String, String>,
     pub nodes: BTreeMap<String, Node>,

@@ -157,7 +157,7 @@ impl State {
         };
         // Back in touch, it is told those runs are not its own any more and
         // stops them at once: they bill no later.
-        let deadline = at.saturating_add(crate::plausible::CUT_OFF_STOP_MS);
+        let deadline = at.saturating_add(super::plausible::CUT_OFF_STOP_MS);
         for c in &mut cut_off {
             c.deadline_ms.get_or_insert(deadline);
         }

@@ -113,7 +113,7 @@ impl State {
                 }
                 let (end, energy) = self.run_end(*job, at, *at_ms, *energy_mj, plausible);
                 self.close_run(*job, end, energy);
-                self.after_lost_run(*job, end, &crate::plausible::bounded_reason(reason));
+                self.after_lost_run(*job, end, &super::plausible::bounded_reason(reason));
                 Ok(vec![Event::Job(*job), Event::Node(node_name.to_string())])
             }
             RunReport::Exited {
@@ -129,7 +129,7 @@ impl State {
                 }
                 let (end, energy) = self.run_end(*job, at, *at_ms, *energy_mj, plausible);
                 self.close_run(*job, end, energy);
-                let reason = crate::plausible::bounded_reason(reason);
+                let reason = super::plausible::bounded_reason(reason);
                 let j = self.jobs.get_mut(job).expect("checked");
                 j.exit_code = Some(*exit_code);
                 j.reason = reason.clone();

@@ -54,7 +54,7 @@ pub(super) fn check_gpu(g: &GpuInfo) -> Result<(), Rejection> {
             format!("GPU model {:?} is not a model name", g.model),
         ));
     }
-    if g.power_limit_w as u64 > crate::plausible::MAX_GPU_POWER_W {
+    if g.power_limit_w as u64 > super::plausible::MAX_GPU_POWER_W {
         return Err(invalid(
             "gpus",
             format!(

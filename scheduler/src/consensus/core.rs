@@ -117,6 +117,9 @@ pub struct Core {
     proposals: BTreeMap<u64, (u64, u64)>,
     /// A snapshot we took that is not durable yet.
     own_snapshot: Option<Snapshot>,
+    /// Where a snapshot last failed to read back; the next try waits
+    /// `snapshot_every` entries.
+    snapshot_refused_at: u64,
     /// The commit index moved outside a Ready; stored with the next write.
     commit_dirty: bool,
     /// The conf state as last handed out to be stored.
@@ -207,6 +210,7 @@ impl Core {
             snapshot_every: timing.snapshot_every.max(1),
             proposals: BTreeMap::new(),
             own_snapshot: None,
+            snapshot_refused_at: 0,
             commit_dirty: false,
             durable_cs,
             durable_hs,
@@ -601,6 +605,9 @@ impl Core {
         let Ok(term) = log.term(self.applied) else {
             return;
         };
+        if self.applied < self.snapshot_refused_at.saturating_add(self.snapshot_every) {
+            return;
+        }
         let data = {
             let state = self.state.read().unwrap_or_else(|e| e.into_inner());
             codec::encode(&SnapshotDataRef {
@@ -608,6 +615,18 @@ impl Core {
                 peers: &self.peers,
             })
         };
+        // A snapshot that would not read back would leave this node unable to
+        // restart once its log is compacted, and would stop every follower it
+        // is sent to: keep the log instead, and say so.
+        if let Err(e) = codec::decode::<SnapshotData>(&data) {
+            tracing::error!(
+                "the state at index {} would not read back from a snapshot ({e}); \
+                 the log is kept uncompacted",
+                self.applied
+            );
+            self.snapshot_refused_at = self.applied;
+            return;
+        }
         let mut snap = Snapshot {
             data: data.into(),
             ..Default::default()

@@ -5,7 +5,6 @@
 pub mod core;
 pub mod disk;
 pub mod log;
-pub mod service;
 pub mod transport;
 
 /// Sends raft-rs's slog records to `tracing`.

@@ -2,6 +2,7 @@
 //! batch cancels and node drains.
 
 use super::*;
+use crate::habits::*;
 
 impl State {
     /// A dependency of `id` not met yet (the first one), if any.

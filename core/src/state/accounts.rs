@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use crate::ledger;
 use crate::state::{Event, JobState, Principal, Rejection, State, valid_name};
 
-pub use crate::state::model::{Auditor, Enrollment};
+pub use crate::model::{Auditor, Enrollment};
 
 /// Why a credential is refused, for the caller's error.
 #[derive(Debug, Clone, PartialEq, Eq)]

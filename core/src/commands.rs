@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{GpuInfo, JobId, JobSpec, Principal};
+use crate::model::{GpuInfo, JobExtra, JobId, JobSpec, Principal};
 use crate::policy::Setting;
 
 /// A command of the replicated log, stamped with the proposer's clock.
@@ -94,7 +94,7 @@ pub enum Op {
         id: JobId,
         member: String,
         spec: Box<JobSpec>,
-        extra: Box<crate::habits::JobExtra>,
+        extra: Box<JobExtra>,
         array: Option<String>,
     },
     /// Holds (or releases) pending jobs.

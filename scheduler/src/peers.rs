@@ -47,7 +47,9 @@ impl RaftService for Raft {
         req: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
         self.authorise(&req)?;
-        let op: Op = serde_json::from_slice(&req.into_inner().op)
+        // Read strictly, as the log is: a field this build does not know (a
+        // newer follower's) must not be dropped on the way to the leader.
+        let op: Op = coop_core::codec::decode(&req.into_inner().op)
             .map_err(|e| Status::invalid_argument(format!("op: {e}")))?;
         let result = self.0.propose_local(op).await;
         Ok(Response::new(pb::ForwardResponse {
