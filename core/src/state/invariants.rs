@@ -119,6 +119,7 @@ impl State {
 }
 
 /// The name of a command's op, for the message of a broken invariant.
+#[cfg_attr(not(debug_assertions), allow(dead_code))]
 pub(super) fn op_name(op: &Op) -> String {
     let debug = format!("{op:?}");
     debug
