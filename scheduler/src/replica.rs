@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use coop_proto::v1 as pb;
-use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Message};
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Message};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -195,7 +195,9 @@ impl Replica {
         let (events, _) = broadcast::channel(4096);
         let (view_tx, view) = watch::channel(View::default());
         let (feedback_tx, feedback) = mpsc::unbounded_channel();
+        let (snapshots, built) = mpsc::unbounded_channel();
         let node = Node {
+            snapshots,
             transport: Transport::new(
                 config.id,
                 config.client_address.clone(),
@@ -214,7 +216,7 @@ impl Replica {
         };
         let (failed_tx, failed) = watch::channel(None);
         tokio::spawn(async move {
-            if let Err(e) = node.run(rx, feedback, config.tick).await {
+            if let Err(e) = node.run(rx, feedback, built, config.tick).await {
                 failed_tx.send_replace(Some(format!("{e:#}")));
             }
         });
@@ -569,13 +571,19 @@ struct Node {
     next_token: u64,
     proposals: HashMap<u64, Reply<Vec<Event>>>,
     reads: HashMap<u64, Reply<u64>>,
+    /// Where snapshots built off the loop come back.
+    snapshots: mpsc::UnboundedSender<BuiltSnapshot>,
 }
+
+/// A snapshot built off the node loop: index, term, configuration, bytes.
+type BuiltSnapshot = (u64, u64, ConfState, Result<Vec<u8>, String>);
 
 impl Node {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Input>,
         mut feedback: mpsc::UnboundedReceiver<Feedback>,
+        mut built: mpsc::UnboundedReceiver<BuiltSnapshot>,
         tick: Duration,
     ) -> anyhow::Result<()> {
         let mut ticker = tokio::time::interval(tick);
@@ -603,6 +611,9 @@ impl Node {
                         }
                         self.handle(input);
                     }
+                }
+                Some((index, term, conf, bytes)) = built.recv() => {
+                    self.core.snapshot_built(index, term, conf, bytes);
                 }
                 Some(f) = feedback.recv() => match f {
                     Feedback::Unreachable(id) => self.core.report_unreachable(id),
@@ -711,6 +722,14 @@ impl Node {
             }
             let done = self.core.persisted(staged);
             self.finish(done);
+            if let Some(job) = self.core.snapshot_due() {
+                // Encoding a large state takes seconds: not in this loop.
+                let built = self.snapshots.clone();
+                tokio::task::spawn_blocking(move || {
+                    let bytes = job.build();
+                    let _ = built.send((job.index, job.term, job.conf_state, bytes));
+                });
+            }
         }
         Ok(())
     }

@@ -429,7 +429,13 @@ impl Sim {
             }
             let node = &mut self.nodes[i];
             node.disk.persist(&staged.persist);
-            let done = node.core.as_mut().expect("live").persisted(staged);
+            let core = node.core.as_mut().expect("live");
+            let done = core.persisted(staged);
+            // The replica builds snapshots off its loop; here at once.
+            if let Some(job) = core.snapshot_due() {
+                let bytes = job.build();
+                core.snapshot_built(job.index, job.term, job.conf_state.clone(), bytes);
+            }
             self.finish(id, done);
         }
     }

@@ -70,6 +70,15 @@ async fn snapshots_compact_the_log_and_restore_the_same_state() {
         replica.propose(member(i)).await.unwrap();
     }
     let expected = replica.read().clone();
+    // Snapshots are built off the node loop: wait until one is stored.
+    let mut view = replica.view();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        view.wait_for(|v| v.status.as_ref().is_some_and(|s| s.snapshot_index >= 20)),
+    )
+    .await
+    .expect("no snapshot at 20 or later within 10 s")
+    .unwrap();
     replica.stop().await;
 
     let log = Disk::open(&db)
@@ -301,6 +310,14 @@ async fn a_snapshot_that_cannot_be_decoded_refuses_the_start() {
     for i in 0..12 {
         replica.propose(member(i)).await.unwrap();
     }
+    let mut view = replica.view();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        view.wait_for(|v| v.status.as_ref().is_some_and(|s| s.snapshot_index >= 5)),
+    )
+    .await
+    .expect("no snapshot within 10 s")
+    .unwrap();
     replica.stop().await;
 
     let p = pool(&db).await;

@@ -120,6 +120,8 @@ pub struct Core {
     /// Where a snapshot last failed to read back; the next try waits
     /// `snapshot_every` entries.
     snapshot_refused_at: u64,
+    /// A [`SnapshotJob`] is out being built.
+    snapshot_building: bool,
     /// The commit index moved outside a Ready; stored with the next write.
     commit_dirty: bool,
     /// The conf state as last handed out to be stored.
@@ -211,6 +213,7 @@ impl Core {
             proposals: BTreeMap::new(),
             own_snapshot: None,
             snapshot_refused_at: 0,
+            snapshot_building: false,
             commit_dirty: false,
             durable_cs,
             durable_hs,
@@ -461,7 +464,6 @@ impl Core {
             self.apply_entries(light.take_committed_entries(), &mut done);
             self.raw.advance_apply();
         }
-        self.maybe_snapshot();
         done
     }
 
@@ -595,36 +597,62 @@ impl Core {
         Ok(Ok(vec![]))
     }
 
-    /// Snapshots the applied state every `snapshot_every` entries; the log up to
-    /// it is dropped once the snapshot is durable.
-    fn maybe_snapshot(&mut self) {
+    /// A copy of the applied state to snapshot, every `snapshot_every` entries
+    /// (none while one is being built). The shell builds it off the node loop
+    /// ([`SnapshotJob::build`]) and hands the result to [`Core::snapshot_built`];
+    /// the log up to it is dropped once the snapshot is durable.
+    pub fn snapshot_due(&mut self) -> Option<SnapshotJob> {
         let log = self.raw.store();
-        if self.applied < log.snapshot_index() + self.snapshot_every {
-            return;
+        if self.snapshot_building
+            || self.fatal.is_some()
+            || self.applied < log.snapshot_index() + self.snapshot_every
+            || self.applied < self.snapshot_refused_at.saturating_add(self.snapshot_every)
+        {
+            return None;
         }
-        let Ok(term) = log.term(self.applied) else {
-            return;
+        let term = log.term(self.applied).ok()?;
+        // The copy is what the loop pays; encoding it (seconds for a large
+        // state) happens elsewhere.
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner()).clone();
+        self.snapshot_building = true;
+        Some(SnapshotJob {
+            index: self.applied,
+            term,
+            conf_state: log.conf_state.clone(),
+            data: SnapshotData {
+                state,
+                peers: self.peers.clone(),
+            },
+        })
+    }
+
+    /// Takes a snapshot built from [`Core::snapshot_due`]'s copy: compacts the
+    /// log up to it and stages it to be stored, unless the log has moved past
+    /// it meanwhile (a snapshot from the leader was installed).
+    pub fn snapshot_built(
+        &mut self,
+        index: u64,
+        term: u64,
+        conf: ConfState,
+        built: Result<Vec<u8>, String>,
+    ) {
+        self.snapshot_building = false;
+        let data = match built {
+            Ok(data) => data,
+            Err(e) => {
+                // A snapshot that would not read back would leave this node
+                // unable to restart once its log is compacted, and would stop
+                // every follower it is sent to: keep the log instead, and say so.
+                tracing::error!(
+                    "the state at index {index} would not read back from a snapshot ({e}); \
+                     the log is kept uncompacted"
+                );
+                self.snapshot_refused_at = index;
+                return;
+            }
         };
-        if self.applied < self.snapshot_refused_at.saturating_add(self.snapshot_every) {
-            return;
-        }
-        let data = {
-            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-            codec::encode(&SnapshotDataRef {
-                state: &state,
-                peers: &self.peers,
-            })
-        };
-        // A snapshot that would not read back would leave this node unable to
-        // restart once its log is compacted, and would stop every follower it
-        // is sent to: keep the log instead, and say so.
-        if let Err(e) = codec::decode::<SnapshotData>(&data) {
-            tracing::error!(
-                "the state at index {} would not read back from a snapshot ({e}); \
-                 the log is kept uncompacted",
-                self.applied
-            );
-            self.snapshot_refused_at = self.applied;
+        let log = self.raw.store();
+        if index <= log.snapshot_index() || log.term(index).ok() != Some(term) {
             return;
         }
         let mut snap = Snapshot {
@@ -632,16 +660,28 @@ impl Core {
             ..Default::default()
         };
         let meta = snap.mut_metadata();
-        meta.index = self.applied;
+        meta.index = index;
         meta.term = term;
-        meta.set_conf_state(log.conf_state.clone());
+        meta.set_conf_state(conf);
         self.raw.mut_store().compact(snap.clone());
         self.own_snapshot = Some(snap);
     }
 }
 
-#[derive(Serialize)]
-struct SnapshotDataRef<'a> {
-    state: &'a State,
-    peers: &'a BTreeMap<u64, String>,
+/// A consistent copy of the state at `index`, to be encoded as a snapshot.
+pub struct SnapshotJob {
+    pub index: u64,
+    pub term: u64,
+    pub conf_state: ConfState,
+    data: SnapshotData,
+}
+
+impl SnapshotJob {
+    /// The snapshot's bytes, checked to read back exactly. Slow for a large
+    /// state: run it off the node loop.
+    pub fn build(&self) -> Result<Vec<u8>, String> {
+        let bytes = codec::encode(&self.data);
+        codec::decode::<SnapshotData>(&bytes).map_err(|e| e.to_string())?;
+        Ok(bytes)
+    }
 }
