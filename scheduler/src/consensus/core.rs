@@ -11,6 +11,10 @@
 //!    releases the messages that had to wait for it, advances raft and applies
 //!    what became committed meanwhile.
 //!
+//! Every `snapshot_every` entries, [`Core::snapshot_due`] hands out a copy of
+//! the state; the shell encodes it wherever it likes (encoding a large state
+//! takes seconds) and gives it back with [`Core::snapshot_built`].
+//!
 //! A proposal is answered only when its entry is applied, with apply's result. A
 //! proposal's entry is recognised by (index, term): by raft's log matching, no
 //! other entry can hold both, so a different entry at that index means ours was
