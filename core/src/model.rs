@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::policy::Setting;
+use crate::policy::{Policy, Setting};
 
 pub type JobId = Uuid;
 
@@ -275,6 +275,19 @@ impl Job {
     /// time limit).
     pub fn stopping(&self) -> bool {
         self.stop.is_some()
+    }
+
+    /// How long the agent gives the current run between SIGTERM and SIGKILL
+    /// once it is stopped: the policy's preemption grace for a preempted run
+    /// (to checkpoint), the job's own otherwise, never more than the policy's
+    /// longest (which may have been lowered since the job was submitted).
+    pub fn stop_grace_ms(&self, policy: &Policy) -> u64 {
+        if self.preempted_for().is_some() {
+            policy.preempt_grace_s.saturating_mul(1000)
+        } else {
+            self.spec.kill_grace_ms
+        }
+        .min(policy.max_grace_s.saturating_mul(1000))
     }
 
     /// A cancel was asked for while the job ran.

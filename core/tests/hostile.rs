@@ -997,3 +997,31 @@ fn a_run_cut_off_with_its_node_is_billed_until_its_agent_is_back_and_a_grace() {
         "{energy} mJ billed past the deadline's bound {bound}"
     );
 }
+
+/// A run asked to stop gets the grace the policy allows now: a member's long
+/// kill grace, or the preemption grace, is cut to a max_grace lowered since.
+#[test]
+fn a_stopping_run_gets_no_more_grace_than_the_policy_allows_now() {
+    let (s, id) = running();
+    let mut job = s.jobs[&id].clone();
+    let mut policy = s.policy.clone();
+    job.spec.kill_grace_ms = 9 * 60 * 1000;
+    policy.max_grace_s = 10 * 60;
+    job.request_stop(Stop::Cancel);
+    assert_eq!(job.stop_grace_ms(&policy), 9 * 60 * 1000);
+    policy.max_grace_s = 5;
+    assert_eq!(job.stop_grace_ms(&policy), 5_000);
+
+    let mut job = s.jobs[&id].clone();
+    job.request_stop(Stop::Preempt {
+        for_job: Uuid::from_u128(99),
+    });
+    policy.preempt_grace_s = 30;
+    policy.max_grace_s = 60;
+    assert_eq!(job.stop_grace_ms(&policy), 30_000);
+    policy.max_grace_s = 20;
+    assert_eq!(job.stop_grace_ms(&policy), 20_000);
+    // A cancel overrides the preemption: the job's own grace again (1 s).
+    job.request_stop(Stop::Cancel);
+    assert_eq!(job.stop_grace_ms(&policy), 1_000);
+}

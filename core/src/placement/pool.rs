@@ -259,11 +259,8 @@ impl<'a> Pool<'a> {
 
 /// When a running job's GPUs are expected to be free.
 fn expected_end(job: &Job, now_ms: i64, policy: &crate::policy::Policy) -> Option<i64> {
-    if job.preempted_for().is_some() {
-        return Some(now_ms + policy.preempt_grace_s as i64 * 1000);
-    }
     if job.stopping() {
-        return Some(now_ms + job.spec.kill_grace_ms as i64);
+        return Some(now_ms.saturating_add(job.stop_grace_ms(policy) as i64));
     }
     let limit = job.spec.time_limit_ms as i64;
     if limit == 0 {

@@ -38,15 +38,7 @@ pub fn desired_runs(state: &State, node: &str) -> Vec<pb::Run> {
             attempt: j.attempts,
             command: j.spec.command.clone(),
             gpus: j.gpus.clone(),
-            // A preempted run gets the policy's grace for its checkpoint (a
-            // cancel overrides a preemption, see `Stop`); none gets more than
-            // the policy's longest.
-            kill_grace_ms: if j.preempted_for().is_some() {
-                state.policy.preempt_grace_s.saturating_mul(1000)
-            } else {
-                j.spec.kill_grace_ms
-            }
-            .min(state.policy.max_grace_s.saturating_mul(1000)),
+            kill_grace_ms: j.stop_grace_ms(&state.policy),
             stop: j.stopping(),
             cpu_millis: j.spec.isolation.cpu_millis,
             memory_mb: j.spec.isolation.memory_mb,
