@@ -178,6 +178,8 @@ fn a_failed_dependency_cancels_down_the_chain_and_others_are_refused() {
         assert!(e.to_string().starts_with("dependency: "), "{e}");
     }
     assert_eq!(s, before, "refused submissions change nothing");
+    assert!(s.jobs.values().any(|j| !j.extra.after_ok.is_empty()));
+    reads_back(&s);
 }
 
 #[test]
@@ -224,6 +226,8 @@ fn holds_arrays_and_drains_gate_placement() {
         },
     })
     .unwrap();
+    assert!(s.nodes["n1"].cordon.is_some());
+    reads_back(&s);
     assert!(
         s.apply(&Command {
             at_ms: 14,
@@ -273,9 +277,13 @@ fn holds_arrays_and_drains_gate_placement() {
     let e = submit(&mut s, "acme", JobExtra::default(), Some("0-1")).unwrap_err();
     assert!(e.to_string().contains("max_pending"), "{e}");
     assert_eq!(s, before);
-    // Holds, arrays, drains and dependencies read back from a snapshot exactly.
-    let back: State = crate::codec::decode(&crate::codec::encode(&s)).unwrap();
-    assert_eq!(back, s);
+    reads_back(&s);
+}
+
+/// The state reads back from a snapshot exactly (the habits' fields included).
+fn reads_back(s: &State) {
+    let back: State = crate::codec::decode(&crate::codec::encode(s)).unwrap();
+    assert_eq!(&back, s);
 }
 
 #[test]
