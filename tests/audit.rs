@@ -425,6 +425,14 @@ fn a_history_rewritten_offline_is_caught_by_a_head_saved_before() {
         policy["changes"][0]["reason"], "the operator's whim",
         "{policy:#}"
     );
+    // Its store held the chain as it was: the replay says it differs.
+    let said = s.scheduler.stderr();
+    assert!(
+        said.contains("replaying the raft log made audit record")
+            && said.contains("changed outside coop"),
+        "{said}"
+    );
+    let c = &s.c;
 
     // The rewritten chain is consistent in itself: without a head, it passes.
     assert!(

@@ -617,6 +617,16 @@ fn rows(job_a: &str, session: &str) -> Vec<Row> {
                 pb::NodeStatusRequest {}
             ),
         ),
+        row(
+            "RaftService/History",
+            false,
+            "XXXXXXXXXXIX",
+            call!(
+                raft_service_client::RaftServiceClient,
+                history,
+                pb::HistoryRequest { from: 0, to: 0 }
+            ),
+        ),
     ]
 }
 

@@ -10,7 +10,6 @@
 
 use std::time::Instant;
 
-use coop_core::fairshare::DecayedUsage;
 use coop_core::placement::plan;
 use coop_core::policy::{Ordering, Setting};
 use coop_core::state::*;
@@ -162,7 +161,7 @@ fn time_pass(s: &State, runs: usize) -> (f64, usize, usize) {
     // Twenty minutes after the running jobs started: past the minimum run
     // time, so the pass also looks for preemptions.
     let now = 1_200_000;
-    let usage = DecayedUsage::exact(s, now);
+    let usage = coop_core::fairshare::usage(s, now);
     let mut times = Vec::new();
     let mut placed = 0;
     let mut preempted = 0;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The format this build writes, and the only one it reads.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -173,20 +173,21 @@ mod tests {
     #[test]
     fn a_command_reads_back_as_written() {
         let bytes = encode(&cmd());
-        assert!(bytes.starts_with(br#"{"format":1,"value":"#));
+        assert!(bytes.starts_with(br#"{"format":2,"value":"#));
         assert_eq!(decode::<Command>(&bytes).unwrap(), cmd());
     }
 
     #[test]
     fn a_newer_or_older_format_is_refused() {
-        let newer = edit(&encode(&cmd()), |v| v["format"] = 2.into());
+        let newer = edit(&encode(&cmd()), |v| v["format"] = 3.into());
         let e = decode::<Command>(&newer).unwrap_err();
-        assert_eq!(e, DecodeError::Newer { found: 2 });
+        assert_eq!(e, DecodeError::Newer { found: 3 });
         assert!(e.to_string().contains("newer coop"), "{e}");
-        let older = edit(&encode(&cmd()), |v| v["format"] = 0.into());
+        // Format 1 kept the whole ledger in the state.
+        let older = edit(&encode(&cmd()), |v| v["format"] = 1.into());
         assert_eq!(
             decode::<Command>(&older).unwrap_err(),
-            DecodeError::Older { found: 0 }
+            DecodeError::Older { found: 1 }
         );
         let none = edit(&encode(&cmd()), |v| {
             v.as_object_mut().unwrap().remove("format");

@@ -1,8 +1,7 @@
 //! Fair-share maths: entitlements, decayed usage and the fair-share factor.
 //!
-//! Pure functions of the replicated state and a time. Floats appear only here,
-//! in figures derived at read time; nothing derived is written back to the
-//! state, so replicas never disagree over rounding.
+//! Pure functions of the replicated state and a time. Floats appear only here
+//! and in [`Decayed`], the per-member totals the state keeps.
 //!
 //! Decay: a ledger record is usage spread evenly over `[start, end]`, and
 //! usage at time `t` counts `2^(-(now - t) / half_life)` at `now`. A record
@@ -12,10 +11,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::decay::record_value;
+pub use crate::decay::{Decayed, decayed};
 use crate::state::{State, UsageRecord, unbilled_ms};
-
-/// Milliseconds in an hour: usage figures are in normalised GPU-hours.
-const HOUR_MS: f64 = 3_600_000.0;
 
 /// Each member's entitlement as a fraction of the cluster (they sum to 1 when
 /// there is any member). Voted shares and contributed capacity are blended by
@@ -64,116 +62,35 @@ pub fn entitlements(state: &State) -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// `2^(-dt / half_life)`.
-fn decay(dt_ms: f64, half_life_ms: f64) -> f64 {
-    (-dt_ms / half_life_ms).exp2()
+/// Decayed usage per member at `now_ms`: the billed part from the state's
+/// per-member totals, plus what running jobs have used since they were last
+/// billed. O(members + running jobs), whatever the length of the history.
+pub fn usage(state: &State, now_ms: i64) -> BTreeMap<String, f64> {
+    let hl = state.policy.half_life_s;
+    let mut out: BTreeMap<String, f64> = state.members.keys().map(|m| (m.clone(), 0.0)).collect();
+    // Removed members' usage still counts in the co-op's total.
+    for (m, d) in &state.decayed {
+        *out.entry(m.clone()).or_default() += d.at(now_ms, hl);
+    }
+    add_running(state, now_ms, &mut out);
+    out
 }
 
-/// Decayed value at `now_ms` of `weighted_gpu_ms` spread evenly over `[start, end]`,
-/// in normalised GPU-hours.
-pub fn decayed(
-    weighted_gpu_ms: f64,
-    start_ms: i64,
-    end_ms: i64,
+/// Decayed usage computed from scratch from `records` (the whole history,
+/// as a replica's store holds it) at the state's half-life: what [`usage`]
+/// must equal while the half-life has not changed.
+pub fn recomputed<'a>(
+    state: &State,
+    records: impl IntoIterator<Item = &'a UsageRecord>,
     now_ms: i64,
-    half_life_s: u64,
-) -> f64 {
-    let h = half_life_s as f64 * 1000.0;
-    let (s, e) = ((now_ms - start_ms) as f64, (now_ms - end_ms) as f64);
-    let v = if end_ms > start_ms {
-        let rate = weighted_gpu_ms / (end_ms - start_ms) as f64;
-        rate * h / std::f64::consts::LN_2 * (decay(e, h) - decay(s, h))
-    } else {
-        weighted_gpu_ms * decay(e, h)
-    };
-    v / HOUR_MS
-}
-
-fn record_value(r: &UsageRecord, now_ms: i64, half_life_s: u64) -> f64 {
-    decayed(
-        r.weighted_gpu_ms as f64,
-        r.start_ms,
-        r.end_ms,
-        now_ms,
-        half_life_s,
-    )
-}
-
-/// Decayed usage per member, kept up to date incrementally: the ledger only
-/// grows, so each call decays the running totals to `now` and adds the new
-/// records. `exact` recomputes from the whole ledger; tests check they agree.
-#[derive(Debug, Clone, Default)]
-pub struct DecayedUsage {
-    at_ms: i64,
-    half_life_s: u64,
-    consumed: usize,
-    billed: BTreeMap<String, f64>,
-}
-
-impl DecayedUsage {
-    /// Brings the totals to `now_ms` (time only moves forward here; an earlier
-    /// `now_ms` is treated as the last one).
-    pub fn advance(&mut self, state: &State, now_ms: i64) {
-        let hl = state.policy.half_life_s;
-        if hl != self.half_life_s || state.ledger.len() < self.consumed {
-            *self = Self {
-                half_life_s: hl,
-                at_ms: now_ms,
-                ..Self::default()
-            };
-        }
-        let now = now_ms.max(self.at_ms);
-        if now > self.at_ms {
-            let f = decay((now - self.at_ms) as f64, hl as f64 * 1000.0);
-            self.billed.values_mut().for_each(|v| *v *= f);
-            self.at_ms = now;
-        }
-        for r in &state.ledger[self.consumed..] {
-            *self.billed.entry(r.member.clone()).or_default() += record_value(r, now, hl);
-        }
-        self.consumed = state.ledger.len();
+) -> BTreeMap<String, f64> {
+    let hl = state.policy.half_life_s;
+    let mut out: BTreeMap<String, f64> = state.members.keys().map(|m| (m.clone(), 0.0)).collect();
+    for r in records {
+        *out.entry(r.member.clone()).or_default() += record_value(r, now_ms, hl);
     }
-
-    pub fn at_ms(&self) -> i64 {
-        self.at_ms
-    }
-
-    /// Billed decayed usage plus what running jobs have used since they were
-    /// last billed, per member, at the time of the last `advance`.
-    pub fn per_member(&self, state: &State) -> BTreeMap<String, f64> {
-        let mut out: BTreeMap<String, f64> =
-            state.members.keys().map(|m| (m.clone(), 0.0)).collect();
-        for (m, v) in &self.billed {
-            *out.entry(m.clone()).or_default() += v;
-        }
-        add_running(state, self.at_ms, &mut out);
-        out
-    }
-
-    /// Brings a shared tally to `now_ms` and reads it: what readers other
-    /// than the scheduling loop (metrics, the API) use, so that none of them
-    /// walks the whole ledger.
-    pub fn shared_at(
-        shared: &std::sync::Mutex<DecayedUsage>,
-        state: &State,
-        now_ms: i64,
-    ) -> BTreeMap<String, f64> {
-        let mut d = shared.lock().unwrap_or_else(|e| e.into_inner());
-        d.advance(state, now_ms);
-        d.per_member(state)
-    }
-
-    /// Decayed usage computed from scratch over the whole ledger.
-    pub fn exact(state: &State, now_ms: i64) -> BTreeMap<String, f64> {
-        let hl = state.policy.half_life_s;
-        let mut out: BTreeMap<String, f64> =
-            state.members.keys().map(|m| (m.clone(), 0.0)).collect();
-        for r in &state.ledger {
-            *out.entry(r.member.clone()).or_default() += record_value(r, now_ms, hl);
-        }
-        add_running(state, now_ms, &mut out);
-        out
-    }
+    add_running(state, now_ms, &mut out);
+    out
 }
 
 fn add_running(state: &State, now_ms: i64, out: &mut BTreeMap<String, f64>) {

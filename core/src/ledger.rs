@@ -3,8 +3,9 @@
 //! Each entry has a sequence number and the SHA-256 of its canonical encoding
 //! (the JSON of `(seq, at_ms, entry)`) joined to the previous entry's hash, so
 //! changing, removing or reordering any entry changes every hash after it.
-//! The chain is part of the replicated state: every scheduler holds the same
-//! one. An auditor who keeps the head hash of an export can later prove that
+//! Every scheduler makes the same chain as it applies the log: the replicated
+//! state keeps only its head ([`Head`]), the records go to each replica's
+//! store in the same transaction as the applied index. An auditor who keeps the head hash of an export can later prove that
 //! the cluster's ledger still starts with exactly what was exported.
 
 use serde::{Deserialize, Serialize};
@@ -100,20 +101,48 @@ pub fn hash(prev: &str, seq: u64, at_ms: i64, entry: &Entry) -> String {
     hex::encode(h.finalize())
 }
 
+/// The last link of a chain: what the replicated state keeps of it (the
+/// records themselves go to each replica's store as they are made).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    /// 0 for an empty chain.
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl Default for Head {
+    fn default() -> Self {
+        Self {
+            seq: 0,
+            hash: GENESIS.to_string(),
+        }
+    }
+}
+
+impl Head {
+    /// The record of `entry` after this head, and the head moved onto it.
+    pub fn link(&mut self, at_ms: i64, entry: Entry) -> Record {
+        let seq = self.seq + 1;
+        let hash = hash(&self.hash, seq, at_ms, &entry);
+        let prev_hash = std::mem::replace(&mut self.hash, hash.clone());
+        self.seq = seq;
+        Record {
+            seq,
+            at_ms,
+            entry,
+            prev_hash,
+            hash,
+        }
+    }
+}
+
 /// Appends `entry` to `chain`.
 pub fn append(chain: &mut Vec<Record>, at_ms: i64, entry: Entry) {
-    let (seq, prev) = match chain.last() {
-        Some(r) => (r.seq + 1, r.hash.clone()),
-        None => (1, GENESIS.to_string()),
-    };
-    let hash = hash(&prev, seq, at_ms, &entry);
-    chain.push(Record {
-        seq,
-        at_ms,
-        entry,
-        prev_hash: prev,
-        hash,
+    let mut head = chain.last().map_or_else(Head::default, |r| Head {
+        seq: r.seq,
+        hash: r.hash.clone(),
     });
+    chain.push(head.link(at_ms, entry));
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,6 +1,6 @@
 //! coop-core: what every scheduler replica computes the same way from the
 //! same committed commands. The state machine (`state`), the order jobs run in
-//! (`placement`, `fairshare`, `habits`), the rules members vote on (`policy`,
+//! (`placement`, `fairshare`, `decay`, `habits`), the rules members vote on (`policy`,
 //! `accounts`), what a job costs (`usage`, `plausible`) and the audit chain
 //! (`ledger`); `codec` writes and strictly reads the log's entries and
 //! snapshots; `simulate` replays a workload trace through all of it.
@@ -11,6 +11,7 @@
 
 pub mod codec;
 pub mod commands;
+pub mod decay;
 pub mod fairshare;
 pub mod habits;
 pub mod ledger;

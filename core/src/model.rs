@@ -57,6 +57,17 @@ pub struct Member {
     pub removed_at_ms: Option<i64>,
 }
 
+/// A member's all-time figures, kept as the chain grows (the records are in
+/// the replicas' stores): what the metrics' counters show.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub gpu_ms: u64,
+    pub weighted_gpu_ms: u64,
+    pub energy_mj: u64,
+    pub preemptions_suffered: u64,
+    pub preemptions_caused: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Gpu {
     pub uuid: String,

@@ -89,6 +89,9 @@ pub struct Policy {
     /// bursts of ten times as many (0 = no limit).
     #[serde(default = "default_submit_rate")]
     pub submit_rate: u64,
+    /// How long a finished job stays in the replicated state's memory; after
+    /// that it is read from each replica's store.
+    pub job_retention_s: u64,
 }
 
 fn default_max_grace() -> u64 {
@@ -112,6 +115,9 @@ fn default_proposal_ttl() -> u64 {
 }
 
 pub const DEFAULT_PROPOSAL_TTL_S: u64 = 7 * 24 * 3600;
+pub const DEFAULT_JOB_RETENTION_S: u64 = 7 * 24 * 3600;
+/// A year: finished jobs kept longer would be a history held in memory again.
+pub const MAX_JOB_RETENTION_S: u64 = 365 * 24 * 3600;
 
 impl Default for Policy {
     fn default() -> Self {
@@ -133,6 +139,7 @@ impl Default for Policy {
             max_pending_jobs: DEFAULT_MAX_PENDING_JOBS,
             gpu_quota: 0,
             gpu_quotas: BTreeMap::new(),
+            job_retention_s: DEFAULT_JOB_RETENTION_S,
             submit_rate: DEFAULT_SUBMIT_RATE,
         }
     }
@@ -206,6 +213,7 @@ impl Policy {
                 self.gpu_quotas.insert(member.clone(), *gpus);
             }
             Setting::SubmitRate(n) => self.submit_rate = *n,
+            Setting::JobRetentionS(s) => self.job_retention_s = *s,
             // Membership is the state's to change, not the policy's.
             Setting::AddMember { .. } | Setting::RemoveMember(_) => {}
         }
@@ -252,6 +260,7 @@ impl Policy {
                 }),
         );
         out.push(Setting::SubmitRate(self.submit_rate));
+        out.push(Setting::JobRetentionS(self.job_retention_s));
         out
     }
 }
@@ -286,6 +295,7 @@ pub enum Setting {
         gpus: u64,
     },
     SubmitRate(u64),
+    JobRetentionS(u64),
     /// A member joins the co-op once the proposal passes (its token, made
     /// when proposed, works from then on). Only `coop member add` makes it.
     AddMember {
@@ -295,7 +305,7 @@ pub enum Setting {
     RemoveMember(String),
 }
 
-pub const SETTING_KEYS: &str = "ordering, share.MEMBER, default_share, capacity_blend, weight.MODEL, weight_reference_tflops, half_life, preemption, preempt_inference, min_runtime, preempt_grace, approvals, proposal_ttl, max_grace, max_pending, gpu_quota, gpu_quota.MEMBER, submit_rate, member.remove";
+pub const SETTING_KEYS: &str = "ordering, share.MEMBER, default_share, capacity_blend, weight.MODEL, weight_reference_tflops, half_life, preemption, preempt_inference, min_runtime, preempt_grace, approvals, proposal_ttl, max_grace, max_pending, gpu_quota, gpu_quota.MEMBER, submit_rate, job_retention, member.remove";
 
 /// Shares and weights are capped so that sums and products stay far from overflow.
 const MAX_SHARES: u64 = 1_000_000;
@@ -382,6 +392,16 @@ impl Setting {
                 }
                 Setting::ProposalTtlS(s)
             }
+            "job_retention" => {
+                let s = secs()?;
+                if s == 0 || s > MAX_JOB_RETENTION_S {
+                    return Err(err(format!(
+                        "must be longer than zero and at most {}",
+                        fmt_duration_s(MAX_JOB_RETENTION_S)
+                    )));
+                }
+                Setting::JobRetentionS(s)
+            }
             k => {
                 if let Some(member) = k.strip_prefix("gpu_quota.") {
                     Setting::MemberGpuQuota {
@@ -432,6 +452,7 @@ impl fmt::Display for Setting {
             Setting::GpuQuota(n) => write!(f, "gpu_quota={n}"),
             Setting::MemberGpuQuota { member, gpus } => write!(f, "gpu_quota.{member}={gpus}"),
             Setting::SubmitRate(n) => write!(f, "submit_rate={n}"),
+            Setting::JobRetentionS(s) => write!(f, "job_retention={}", fmt_duration_s(*s)),
             Setting::AddMember { name, .. } => write!(f, "member.add={name}"),
             Setting::RemoveMember(name) => write!(f, "member.remove={name}"),
         }
@@ -518,6 +539,8 @@ mod tests {
         for (kv, key) in [
             ("half_life=0s", "half_life"),
             ("half_life=soon", "half_life"),
+            ("job_retention=0s", "job_retention"),
+            ("job_retention=400d", "job_retention"),
             ("capacity_blend=101", "capacity_blend"),
             ("weight.T4=0", "weight.T4"),
             ("weight.T4=1.2345", "weight.T4"),
@@ -537,6 +560,7 @@ mod tests {
             "preempt_grace",
             "max_grace",
             "proposal_ttl",
+            "job_retention",
         ] {
             let (k, m) = Setting::parse(&format!("{key}=7")).unwrap_err();
             assert_eq!(

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 
 use uuid::Uuid;
 
-use crate::fairshare::{DecayedUsage, entitlements, jain, water_fill};
+use crate::fairshare::{entitlements, jain, water_fill};
 use crate::placement::plan;
 use crate::policy::{Ordering, Setting};
 use crate::state::{Command, GpuInfo, JobId, JobKind, JobSpec, JobState, Op, RunReport, State};
@@ -268,13 +268,17 @@ impl<'a> Sim<'a> {
     }
 
     fn apply(&mut self, op: Op) -> Result<(), String> {
-        self.state
+        let applied = self
+            .state
             .apply(&Command {
                 at_ms: self.now,
                 op,
             })
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        // The history a replica would store: not needed here.
+        self.state.take_outbox();
+        applied
     }
 
     fn report(&mut self, i: usize, report: RunReport) {
@@ -293,7 +297,6 @@ impl<'a> Sim<'a> {
     }
 
     fn run(&mut self, progress: &mut dyn FnMut(usize, usize)) {
-        let mut decayed = DecayedUsage::default();
         let tick = (self.cfg.min_runtime_s as i64).max(60) * MS;
         let mut tick_pending = false;
         while let Some(Reverse((t, _))) = self.events.peek().copied() {
@@ -312,8 +315,8 @@ impl<'a> Sim<'a> {
                     Ev::Tick => tick_pending = false,
                 }
             }
-            decayed.advance(&self.state, self.now);
-            let pass = plan(&self.state, self.now, &decayed.per_member(&self.state));
+            let usage = crate::fairshare::usage(&self.state, self.now);
+            let pass = plan(&self.state, self.now, &usage);
             self.passes += 1;
             progress(self.ended, self.trace.len());
             for p in pass.preemptions {
@@ -403,7 +406,10 @@ impl<'a> Sim<'a> {
     /// was preempted and stops after its checkpoint).
     fn exit(&mut self, i: usize, attempt: u32, code: i32) {
         let id = self.ids[i];
-        let job = &self.state.jobs[&id];
+        // A job that finished long ago may have left memory.
+        let Some(job) = self.state.jobs.get(&id) else {
+            return;
+        };
         if job.state != JobState::Running || job.attempts != attempt {
             return; // this run already ended (preempted, then its finish came)
         }

@@ -1,8 +1,26 @@
 //! Per-member usage figures over a time window, derived from the ledger (no I/O).
+//!
+//! The ledger is not in memory: the caller reads what a window needs from a
+//! replica's store (by index) and passes it as [`Past`]; running jobs and
+//! members come from the state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::state::{JobState, State, unbilled_ms};
+use crate::ledger::{Entry, Record};
+use crate::state::{JobId, JobState, State, UsageRecord, unbilled_ms};
+
+/// What a window's figures need of the history, read from a store at the
+/// applied index of the state the live part was read from: then every
+/// record and every finished job counts once, in one part or the other.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Past<'a> {
+    /// Usage records that overlap the window (others are ignored).
+    pub usage: &'a [UsageRecord],
+    /// Audit records stamped in the window (others are ignored).
+    pub audit: &'a [Record],
+    /// Jobs that finished in the window and had left memory, with their members.
+    pub retired: &'a [(JobId, String)],
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MemberUsage {
@@ -36,6 +54,21 @@ fn pro_rata(value: u64, start: i64, end: i64, from: i64, to: i64) -> u64 {
 /// Job counts are as of now, except `finished_jobs`: jobs that ended in the window.
 pub fn member_usage(
     state: &State,
+    past: Past<'_>,
+    now_ms: i64,
+    from_ms: i64,
+    to_ms: i64,
+    only: Option<&str>,
+) -> Vec<MemberUsage> {
+    let mut usage = live_usage(state, now_ms, from_ms, to_ms, only);
+    add_past_usage(&mut usage, past, from_ms, to_ms);
+    usage
+}
+
+/// The part of [`member_usage`] the state holds: running jobs' unbilled
+/// time, job counts, and jobs still in memory that finished in the window.
+pub fn live_usage(
+    state: &State,
     now_ms: i64,
     from_ms: i64,
     to_ms: i64,
@@ -55,14 +88,6 @@ pub fn member_usage(
             )
         })
         .collect();
-    for r in &state.ledger {
-        let Some(u) = by.get_mut(r.member.as_str()) else {
-            continue;
-        };
-        u.gpu_ms += pro_rata(r.gpu_ms, r.start_ms, r.end_ms, from_ms, to_ms);
-        u.weighted_gpu_ms += pro_rata(r.weighted_gpu_ms, r.start_ms, r.end_ms, from_ms, to_ms);
-        u.energy_mj += pro_rata(r.energy_mj, r.start_ms, r.end_ms, from_ms, to_ms);
-    }
     let end = now_ms.min(to_ms);
     for job in state.jobs.values() {
         let Some(u) = by.get_mut(job.member.as_str()) else {
@@ -94,6 +119,29 @@ pub fn member_usage(
     by.into_values().collect()
 }
 
+/// Adds the history's part to [`live_usage`]'s: billed intervals, cut pro
+/// rata at the window's edges, and jobs that finished in it and left memory.
+pub fn add_past_usage(usage: &mut [MemberUsage], past: Past<'_>, from_ms: i64, to_ms: i64) {
+    let at: BTreeMap<String, usize> = usage
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.member.clone(), i))
+        .collect();
+    for r in past.usage {
+        let Some(u) = at.get(&r.member).map(|&i| &mut usage[i]) else {
+            continue;
+        };
+        u.gpu_ms += pro_rata(r.gpu_ms, r.start_ms, r.end_ms, from_ms, to_ms);
+        u.weighted_gpu_ms += pro_rata(r.weighted_gpu_ms, r.start_ms, r.end_ms, from_ms, to_ms);
+        u.energy_mj += pro_rata(r.energy_mj, r.start_ms, r.end_ms, from_ms, to_ms);
+    }
+    for (_, member) in past.retired {
+        if let Some(&i) = at.get(member) {
+            usage[i].finished_jobs += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::pro_rata;
@@ -123,9 +171,44 @@ pub struct Statement {
     /// GPU-ms the member's nodes offered, and weighted by the policy now.
     pub contributed_gpu_ms: u64,
     pub contributed_weighted_gpu_ms: u64,
+    /// The jobs counted in `jobs`.
+    pub job_ids: BTreeSet<JobId>,
 }
 
 impl Statement {
+    /// Adds the history's part: billed intervals (cut pro rata at the
+    /// period's edges) and preemptions.
+    pub fn add_past(&mut self, past: Past<'_>) {
+        let (from_ms, to_ms) = (self.from_ms, self.to_ms);
+        for r in past.usage.iter().filter(|r| r.member == self.member) {
+            let g = pro_rata(r.gpu_ms, r.start_ms, r.end_ms, from_ms, to_ms);
+            if g == 0 && !(r.start_ms < to_ms && r.end_ms > from_ms) {
+                continue;
+            }
+            let e = self.by_model.entry(r.model.clone()).or_default();
+            e.0 += g;
+            e.1 += pro_rata(r.weighted_gpu_ms, r.start_ms, r.end_ms, from_ms, to_ms);
+            e.2 += pro_rata(r.energy_mj, r.start_ms, r.end_ms, from_ms, to_ms);
+            self.job_ids.insert(r.job);
+        }
+        self.jobs = self.job_ids.len() as u32;
+        for r in past
+            .audit
+            .iter()
+            .filter(|r| r.at_ms >= from_ms && r.at_ms < to_ms)
+        {
+            if let Entry::Preemption {
+                member: m,
+                for_member,
+                ..
+            } = &r.entry
+            {
+                self.preemptions_suffered += (*m == self.member) as u32;
+                self.preemptions_caused += (*for_member == self.member) as u32;
+            }
+        }
+    }
+
     pub fn used_weighted_gpu_ms(&self) -> u64 {
         self.by_model.values().map(|v| v.1).sum()
     }
@@ -140,25 +223,35 @@ impl Statement {
 /// The statement of `member` for `[from_ms, to_ms)`, as of `now_ms`. Usage is
 /// the ledger (cut pro rata at the edges) plus running jobs' time not yet
 /// reported; contributed capacity counts the member's nodes while they were up.
-pub fn statement(state: &State, member: &str, from_ms: i64, to_ms: i64, now_ms: i64) -> Statement {
+pub fn statement(
+    state: &State,
+    past: Past<'_>,
+    member: &str,
+    from_ms: i64,
+    to_ms: i64,
+    now_ms: i64,
+) -> Statement {
+    let mut st = live_statement(state, member, from_ms, to_ms, now_ms);
+    st.add_past(past);
+    st
+}
+
+/// The part of [`statement`] the state holds: running jobs' unbilled time
+/// and contributed capacity.
+pub fn live_statement(
+    state: &State,
+    member: &str,
+    from_ms: i64,
+    to_ms: i64,
+    now_ms: i64,
+) -> Statement {
     let mut st = Statement {
         member: member.to_string(),
         from_ms,
         to_ms,
         ..Default::default()
     };
-    let mut jobs = std::collections::BTreeSet::new();
-    for r in state.ledger.iter().filter(|r| r.member == member) {
-        let g = pro_rata(r.gpu_ms, r.start_ms, r.end_ms, from_ms, to_ms);
-        if g == 0 && !(r.start_ms < to_ms && r.end_ms > from_ms) {
-            continue;
-        }
-        let e = st.by_model.entry(r.model.clone()).or_default();
-        e.0 += g;
-        e.1 += pro_rata(r.weighted_gpu_ms, r.start_ms, r.end_ms, from_ms, to_ms);
-        e.2 += pro_rata(r.energy_mj, r.start_ms, r.end_ms, from_ms, to_ms);
-        jobs.insert(r.job);
-    }
+    let mut jobs = BTreeSet::new();
     let end = now_ms.min(to_ms);
     for j in state.running.iter().map(|id| &state.jobs[id]) {
         if j.member != member || unbilled_ms(j, now_ms) == 0 {
@@ -175,21 +268,7 @@ pub fn statement(state: &State, member: &str, from_ms: i64, to_ms: i64, now_ms: 
         jobs.insert(j.id);
     }
     st.jobs = jobs.len() as u32;
-    for r in state
-        .audit
-        .iter()
-        .filter(|r| r.at_ms >= from_ms && r.at_ms < to_ms)
-    {
-        if let crate::ledger::Entry::Preemption {
-            member: m,
-            for_member,
-            ..
-        } = &r.entry
-        {
-            st.preemptions_suffered += (m == member) as u32;
-            st.preemptions_caused += (for_member == member) as u32;
-        }
-    }
+    st.job_ids = jobs;
     let open = state
         .nodes
         .values()

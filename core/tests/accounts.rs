@@ -127,7 +127,7 @@ fn a_removed_member_keeps_no_machine_and_no_token() {
     assert!(apply(&mut s, 80, register("n3", "alice")).is_err());
     assert!(s.members["alice"].removed_at_ms.is_some());
     // Its history stays in the ledger.
-    let removed = s.audit.iter().any(|r| {
+    let removed = s.outbox.records.iter().any(|r| {
         matches!(&r.entry, coop_core::ledger::Entry::AccountChanged { account, change }
             if account == "member:alice" && change == "removed")
     });

@@ -135,7 +135,8 @@ fn a_fixed_history_makes_the_same_audit_chain() {
     }
     // Each entry as "SEQ KIND HASH-PREFIX".
     let chain: Vec<String> = s
-        .audit
+        .outbox
+        .records
         .iter()
         .map(|r| {
             let entry = serde_json::to_value(&r.entry).unwrap();
@@ -147,11 +148,16 @@ fn a_fixed_history_makes_the_same_audit_chain() {
             )
         })
         .collect();
-    let last = s.audit.last().expect("entries");
+    let last = s.outbox.records.last().expect("entries");
     assert_eq!(chain, GOLDEN_CHAIN, "the audit chain changed: {chain:#?}");
     assert_eq!(last.hash, GOLDEN_HEAD);
+    assert_eq!(
+        (s.chain.seq, s.chain.hash.as_str()),
+        (6, GOLDEN_HEAD),
+        "the state's head"
+    );
     // The run's GPU time and energy, as billed.
-    let usage: Vec<(u64, u64)> = s.ledger.iter().map(|r| (r.gpu_ms, r.energy_mj)).collect();
+    let usage: Vec<(u64, u64)> = s.outbox.usage().map(|r| (r.gpu_ms, r.energy_mj)).collect();
     assert_eq!(usage, GOLDEN_USAGE);
 }
 

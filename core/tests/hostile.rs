@@ -106,7 +106,8 @@ fn report(s: &mut State, at_ms: i64, seq: u64, report: RunReport) {
 }
 
 fn rejected(s: &State) -> Vec<String> {
-    s.audit
+    s.outbox
+        .records
         .iter()
         .filter_map(|r| match &r.entry {
             Entry::ReportRejected { report, reason, .. } => Some(format!("{report}: {reason}")),
@@ -159,7 +160,11 @@ fn forged_times_bill_nothing_and_are_kept_as_evidence() {
             );
         }
     }
-    assert!(s.ledger.is_empty(), "nothing billed: {:?}", s.ledger);
+    assert!(
+        s.outbox.usage().next().is_none(),
+        "nothing billed: {:?}",
+        s.outbox.records
+    );
     assert_eq!(s.jobs[&id].gpu_ms, 0);
     assert_eq!(
         s.jobs[&id].state,
@@ -239,7 +244,7 @@ fn energy_beyond_what_the_gpus_can_draw_is_refused() {
         },
     );
     assert!(
-        s.ledger.is_empty(),
+        s.outbox.usage().next().is_none(),
         "neither the time nor the energy is billed"
     );
     assert_eq!(rejected(&s).len(), 1);
@@ -965,8 +970,8 @@ fn a_run_cut_off_with_its_node_is_billed_until_its_agent_is_back_and_a_grace() {
         },
     );
     let billed_to = s
-        .ledger
-        .iter()
+        .outbox
+        .usage()
         .filter(|r| r.job == id)
         .map(|r| r.end_ms)
         .max()
@@ -987,8 +992,8 @@ fn a_run_cut_off_with_its_node_is_billed_until_its_agent_is_back_and_a_grace() {
         );
     }
     let energy: u64 = s
-        .ledger
-        .iter()
+        .outbox
+        .usage()
         .filter(|r| r.job == id)
         .map(|r| r.energy_mj)
         .sum();

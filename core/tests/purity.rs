@@ -51,7 +51,15 @@ fn dependency_tree_has_no_runtime_rpc_database_or_randomness() {
         .filter(|c| *c != "coop-core")
         .map(String::from)
         .collect();
-    let allowed = ["hex", "serde", "serde_json", "sha2", "thiserror", "uuid"];
+    let allowed = [
+        "hex",
+        "libm",
+        "serde",
+        "serde_json",
+        "sha2",
+        "thiserror",
+        "uuid",
+    ];
     assert_eq!(
         direct,
         allowed.iter().map(|c| c.to_string()).collect(),

@@ -10,6 +10,8 @@ pub mod config;
 pub mod consensus;
 pub mod datadir;
 pub mod head;
+pub mod history;
+pub mod history_copy;
 pub mod instruments;
 pub mod liveness;
 pub mod metrics;

@@ -22,17 +22,11 @@ use crate::instruments::{
 };
 use crate::liveness::Registry as Liveness;
 use crate::replica::Replica;
-use coop_core::fairshare::{
-    DecayedUsage, entitlements, factors, jain, running_gpus, total_gpus, water_fill,
-};
+use coop_core::fairshare::{entitlements, factors, jain, running_gpus, total_gpus, water_fill};
 use coop_core::state::{JobKind, JobState};
 
 /// A registry holding every scheduler metric, computed from `replica` and `liveness`.
-pub fn registry(
-    replica: Replica,
-    liveness: Arc<Liveness>,
-    decayed: Arc<Mutex<DecayedUsage>>,
-) -> Registry {
+pub fn registry(replica: Replica, liveness: Arc<Liveness>) -> Registry {
     let r = Registry::new();
     let direct: [Box<dyn Collector>; 8] = [
         Box::new(RAFT_PERSIST_SECONDS.clone()),
@@ -47,7 +41,7 @@ pub fn registry(
     for c in direct {
         r.register(c).expect("unique metric names");
     }
-    r.register(Box::new(StateCollector::new(replica, liveness, decayed)))
+    r.register(Box::new(StateCollector::new(replica, liveness)))
         .expect("unique metric names");
     r
 }
@@ -81,7 +75,6 @@ struct Vecs {
 struct StateCollector {
     replica: Replica,
     liveness: Arc<Liveness>,
-    decayed: Arc<Mutex<DecayedUsage>>,
     vecs: Mutex<Vecs>,
     descs: Vec<Desc>,
 }
@@ -100,7 +93,7 @@ fn ig(name: &str, help: &str) -> IntGauge {
 }
 
 impl StateCollector {
-    fn new(replica: Replica, liveness: Arc<Liveness>, decayed: Arc<Mutex<DecayedUsage>>) -> Self {
+    fn new(replica: Replica, liveness: Arc<Liveness>) -> Self {
         let m = &["member"];
         let vecs = Vecs {
             entitlement: gv("coop_member_entitlement_ratio", "The member's entitlement: its fraction of the cluster by policy.", m),
@@ -114,7 +107,7 @@ impl StateCollector {
             suffered: cv("coop_member_preemptions_suffered_total", "Runs of the member's jobs that were preempted.", m),
             caused: cv("coop_member_preemptions_caused_total", "Runs of other members preempted for the member's jobs.", m),
             rejected: cv("coop_node_reports_rejected_total", "Reports of the node's agent that failed the plausibility checks (kept in the audit ledger, billed nothing).", &["node"]),
-            jobs: igv("coop_jobs", "Jobs by kind and state.", &["kind", "state"]),
+            jobs: igv("coop_jobs", "Jobs the scheduler holds in memory, by kind and state (finished ones for the policy's job_retention).", &["kind", "state"]),
             gpu_allocated: igv("coop_gpu_allocated", "1 when a job holds the GPU, 0 when it is free.", &["node", "gpu", "model"]),
             node_up: igv("coop_node_up", "1 while the node's agent is registered and heard from.", &["node", "owner"]),
             heartbeat_age: gv("coop_agent_heartbeat_age_seconds", "Seconds since this scheduler last heard from the node's agent.", &["node"]),
@@ -159,7 +152,6 @@ impl StateCollector {
         Self {
             replica,
             liveness,
-            decayed,
             vecs: Mutex::new(vecs),
             descs,
         }
@@ -202,26 +194,17 @@ impl Collector for StateCollector {
             g.reset();
         }
         let ent = entitlements(&state);
-        let decayed = DecayedUsage::shared_at(&self.decayed, &state, now);
+        let decayed = coop_core::fairshare::usage(&state, now);
         let factor = factors(&ent, &decayed);
         let running = running_gpus(&state);
         let mut pending: BTreeMap<&str, i64> = BTreeMap::new();
         for (_, id) in &state.queue {
             *pending.entry(state.jobs[id].member.as_str()).or_default() += 1;
         }
-        // Billed totals per member, from the jobs' running sums (equal to the
-        // ledger's, which is far longer: a record per usage report).
-        let mut billed: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
-        let mut preempt: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        // Billed totals and preemptions per member: all-time, kept by the
+        // state as the ledger grows (jobs leave memory, counters must not drop).
         let mut jobs: BTreeMap<(JobKind, JobState), i64> = BTreeMap::new();
         for j in state.jobs.values() {
-            let b = billed.entry(j.member.as_str()).or_default();
-            b.0 = b.0.saturating_add(j.gpu_ms);
-            b.1 = b.1.saturating_add(j.weighted_gpu_ms);
-            b.2 = b.2.saturating_add(j.energy_mj);
-            let p = preempt.entry(j.member.as_str()).or_default();
-            p.0 += j.preemptions as u64;
-            p.1 += j.preemptions_caused as u64;
             *jobs.entry((j.spec.kind, j.state)).or_default() += 1;
         }
         for m in state.members.keys() {
@@ -236,19 +219,28 @@ impl Collector for StateCollector {
             v.factor
                 .with_label_values(l)
                 .set(factor.get(m).copied().unwrap_or(0.0));
-            let (g, w, e) = billed.get(m.as_str()).copied().unwrap_or_default();
-            v.gpu_seconds.with_label_values(l).inc_by(g as f64 / 1000.0);
-            v.normalised.with_label_values(l).inc_by(w as f64 / 1000.0);
-            v.energy.with_label_values(l).inc_by(e as f64 / 1000.0);
+            let t = state.totals.get(m).cloned().unwrap_or_default();
+            v.gpu_seconds
+                .with_label_values(l)
+                .inc_by(t.gpu_ms as f64 / 1000.0);
+            v.normalised
+                .with_label_values(l)
+                .inc_by(t.weighted_gpu_ms as f64 / 1000.0);
+            v.energy
+                .with_label_values(l)
+                .inc_by(t.energy_mj as f64 / 1000.0);
             v.running_gpus
                 .with_label_values(l)
                 .set(running.get(m).copied().unwrap_or(0) as i64);
             v.pending_jobs
                 .with_label_values(l)
                 .set(pending.get(m.as_str()).copied().unwrap_or(0));
-            let (s, c) = preempt.get(m.as_str()).copied().unwrap_or_default();
-            v.suffered.with_label_values(l).inc_by(s as f64);
-            v.caused.with_label_values(l).inc_by(c as f64);
+            v.suffered
+                .with_label_values(l)
+                .inc_by(t.preemptions_suffered as f64);
+            v.caused
+                .with_label_values(l)
+                .inc_by(t.preemptions_caused as f64);
         }
         for kind in [JobKind::Finetune, JobKind::Inference] {
             for st in [

@@ -1,11 +1,13 @@
 //! The raft service other scheduler nodes call: raft messages in, proposals
-//! forwarded by followers, membership changes, and this node's status.
+//! forwarded by followers, membership changes, this node's status, and the
+//! history a node that installed a snapshot copies.
 
 use coop_proto::v1::{self as pb, raft_service_server::RaftService};
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tonic::{Request, Response, Status};
 
+use crate::consensus::archive;
 use crate::replica::{Membership, Replica};
 use coop_core::state::Op;
 
@@ -77,5 +79,40 @@ impl RaftService for Raft {
     ) -> Result<Response<pb::SchedulerNode>, Status> {
         self.authorise(&req)?;
         Ok(Response::new(self.0.scheduler_node()))
+    }
+
+    async fn history(
+        &self,
+        req: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryPage>, Status> {
+        self.authorise(&req)?;
+        let r = req.into_inner();
+        if r.to <= r.from {
+            return Err(Status::invalid_argument("to: must be after from"));
+        }
+        let h = self.0.history();
+        // Only what this node holds whole: its own gap, or history it has not
+        // stored yet, is another peer's to give.
+        let missing = h.gap().filter(|g| g.from < r.to && r.from < g.to);
+        if missing.is_some() || h.stored() < r.to {
+            return Err(Status::failed_precondition(format!(
+                "this scheduler does not hold the history of entries {} to {}",
+                r.from + 1,
+                r.to
+            )));
+        }
+        let page = archive::page(h.pool(), r.from, r.to, crate::history::PAGE_RECORDS)
+            .await
+            .map_err(|e| Status::internal(format!("reading the history: {e:#}")))?;
+        let items = |v: Vec<(u64, String)>| {
+            v.into_iter()
+                .map(|(index, json)| pb::HistoryItem { index, json })
+                .collect()
+        };
+        Ok(Response::new(pb::HistoryPage {
+            upto: page.upto,
+            records: items(page.records),
+            jobs: items(page.jobs),
+        }))
     }
 }

@@ -21,10 +21,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::clock::now_ms;
+use crate::consensus::archive;
 use crate::consensus::core::{ConfContext, Core, NodeStatus, Refused, Timing};
 use crate::consensus::disk::Disk;
 use crate::consensus::log::Log;
 use crate::consensus::transport::{self, Feedback, Transport};
+use crate::history::{History, Progress};
 use coop_core::state::{Event, Op, Rejection, State};
 
 /// How long a write waits for its commit.
@@ -146,6 +148,11 @@ pub struct Replica {
     failed: watch::Receiver<Option<String>>,
     /// This start found no raft log on disk.
     fresh: bool,
+    state_index: Arc<std::sync::atomic::AtomicU64>,
+    history: History,
+    /// The database and the history's progress, for the history's copier.
+    writer: sqlx::SqlitePool,
+    progress: Progress,
 }
 
 impl Replica {
@@ -153,6 +160,13 @@ impl Replica {
     pub async fn start(config: ReplicaConfig) -> anyhow::Result<Self> {
         let disk = Disk::open(&config.db).await?;
         let loaded = disk.load().await?;
+        let (history, progress) = History::open(
+            &config.db,
+            archive::applied(disk.pool()).await?,
+            archive::gap(disk.pool()).await?,
+        )
+        .await?;
+        let writer = disk.pool().clone();
         let fresh = loaded.is_none();
         let log = match loaded {
             Some(log) => log,
@@ -185,6 +199,7 @@ impl Replica {
             &config.timing,
             &logger,
         )?;
+        let state_index = core.state_index();
         // A cluster of one need not wait an election timeout for itself.
         let status = core.status();
         if status.voters == [config.id] {
@@ -207,6 +222,7 @@ impl Replica {
             clients: BTreeMap::from([(config.id, config.client_address.clone())]),
             core,
             disk,
+            progress: progress.clone(),
             applied: applied_tx,
             events: events.clone(),
             view: view_tx,
@@ -220,7 +236,7 @@ impl Replica {
                 failed_tx.send_replace(Some(format!("{e:#}")));
             }
         });
-        Ok(Self {
+        let replica = Self {
             id: config.id,
             state,
             tx,
@@ -231,6 +247,48 @@ impl Replica {
             leaders: Default::default(),
             failed,
             fresh,
+            state_index,
+            history,
+            writer,
+            progress,
+        };
+        Ok(replica)
+    }
+
+    /// What `history_copy` writes with.
+    pub fn history_writer(&self) -> (sqlx::SqlitePool, Progress) {
+        (self.writer.clone(), self.progress.clone())
+    }
+
+    /// This replica's stored history, as it is.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Asks a peer scheduler for the history of entries `(from, to]`.
+    pub async fn peer_history(
+        &self,
+        address: &str,
+        from: u64,
+        to: u64,
+    ) -> anyhow::Result<archive::Page> {
+        let mut client = self
+            .leader_client(address)
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to {address}: {e}"))?;
+        let page = tokio::time::timeout(
+            Duration::from_secs(60),
+            client.history(pb::HistoryRequest { from, to }),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("{address} did not answer in time"))?
+        .map_err(|s| anyhow::anyhow!("{address}: {}", s.message()))?
+        .into_inner();
+        let items = |v: Vec<pb::HistoryItem>| v.into_iter().map(|i| (i.index, i.json)).collect();
+        Ok(archive::Page {
+            upto: page.upto,
+            records: items(page.records),
+            jobs: items(page.jobs),
         })
     }
 
@@ -418,6 +476,23 @@ impl Replica {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// [`Replica::read`], with the index of the last entry applied to what it
+    /// shows: history read from the store up to that index (`history_at`) and
+    /// this state together count everything once.
+    pub fn read_indexed(&self) -> (RwLockReadGuard<'_, State>, u64) {
+        let state = self.read();
+        let index = self.state_index.load(std::sync::atomic::Ordering::Acquire);
+        (state, index)
+    }
+
+    /// The stored history once it holds every entry up to `index`.
+    pub async fn history_at(&self, index: u64) -> Result<&sqlx::SqlitePool, ProposeError> {
+        self.history
+            .at(index)
+            .await
+            .map_err(|e| ProposeError::Unavailable(e.to_string()))
+    }
+
     /// Index of the last applied entry; changes after every applied batch.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.applied.clone()
@@ -562,6 +637,8 @@ pub const OUTCOME_UNKNOWN: &str =
 struct Node {
     core: Core,
     disk: Disk,
+    /// How far the stored history runs, for its readers.
+    progress: Progress,
     transport: Transport,
     applied: watch::Sender<u64>,
     events: broadcast::Sender<Event>,
@@ -716,9 +793,30 @@ impl Node {
             // proposers without waiting for this node's own write.
             let early = std::mem::take(&mut staged.done);
             self.finish(early);
+            // A snapshot's install writes a gap: the copier must not publish
+            // an older one in between (see `Progress::gap_writer`).
+            let gap_writer = self.progress.gap_writer.clone();
+            let writing_gap = match staged.persist.installed_over {
+                Some(_) => Some(gap_writer.lock().await),
+                None => None,
+            };
             if !staged.persist.is_empty() {
                 let _timer = crate::instruments::RAFT_PERSIST_SECONDS.start_timer();
                 self.disk.persist(&staged.persist).await?;
+            }
+            // The gap before the index it comes with: a reader woken by the
+            // index must see the gap.
+            if writing_gap.is_some() {
+                let gap = archive::gap(self.disk.pool()).await?;
+                self.progress.gap.send_replace(gap);
+            }
+            drop(writing_gap);
+            if let Some(a) = staged.persist.applied {
+                self.progress.stored.send_if_modified(|s| {
+                    let moved = a > *s;
+                    *s = (*s).max(a);
+                    moved
+                });
             }
             let done = self.core.persisted(staged);
             self.finish(done);

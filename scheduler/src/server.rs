@@ -18,7 +18,6 @@ use crate::consensus::core::Timing as RaftTiming;
 use crate::instruments;
 use crate::liveness::Registry;
 use crate::replica::{Replica, ReplicaConfig};
-use coop_core::fairshare::DecayedUsage;
 use coop_core::placement::plan;
 use coop_core::state::Op;
 
@@ -114,6 +113,8 @@ impl Scheduler {
             client_address: config.advertise.clone(),
         })
         .await?;
+        // Runs while the replica's node does.
+        tokio::spawn(crate::history_copy::run(replica.clone()));
         restrict_files(&config.data_dir);
 
         let mut generated_operator_token = None;
@@ -173,14 +174,12 @@ impl Scheduler {
         let ctx = Ctx {
             shutdown: shutdown_rx.clone(),
             replica: replica.clone(),
-            decayed: Default::default(),
             registry: Arc::new(Registry::new()),
             config: Arc::new(config),
             limits: Default::default(),
             signer: Arc::new(signer),
         };
-        let metrics =
-            crate::metrics::registry(replica.clone(), ctx.registry.clone(), ctx.decayed.clone());
+        let metrics = crate::metrics::registry(replica.clone(), ctx.registry.clone());
         tokio::spawn(scheduling_loop(ctx.clone(), shutdown_rx.clone()));
         tokio::spawn(liveness_monitor(ctx.clone(), shutdown_rx.clone()));
         if let Some(url) = ctx.config.accounting_db.clone() {
@@ -401,7 +400,7 @@ async fn scheduling_loop(ctx: Ctx, mut shutdown: tokio::sync::watch::Receiver<bo
             let state = ctx.replica.read();
             let now = now_ms();
             let timer = instruments::PASS_SECONDS.start_timer();
-            let usage = DecayedUsage::shared_at(&ctx.decayed, &state, now);
+            let usage = coop_core::fairshare::usage(&state, now);
             let pass = plan(&state, now, &usage);
             timer.observe_duration();
             // Time to first placement, by member (observed when proposed).

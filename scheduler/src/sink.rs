@@ -19,6 +19,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::sync::watch;
 
+use crate::consensus::archive;
 use crate::replica::Replica;
 use coop_core::ledger::Record;
 
@@ -64,22 +65,21 @@ pub async fn run(url: String, replica: Replica, mut shutdown: watch::Receiver<bo
     crate::instruments::SINK_DIVERGED.set(0);
 }
 
-/// Why the cluster's chain does not extend the database's ledger, whose last
-/// entry is `(seq, hash)`; `None` when it does (or the database is empty).
-pub fn divergence(chain: &[Record], seq: u64, hash: &str) -> Option<String> {
+/// Why the cluster's chain (`len` records, `ours` its record of sequence
+/// `seq`) does not extend the database's ledger, whose last entry is
+/// `(seq, hash)`; `None` when it does (or the database is empty).
+pub fn divergence(ours: Option<&Record>, len: u64, seq: u64, hash: &str) -> Option<String> {
     if seq == 0 {
         return None;
     }
-    // Sequence numbers start at 1 and have no gaps: entry n is chain[n - 1].
-    match chain.get(seq as usize - 1) {
+    match ours.filter(|_| seq <= len) {
         Some(r) if r.hash == hash => None,
         Some(r) => Some(format!(
             "entry {seq}: the database holds hash {hash}, the cluster's chain {}",
             r.hash
         )),
         None => Some(format!(
-            "entry {seq}: the database holds entries up to {seq}, the cluster's chain ends at entry {}",
-            chain.len()
+            "entry {seq}: the database holds entries up to {seq}, the cluster's chain ends at entry {len}"
         )),
     }
 }
@@ -110,8 +110,17 @@ async fn stream(
                 .await?;
         let (done, held_hash) = held.unwrap_or((0, String::new()));
         let done = done.max(0) as u64;
-        let diverged = divergence(&replica.read().audit, done, &held_hash);
-        if diverged.is_some() && replica.read().audit.len() < done as usize && !caught_up {
+        let (len, index) = {
+            let (state, index) = replica.read_indexed();
+            (state.chain.seq, index)
+        };
+        let store = replica.history_at(index).await?;
+        let ours = match done {
+            0 => None,
+            n => archive::record_at(store, n).await?,
+        };
+        let diverged = divergence(ours.as_ref(), len, done, &held_hash);
+        if diverged.is_some() && len < done && !caught_up {
             // A leader elected a moment ago may not have applied all that
             // is committed yet: catch up before calling the chain short.
             tx.rollback().await?;
@@ -142,16 +151,12 @@ async fn stream(
         if reported.take().is_some() {
             tracing::info!("accounting sink: the database's ledger is the cluster's again");
         }
-        let batch: Vec<Record> = {
-            let state = replica.read();
-            state
-                .audit
-                .iter()
-                .skip(done as usize)
-                .take(BATCH)
-                .cloned()
-                .collect()
-        };
+        let batch: Vec<Record> =
+            archive::audit_between(store, i64::MIN, i64::MAX, done, BATCH as u32)
+                .await?
+                .into_iter()
+                .filter(|r| r.seq <= len)
+                .collect();
         if batch.is_empty() {
             tx.rollback().await?;
             tokio::select! {
@@ -224,16 +229,17 @@ mod tests {
     #[test]
     fn the_sink_appends_only_onto_the_history_the_database_holds() {
         let ours = chain(&["a", "b", "c"], 1);
-        assert_eq!(divergence(&ours, 0, ""), None, "an empty database");
+        let at = |n: u64| ours.get(n as usize - 1);
+        assert_eq!(divergence(None, 3, 0, ""), None, "an empty database");
         for n in 1..=3 {
-            assert_eq!(divergence(&ours, n, &ours[n as usize - 1].hash), None);
+            assert_eq!(divergence(at(n), 3, n, &ours[n as usize - 1].hash), None);
         }
         // Another cluster's chain: the same entries at another time.
         let theirs = chain(&["a", "b", "c", "d"], 2);
-        let why = divergence(&ours, 2, &theirs[1].hash).unwrap();
+        let why = divergence(at(2), 3, 2, &theirs[1].hash).unwrap();
         assert!(why.starts_with("entry 2: the database holds hash"), "{why}");
         // The database holds more than the cluster's chain.
-        let why = divergence(&ours, 4, &theirs[3].hash).unwrap();
+        let why = divergence(None, 3, 4, &theirs[3].hash).unwrap();
         assert!(why.contains("the cluster's chain ends at entry 3"), "{why}");
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use coop_core::fairshare::{DecayedUsage, entitlements, factors};
+use coop_core::fairshare::{entitlements, factors, recomputed, usage};
 use coop_core::placement::plan;
 use coop_core::policy::Setting;
 use coop_core::state::*;
@@ -125,7 +125,7 @@ impl Agent {
 
     /// Places what the pass places and starts each run at once.
     fn pass(&mut self, s: &mut State, at: i64) -> coop_core::placement::Plan {
-        let p = plan(s, at, &DecayedUsage::exact(s, at));
+        let p = plan(s, at, &usage(s, at));
         for pl in &p.placements {
             apply(
                 s,
@@ -178,7 +178,6 @@ proptest! {
         let id = Uuid::from_u128(1);
         apply(&mut s, 1000, Op::SubmitJob { id, member: "a".into(), spec: spec(gpus, false, 0) });
         let mut agent = Agent { seq: BTreeMap::new() };
-        let mut incremental = DecayedUsage::default();
         agent.pass(&mut s, 1000);
         let start = 1000;
         let mut t = start;
@@ -189,7 +188,6 @@ proptest! {
             let e = watts * gpus as u64 * (t - from) as u64;
             agent.report(&mut s, t, id, RunReport::Usage { job: id, attempt: 1, to_ms: t, energy_mj: e });
             energy += e;
-            incremental.advance(&s, t);
         }
         let end = start + run_ms;
         agent.report(&mut s, end, id, RunReport::Exited {
@@ -197,10 +195,10 @@ proptest! {
         });
         energy += 11;
         prop_assert_eq!(s.jobs[&id].state, JobState::Completed);
-        let billed: u64 = s.ledger.iter().map(|r| r.gpu_ms).sum();
+        let billed: u64 = s.outbox.usage().map(|r| r.gpu_ms).sum();
         prop_assert_eq!(billed, run_ms as u64 * gpus as u64);
-        prop_assert_eq!(s.ledger.iter().map(|r| r.energy_mj).sum::<u64>(), energy);
-        let contiguous = s.ledger.windows(2).all(|w| w[0].end_ms == w[1].start_ms);
+        prop_assert_eq!(s.outbox.usage().map(|r| r.energy_mj).sum::<u64>(), energy);
+        let contiguous = s.outbox.usage().collect::<Vec<_>>().windows(2).all(|w| w[0].end_ms == w[1].start_ms);
         prop_assert!(contiguous, "usage intervals overlap or leave gaps");
 
         let now = end + later_ms;
@@ -208,11 +206,11 @@ proptest! {
         let closed = gpus as f64 * h / std::f64::consts::LN_2
             * ((-(now - end) as f64 / h).exp2() - (-(now - start) as f64 / h).exp2())
             / HOUR_MS;
-        let exact = DecayedUsage::exact(&s, now)["a"];
+        // From every record, and from the per-member total the state keeps.
+        let exact = recomputed(&s, s.outbox.usage(), now)["a"];
         prop_assert!((exact - closed).abs() <= 1e-9 * closed.max(1e-12), "{} vs {}", exact, closed);
-        incremental.advance(&s, now);
-        let inc = incremental.per_member(&s)["a"];
-        prop_assert!((inc - closed).abs() <= 1e-9 * closed.max(1e-12), "{} vs {}", inc, closed);
+        let kept = usage(&s, now)["a"];
+        prop_assert!((kept - closed).abs() <= 1e-9 * closed.max(1e-12), "{} vs {}", kept, closed);
     }
 
     /// Pending jobs are considered by their member's factor (highest first),
@@ -283,7 +281,7 @@ proptest! {
         let mut quiet = false;
         for _round in 0..40 {
             at += 61_000; // past every minimum run time
-            let p = plan(&s, at, &DecayedUsage::exact(&s, at));
+            let p = plan(&s, at, &usage(&s, at));
             if p.preemptions.is_empty() {
                 quiet = true;
                 break;

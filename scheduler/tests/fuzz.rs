@@ -309,8 +309,8 @@ fn check(s: &State) -> Result<(), TestCaseError> {
         prop_assert_eq!(s.jobs[id].state, JobState::Pending);
     }
     let billed: u64 = s
-        .ledger
-        .iter()
+        .outbox
+        .usage()
         .filter(|r| r.job == Uuid::from_u128(1))
         .map(|r| r.gpu_ms)
         .sum();
@@ -319,7 +319,7 @@ fn check(s: &State) -> Result<(), TestCaseError> {
         s.jobs.get(&Uuid::from_u128(1)).map_or(0, |j| j.gpu_ms),
         "job totals equal the ledger"
     );
-    prop_assert_eq!(coop_core::ledger::verify(&s.audit), Ok(()));
+    prop_assert_eq!(coop_core::ledger::verify(&s.outbox.records), Ok(()));
     Ok(())
 }
 

@@ -4,6 +4,11 @@
 //! submitting jobs, the leader's scheduling pass and simulated agents. After
 //! every step the cluster's invariants are checked.
 //!
+//! Each node also keeps a store of the history it makes (the audit chain,
+//! jobs that left memory), as the SQLite one does; a node that installs a
+//! snapshot copies what it skipped from a peer that holds it. At the end every
+//! store must hold the same history, and it must verify.
+//!
 //! A failing seed prints how to replay it alone:
 //! `COOP_SIM_SEED=<seed> COOP_SIM_NODES=<n> cargo test -p coop-scheduler --test raft_sim`.
 
@@ -11,10 +16,14 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::{Arc, RwLock};
 
+use coop_core::ledger::{self, Record};
 use coop_core::placement::plan;
+use coop_core::policy::Setting;
+use coop_core::state::Job;
 use coop_core::state::{GpuInfo, JobId, JobKind, JobSpec, JobState, Op, RunReport, State};
 use coop_scheduler::consensus::core::{Core, Done, Staged, Timing};
-use coop_scheduler::consensus::log::Log;
+use coop_scheduler::consensus::history::{Gap, Item, Tagged};
+use coop_scheduler::consensus::log::{Log, Persist};
 use raft::eraftpb::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -24,6 +33,74 @@ const TICK_MS: i64 = 50;
 const TICKS: u64 = 1_600;
 const AGENTS: [&str; 2] = ["n1", "n2"];
 const GPUS_PER_AGENT: u32 = 2;
+/// Finished jobs stay in memory this long (the run lasts 80 s).
+const RETENTION_S: u64 = 5;
+
+/// A node's history store, with the same rules as `consensus::archive`.
+#[derive(Default, Clone)]
+struct Store {
+    records: BTreeMap<u64, (u64, Record)>,
+    retired: BTreeMap<JobId, (u64, Job)>,
+    applied: u64,
+    gap: Option<Gap>,
+}
+
+impl Store {
+    fn insert(&mut self, items: &Tagged) {
+        for (idx, item) in items {
+            match item {
+                Item::Record(r) => {
+                    self.records.insert(r.seq, (*idx, r.clone()));
+                }
+                Item::Retired(j) => {
+                    self.retired.insert(j.id, (*idx, (**j).clone()));
+                }
+            }
+        }
+    }
+
+    fn persist(&mut self, p: &Persist) {
+        self.insert(&p.history);
+        if let Some(a) = p.applied {
+            self.applied = self.applied.max(a);
+        }
+        if let (Some((over, head)), Some(snap)) = (&p.installed_over, &p.snapshot) {
+            self.gap = Gap::after_install(
+                self.gap.take(),
+                *over,
+                snap.get_metadata().index,
+                head.clone(),
+            );
+        }
+    }
+
+    /// Whether this store holds the whole history of entries `(from, to]`.
+    fn holds(&self, from: u64, to: u64) -> bool {
+        self.applied >= to
+            && self
+                .gap
+                .as_ref()
+                .is_none_or(|g| g.to <= from || to <= g.from)
+    }
+
+    /// The history of entries `(from, to]`.
+    fn between(&self, from: u64, to: u64) -> Tagged {
+        let inside = |idx: &u64| *idx > from && *idx <= to;
+        let mut out: Tagged = self
+            .records
+            .values()
+            .filter(|(i, _)| inside(i))
+            .map(|(i, r)| (*i, Item::Record(r.clone())))
+            .collect();
+        out.extend(
+            self.retired
+                .values()
+                .filter(|(i, _)| inside(i))
+                .map(|(i, j)| (*i, Item::Retired(Box::new(j.clone())))),
+        );
+        out
+    }
+}
 
 struct SimNode {
     id: u64,
@@ -31,6 +108,7 @@ struct SimNode {
     state: Arc<RwLock<State>>,
     /// What survives a crash.
     disk: Log,
+    store: Store,
     /// Entries already checked against the committed history.
     checked_to: u64,
     down_until: u64,
@@ -102,6 +180,7 @@ impl Sim {
                 core: None,
                 state: Arc::new(RwLock::new(State::default())),
                 disk: Log::with_voters(&voters),
+                store: Store::default(),
                 checked_to: 0,
                 down_until: 0,
             })
@@ -268,6 +347,7 @@ impl Sim {
                 core.tick();
             }
         }
+        self.copy_history();
         // Deliver what is due.
         while let Some(Reverse((at, seq))) = self.net.peek().copied() {
             if at > self.tick {
@@ -293,6 +373,43 @@ impl Sim {
             self.handle_ready(i);
         }
         self.check();
+    }
+
+    /// A live node with a gap in its history copies it from a live peer
+    /// that holds it whole (the real one asks over the network, page by page).
+    fn copy_history(&mut self) {
+        for i in 0..self.nodes.len() {
+            let Some(gap) = self.nodes[i].store.gap.clone() else {
+                continue;
+            };
+            if self.nodes[i].core.is_none() {
+                continue;
+            }
+            let donor = (0..self.nodes.len()).find(|&d| {
+                d != i
+                    && self.nodes[d].core.is_some()
+                    && self.nodes[d].store.holds(gap.from, gap.to)
+            });
+            if let Some(d) = donor {
+                let items = self.nodes[d].store.between(gap.from, gap.to);
+                let store = &mut self.nodes[i].store;
+                store.insert(&items);
+                store.gap = None;
+                // The copied part ends at the installed snapshot's head.
+                let head = &gap.head;
+                let ends = head.seq == 0
+                    || store
+                        .records
+                        .get(&head.seq)
+                        .is_some_and(|(_, r)| r.hash == head.hash);
+                if !ends {
+                    self.fail(format!(
+                        "node {}: the history copied for {gap:?} does not end at its head",
+                        i + 1
+                    ));
+                }
+            }
+        }
     }
 
     fn crash(&mut self, i: usize) {
@@ -429,6 +546,7 @@ impl Sim {
             }
             let node = &mut self.nodes[i];
             node.disk.persist(&staged.persist);
+            node.store.persist(&staged.persist);
             let core = node.core.as_mut().expect("live");
             let done = core.persisted(staged);
             // The replica builds snapshots off its loop; here at once.
@@ -570,7 +688,35 @@ impl Sim {
         ));
     }
 
-    fn final_checks(&self) {
+    fn final_checks(&mut self) {
+        // The stores end whole: every gap copied.
+        for _ in 0..10 {
+            self.copy_history();
+        }
+        let stores: Vec<Store> = self.nodes.iter().map(|n| n.store.clone()).collect();
+        for (i, st) in stores.iter().enumerate() {
+            if let Some(g) = &st.gap {
+                self.fail(format!("node {} never copied the history of {g:?}", i + 1));
+            }
+        }
+        let chain: Vec<Record> = stores[0].records.values().map(|(_, r)| r.clone()).collect();
+        for (i, st) in stores.iter().enumerate().skip(1) {
+            let other: Vec<Record> = st.records.values().map(|(_, r)| r.clone()).collect();
+            if other != chain {
+                self.fail(format!(
+                    "node {} stores another audit chain ({} records, node 1 {})",
+                    i + 1,
+                    other.len(),
+                    chain.len()
+                ));
+            }
+            if st.retired != stores[0].retired {
+                self.fail(format!("node {} stores other retired jobs", i + 1));
+            }
+        }
+        if let Err(e) = ledger::verify(&chain) {
+            self.fail(format!("the stored chain does not verify: {e}"));
+        }
         let states: Vec<State> = self
             .nodes
             .iter()
@@ -582,8 +728,18 @@ impl Sim {
             }
         }
         let s = &states[0];
+        if chain.first().map(|r| r.seq) != Some(1)
+            || chain.last().map(|r| (r.seq, &r.hash)) != Some((s.chain.seq, &s.chain.hash))
+        {
+            self.fail(format!(
+                "the stored chain ({} records) does not run from 1 to the state's head {}",
+                chain.len(),
+                s.chain.seq
+            ));
+        }
         for id in &self.acked {
-            match s.jobs.get(id) {
+            let retired = stores[0].retired.get(id).map(|(_, j)| j);
+            match s.jobs.get(id).or(retired) {
                 None => self.fail(format!("acknowledged job {id} is missing")),
                 Some(j) if j.state != JobState::Completed => {
                     self.fail(format!("acknowledged job {id} ended {:?}", j.state))
@@ -594,14 +750,18 @@ impl Sim {
         // Usage is conserved: the ledger bills each completed run exactly the
         // GPU time its agent measured.
         let mut billed: BTreeMap<(JobId, u32), u64> = BTreeMap::new();
-        for r in &s.ledger {
-            *billed.entry((r.job, r.attempt)).or_default() += r.gpu_ms;
+        for r in &chain {
+            if let ledger::Entry::Usage(u) = &r.entry {
+                *billed.entry((u.job, u.attempt)).or_default() += u.gpu_ms;
+            }
         }
         for agent in &self.agents {
             for (key, gpu_ms) in &agent.measured {
+                let retired = stores[0].retired.get(&key.0).map(|(_, j)| j);
                 let completed = s
                     .jobs
                     .get(&key.0)
+                    .or(retired)
                     .is_some_and(|j| j.state == JobState::Completed && j.attempts == key.1);
                 if completed && billed.get(key) != Some(gpu_ms) {
                     self.fail(format!(
@@ -641,6 +801,14 @@ fn setup_ops(state: &State) -> Vec<Op> {
         ops.push(Op::Bootstrap {
             operator_token_hash: "op".into(),
             default_member: None,
+        });
+    }
+    // Finished jobs leave memory within the run, into the stores.
+    if state.policy.job_retention_s != RETENTION_S {
+        ops.push(Op::SetPolicy {
+            settings: vec![Setting::JobRetentionS(RETENTION_S)],
+            by: "operator".into(),
+            reason: "sim".into(),
         });
     }
     if !state.members.contains_key("m") {

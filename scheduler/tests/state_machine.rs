@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use coop_core::fairshare::DecayedUsage;
 use coop_core::placement::{Placement, plan};
 use coop_core::policy::{Ordering, Setting};
 use coop_core::state::*;
@@ -42,7 +41,7 @@ fn spec(kind: JobKind, n: u32) -> JobSpec {
 
 /// The placements a leader's pass would make now.
 fn schedule(s: &State, at: i64) -> Vec<Placement> {
-    plan(s, at, &DecayedUsage::exact(s, at)).placements
+    plan(s, at, &coop_core::fairshare::usage(s, at)).placements
 }
 
 fn base() -> (State, i64) {
@@ -119,19 +118,20 @@ fn check_invariants(s: &State) {
             "queue index out of step"
         );
     }
-    let billed: u64 = s.ledger.iter().map(|u| u.gpu_ms).sum();
+    let billed: u64 = s.outbox.usage().map(|u| u.gpu_ms).sum();
     let jobs: u64 = s.jobs.values().map(|j| j.gpu_ms).sum();
     assert_eq!(billed, jobs, "ledger and jobs disagree on GPU time");
-    let billed: u64 = s.ledger.iter().map(|u| u.weighted_gpu_ms).sum();
+    let billed: u64 = s.outbox.usage().map(|u| u.weighted_gpu_ms).sum();
     let jobs: u64 = s.jobs.values().map(|j| j.weighted_gpu_ms).sum();
     assert_eq!(billed, jobs, "ledger and jobs disagree on normalised usage");
-    let billed: u64 = s.ledger.iter().map(|u| u.energy_mj).sum();
+    let billed: u64 = s.outbox.usage().map(|u| u.energy_mj).sum();
     let jobs: u64 = s.jobs.values().map(|j| j.energy_mj).sum();
     assert_eq!(billed, jobs, "ledger and jobs disagree on energy");
     // The audit chain holds every usage record, in order, and verifies.
-    assert_eq!(coop_core::ledger::verify(&s.audit), Ok(()));
+    assert_eq!(coop_core::ledger::verify(&s.outbox.records), Ok(()));
     let chained: Vec<&UsageRecord> = s
-        .audit
+        .outbox
+        .records
         .iter()
         .filter_map(|r| match &r.entry {
             coop_core::ledger::Entry::Usage(u) => Some(u),
@@ -140,10 +140,10 @@ fn check_invariants(s: &State) {
         .collect();
     assert_eq!(
         chained,
-        s.ledger.iter().collect::<Vec<_>>(),
+        s.outbox.usage().collect::<Vec<_>>(),
         "chain and ledger differ"
     );
-    for r in &s.ledger {
+    for r in s.outbox.usage() {
         assert!(r.end_ms >= r.start_ms, "a ledger interval runs backwards");
         assert_eq!(r.gpu_ms, (r.end_ms - r.start_ms) as u64 * r.gpus as u64);
     }
@@ -296,7 +296,7 @@ fn commands(steps: &[Step]) -> Vec<Command> {
             }),
             Step::Cancel(k) => ops.extend(pick(*k).map(|id| Op::CancelJob { id })),
             Step::Schedule => {
-                let pass = plan(&s, at, &DecayedUsage::exact(&s, at));
+                let pass = plan(&s, at, &coop_core::fairshare::usage(&s, at));
                 // Every pending job is either placed or has a reason to wait.
                 let placed: Vec<JobId> = pass.placements.iter().map(|p| p.job).collect();
                 for (pos, id) in pass.order.iter().enumerate() {
@@ -447,6 +447,8 @@ proptest! {
             prop_assert_eq!(&back, &cmd);
             let _ = s.apply(&cmd);
         }
+        // The outbox is history on its way to the store, not replicated state.
+        s.take_outbox();
         let back: State = coop_core::codec::decode(&coop_core::codec::encode(&s)).unwrap();
         prop_assert_eq!(back, s);
     }
@@ -638,7 +640,7 @@ fn node_loss_requeues_bills_up_to_the_last_heartbeat_then_what_the_agent_measure
     assert_eq!(j.state, JobState::Pending, "the job itself has moved on");
     assert_eq!(j.gpu_ms, 4 * 1_000 + 4 * (30_000 - 1_010));
     assert_eq!(j.energy_mj, 7_000);
-    let last = s.ledger.last().unwrap();
+    let last = s.outbox.usage().last().unwrap();
     assert_eq!(
         (last.attempt, last.start_ms, last.end_ms),
         (1, at + 1_010, at + 30_000)

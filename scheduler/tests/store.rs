@@ -216,7 +216,8 @@ async fn rewrite_entry(db: &Path, edit: impl FnOnce(serde_json::Value) -> Vec<u8
     let mut entry = raft::eraftpb::Entry::parse_from_bytes(&bytes).unwrap();
     let written: serde_json::Value = serde_json::from_slice(&entry.data).unwrap();
     assert_eq!(
-        written["format"], 1,
+        written["format"],
+        coop_core::codec::FORMAT,
         "entries carry their format: {written}"
     );
     entry.data = edit(written).into();
@@ -236,13 +237,13 @@ async fn a_committed_entry_that_cannot_be_read_exactly_stops_the_node() {
     let cases: [(&str, Edit, &str); 5] = [
         (
             "an unknown command",
-            |_| br#"{"format":1,"value":{"at_ms":1,"op":{"NoSuchOp":{}}}}"#.to_vec(),
+            |_| br#"{"format":2,"value":{"at_ms":1,"op":{"NoSuchOp":{}}}}"#.to_vec(),
             "does not decode",
         ),
         (
             "a newer format",
             |mut v| {
-                v["format"] = 2.into();
+                v["format"] = (coop_core::codec::FORMAT + 1).into();
                 serde_json::to_vec(&v).unwrap()
             },
             "newer coop",
@@ -327,7 +328,11 @@ async fn a_snapshot_that_cannot_be_decoded_refuses_the_start() {
         .unwrap();
     let mut snap = raft::eraftpb::Snapshot::parse_from_bytes(&row.get::<Vec<u8>, _>(0)).unwrap();
     let written: serde_json::Value = serde_json::from_slice(&snap.data).unwrap();
-    assert_eq!(written["format"], 1, "snapshots carry their format");
+    assert_eq!(
+        written["format"],
+        coop_core::codec::FORMAT,
+        "snapshots carry their format"
+    );
     snap.data = b"not a snapshot".to_vec().into();
     sqlx::query("UPDATE raft_meta SET value = ? WHERE key = 'snapshot'")
         .bind(snap.write_to_bytes().unwrap())
@@ -345,4 +350,164 @@ async fn a_snapshot_that_cannot_be_decoded_refuses_the_start() {
             && format!("{err:#}").contains("cannot be read"),
         "{err:#}"
     );
+}
+
+/// The whole audit chain as this replica's store holds it now.
+async fn stored_chain(replica: &Replica) -> Vec<coop_core::ledger::Record> {
+    let index = replica.read_indexed().1;
+    let pool = replica.history_at(index).await.unwrap();
+    coop_scheduler::consensus::archive::audit_between(pool, i64::MIN, i64::MAX, 0, u32::MAX)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_history_is_stored_as_it_is_applied_and_a_replay_stores_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    // Snapshots every 5 entries: the log is compacted, the history is not.
+    let replica = start(&db, 5).await;
+    for i in 0..20 {
+        replica.propose(member(i)).await.unwrap();
+    }
+    let chain = stored_chain(&replica).await;
+    let head = replica.read().chain.clone();
+    assert_eq!(chain.len(), 20, "one record per member added");
+    assert_eq!(coop_core::ledger::verify(&chain), Ok(()));
+    let last = chain.last().unwrap();
+    assert_eq!((last.seq, &last.hash), (head.seq, &head.hash));
+    // What the state keeps of it: the head, not the records.
+    let snapshot = coop_core::codec::encode(&*replica.read());
+    assert!(
+        !String::from_utf8_lossy(&snapshot).contains("member_added"),
+        "the state holds no audit record"
+    );
+    replica.stop().await;
+
+    // A restart replays the entries after its snapshot: the same records
+    // again, stored once.
+    let replica = start(&db, 5).await;
+    replica.read_current().await.unwrap();
+    assert_eq!(replica.read().chain, head);
+    assert_eq!(stored_chain(&replica).await, chain);
+    replica.propose(member(99)).await.unwrap();
+    let after = stored_chain(&replica).await;
+    assert_eq!(after.len(), 21);
+    assert_eq!(coop_core::ledger::verify(&after), Ok(()));
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn finished_jobs_leave_memory_after_the_retention_and_are_read_from_the_store() {
+    use coop_core::policy::Setting;
+    use coop_core::state::{JobKind, JobSpec, JobState};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let replica = start(&db, 10_000).await;
+    replica
+        .propose(Op::Bootstrap {
+            operator_token_hash: "op".into(),
+            default_member: None,
+        })
+        .await
+        .unwrap();
+    replica.propose(member(1)).await.unwrap();
+    replica
+        .propose(Op::EnrollNode {
+            node: "n1".into(),
+            owner: "m1".into(),
+            join_hash: "j".into(),
+            expires_at_ms: i64::MAX,
+        })
+        .await
+        .unwrap();
+    replica
+        .propose(Op::RegisterNode {
+            node: "n1".into(),
+            owner: "m1".into(),
+            gpus: vec![coop_core::state::GpuInfo {
+                uuid: "GPU-0".into(),
+                index: 0,
+                model: "A100-80GB".into(),
+                memory_mb: 81_920,
+                measured: None,
+                power_limit_w: 400,
+            }],
+            session: "s".into(),
+            orphaned_runs_end_ms: 0,
+        })
+        .await
+        .unwrap();
+    replica
+        .propose(Op::SetPolicy {
+            settings: vec![Setting::JobRetentionS(1)],
+            by: "operator".into(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    let id = uuid::Uuid::from_u128(7);
+    let spec = JobSpec {
+        kind: JobKind::Finetune,
+        gpus: 1,
+        command: vec!["train".into()],
+        gpu_model: None,
+        min_gpu_memory_mb: 0,
+        preemptible: false,
+        kill_grace_ms: 1_000,
+        priority: 0,
+        time_limit_ms: 0,
+        isolation: Default::default(),
+        env: Default::default(),
+    };
+    replica
+        .propose(Op::SubmitJob {
+            id,
+            member: "m1".into(),
+            spec,
+        })
+        .await
+        .unwrap();
+    replica.propose(Op::CancelJob { id }).await.unwrap();
+    assert_eq!(replica.read().jobs[&id].state, JobState::Cancelled);
+    // Commands move the state's clock on; one stamped a second after the
+    // cancel retires the job.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut i = 100;
+    while replica.read().jobs.contains_key(&id) {
+        assert!(tokio::time::Instant::now() < deadline, "never retired");
+        replica.propose(member(i)).await.unwrap();
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (index, finished) = {
+        let (s, index) = replica.read_indexed();
+        (index, s.finished.len())
+    };
+    assert_eq!(finished, 0, "nothing finished is left in memory");
+    let pool = replica.history_at(index).await.unwrap();
+    let job = coop_scheduler::consensus::archive::retired_job(pool, index, id)
+        .await
+        .unwrap()
+        .expect("in the store");
+    assert_eq!((job.id, job.state), (id, JobState::Cancelled));
+    // A read at an index before the retirement does not see it there (it
+    // was in memory then).
+    let earlier = coop_scheduler::consensus::archive::retired_job(pool, 1, id)
+        .await
+        .unwrap();
+    assert!(earlier.is_none());
+    replica.stop().await;
+
+    // After a restart the job is in the store still, and not back in memory.
+    let replica = start(&db, 10_000).await;
+    replica.read_current().await.unwrap();
+    assert!(!replica.read().jobs.contains_key(&id));
+    let index = replica.read_indexed().1;
+    let pool = replica.history_at(index).await.unwrap();
+    let again = coop_scheduler::consensus::archive::retired_job(pool, index, id)
+        .await
+        .unwrap();
+    assert_eq!(again, Some(job));
+    replica.stop().await;
 }

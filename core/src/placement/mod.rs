@@ -167,7 +167,7 @@ impl Plan {
 }
 
 /// One pass at `now_ms`. `usage` is each member's decayed usage (see
-/// `fairshare::DecayedUsage`), used by the `fairshare` order.
+/// `fairshare::usage`), used by the `fairshare` order.
 pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
     let expiries = state
         .running

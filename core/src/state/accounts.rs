@@ -59,8 +59,7 @@ impl State {
     }
 
     fn log_account(&mut self, at: i64, account: &Principal, change: &str) {
-        ledger::append(
-            &mut self.audit,
+        self.record(
             at,
             ledger::Entry::AccountChanged {
                 account: account_name(account),

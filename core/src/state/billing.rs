@@ -41,17 +41,21 @@ impl State {
         self.add_usage(record);
     }
 
-    /// Adds a usage record to its job's totals and to both ledgers.
+    /// Adds a usage record to its job's and its member's totals and to the audit chain.
     pub(super) fn add_usage(&mut self, record: UsageRecord) {
         if let Some(j) = self.jobs.get_mut(&record.job) {
             j.gpu_ms = j.gpu_ms.saturating_add(record.gpu_ms);
             j.weighted_gpu_ms = j.weighted_gpu_ms.saturating_add(record.weighted_gpu_ms);
             j.energy_mj = j.energy_mj.saturating_add(record.energy_mj);
         }
+        let hl = self.policy.half_life_s;
+        self.decayed
+            .entry(record.member.clone())
+            .or_default()
+            .add(&record, hl);
         // Stamped with the interval's end: when the usage happened.
         let at = record.end_ms;
-        ledger::append(&mut self.audit, at, ledger::Entry::Usage(record.clone()));
-        self.ledger.push(record);
+        self.record(at, ledger::Entry::Usage(record));
     }
 
     /// Thousandths of a unit per GPU-hour of `model`: the declared weight, or

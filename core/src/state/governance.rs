@@ -67,8 +67,7 @@ impl State {
         );
         self.tokens
             .insert(hash.to_string(), Principal::Member(name.to_string()));
-        ledger::append(
-            &mut self.audit,
+        self.record(
             at,
             ledger::Entry::MemberAdded {
                 member: name.to_string(),
@@ -261,8 +260,7 @@ impl State {
         let id = self.proposals.keys().next_back().map_or(1, |k| k + 1);
         let expires_at_ms =
             at.saturating_add((self.policy.proposal_ttl_s as i64).saturating_mul(1000));
-        ledger::append(
-            &mut self.audit,
+        self.record(
             at,
             ledger::Entry::PolicyProposed {
                 id,
@@ -344,8 +342,7 @@ impl State {
             // Checked again: members may have left since it was proposed.
             self.check_settings(&settings, &reason)?;
         }
-        ledger::append(
-            &mut self.audit,
+        self.record(
             at,
             ledger::Entry::PolicyApproved {
                 id,
@@ -389,9 +386,15 @@ impl State {
                 _ => {}
             }
         }
+        if policy.half_life_s != self.policy.half_life_s {
+            // Usage so far decays at the old rate up to now, at the new one after.
+            let old = self.policy.half_life_s;
+            for d in self.decayed.values_mut() {
+                d.advance(at, old);
+            }
+        }
         self.policy = policy;
-        ledger::append(
-            &mut self.audit,
+        self.record(
             at,
             ledger::Entry::PolicyChanged {
                 by: by.to_string(),

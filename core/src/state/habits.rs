@@ -6,16 +6,21 @@ use crate::habits::*;
 
 impl State {
     /// A dependency of `id` not met yet (the first one), if any.
+    ///
+    /// A dependency no longer in memory has met it: a job leaves memory only
+    /// once it has ended and its retention passed, and had it ended otherwise
+    /// than completed, an `afterok` on it would have cancelled the waiting
+    /// job then (`settle_dependencies`) or refused its submission.
     pub fn unmet_dependency(&self, x: &JobExtra) -> Option<JobId> {
         let ok = x.after_ok.iter().find(|d| {
             self.jobs
                 .get(d)
-                .is_none_or(|j| j.state != JobState::Completed)
+                .is_some_and(|j| j.state != JobState::Completed)
         });
         let any = || {
             x.after_any
                 .iter()
-                .find(|d| self.jobs.get(d).is_none_or(|j| !j.state.is_final()))
+                .find(|d| self.jobs.get(d).is_some_and(|j| !j.state.is_final()))
         };
         ok.or_else(any).copied()
     }

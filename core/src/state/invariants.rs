@@ -106,13 +106,32 @@ impl State {
                 }
             }
         }
-        if let [.., before, last] = self.audit.as_slice()
+        if let [.., before, last] = self.outbox.records.as_slice()
             && (last.seq != before.seq + 1 || last.prev_hash != before.hash)
         {
             return Err(format!(
                 "audit: record {} does not follow record {}",
                 last.seq, before.seq
             ));
+        }
+        if let Some(last) = self.outbox.records.last()
+            && (last.seq != self.chain.seq || last.hash != self.chain.hash)
+        {
+            return Err(format!(
+                "audit: the chain's head is not its last record ({})",
+                last.seq
+            ));
+        }
+        for j in self.jobs.values().filter(|j| j.state.is_final()) {
+            let indexed = j
+                .finished_at_ms
+                .is_some_and(|at| self.finished.contains(&(at, j.id)));
+            if !indexed {
+                return Err(format!(
+                    "finished: job {} ({:?}) is not in the index of finished jobs",
+                    j.id, j.state
+                ));
+            }
         }
         Ok(())
     }

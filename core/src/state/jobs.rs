@@ -291,7 +291,7 @@ impl State {
             for_job: for_id,
             for_member: member.clone(),
         };
-        ledger::append(&mut self.audit, at, entry);
+        self.record(at, entry);
         let job = self.jobs.get_mut(&id).expect("checked");
         job.request_stop(Stop::Preempt { for_job: for_id });
         job.reason = format!("preempted for job {for_id} of member {member}");

@@ -45,6 +45,9 @@ pub use validation::{
 
 use crate::commands::invalid;
 
+/// Finished jobs one command moves out of memory at most (see `State::retire`).
+pub const MAX_RETIRED_PER_COMMAND: usize = 1000;
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     pub operator_token_hash: Option<String>,
@@ -64,11 +67,19 @@ pub struct State {
     pub queue: BTreeSet<(i64, JobId)>,
     /// Running jobs (an index over `jobs`).
     pub running: BTreeSet<JobId>,
-    pub ledger: Vec<UsageRecord>,
+    /// Finished jobs by when they finished: they leave memory in this order
+    /// once the policy's retention has passed (an index over `jobs`).
+    pub finished: BTreeSet<(i64, JobId)>,
     pub policy: Policy,
     pub policy_log: Vec<PolicyChange>,
-    /// The hash-chained audit ledger (see `ledger`).
-    pub audit: Vec<crate::ledger::Record>,
+    /// The head of the hash-chained audit ledger (see `ledger`); the records
+    /// are in each replica's store.
+    pub chain: crate::ledger::Head,
+    /// Each member's billed usage, decayed: what fair share needs of the
+    /// ledger (see `decay::Decayed`).
+    pub decayed: BTreeMap<String, crate::decay::Decayed>,
+    /// Each member's all-time usage and preemptions.
+    pub totals: BTreeMap<String, crate::model::Totals>,
     /// Closed intervals of GPUs offered by members' nodes.
     pub capacity: Vec<CapacityRecord>,
     pub proposals: BTreeMap<u64, Proposal>,
@@ -84,6 +95,34 @@ pub struct State {
     /// own token): only they vote, since the operator saw the token each
     /// member was given.
     pub self_keyed: BTreeSet<String>,
+    /// What applying added to the history since the shell last took it. Not
+    /// replicated state: every replica makes the same, and stores it with the
+    /// applied index.
+    #[serde(skip)]
+    pub outbox: Outbox,
+}
+
+/// History made by applying commands, for the replica's store.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outbox {
+    /// New audit records, in chain order.
+    pub records: Vec<crate::ledger::Record>,
+    /// Finished jobs that left memory (their retention passed), final.
+    pub retired: Vec<Job>,
+}
+
+impl Outbox {
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.retired.is_empty()
+    }
+
+    /// The usage records among the new audit records.
+    pub fn usage(&self) -> impl Iterator<Item = &UsageRecord> {
+        self.records.iter().filter_map(|r| match &r.entry {
+            crate::ledger::Entry::Usage(u) => Some(u),
+            _ => None,
+        })
+    }
 }
 
 impl State {
@@ -97,6 +136,82 @@ impl State {
             .ok_or_else(|| Rejection::NotFound(format!("job {id} does not exist")))
     }
 
+    /// Takes what applying added to the history since the last call.
+    pub fn take_outbox(&mut self) -> Outbox {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Links `entry` to the audit chain.
+    pub(super) fn record(&mut self, at_ms: i64, entry: crate::ledger::Entry) {
+        use crate::ledger::Entry;
+        match &entry {
+            Entry::Usage(u) => {
+                let t = self.totals.entry(u.member.clone()).or_default();
+                t.gpu_ms = t.gpu_ms.saturating_add(u.gpu_ms);
+                t.weighted_gpu_ms = t.weighted_gpu_ms.saturating_add(u.weighted_gpu_ms);
+                t.energy_mj = t.energy_mj.saturating_add(u.energy_mj);
+            }
+            Entry::Preemption {
+                member, for_member, ..
+            } => {
+                self.totals
+                    .entry(member.clone())
+                    .or_default()
+                    .preemptions_suffered += 1;
+                self.totals
+                    .entry(for_member.clone())
+                    .or_default()
+                    .preemptions_caused += 1;
+            }
+            _ => {}
+        }
+        let r = self.chain.link(at_ms, entry);
+        self.outbox.records.push(r);
+    }
+
+    /// Moves finished jobs whose retention has passed by `at` out of memory
+    /// (into the outbox, for the store), at most [`MAX_RETIRED_PER_COMMAND`]
+    /// at a time: after a long quiet spell the rest follow with the next
+    /// commands, so that no one entry makes an unbounded amount of history.
+    fn retire(&mut self, at: i64) {
+        let keep_ms = i64::try_from(self.policy.job_retention_s)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        let mut budget = MAX_RETIRED_PER_COMMAND;
+        while let Some(&(finished, id)) = self.finished.first() {
+            if budget == 0 {
+                break;
+            }
+            budget -= 1;
+            if finished.saturating_add(keep_ms) > at {
+                break;
+            }
+            self.finished.pop_first();
+            // An entry is stale when its job ran again since: skipped.
+            let current = self
+                .jobs
+                .get(&id)
+                .is_some_and(|j| j.state.is_final() && j.finished_at_ms == Some(finished));
+            if current && let Some(job) = self.jobs.remove(&id) {
+                self.outbox.retired.push(job);
+            }
+        }
+    }
+
+    /// Adds the jobs an apply finished to `finished`. Entries are not removed
+    /// when a job runs again (that would need its old time): `retire` skips them.
+    fn index_finished(&mut self, events: &[Event]) {
+        for e in events {
+            let Event::Job(id) = e else { continue };
+            if let Some(j) = self.jobs.get(id)
+                && j.state.is_final()
+                && let Some(at) = j.finished_at_ms
+            {
+                self.finished.insert((at, *id));
+            }
+        }
+    }
+
     pub fn bootstrapped(&self) -> bool {
         self.operator_token_hash.is_some()
     }
@@ -106,6 +221,8 @@ impl State {
     pub fn apply(&mut self, cmd: &Command) -> Result<Vec<Event>, Rejection> {
         let result = self.apply_op(cmd).map(|mut events| {
             self.settle_dependencies(cmd.at_ms, &mut events);
+            self.index_finished(&events);
+            self.retire(cmd.at_ms);
             events
         });
         #[cfg(debug_assertions)]

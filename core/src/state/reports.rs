@@ -299,8 +299,7 @@ impl State {
     /// per node for the metrics.
     pub(super) fn reject_report(&mut self, at: i64, node: &str, report: &RunReport, why: &str) {
         let (job, attempt) = report.run();
-        ledger::append(
-            &mut self.audit,
+        self.record(
             at,
             ledger::Entry::ReportRejected {
                 node: node.to_string(),

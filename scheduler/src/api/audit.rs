@@ -35,7 +35,10 @@ pub fn head_from_pb(h: pb::AuditHead) -> SignedHead {
     }
 }
 use crate::clock::now_ms;
-use coop_core::ledger::GENESIS;
+use crate::consensus::archive;
+
+/// Records an export reads from the store at a time.
+const EXPORT_PAGE: u32 = 5000;
 
 pub struct Audit(pub Ctx);
 
@@ -56,23 +59,53 @@ impl AuditService for Audit {
         if r.from_ms > to {
             return Err(invalid("from_ms", "the period starts after it ends"));
         }
-        // Encoded under the read lock, sent after it is released.
-        let records: Vec<Result<pb::AuditRecord, Status>> = {
-            let state = self.0.replica.read();
-            // Usage entries carry the agent's time of the interval, so the
-            // chain is not sorted by time: filter, don't search.
-            state
-                .audit
-                .iter()
-                .filter(|e| e.at_ms >= r.from_ms && e.at_ms <= to)
-                .map(|e| {
-                    serde_json::to_string(e)
-                        .map(|json| pb::AuditRecord { seq: e.seq, json })
-                        .map_err(|err| Status::internal(format!("encoding entry {}: {err}", e.seq)))
-                })
-                .collect()
+        // The chain as of now, read from the store a page at a time as the
+        // client takes it (the export of a long history is long).
+        let (head, index) = {
+            let (state, index) = self.0.replica.read_indexed();
+            (state.chain.seq, index)
         };
-        Ok(Response::new(Box::pin(tokio_stream::iter(records))))
+        let pool = self
+            .0
+            .replica
+            .history_at(index)
+            .await
+            .map_err(crate::status::propose_status)?
+            .clone();
+        let from = r.from_ms;
+        let pages = futures::stream::unfold(Some(0u64), move |after| {
+            let pool = pool.clone();
+            async move {
+                let after = after?;
+                // Usage entries carry the agent's time of the interval, so
+                // the chain is not sorted by time: filter by time, page by seq.
+                match archive::audit_between(&pool, from, to, after, EXPORT_PAGE).await {
+                    Ok(rows) => {
+                        let rows: Vec<_> = rows.into_iter().filter(|e| e.seq <= head).collect();
+                        let next = match rows.last() {
+                            Some(last) if rows.len() == EXPORT_PAGE as usize => Some(last.seq),
+                            _ => None,
+                        };
+                        let items: Vec<Result<pb::AuditRecord, Status>> = rows
+                            .iter()
+                            .map(|e| {
+                                serde_json::to_string(e)
+                                    .map(|json| pb::AuditRecord { seq: e.seq, json })
+                                    .map_err(|err| {
+                                        Status::internal(format!("encoding entry {}: {err}", e.seq))
+                                    })
+                            })
+                            .collect();
+                        Some((futures::stream::iter(items), next))
+                    }
+                    Err(e) => Some((
+                        futures::stream::iter(vec![Err(super::usage::history_error(e))]),
+                        None,
+                    )),
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(futures::StreamExt::flatten(pages))))
     }
 
     async fn head(
@@ -84,10 +117,7 @@ impl AuditService for Audit {
         self.0.current().await?;
         let (seq, hash) = {
             let state = self.0.replica.read();
-            state
-                .audit
-                .last()
-                .map_or((0, GENESIS.to_string()), |r| (r.seq, r.hash.clone()))
+            (state.chain.seq, state.chain.hash.clone())
         };
         let h = self.0.signer.sign(seq, &hash, now_ms());
         Ok(Response::new(head_to_pb(h)))

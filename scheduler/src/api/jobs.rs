@@ -15,7 +15,6 @@ use super::{
 };
 use crate::clock::now_ms;
 use crate::replica::ProposeError;
-use coop_core::fairshare::DecayedUsage;
 use coop_core::habits::{JobExtra, MAX_IDS, validate_extra};
 use coop_core::state::{
     Event, Isolation, JobKind, JobSpec, Op, Principal, Rejection, validate_spec,
@@ -39,6 +38,69 @@ impl Jobs {
             )));
         }
         Ok(job_to_pb(&state, job, now_ms()))
+    }
+
+    /// The job the caller named, as the API shows it: one in memory, or by
+    /// its full id one that finished long ago and is read from the store.
+    async fn find(&self, who: &Principal, field: &str, input: &str) -> Result<pb::Job, Status> {
+        let missing = match self.resolve_one(who, field, input) {
+            Ok(id) => return self.visible(who, id),
+            // Another member's job may hold an id that was the caller's once
+            // (a client picks a submission's id): the caller's is then in the store.
+            Err(e)
+                if matches!(
+                    e.code(),
+                    tonic::Code::NotFound | tonic::Code::PermissionDenied
+                ) =>
+            {
+                e
+            }
+            Err(e) => return Err(e),
+        };
+        let Ok(id) = uuid::Uuid::parse_str(input.trim()) else {
+            return Err(missing);
+        };
+        let index = self.0.replica.read_indexed().1;
+        let pool = self
+            .0
+            .replica
+            .history_at(index)
+            .await
+            .map_err(propose_status)?;
+        let versions = crate::consensus::archive::retired_versions(pool, index, id)
+            .await
+            .map_err(super::usage::history_error)?;
+        let Some(job) = versions.iter().find(|j| may_access(who, j)) else {
+            return Err(match versions.is_empty() {
+                true => missing,
+                false => Status::permission_denied(format!("job {id} belongs to another member")),
+            });
+        };
+        Ok(job_to_pb(&self.0.replica.read(), job, now_ms()))
+    }
+
+    /// Refuses a chosen id that a job which has left memory had: the state
+    /// no longer knows it, and the new job would share the old one's id in
+    /// the store (no row is replaced, but two jobs under one id is a trap).
+    /// Best effort: a node still copying its history lets it through.
+    async fn check_reused_id(&self, member: &str, id: uuid::Uuid) -> Result<(), Status> {
+        let index = self.0.replica.read_indexed().1;
+        let Ok(pool) = self.0.replica.history_at(index).await else {
+            return Ok(());
+        };
+        let versions = crate::consensus::archive::retired_versions(pool, index, id)
+            .await
+            .map_err(super::usage::history_error)?;
+        match versions.first() {
+            None => Ok(()),
+            Some(j) if j.member == member => Err(Status::already_exists(format!(
+                "request_id: {id} is the id of a job of yours that has ended and left the \
+                 scheduler's memory (coop job get {id}); a new submission needs a new request_id"
+            ))),
+            Some(_) => Err(Status::already_exists(format!(
+                "request_id: {id} was used for a different submission"
+            ))),
+        }
     }
 
     /// What the caller named, resolved among the jobs it may see.
@@ -228,6 +290,9 @@ impl JobService for Jobs {
         } else {
             uuid::Uuid::new_v4()
         };
+        if retry {
+            self.check_reused_id(&member, id).await?;
+        }
         let submitted = self
             .0
             .replica
@@ -281,11 +346,10 @@ impl JobService for Jobs {
     ) -> Result<Response<pb::GetJobResponse>, Status> {
         let who = self.0.actor(&req).await?;
         self.0.current().await?;
-        let id = self.resolve_one(&who, "id", &req.get_ref().id)?;
-        let mut job = [self.visible(&who, id)?];
+        let mut job = [self.find(&who, "id", &req.get_ref().id).await?];
         let state = self.0.replica.read();
         let now = now_ms();
-        let decayed = DecayedUsage::shared_at(&self.0.decayed, &state, now);
+        let decayed = coop_core::fairshare::usage(&state, now);
         fill_wait_reasons(&state, now, &decayed, &mut job);
         let [job] = job;
         Ok(Response::new(pb::GetJobResponse { job: Some(job) }))
@@ -315,56 +379,124 @@ impl JobService for Jobs {
                 "member {m} may not list the jobs of {f}"
             )));
         }
-        let state = self.0.replica.read();
-        if !filter_member.is_empty() && !state.members.contains_key(filter_member) {
-            return Err(Status::not_found(format!(
-                "member: {filter_member:?} does not exist"
-            )));
-        }
-        if r.from_ms < 0 || r.to_ms < 0 || (r.to_ms > 0 && r.from_ms > r.to_ms) {
-            return Err(invalid("from", "the window must start before it ends"));
-        }
         let (name, node) = (r.name.as_str(), r.node.trim());
-        let array = match r.array_id.trim() {
-            "" => None,
-            a => match resolve(&state, &who, "array_id", a)? {
-                Target::Array(a, _) => Some(a),
-                Target::Job(j) => {
-                    return Err(invalid(
-                        "array_id",
-                        format!("{j} is a job, not a job array"),
-                    ));
-                }
-            },
-        };
         let now = now_ms();
-        let mut jobs: Vec<_> = state
-            .jobs
-            .values()
-            .filter(|j| may_access(&who, j))
-            .filter(|j| filter_member.is_empty() || j.member == filter_member)
-            .filter(|j| states.is_empty() || states.contains(&j.state))
-            .filter(|j| name.is_empty() || j.extra.name == name)
-            // A pending job requeued from the node no longer runs there.
-            .filter(|j| {
-                node.is_empty()
-                    || (j.state != coop_core::state::JobState::Pending
-                        && j.node.as_deref() == Some(node))
-            })
-            .filter(|j| r.to_ms == 0 || j.submitted_at_ms <= r.to_ms)
-            .filter(|j| r.from_ms == 0 || j.finished_at_ms.is_none_or(|f| f >= r.from_ms))
-            .filter(|j| array.is_none() || j.array.as_ref().map(|a| a.array) == array)
-            .map(|j| (job_key(j), j))
-            .filter(|(k, _)| after(k, &r.page_token))
-            .collect();
-        jobs.sort_by(|a, b| a.0.cmp(&b.0));
-        let (mut jobs, next_page_token) = page(
-            jobs.into_iter()
-                .map(|(k, j)| (k, job_to_pb(&state, j, now))),
-            r.limit,
-        );
-        let decayed = DecayedUsage::shared_at(&self.0.decayed, &state, now);
-        fill_wait_reasons(&state, now, &decayed, &mut jobs);
+        let (mut listed, index, array) = {
+            let (state, index) = self.0.replica.read_indexed();
+            if !filter_member.is_empty() && !state.members.contains_key(filter_member) {
+                return Err(Status::not_found(format!(
+                    "member: {filter_member:?} does not exist"
+                )));
+            }
+            if r.from_ms < 0 || r.to_ms < 0 || (r.to_ms > 0 && r.from_ms > r.to_ms) {
+                return Err(invalid("from", "the window must start before it ends"));
+            }
+            let array = match r.array_id.trim() {
+                "" => None,
+                a => match resolve(&state, &who, "array_id", a)? {
+                    Target::Array(a, _) => Some(a),
+                    Target::Job(j) => {
+                        return Err(invalid(
+                            "array_id",
+                            format!("{j} is a job, not a job array"),
+                        ));
+                    }
+                },
+            };
+            let mut jobs: Vec<_> = state
+                .jobs
+                .values()
+                .filter(|j| may_access(&who, j))
+                .filter(|j| filter_member.is_empty() || j.member == filter_member)
+                .filter(|j| states.is_empty() || states.contains(&j.state))
+                .filter(|j| name.is_empty() || j.extra.name == name)
+                // A pending job requeued from the node no longer runs there.
+                .filter(|j| {
+                    node.is_empty()
+                        || (j.state != coop_core::state::JobState::Pending
+                            && j.node.as_deref() == Some(node))
+                })
+                .filter(|j| r.to_ms == 0 || j.submitted_at_ms <= r.to_ms)
+                .filter(|j| r.from_ms == 0 || j.finished_at_ms.is_none_or(|f| f >= r.from_ms))
+                .filter(|j| array.is_none() || j.array.as_ref().map(|a| a.array) == array)
+                .map(|j| (job_key(j), j))
+                .filter(|(k, _)| after(k, &r.page_token))
+                .collect();
+            jobs.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut listed: Vec<(String, pb::Job)> = jobs
+                .into_iter()
+                .map(|(k, j)| (k, job_to_pb(&state, j, now)))
+                .collect();
+            let decayed = coop_core::fairshare::usage(&state, now);
+            let mut shown: Vec<pb::Job> = listed.iter().map(|(_, j)| j.clone()).collect();
+            fill_wait_reasons(&state, now, &decayed, &mut shown);
+            for ((_, j), filled) in listed.iter_mut().zip(shown) {
+                *j = filled;
+            }
+            (listed, index, array)
+        };
+        let mut horizon = None;
+        // A window that starts somewhere asks for history too (as sacct
+        // does): jobs that finished in it and have left memory, from the store.
+        if r.from_ms > 0 {
+            let limit = match r.limit as usize {
+                0 => super::DEFAULT_PAGE,
+                n => n.min(super::MAX_PAGE),
+            } as u32;
+            let pool = self
+                .0
+                .replica
+                .history_at(index)
+                .await
+                .map_err(propose_status)?;
+            let after = r.page_token.split_once('/').and_then(|(at, id)| {
+                let at: u64 = at.parse().ok()?;
+                Some(((at as i128 - (1i128 << 62)) as i64, id.to_string()))
+            });
+            let member = (!filter_member.is_empty()).then_some(filter_member);
+            let member = match (&who, member) {
+                (Principal::Member(m), _) => Some(m.as_str()),
+                (_, m) => m,
+            };
+            let to = if r.to_ms == 0 { i64::MAX } else { r.to_ms };
+            let retired = crate::consensus::archive::retired_jobs(
+                pool,
+                index,
+                r.from_ms,
+                to,
+                member,
+                after,
+                limit + 1,
+            )
+            .await
+            .map_err(super::usage::history_error)?;
+            // A full fetch may stop short of what the page reaches: nothing
+            // after its last key can be shown this time.
+            horizon = (retired.len() > limit as usize)
+                .then(|| retired.last().map(job_key))
+                .flatten();
+            let state = self.0.replica.read();
+            listed.extend(
+                retired
+                    .iter()
+                    .filter(|j| may_access(&who, j))
+                    .filter(|j| states.is_empty() || states.contains(&j.state))
+                    .filter(|j| name.is_empty() || j.extra.name == name)
+                    .filter(|j| node.is_empty() || j.node.as_deref() == Some(node))
+                    .filter(|j| array.is_none() || j.array.as_ref().map(|a| a.array) == array)
+                    .map(|j| (job_key(j), job_to_pb(&state, j, now))),
+            );
+            listed.sort_by(|a, b| a.0.cmp(&b.0));
+            if let Some(h) = &horizon {
+                listed.retain(|(k, _)| k <= h);
+            }
+        }
+        let (jobs, mut next_page_token) = page(listed.into_iter(), r.limit);
+        if next_page_token.is_empty()
+            && let Some(h) = horizon
+        {
+            next_page_token = h;
+        }
         Ok(Response::new(pb::ListJobsResponse {
             jobs,
             next_page_token,
@@ -439,8 +571,11 @@ impl JobService for Jobs {
     ) -> Result<Response<pb::JobLogsResponse>, Status> {
         let who = self.0.actor(&req).await?;
         let r = req.into_inner();
-        let id = self.resolve_one(&who, "id", &r.id)?;
-        let job = self.visible(&who, id)?;
+        let job = self.find(&who, "id", &r.id).await?;
+        let id: uuid::Uuid = job
+            .id
+            .parse()
+            .map_err(|_| Status::internal("a job without a valid id"))?;
         let attempt = if r.attempt == 0 {
             job.attempts
         } else {
@@ -464,12 +599,16 @@ impl JobService for Jobs {
         let node = if attempt == job.attempts {
             Some(job.node.clone())
         } else {
-            let state = self.0.replica.read();
-            state
-                .ledger
-                .iter()
-                .find(|u| u.job == id && u.attempt == attempt)
-                .map(|u| u.node.clone())
+            let index = self.0.replica.read_indexed().1;
+            let pool = self
+                .0
+                .replica
+                .history_at(index)
+                .await
+                .map_err(propose_status)?;
+            crate::consensus::archive::attempt_node(pool, id, attempt)
+                .await
+                .map_err(super::usage::history_error)?
         }
         .filter(|n| !n.is_empty())
         .ok_or_else(|| {

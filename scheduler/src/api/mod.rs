@@ -24,9 +24,7 @@ use coop_core::state::{Job, JobKind, JobState, Principal, State};
 #[derive(Clone)]
 pub struct Ctx {
     pub replica: Replica,
-    /// Decayed usage per member, kept up to date incrementally and shared by
-    /// the scheduling loop, the API and the metrics.
-    pub decayed: Arc<std::sync::Mutex<coop_core::fairshare::DecayedUsage>>,
+    /// The agents' streams (`liveness`).
     pub registry: Arc<Registry>,
     pub config: Arc<crate::config::Config>,
     pub limits: Arc<limits::SubmitLimits>,

@@ -5,15 +5,22 @@ use tonic::{Request, Response, Status};
 
 use super::{Ctx, invalid, readable_member};
 use crate::clock::now_ms;
-use coop_core::fairshare::{DecayedUsage, entitlements, factors, running_gpus, total_gpus};
+use crate::consensus::archive;
+use crate::status::propose_status;
+use coop_core::fairshare::{entitlements, factors, running_gpus, total_gpus};
 use coop_core::placement::plan;
 use coop_core::state::State;
-use coop_core::usage::member_usage;
+use coop_core::usage::{Past, add_past_usage, live_statement, live_usage};
 
 /// Waiting jobs a fair-share answer lists (the rest are counted).
 const MAX_WAITING_SHOWN: usize = 1000;
 
 pub struct Usage(pub Ctx);
+
+/// A failure to read the stored history: the database, not the caller.
+pub fn history_error(e: anyhow::Error) -> Status {
+    Status::internal(format!("reading the history: {e:#}"))
+}
 
 fn check_member(state: &State, only: &Option<String>) -> Result<(), Status> {
     match only {
@@ -40,12 +47,38 @@ impl UsageService for Usage {
         if from > to {
             return Err(invalid("from_ms", "the window starts after it ends"));
         }
-        let state = self.0.replica.read();
-        check_member(&state, &only)?;
-        let ent = entitlements(&state);
-        let decayed = DecayedUsage::shared_at(&self.0.decayed, &state, now);
+        // The live part under the lock, then the history up to the same entry.
+        let (mut usage, ent, decayed, index) = {
+            let (state, index) = self.0.replica.read_indexed();
+            check_member(&state, &only)?;
+            (
+                live_usage(&state, now, from, to, only.as_deref()),
+                entitlements(&state),
+                coop_core::fairshare::usage(&state, now),
+                index,
+            )
+        };
+        let pool = self
+            .0
+            .replica
+            .history_at(index)
+            .await
+            .map_err(propose_status)?;
+        let member = only.as_deref();
+        let records = archive::usage_between(pool, index, from, to, member)
+            .await
+            .map_err(history_error)?;
+        let retired = archive::retired_finished_between(pool, index, from, to, member)
+            .await
+            .map_err(history_error)?;
+        let past = Past {
+            usage: &records,
+            audit: &[],
+            retired: &retired,
+        };
+        add_past_usage(&mut usage, past, from, to);
         let factor = factors(&ent, &decayed);
-        let members = member_usage(&state, now, from, to, only.as_deref())
+        let members = usage
             .into_iter()
             .map(|u| pb::MemberUsage {
                 entitlement: ent.get(&u.member).copied().unwrap_or(0.0),
@@ -82,9 +115,29 @@ impl UsageService for Usage {
             return Err(invalid("to_ms", "the period must start before it ends"));
         }
         let now = now_ms();
-        let state = self.0.replica.read();
-        check_member(&state, &Some(member.clone()))?;
-        let st = coop_core::usage::statement(&state, &member, r.from_ms, r.to_ms, now);
+        let (mut st, index) = {
+            let (state, index) = self.0.replica.read_indexed();
+            check_member(&state, &Some(member.clone()))?;
+            let st = live_statement(&state, &member, r.from_ms, r.to_ms, now);
+            (st, index)
+        };
+        let pool = self
+            .0
+            .replica
+            .history_at(index)
+            .await
+            .map_err(propose_status)?;
+        let records = archive::usage_between(pool, index, r.from_ms, r.to_ms, Some(&member))
+            .await
+            .map_err(history_error)?;
+        let preemptions = archive::audit_of_kind(pool, index, "preemption", r.from_ms, r.to_ms)
+            .await
+            .map_err(history_error)?;
+        st.add_past(Past {
+            usage: &records,
+            audit: &preemptions,
+            retired: &[],
+        });
         Ok(Response::new(pb::MemberStatement {
             balance_weighted_gpu_ms: st.balance_weighted_gpu_ms(),
             member: st.member,
@@ -119,7 +172,7 @@ impl UsageService for Usage {
         let now = now_ms();
         let state = self.0.replica.read();
         check_member(&state, &only)?;
-        let decayed = DecayedUsage::shared_at(&self.0.decayed, &state, now);
+        let decayed = coop_core::fairshare::usage(&state, now);
         Ok(Response::new(fair_share_view(
             &state,
             now,

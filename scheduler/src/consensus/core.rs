@@ -21,6 +21,7 @@
 //! never committed and the caller may safely retry.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use protobuf::Message as _;
@@ -28,6 +29,7 @@ use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Messag
 use raft::{RawNode, StateRole, Storage};
 use serde::{Deserialize, Serialize};
 
+use super::history::{self, Tagged};
 use super::log::{Log, Persist};
 use coop_core::codec;
 use coop_core::state::{Command, Event, Op, Rejection, State};
@@ -109,6 +111,10 @@ pub struct NodeStatus {
 pub struct Core {
     raw: RawNode<Log>,
     state: Arc<RwLock<State>>,
+    /// The index of the entry the state was last changed by, set while the
+    /// state's write lock is held: a reader holding the read lock knows which
+    /// state it sees (see `Replica::read_indexed`).
+    state_index: Arc<AtomicU64>,
     peers: BTreeMap<u64, String>,
     /// Nodes removed from the cluster: a removed node that does not know it
     /// yet keeps sending, and must not be learnt back as a peer.
@@ -135,6 +141,13 @@ pub struct Core {
     /// Why this node cannot go on: a committed entry or a snapshot it cannot
     /// decode. Skipping it would make this replica diverge silently.
     fatal: Option<String>,
+    /// History made by applied entries, not yet handed out to be stored.
+    made: Tagged,
+    /// The applied index as last handed out to be stored with the history.
+    durable_applied: u64,
+    /// A snapshot from the leader replaced the state when history ran to
+    /// here; the snapshot's chain head.
+    installed_over: Option<(u64, coop_core::ledger::Head)>,
 }
 
 /// Raft timing in ticks, and how often to snapshot.
@@ -209,6 +222,7 @@ impl Core {
         Ok(Self {
             raw,
             state,
+            state_index: Arc::new(AtomicU64::new(applied)),
             peers,
             removed: BTreeSet::new(),
             applied,
@@ -222,6 +236,9 @@ impl Core {
             durable_cs,
             durable_hs,
             fatal: None,
+            made: Tagged::new(),
+            durable_applied: applied,
+            installed_over: None,
         })
     }
 
@@ -249,6 +266,11 @@ impl Core {
 
     pub fn applied(&self) -> u64 {
         self.applied
+    }
+
+    /// See `state_index`.
+    pub fn state_index(&self) -> Arc<AtomicU64> {
+        self.state_index.clone()
     }
 
     pub fn peers(&self) -> &BTreeMap<u64, String> {
@@ -380,7 +402,8 @@ impl Core {
     /// The first half of handling a Ready; `None` when there is nothing to do.
     pub fn ready(&mut self) -> Option<Staged> {
         let cs_dirty = self.raw.store().conf_state != self.durable_cs;
-        if !self.raw.has_ready() && self.own_snapshot.is_none() && !cs_dirty {
+        let history_dirty = !self.made.is_empty() || self.applied != self.durable_applied;
+        if !self.raw.has_ready() && self.own_snapshot.is_none() && !cs_dirty && !history_dirty {
             return None;
         }
         let mut staged = Staged {
@@ -399,6 +422,7 @@ impl Core {
         }
         if !self.raw.has_ready() {
             self.stage_conf_state(&mut staged.persist);
+            self.stage_history(&mut staged.persist);
             return Some(staged);
         }
         let mut rd = self.raw.ready();
@@ -425,6 +449,7 @@ impl Core {
             staged.persist.entries = rd.take_entries();
         }
         self.stage_conf_state(&mut staged.persist);
+        self.stage_history(&mut staged.persist);
         // Term and vote must be durable before anyone hears of them. The commit
         // index alone needs no fsync of its own (raft learns it again after a
         // restart): it rides along with the next write.
@@ -471,6 +496,18 @@ impl Core {
         done
     }
 
+    /// The history applied entries made, stored with the index they reach.
+    fn stage_history(&mut self, persist: &mut Persist) {
+        persist.installed_over = self.installed_over.take();
+        // An applied index alone is not worth a write of its own (nothing to
+        // store: the shell only tells its readers); it rides along with the next.
+        if !self.made.is_empty() || self.applied != self.durable_applied {
+            persist.history = std::mem::take(&mut self.made);
+            persist.applied = Some(self.applied);
+            self.durable_applied = self.applied;
+        }
+    }
+
     fn stage_conf_state(&mut self, persist: &mut Persist) {
         let cs = &self.raw.store().conf_state;
         if *cs != self.durable_cs {
@@ -484,7 +521,15 @@ impl Core {
     fn restore(&mut self, snap: &Snapshot) -> bool {
         match codec::decode::<SnapshotData>(&snap.data) {
             Ok(data) => {
-                *self.state.write().unwrap_or_else(|e| e.into_inner()) = data.state;
+                // The history this replica made so far is kept (it goes to
+                // the store with this Ready); what the snapshot covers beyond
+                // it is copied from a peer.
+                self.installed_over = Some((self.applied, data.state.chain.clone()));
+                let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+                *state = data.state;
+                self.state_index
+                    .store(snap.get_metadata().index, Ordering::Release);
+                drop(state);
                 // What this node was configured with or committed stays; the
                 // snapshot fills in the rest.
                 for (id, address) in data.peers {
@@ -522,7 +567,9 @@ impl Core {
                 EntryType::EntryNormal => match codec::decode::<Command>(&entry.data) {
                     Ok(cmd) => {
                         self.last_at_ms = self.last_at_ms.max(cmd.at_ms);
-                        state.apply(&cmd)
+                        let result = state.apply(&cmd);
+                        history::tag(entry.index, state.take_outbox(), &mut self.made);
+                        result
                     }
                     Err(e) => {
                         // Every replica must apply every committed entry.
@@ -547,6 +594,7 @@ impl Core {
                 }
             };
             self.applied = entry.index;
+            self.state_index.store(entry.index, Ordering::Release);
             if let Ok(events) = &result {
                 done.events.extend(events.iter().cloned());
             }

@@ -40,6 +40,9 @@ impl Disk {
         )
         .execute(&pool)
         .await?;
+        for ddl in super::archive::SCHEMA {
+            sqlx::query(*ddl).execute(&pool).await?;
+        }
         let old: Option<(String,)> =
             sqlx::query_as("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'log'")
                 .fetch_optional(&pool)
@@ -50,6 +53,11 @@ impl Disk {
             path.display()
         );
         Ok(Self { pool })
+    }
+
+    /// The database, for the history's readers and its copier.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
     }
 
     pub async fn close(&self) {
@@ -134,6 +142,7 @@ impl Disk {
         if let Some(cs) = &p.conf_state {
             put(&mut tx, "conf_state", cs.write_to_bytes()?).await?;
         }
+        super::archive::write(&mut tx, p).await?;
         tx.commit().await?;
         Ok(())
     }

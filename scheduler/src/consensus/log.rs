@@ -8,6 +8,8 @@
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
+use super::history::Tagged;
+
 /// What must be durable before the node goes on (`Core::persisted`).
 #[derive(Debug, Default)]
 pub struct Persist {
@@ -19,6 +21,14 @@ pub struct Persist {
     pub entries: Vec<Entry>,
     pub hard_state: Option<HardState>,
     pub conf_state: Option<ConfState>,
+    /// History made by the entries applied since the last write, and the
+    /// index applied with it (see `history`).
+    pub history: Tagged,
+    pub applied: Option<u64>,
+    /// A snapshot from the leader was installed over history that ran to
+    /// `.0`: the history of entries `(.0, snapshot index]` is missing, and
+    /// ends at the snapshot's chain head `.1`.
+    pub installed_over: Option<(u64, coop_core::ledger::Head)>,
 }
 
 impl Persist {
@@ -27,6 +37,7 @@ impl Persist {
             && self.entries.is_empty()
             && self.hard_state.is_none()
             && self.conf_state.is_none()
+            && self.history.is_empty()
     }
 }
 

@@ -1,9 +1,12 @@
 //! Raft replication of the state machine (raft-rs): the in-memory log raft
 //! reads (`log`), the pure node around the state machine (`core`), the log on
-//! disk (`disk`), the messages between nodes (`transport`, `service`).
+//! disk (`disk`), the history each replica stores as it applies (`history`),
+//! the messages between nodes (`transport`).
 
+pub mod archive;
 pub mod core;
 pub mod disk;
+pub mod history;
 pub mod log;
 pub mod transport;
 

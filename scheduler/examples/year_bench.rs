@@ -11,21 +11,26 @@
 //! so 10M jobs of 1 to 8 GPUs fill the 1,000 GPUs for about a year.
 //!
 //! Every command goes through `codec::encode`, `codec::decode` and
-//! `State::apply`, as a replica applies a committed entry; the apply rate is
-//! commands over the time spent in those three.
+//! `State::apply`, as a replica applies a committed entry, and the history
+//! apply makes (audit records, jobs that leave memory after the policy's
+//! retention, 7 days) is written to a real SQLite store (`consensus::archive`,
+//! synchronous=FULL, one transaction per 1,024 commands, as a busy node loop
+//! batches a Ready); the apply rate is commands over the time spent there.
 //!
-//! At each sample point: resident memory (VmRSS), the in-memory ledger and
-//! audit record counts, the snapshot (`codec::encode` of the state: its size
-//! and time), restart (a fresh process of this example decodes that snapshot
-//! and replays the 10,000 entries committed after it, the scheduler's default
-//! `snapshot_every`: the worst case before the next snapshot), follower
-//! catch-up (encode + decode of the snapshot: what installing it costs, the
-//! transfer not counted), and p99 over 200 samples of `job get` (the state
-//! lookup of a random past job and its GPU time), `usage`
-//! (`usage::member_usage`, what the API's usage call runs, for one member over
-//! the last 30 days) and a scheduling pass.
+//! At each sample point: resident memory (VmRSS), jobs in memory, the store's
+//! size on disk, the snapshot (`codec::encode` of the state: its size and
+//! time), restart (a fresh process of this example decodes that snapshot and
+//! replays the 10,000 entries committed after it, the scheduler's default
+//! `snapshot_every`, writing their history to a store again: the worst case
+//! before the next snapshot), follower catch-up (encode + decode of the
+//! snapshot, plus copying the history of those 10,000 entries page by page
+//! from the store into another, as a peer serves it), and p99 over 200 samples
+//! of `job get` (a random past job: from memory, or from the store once it
+//! has left), `usage` (what the API's usage call runs: the live part from the
+//! state, the records of one member's last 30 days from the store) and a
+//! scheduling pass.
 //!
-//! cargo run --release -p coop-core --example year_bench -- \
+//! cargo run --release -p coop-scheduler --example year_bench -- \
 //!     [--jobs N] [--reports-per-job R] [--samples K] [--stop-at-rss-mb M]
 
 use std::collections::BTreeMap;
@@ -34,11 +39,13 @@ use std::process::{Command as Proc, Stdio};
 use std::time::Instant;
 
 use coop_core::codec::{decode, encode};
-use coop_core::fairshare::DecayedUsage;
 use coop_core::placement::plan;
 use coop_core::policy::{Ordering, Setting};
 use coop_core::state::*;
-use coop_core::usage::member_usage;
+use coop_core::usage::{Past, add_past_usage, live_usage};
+use coop_scheduler::consensus::archive;
+use coop_scheduler::consensus::history::{self, Tagged};
+use sqlx::SqlitePool;
 use uuid::Uuid;
 
 const NODES: usize = 125;
@@ -50,6 +57,8 @@ const QUEUE_TARGET: usize = 200;
 /// The scheduler's default `snapshot_every` (entries between snapshots).
 const SNAPSHOT_EVERY: usize = 10_000;
 const P99_SAMPLES: usize = 200;
+/// Commands whose history is written in one transaction.
+const STORE_BATCH: usize = 1024;
 const DAY_MS: i64 = 86_400_000;
 
 /// xorshift64*: deterministic, no dependency.
@@ -84,7 +93,6 @@ struct Bench {
     planned: BTreeMap<JobId, u32>,
     runs: BTreeMap<JobId, Run>,
     seq: Vec<u64>,
-    decayed: DecayedUsage,
     submitted: u64,
     usage_reports: u64,
     commands: u64,
@@ -92,6 +100,69 @@ struct Bench {
     /// Entries captured after a snapshot, for the restart measurement.
     capture: Option<Vec<Vec<u8>>>,
     captured: Option<(Vec<Vec<u8>>, usize)>,
+    store: Store,
+}
+
+/// A replica's history store: the writer, a reader, and what waits to be written.
+struct Store {
+    rt: tokio::runtime::Runtime,
+    path: std::path::PathBuf,
+    writer: SqlitePool,
+    reader: SqlitePool,
+    pending: Tagged,
+    _dir: tempfile::TempDir,
+}
+
+impl Store {
+    fn open() -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let dir = tempfile::tempdir_in(std::env::var("COOP_BENCH_DIR").unwrap_or(".".into()))
+            .expect("a scratch directory");
+        let path = dir.path().join("scheduler.db");
+        let (writer, reader) = rt.block_on(async {
+            let disk = coop_scheduler::consensus::disk::Disk::open(&path)
+                .await
+                .expect("the store opens");
+            let (h, _) = coop_scheduler::history::History::open(&path, 0, None)
+                .await
+                .expect("its reader opens");
+            (disk.pool().clone(), h.pool().clone())
+        });
+        Store {
+            rt,
+            path,
+            writer,
+            reader,
+            pending: Tagged::new(),
+            _dir: dir,
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let items = std::mem::take(&mut self.pending);
+        let writer = self.writer.clone();
+        self.rt.block_on(write(&writer, &items));
+    }
+
+    fn bytes(&self) -> u64 {
+        let size = |p: std::path::PathBuf| std::fs::metadata(p).map_or(0, |m| m.len());
+        let wal = self.path.with_extension("db-wal");
+        size(self.path.clone()) + size(wal)
+    }
+}
+
+async fn write(pool: &SqlitePool, items: &Tagged) {
+    let mut tx = pool.begin().await.expect("a transaction");
+    archive::insert(&mut tx, items, archive::Source::Apply)
+        .await
+        .expect("history is written");
+    tx.commit().await.expect("committed");
 }
 
 fn member(i: usize) -> String {
@@ -112,13 +183,13 @@ impl Bench {
             planned: BTreeMap::new(),
             runs: BTreeMap::new(),
             seq: vec![0; NODES],
-            decayed: DecayedUsage::default(),
             submitted: 0,
             usage_reports: 0,
             commands: 0,
             apply_s: 0.0,
             capture: None,
             captured: None,
+            store: Store::open(),
         };
         b.setup(Op::Bootstrap {
             operator_token_hash: "op".into(),
@@ -186,13 +257,21 @@ impl Bench {
             }
         };
         let result = self.state.apply(&read);
-        self.apply_s += t.elapsed().as_secs_f64();
         self.commands += 1;
+        history::tag(
+            self.commands,
+            self.state.take_outbox(),
+            &mut self.store.pending,
+        );
+        if self.commands.is_multiple_of(STORE_BATCH as u64) {
+            self.store.flush();
+        }
+        self.apply_s += t.elapsed().as_secs_f64();
         if let Some(c) = &mut self.capture {
             c.push(bytes);
             if c.len() == SNAPSHOT_EVERY {
                 let c = self.capture.take().expect("capturing");
-                self.captured = Some((c, self.state.ledger.len()));
+                self.captured = Some((c, self.state.chain.seq as usize));
             }
         }
         result
@@ -295,8 +374,11 @@ impl Bench {
         while self.state.queue.len() < QUEUE_TARGET && self.submitted < jobs {
             self.submit();
         }
-        self.decayed.advance(&self.state, now);
-        let pass = plan(&self.state, now, &self.decayed.per_member(&self.state));
+        let pass = plan(
+            &self.state,
+            now,
+            &coop_core::fairshare::usage(&self.state, now),
+        );
         for p in pass.preemptions {
             if self
                 .apply(Op::Preempt {
@@ -401,17 +483,23 @@ fn restore() {
         std::process::exit(2);
     });
     drop(snapshot);
+    let mut store = Store::open();
     let ((), replay_s) = timed(|| {
-        for e in &entries {
+        for (i, e) in entries.iter().enumerate() {
             let cmd: Command = decode(e).expect("entries decode");
             let _ = state.apply(&cmd);
+            history::tag(i as u64 + 1, state.take_outbox(), &mut store.pending);
+            if (i + 1) % STORE_BATCH == 0 {
+                store.flush();
+            }
         }
+        store.flush();
     });
     println!(
         "{decode_s} {replay_s} {} {} {}",
         proc_kb("/proc/self/status", "VmHWM:"),
-        state.ledger.len(),
-        state.audit.len()
+        state.chain.seq,
+        state.jobs.len()
     );
 }
 
@@ -446,8 +534,11 @@ fn restart(snapshot: Vec<u8>, entries: &[Vec<u8>], expect_ledger: usize) -> Rest
     assert!(out.status.success(), "restore failed: {}", out.status);
     let text = String::from_utf8_lossy(&out.stdout);
     let f: Vec<&str> = text.split_whitespace().collect();
-    let ledger: usize = f[3].parse().unwrap();
-    assert_eq!(ledger, expect_ledger, "the restored state's ledger differs");
+    let head: usize = f[3].parse().unwrap();
+    assert_eq!(
+        head, expect_ledger,
+        "the restored state's audit chain differs"
+    );
     Restart {
         decode_s: f[0].parse().unwrap(),
         replay_s: f[1].parse().unwrap(),
@@ -523,8 +614,8 @@ fn main() {
         "reports",
         "days",
         "rss MiB",
-        "ledger",
-        "audit",
+        "in memory",
+        "store MB",
         "snap MB",
         "enc s",
         "restart s",
@@ -580,16 +671,26 @@ fn main() {
 fn sample(b: &mut Bench, guard: &mut Guard, rate: f64, jobs: u64) {
     let (jobs_now, reports) = (b.submitted, b.usage_reports);
     let days = b.now as f64 / DAY_MS as f64;
+    b.store.flush();
     let rss = rss_mb();
-    let (ledger, audit) = (b.state.ledger.len(), b.state.audit.len());
+    let (in_memory, store_mb) = (b.state.jobs.len(), b.store.bytes() as f64 / 1e6);
     let now = b.now;
     let mut rng = Rng(jobs_now ^ 0x5851_f42d_4c95_7f2d);
+    let reader = b.store.reader.clone();
     let get = p99((0..P99_SAMPLES)
         .map(|_| {
             let id = Uuid::from_u128(rng.below(jobs_now) as u128 + 1);
-            let (found, s) = timed(|| {
-                let j = b.state.jobs.get(&id).expect("a submitted job exists");
-                (b.state.job_gpu_ms(j, now), j.clone())
+            let (found, s) = timed(|| match b.state.jobs.get(&id) {
+                Some(j) => (b.state.job_gpu_ms(j, now), j.clone()),
+                None => {
+                    let j = b
+                        .store
+                        .rt
+                        .block_on(archive::retired_job(&reader, u64::MAX, id))
+                        .expect("the store reads")
+                        .expect("a submitted job is in memory or in the store");
+                    (j.gpu_ms, j)
+                }
             });
             std::hint::black_box(found);
             s * 1000.0
@@ -598,12 +699,29 @@ fn sample(b: &mut Bench, guard: &mut Guard, rate: f64, jobs: u64) {
     let usage = p99((0..P99_SAMPLES)
         .map(|_| {
             let m = member(rng.below(MEMBERS as u64) as usize);
-            let (u, s) = timed(|| member_usage(&b.state, now, now - 30 * DAY_MS, now, Some(&m)));
+            let from = now - 30 * DAY_MS;
+            let (u, s) = timed(|| {
+                let mut u = live_usage(&b.state, now, from, now, Some(&m));
+                let (records, retired) = b.store.rt.block_on(async {
+                    let r = archive::usage_between(&reader, u64::MAX, from, now, Some(&m)).await;
+                    let j =
+                        archive::retired_finished_between(&reader, u64::MAX, from, now, Some(&m))
+                            .await;
+                    (r.expect("usage reads"), j.expect("jobs read"))
+                });
+                let past = Past {
+                    usage: &records,
+                    audit: &[],
+                    retired: &retired,
+                };
+                add_past_usage(&mut u, past, from, now);
+                u
+            });
             std::hint::black_box(u);
             s * 1000.0
         })
         .collect());
-    let usage_now = b.decayed.per_member(&b.state);
+    let usage_now = coop_core::fairshare::usage(&b.state, now);
     let pass = p99((0..P99_SAMPLES)
         .map(|_| {
             let (p, s) = timed(|| plan(&b.state, now, &usage_now));
@@ -614,11 +732,33 @@ fn sample(b: &mut Bench, guard: &mut Guard, rate: f64, jobs: u64) {
     let (snapshot, enc_s) = timed(|| encode(&b.state));
     let snap_mb = snapshot.len() as f64 / 1e6;
     // The entries committed after the snapshot, up to the next one.
+    let first = b.commands;
     b.capture = Some(Vec::with_capacity(SNAPSHOT_EVERY));
     while b.captured.is_none() {
         b.tick(jobs.max(b.submitted + QUEUE_TARGET as u64));
     }
+    b.store.flush();
     let (entries, expect_ledger) = b.captured.take().expect("captured");
+    // A follower that installs the snapshot copies the history of what it
+    // covers, page by page, from a peer's store into its own.
+    let copy_s = {
+        let follower = Store::open();
+        let to = first + SNAPSHOT_EVERY as u64;
+        timed(|| {
+            b.store.rt.block_on(async {
+                let mut from = first;
+                while from < to {
+                    let page =
+                        archive::page(&reader, from, to, coop_scheduler::history::PAGE_RECORDS)
+                            .await
+                            .expect("a page");
+                    write(&follower.writer, &page.items().expect("it reads back")).await;
+                    from = page.upto;
+                }
+            })
+        })
+        .1
+    };
     let need_mb = snapshot.len() as f64 * guard.per_byte / 1e6;
     let avail_mb = proc_kb("/proc/meminfo", "MemAvailable:") as f64 / 1024.0;
     let (restart_s, restart_mb, catchup) = if need_mb < avail_mb - 1500.0 {
@@ -628,7 +768,7 @@ fn sample(b: &mut Bench, guard: &mut Guard, rate: f64, jobs: u64) {
         (
             format!("{:.2}", r.decode_s + r.replay_s),
             format!("{:.0}", r.peak_mb),
-            format!("{:.2}", enc_s + r.decode_s),
+            format!("{:.2}", enc_s + r.decode_s + copy_s),
         )
     } else {
         println!("(restart skipped: about {need_mb:.0} MB needed, {avail_mb:.0} MB available)");
@@ -640,8 +780,8 @@ fn sample(b: &mut Bench, guard: &mut Guard, rate: f64, jobs: u64) {
         reports,
         days,
         rss,
-        ledger,
-        audit,
+        in_memory,
+        format!("{store_mb:.0}"),
         snap_mb,
         enc_s,
         restart_s,
