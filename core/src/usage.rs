@@ -14,12 +14,34 @@ use crate::state::{JobId, JobState, State, UsageRecord, unbilled_ms};
 /// record and every finished job counts once, in one part or the other.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Past<'a> {
-    /// Usage records that overlap the window (others are ignored).
+    /// Usage records that overlap the window, cut pro rata at its edges
+    /// (others are ignored). A store passes only those not [`inside`] it.
     pub usage: &'a [UsageRecord],
+    /// The records [`inside`] the window, summed by member and model (a
+    /// store sums them without reading each), and their jobs.
+    pub sums: &'a [Sum],
+    pub jobs: &'a [JobId],
     /// Audit records stamped in the window (others are ignored).
     pub audit: &'a [Record],
     /// Jobs that finished in the window and had left memory, with their members.
     pub retired: &'a [(JobId, String)],
+}
+
+/// Usage records wholly inside a window, summed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sum {
+    pub member: String,
+    pub model: String,
+    pub gpu_ms: u64,
+    pub weighted_gpu_ms: u64,
+    pub energy_mj: u64,
+}
+
+/// Whether a record lies wholly inside `[from_ms, to_ms]` with a length: all
+/// of it counts, uncut, whether the window is closed or half-open. The rule
+/// a store sums by (`start_ms >= from AND end_ms <= to AND end_ms > start_ms`).
+pub fn inside(r: &UsageRecord, from_ms: i64, to_ms: i64) -> bool {
+    r.end_ms > r.start_ms && r.start_ms >= from_ms && r.end_ms <= to_ms
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -135,6 +157,14 @@ pub fn add_past_usage(usage: &mut [MemberUsage], past: Past<'_>, from_ms: i64, t
         u.weighted_gpu_ms += pro_rata(r.weighted_gpu_ms, r.start_ms, r.end_ms, from_ms, to_ms);
         u.energy_mj += pro_rata(r.energy_mj, r.start_ms, r.end_ms, from_ms, to_ms);
     }
+    for s in past.sums {
+        let Some(u) = at.get(&s.member).map(|&i| &mut usage[i]) else {
+            continue;
+        };
+        u.gpu_ms += s.gpu_ms;
+        u.weighted_gpu_ms += s.weighted_gpu_ms;
+        u.energy_mj += s.energy_mj;
+    }
     for (_, member) in past.retired {
         if let Some(&i) = at.get(member) {
             usage[i].finished_jobs += 1;
@@ -191,6 +221,13 @@ impl Statement {
             e.2 += pro_rata(r.energy_mj, r.start_ms, r.end_ms, from_ms, to_ms);
             self.job_ids.insert(r.job);
         }
+        for s in past.sums.iter().filter(|s| s.member == self.member) {
+            let e = self.by_model.entry(s.model.clone()).or_default();
+            e.0 += s.gpu_ms;
+            e.1 += s.weighted_gpu_ms;
+            e.2 += s.energy_mj;
+        }
+        self.job_ids.extend(past.jobs.iter().copied());
         self.jobs = self.job_ids.len() as u32;
         for r in past
             .audit

@@ -27,7 +27,8 @@
 //! from the store into another, as a peer serves it), and p99 over 200 samples
 //! of `job get` (a random past job: from memory, or from the store once it
 //! has left), `usage` (what the API's usage call runs: the live part from the
-//! state, the records of one member's last 30 days from the store) and a
+//! state, one member's last 30 days from the store: the records inside the
+//! window summed by SQLite, those across its edges cut here) and a
 //! scheduling pass.
 //!
 //! cargo run --release -p coop-scheduler --example year_bench -- \
@@ -702,17 +703,23 @@ fn sample(b: &mut Bench, guard: &mut Guard, rate: f64, jobs: u64) {
             let from = now - 30 * DAY_MS;
             let (u, s) = timed(|| {
                 let mut u = live_usage(&b.state, now, from, now, Some(&m));
-                let (records, retired) = b.store.rt.block_on(async {
-                    let r = archive::usage_between(&reader, u64::MAX, from, now, Some(&m)).await;
+                let (sums, edges, retired) = b.store.rt.block_on(async {
+                    let m = Some(m.as_str());
+                    let s = archive::usage_sums(&reader, u64::MAX, from, now, m).await;
+                    let e = archive::usage_edges(&reader, u64::MAX, from, now, m).await;
                     let j =
-                        archive::retired_finished_between(&reader, u64::MAX, from, now, Some(&m))
-                            .await;
-                    (r.expect("usage reads"), j.expect("jobs read"))
+                        archive::retired_finished_between(&reader, u64::MAX, from, now, m).await;
+                    (
+                        s.expect("sums read"),
+                        e.expect("edges read"),
+                        j.expect("jobs read"),
+                    )
                 });
                 let past = Past {
-                    usage: &records,
-                    audit: &[],
+                    usage: &edges,
+                    sums: &sums,
                     retired: &retired,
+                    ..Default::default()
                 };
                 add_past_usage(&mut u, past, from, now);
                 u

@@ -65,16 +65,21 @@ impl UsageService for Usage {
             .await
             .map_err(propose_status)?;
         let member = only.as_deref();
-        let records = archive::usage_between(pool, index, from, to, member)
+        let sums = archive::usage_sums(pool, index, from, to, member)
+            .await
+            .map_err(history_error)?;
+        let edges = archive::usage_edges(pool, index, from, to, member)
             .await
             .map_err(history_error)?;
         let retired = archive::retired_finished_between(pool, index, from, to, member)
             .await
             .map_err(history_error)?;
         let past = Past {
-            usage: &records,
+            usage: &edges,
+            sums: &sums,
             audit: &[],
             retired: &retired,
+            ..Default::default()
         };
         add_past_usage(&mut usage, past, from, to);
         let factor = factors(&ent, &decayed);
@@ -127,14 +132,23 @@ impl UsageService for Usage {
             .history_at(index)
             .await
             .map_err(propose_status)?;
-        let records = archive::usage_between(pool, index, r.from_ms, r.to_ms, Some(&member))
+        let (from, to, m) = (r.from_ms, r.to_ms, Some(member.as_str()));
+        let sums = archive::usage_sums(pool, index, from, to, m)
             .await
             .map_err(history_error)?;
-        let preemptions = archive::audit_of_kind(pool, index, "preemption", r.from_ms, r.to_ms)
+        let edges = archive::usage_edges(pool, index, from, to, m)
+            .await
+            .map_err(history_error)?;
+        let jobs = archive::usage_jobs(pool, index, from, to, &member)
+            .await
+            .map_err(history_error)?;
+        let preemptions = archive::audit_of_kind(pool, index, "preemption", from, to)
             .await
             .map_err(history_error)?;
         st.add_past(Past {
-            usage: &records,
+            usage: &edges,
+            sums: &sums,
+            jobs: &jobs,
             audit: &preemptions,
             retired: &[],
         });

@@ -22,6 +22,12 @@ use super::history::{Gap, Item, Tagged};
 use super::log::Persist;
 use coop_core::ledger::{Entry, Head, Record};
 use coop_core::state::{Job, JobId, UsageRecord};
+use coop_core::usage::{Sum, inside};
+
+/// An index or sequence number as SQLite's integer (`u64::MAX`: all of them).
+fn sql_int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
 
 pub const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, idx INTEGER NOT NULL, \
@@ -29,11 +35,19 @@ pub const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS audit_idx ON audit (idx)",
     "CREATE INDEX IF NOT EXISTS audit_at ON audit (at_ms)",
     "CREATE INDEX IF NOT EXISTS audit_kind_at ON audit (kind, at_ms)",
-    "CREATE TABLE IF NOT EXISTS usage (seq INTEGER PRIMARY KEY, member TEXT NOT NULL, \
-     job TEXT NOT NULL, attempt INTEGER NOT NULL, start_ms INTEGER NOT NULL, \
-     end_ms INTEGER NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS usage_member_end ON usage (member, end_ms)",
-    "CREATE INDEX IF NOT EXISTS usage_end ON usage (end_ms)",
+    // The usage records' figures as columns too: a window's are summed
+    // without reading the records' JSON.
+    "CREATE TABLE IF NOT EXISTS usage (seq INTEGER PRIMARY KEY, idx INTEGER NOT NULL, \
+     member TEXT NOT NULL, job TEXT NOT NULL, attempt INTEGER NOT NULL, node TEXT NOT NULL, \
+     model TEXT NOT NULL, gpus INTEGER NOT NULL, start_ms INTEGER NOT NULL, \
+     end_ms INTEGER NOT NULL, gpu_ms INTEGER NOT NULL, weighted_gpu_ms INTEGER NOT NULL, \
+     energy_mj INTEGER NOT NULL)",
+    // Covering the window sums (`usage_sums`): SQLite adds a member's month
+    // up from the index alone, without a read of each row.
+    "CREATE INDEX IF NOT EXISTS usage_member_end ON usage (member, end_ms, start_ms, idx, \
+     model, gpu_ms, weighted_gpu_ms, energy_mj)",
+    "CREATE INDEX IF NOT EXISTS usage_end ON usage (end_ms, start_ms, idx, member, model, \
+     gpu_ms, weighted_gpu_ms, energy_mj)",
     "CREATE INDEX IF NOT EXISTS usage_job ON usage (job, attempt)",
     // By id and entry: a job id reused after its job left memory (a client
     // picks the id of a submission) is another row, never a replaced one.
@@ -119,15 +133,17 @@ pub async fn insert(
     let (audit, usage, retired) = match source {
         Source::Apply => (
             "INSERT OR REPLACE INTO audit (seq, idx, at_ms, kind, record) VALUES (?, ?, ?, ?, ?)",
-            "INSERT OR REPLACE INTO usage (seq, member, job, attempt, start_ms, end_ms) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO usage (seq, idx, member, job, attempt, node, model, gpus, \
+             start_ms, end_ms, gpu_ms, weighted_gpu_ms, energy_mj) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             "INSERT OR REPLACE INTO retired_jobs \
              (id, idx, member, submitted_at_ms, finished_at_ms, job) VALUES (?, ?, ?, ?, ?, ?)",
         ),
         Source::Copy => (
             "INSERT OR IGNORE INTO audit (seq, idx, at_ms, kind, record) VALUES (?, ?, ?, ?, ?)",
-            "INSERT OR IGNORE INTO usage (seq, member, job, attempt, start_ms, end_ms) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO usage (seq, idx, member, job, attempt, node, model, gpus, \
+             start_ms, end_ms, gpu_ms, weighted_gpu_ms, energy_mj) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             "INSERT OR IGNORE INTO retired_jobs \
              (id, idx, member, submitted_at_ms, finished_at_ms, job) VALUES (?, ?, ?, ?, ?, ?)",
         ),
@@ -146,11 +162,18 @@ pub async fn insert(
                 if let Entry::Usage(u) = &r.entry {
                     sqlx::query(usage)
                         .bind(r.seq as i64)
+                        .bind(*idx as i64)
                         .bind(&u.member)
                         .bind(u.job.to_string())
                         .bind(u.attempt as i64)
+                        .bind(&u.node)
+                        .bind(&u.model)
+                        .bind(u.gpus as i64)
                         .bind(u.start_ms)
                         .bind(u.end_ms)
+                        .bind(sql_int(u.gpu_ms))
+                        .bind(sql_int(u.weighted_gpu_ms))
+                        .bind(sql_int(u.energy_mj))
                         .execute(&mut **tx)
                         .await?;
                 }
@@ -298,7 +321,7 @@ pub async fn audit_of_kind(
     .bind(kind)
     .bind(from_ms)
     .bind(to_ms)
-    .bind(upto as i64)
+    .bind(sql_int(upto))
     .fetch_all(pool)
     .await?;
     records(rows)
@@ -317,30 +340,146 @@ pub async fn usage_between(
     // or by end).
     let query = match member {
         Some(_) => sqlx::query(
-            "SELECT a.seq, a.record FROM usage u JOIN audit a ON a.seq = u.seq \
-             WHERE u.member = ? AND u.end_ms >= ? AND u.start_ms <= ? AND a.idx <= ? \
-             ORDER BY u.seq",
+            "SELECT job, attempt, member, node, model, gpus, start_ms, end_ms, gpu_ms, \
+             weighted_gpu_ms, energy_mj FROM usage \
+             WHERE member = ? AND end_ms >= ? AND start_ms <= ? AND idx <= ? ORDER BY seq",
         ),
         None => sqlx::query(
-            "SELECT a.seq, a.record FROM usage u JOIN audit a ON a.seq = u.seq \
-             WHERE (? IS NULL) AND u.end_ms >= ? AND u.start_ms <= ? AND a.idx <= ? \
-             ORDER BY u.seq",
+            "SELECT job, attempt, member, node, model, gpus, start_ms, end_ms, gpu_ms, \
+             weighted_gpu_ms, energy_mj FROM usage \
+             WHERE (? IS NULL) AND end_ms >= ? AND start_ms <= ? AND idx <= ? ORDER BY seq",
         ),
     };
     let rows = query
         .bind(member)
         .bind(from_ms)
         .bind(to_ms)
-        .bind(upto as i64)
+        .bind(sql_int(upto))
         .fetch_all(pool)
         .await?;
-    Ok(records(rows)?
-        .into_iter()
-        .filter_map(|r| match r.entry {
-            Entry::Usage(u) => Some(u),
-            _ => None,
+    rows.iter().map(usage_row).collect()
+}
+
+/// Usage records wholly inside `[from_ms, to_ms]` (`usage::inside`), made by
+/// entries up to `upto`, summed by member and model: SQLite adds them up
+/// without handing each over, so a long window costs little.
+pub async fn usage_sums(
+    pool: &SqlitePool,
+    upto: u64,
+    from_ms: i64,
+    to_ms: i64,
+    member: Option<&str>,
+) -> anyhow::Result<Vec<Sum>> {
+    let query = match member {
+        Some(_) => sqlx::query(
+            "SELECT member, model, SUM(gpu_ms), SUM(weighted_gpu_ms), SUM(energy_mj) FROM usage \
+             WHERE member = ? AND end_ms >= ? AND end_ms <= ? AND start_ms >= ? \
+             AND end_ms > start_ms AND idx <= ? GROUP BY member, model",
+        ),
+        None => sqlx::query(
+            "SELECT member, model, SUM(gpu_ms), SUM(weighted_gpu_ms), SUM(energy_mj) FROM usage \
+             WHERE (? IS NULL) AND end_ms >= ? AND end_ms <= ? AND start_ms >= ? \
+             AND end_ms > start_ms AND idx <= ? GROUP BY member, model",
+        ),
+    };
+    let rows = query
+        .bind(member)
+        .bind(from_ms)
+        .bind(to_ms)
+        .bind(from_ms)
+        .bind(sql_int(upto))
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| Sum {
+            member: row.get(0),
+            model: row.get(1),
+            gpu_ms: row.get::<i64, _>(2).max(0) as u64,
+            weighted_gpu_ms: row.get::<i64, _>(3).max(0) as u64,
+            energy_mj: row.get::<i64, _>(4).max(0) as u64,
         })
         .collect())
+}
+
+/// Usage records that meet `[from_ms, to_ms]` without lying inside it (they
+/// are cut at its edges), made by entries up to `upto`.
+pub async fn usage_edges(
+    pool: &SqlitePool,
+    upto: u64,
+    from_ms: i64,
+    to_ms: i64,
+    member: Option<&str>,
+) -> anyhow::Result<Vec<UsageRecord>> {
+    // The records inside are skipped by SQLite, not read and dropped here.
+    let query = match member {
+        Some(_) => sqlx::query(
+            "SELECT job, attempt, member, node, model, gpus, start_ms, end_ms, gpu_ms, \
+             weighted_gpu_ms, energy_mj FROM usage \
+             WHERE member = ? AND end_ms >= ? AND start_ms <= ? AND idx <= ? \
+             AND NOT (start_ms >= ? AND end_ms <= ? AND end_ms > start_ms)",
+        ),
+        None => sqlx::query(
+            "SELECT job, attempt, member, node, model, gpus, start_ms, end_ms, gpu_ms, \
+             weighted_gpu_ms, energy_mj FROM usage \
+             WHERE (? IS NULL) AND end_ms >= ? AND start_ms <= ? AND idx <= ? \
+             AND NOT (start_ms >= ? AND end_ms <= ? AND end_ms > start_ms)",
+        ),
+    };
+    let rows = query
+        .bind(member)
+        .bind(from_ms)
+        .bind(to_ms)
+        .bind(sql_int(upto))
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(pool)
+        .await?;
+    let edges: Vec<UsageRecord> = rows.iter().map(usage_row).collect::<anyhow::Result<_>>()?;
+    debug_assert!(edges.iter().all(|r| !inside(r, from_ms, to_ms)));
+    Ok(edges)
+}
+
+/// The jobs of the usage records inside `[from_ms, to_ms]` of `member`.
+pub async fn usage_jobs(
+    pool: &SqlitePool,
+    upto: u64,
+    from_ms: i64,
+    to_ms: i64,
+    member: &str,
+) -> anyhow::Result<Vec<JobId>> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT DISTINCT job FROM usage WHERE member = ? AND end_ms >= ? AND end_ms <= ? \
+         AND start_ms >= ? AND end_ms > start_ms AND idx <= ?",
+    )
+    .bind(member)
+    .bind(from_ms)
+    .bind(to_ms)
+    .bind(from_ms)
+    .bind(sql_int(upto))
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|(j,)| j.parse().context("a stored job id"))
+        .collect()
+}
+
+/// A usage record from its columns.
+fn usage_row(row: &sqlx::sqlite::SqliteRow) -> anyhow::Result<UsageRecord> {
+    let n = |i: usize| row.get::<i64, _>(i).max(0) as u64;
+    Ok(UsageRecord {
+        job: row.get::<&str, _>(0).parse().context("a stored job id")?,
+        attempt: n(1) as u32,
+        member: row.get(2),
+        node: row.get(3),
+        model: row.get(4),
+        gpus: n(5) as u32,
+        start_ms: row.get(6),
+        end_ms: row.get(7),
+        gpu_ms: n(8),
+        weighted_gpu_ms: n(9),
+        energy_mj: n(10),
+    })
 }
 
 /// The node a past attempt of a job ran on, from its usage records.
@@ -349,21 +488,13 @@ pub async fn attempt_node(
     job: JobId,
     attempt: u32,
 ) -> anyhow::Result<Option<String>> {
-    let row = sqlx::query(
-        "SELECT a.seq, a.record FROM usage u JOIN audit a ON a.seq = u.seq \
-         WHERE u.job = ? AND u.attempt = ? LIMIT 1",
-    )
-    .bind(job.to_string())
-    .bind(attempt as i64)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row
-        .map(|row| record(row.get::<&str, _>(1), row.get(0)))
-        .transpose()?
-        .and_then(|r| match r.entry {
-            Entry::Usage(u) => Some(u.node),
-            _ => None,
-        }))
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT node FROM usage WHERE job = ? AND attempt = ? LIMIT 1")
+            .bind(job.to_string())
+            .bind(attempt as i64)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(node,)| node))
 }
 
 fn job(json: &str) -> anyhow::Result<Job> {
@@ -382,7 +513,7 @@ pub async fn retired_versions(pool: &SqlitePool, upto: u64, id: JobId) -> anyhow
         "SELECT job FROM retired_jobs WHERE id = ? AND idx <= ? ORDER BY idx DESC LIMIT 16",
     )
     .bind(id.to_string())
-    .bind(upto as i64)
+    .bind(sql_int(upto))
     .fetch_all(pool)
     .await?;
     rows.iter().map(|(j,)| job(j)).collect()
@@ -411,7 +542,7 @@ pub async fn retired_finished_between(
         .bind(member)
         .bind(from_ms)
         .bind(to_ms)
-        .bind(upto as i64)
+        .bind(sql_int(upto))
         .fetch_all(pool)
         .await?;
     rows.into_iter()
@@ -453,7 +584,7 @@ pub async fn retired_jobs(
         .bind(after_at)
         .bind(after_at)
         .bind(after_id)
-        .bind(upto as i64)
+        .bind(sql_int(upto))
         .bind(limit as i64)
         .fetch_all(pool)
         .await?;
@@ -470,16 +601,16 @@ pub async fn page(pool: &SqlitePool, from: u64, to: u64, max_records: u32) -> an
     let cut_records: Option<(i64,)> = sqlx::query_as(
         "SELECT idx FROM audit WHERE idx > ? AND idx <= ? ORDER BY seq LIMIT 1 OFFSET ?",
     )
-    .bind(from as i64)
-    .bind(to as i64)
+    .bind(sql_int(from))
+    .bind(sql_int(to))
     .bind(max_records as i64)
     .fetch_optional(pool)
     .await?;
     let cut_jobs: Option<(i64,)> = sqlx::query_as(
         "SELECT idx FROM retired_jobs WHERE idx > ? AND idx <= ? ORDER BY idx LIMIT 1 OFFSET ?",
     )
-    .bind(from as i64)
-    .bind(to as i64)
+    .bind(sql_int(from))
+    .bind(sql_int(to))
     .bind(max_records as i64)
     .fetch_optional(pool)
     .await?;
@@ -497,15 +628,15 @@ pub async fn page(pool: &SqlitePool, from: u64, to: u64, max_records: u32) -> an
     };
     let records: Vec<(i64, String)> =
         sqlx::query_as("SELECT idx, record FROM audit WHERE idx > ? AND idx <= ? ORDER BY seq")
-            .bind(from as i64)
-            .bind(upto as i64)
+            .bind(sql_int(from))
+            .bind(sql_int(upto))
             .fetch_all(pool)
             .await?;
     let jobs: Vec<(i64, String)> = sqlx::query_as(
         "SELECT idx, job FROM retired_jobs WHERE idx > ? AND idx <= ? ORDER BY idx, id",
     )
-    .bind(from as i64)
-    .bind(upto as i64)
+    .bind(sql_int(from))
+    .bind(sql_int(upto))
     .fetch_all(pool)
     .await?;
     let tag = |rows: Vec<(i64, String)>| rows.into_iter().map(|(i, s)| (i as u64, s)).collect();
@@ -537,5 +668,159 @@ impl Page {
             out.push((*idx, Item::Retired(Box::new(job(json)?))));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coop_core::ledger::Head;
+    use coop_core::usage::{MemberUsage, Past, Statement, add_past_usage};
+
+    /// Summing the records inside a window in SQL and cutting only those
+    /// across its edges gives the figures of cutting every record.
+    #[tokio::test]
+    async fn sums_and_edges_give_the_figures_of_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = crate::consensus::disk::Disk::open(&dir.path().join("s.db"))
+            .await
+            .unwrap();
+        let mut head = Head::default();
+        let mut items = Tagged::new();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for i in 0..400u64 {
+            let start = next(10_000) as i64;
+            // Some of no length (an exit's energy), some long.
+            let len = [0, 1, 30, 700, 5_000][next(5) as usize];
+            let u = UsageRecord {
+                job: uuid::Uuid::from_u128(next(50) as u128),
+                attempt: 1,
+                member: ["a", "b"][next(2) as usize].into(),
+                node: "n".into(),
+                model: ["A100", "H100"][next(2) as usize].into(),
+                gpus: 2,
+                start_ms: start,
+                end_ms: start + len,
+                gpu_ms: len as u64 * 2,
+                weighted_gpu_ms: len as u64 * 3,
+                energy_mj: next(1_000_000),
+            };
+            items.push((i + 1, Item::Record(head.link(start + len, Entry::Usage(u)))));
+        }
+        let mut tx = disk.pool().begin().await.unwrap();
+        insert(&mut tx, &items, Source::Apply).await.unwrap();
+        tx.commit().await.unwrap();
+        let pool = disk.pool();
+        for (from, to) in [(0, 20_000), (2_000, 3_000), (4_999, 5_001), (7_000, 7_000)] {
+            let all = usage_between(pool, 400, from, to, None).await.unwrap();
+            let sums = usage_sums(pool, 400, from, to, None).await.unwrap();
+            let edges = usage_edges(pool, 400, from, to, None).await.unwrap();
+            let zero = |m: &str| MemberUsage {
+                member: m.into(),
+                ..Default::default()
+            };
+            let mut by_record = vec![zero("a"), zero("b")];
+            let mut summed = by_record.clone();
+            let whole = Past {
+                usage: &all,
+                ..Default::default()
+            };
+            add_past_usage(&mut by_record, whole, from, to);
+            let split = Past {
+                usage: &edges,
+                sums: &sums,
+                ..Default::default()
+            };
+            add_past_usage(&mut summed, split, from, to);
+            assert_eq!(summed, by_record, "window {from}..{to}");
+            let jobs = usage_jobs(pool, 400, from, to, "a").await.unwrap();
+            let statement = |past: Past<'_>| {
+                let mut st = Statement {
+                    member: "a".into(),
+                    from_ms: from,
+                    to_ms: to,
+                    ..Default::default()
+                };
+                st.add_past(past);
+                st
+            };
+            let split = Past {
+                usage: &edges,
+                sums: &sums,
+                jobs: &jobs,
+                ..Default::default()
+            };
+            assert_eq!(statement(split), statement(whole), "window {from}..{to}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_usage_record_reads_back_from_its_columns_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = crate::consensus::disk::Disk::open(&dir.path().join("s.db"))
+            .await
+            .unwrap();
+        let u = UsageRecord {
+            job: uuid::Uuid::from_u128(42),
+            attempt: 3,
+            member: "acme".into(),
+            node: "n7".into(),
+            model: "H100-80GB".into(),
+            gpus: 8,
+            start_ms: 1_000,
+            end_ms: 31_000,
+            gpu_ms: 240_000,
+            weighted_gpu_ms: 510_000,
+            energy_mj: 99_000_000,
+        };
+        let mut head = Head::default();
+        let r = head.link(31_000, Entry::Usage(u.clone()));
+        let mut tx = disk.pool().begin().await.unwrap();
+        insert(&mut tx, &vec![(5, Item::Record(r))], Source::Apply)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let pool = disk.pool();
+        assert_eq!(
+            usage_between(pool, 5, 0, 2_000, Some("acme"))
+                .await
+                .unwrap(),
+            vec![u.clone()]
+        );
+        assert_eq!(
+            usage_between(pool, 5, 0, 2_000, None).await.unwrap(),
+            vec![u]
+        );
+        // Not at an earlier index, nor another member's, nor outside the window.
+        assert!(
+            usage_between(pool, 4, 0, 2_000, None)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            usage_between(pool, 5, 0, 2_000, Some("b"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            usage_between(pool, 5, 31_001, 40_000, None)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            attempt_node(pool, uuid::Uuid::from_u128(42), 3)
+                .await
+                .unwrap(),
+            Some("n7".into())
+        );
     }
 }
