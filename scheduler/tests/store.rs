@@ -511,3 +511,31 @@ async fn finished_jobs_leave_memory_after_the_retention_and_are_read_from_the_st
     assert_eq!(again, Some(job));
     replica.stop().await;
 }
+
+#[tokio::test]
+async fn a_database_another_coop_made_is_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    // The tables of an older coop, without this one's version mark.
+    let p = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE raft_meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        .execute(&p)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE usage (seq INTEGER PRIMARY KEY, member TEXT NOT NULL)")
+        .execute(&p)
+        .await
+        .unwrap();
+    p.close().await;
+    let err = Disk::open(&db).await.err().expect("opened an older store");
+    assert!(
+        format!("{err:#}").contains("store version 0") && format!("{err:#}").contains("empty"),
+        "{err:#}"
+    );
+    // A new one is made at this version and opens again.
+    let fresh = dir.path().join("fresh.db");
+    Disk::open(&fresh).await.unwrap().close().await;
+    Disk::open(&fresh).await.unwrap().close().await;
+}

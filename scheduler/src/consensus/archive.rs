@@ -2,8 +2,9 @@
 //! each Ready, read by the API, the PostgreSQL sink and peers copying it.
 //!
 //! Tables: `audit` (every chain record as its export JSON, by sequence, with
-//! the index of the entry that made it), `usage` (an index of the usage
-//! records among them: member, job, interval), `retired_jobs` (finished jobs
+//! the index of the entry that made it), `usage` (the usage records among
+//! them again, as columns: member, job, node, model, interval and figures,
+//! so that a window is summed by SQLite), `retired_jobs` (finished jobs
 //! that left memory, as JSON) and `history_meta` (`applied`: the index the
 //! history runs to; `gap_from`/`gap_to`: entries whose history is missing,
 //! `gap_head_seq`/`gap_head_hash`: the chain head the copied part ends at).
@@ -42,10 +43,10 @@ pub const SCHEMA: &[&str] = &[
      model TEXT NOT NULL, gpus INTEGER NOT NULL, start_ms INTEGER NOT NULL, \
      end_ms INTEGER NOT NULL, gpu_ms INTEGER NOT NULL, weighted_gpu_ms INTEGER NOT NULL, \
      energy_mj INTEGER NOT NULL)",
-    // Covering the window sums (`usage_sums`): SQLite adds a member's month
-    // up from the index alone, without a read of each row.
+    // Covering the window sums and a statement's jobs (`usage_sums`,
+    // `usage_jobs`): SQLite reads a member's month from the index alone.
     "CREATE INDEX IF NOT EXISTS usage_member_end ON usage (member, end_ms, start_ms, idx, \
-     model, gpu_ms, weighted_gpu_ms, energy_mj)",
+     model, gpu_ms, weighted_gpu_ms, energy_mj, job)",
     "CREATE INDEX IF NOT EXISTS usage_end ON usage (end_ms, start_ms, idx, member, model, \
      gpu_ms, weighted_gpu_ms, energy_mj)",
     "CREATE INDEX IF NOT EXISTS usage_job ON usage (job, attempt)",
@@ -248,7 +249,7 @@ pub async fn set_gap(tx: &mut Transaction<'_, Sqlite>, gap: Option<Gap>) -> anyh
 /// The highest sequence number among the records made by entries up to `idx`.
 pub async fn last_seq_upto(conn: &mut sqlx::SqliteConnection, idx: u64) -> anyhow::Result<u64> {
     let v: (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM audit WHERE idx <= ?")
-        .bind(idx as i64)
+        .bind(sql_int(idx))
         .fetch_one(&mut *conn)
         .await?;
     Ok(v.0.unwrap_or(0) as u64)

@@ -13,6 +13,11 @@ use sqlx::sqlite::{
 
 use super::log::{Log, Persist};
 
+/// The shape of this database's tables (SQLite's `user_version`): 2 since
+/// the history moved out of the state (codec format 2).
+pub const STORE_VERSION: i64 = 2;
+const _: () = assert!(STORE_VERSION == 2, "update the PRAGMA in Disk::open");
+
 pub struct Disk {
     pool: SqlitePool,
 }
@@ -30,6 +35,29 @@ impl Disk {
             .connect_with(opts)
             .await
             .with_context(|| format!("opening {}", path.display()))?;
+        // The tables' shape, by version: a database another coop made is
+        // refused whole, not half-used (CREATE ... IF NOT EXISTS would keep
+        // its older tables).
+        let existing: Option<(String,)> = sqlx::query_as(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'raft_meta'",
+        )
+        .fetch_optional(&pool)
+        .await?;
+        let (version,): (i64,) = sqlx::query_as("PRAGMA user_version")
+            .fetch_one(&pool)
+            .await?;
+        anyhow::ensure!(
+            existing.is_none() || version == STORE_VERSION,
+            "{} was written by another coop (store version {version}, this one reads \
+             {STORE_VERSION}); upgrading a data dir is not supported yet: start from an empty one",
+            path.display()
+        );
+        if existing.is_none() {
+            // PRAGMA takes no parameters; the literal must match STORE_VERSION.
+            sqlx::query("PRAGMA user_version = 2")
+                .execute(&pool)
+                .await?;
+        }
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS raft_entries (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL)",
         )
