@@ -485,6 +485,13 @@ impl Replica {
         (state, index)
     }
 
+    /// The stored history as of everything applied now, and that index (for
+    /// reads of the history alone; with the state, use `read_indexed`).
+    pub async fn history_now(&self) -> Result<(&sqlx::SqlitePool, u64), ProposeError> {
+        let index = self.read_indexed().1;
+        Ok((self.history_at(index).await?, index))
+    }
+
     /// The stored history once it holds every entry up to `index`.
     pub async fn history_at(&self, index: u64) -> Result<&sqlx::SqlitePool, ProposeError> {
         self.history

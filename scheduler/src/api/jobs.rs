@@ -60,13 +60,7 @@ impl Jobs {
         let Ok(id) = uuid::Uuid::parse_str(input.trim()) else {
             return Err(missing);
         };
-        let index = self.0.replica.read_indexed().1;
-        let pool = self
-            .0
-            .replica
-            .history_at(index)
-            .await
-            .map_err(propose_status)?;
+        let (pool, index) = self.0.replica.history_now().await.map_err(propose_status)?;
         let versions = crate::consensus::archive::retired_versions(pool, index, id)
             .await
             .map_err(super::usage::history_error)?;
@@ -84,8 +78,7 @@ impl Jobs {
     /// the store (no row is replaced, but two jobs under one id is a trap).
     /// Best effort: a node still copying its history lets it through.
     async fn check_reused_id(&self, member: &str, id: uuid::Uuid) -> Result<(), Status> {
-        let index = self.0.replica.read_indexed().1;
-        let Ok(pool) = self.0.replica.history_at(index).await else {
+        let Ok((pool, index)) = self.0.replica.history_now().await else {
             return Ok(());
         };
         let versions = crate::consensus::archive::retired_versions(pool, index, id)
@@ -599,13 +592,7 @@ impl JobService for Jobs {
         let node = if attempt == job.attempts {
             Some(job.node.clone())
         } else {
-            let index = self.0.replica.read_indexed().1;
-            let pool = self
-                .0
-                .replica
-                .history_at(index)
-                .await
-                .map_err(propose_status)?;
+            let (pool, _) = self.0.replica.history_now().await.map_err(propose_status)?;
             crate::consensus::archive::attempt_node(pool, id, attempt)
                 .await
                 .map_err(super::usage::history_error)?

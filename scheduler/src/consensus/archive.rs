@@ -25,6 +25,14 @@ use coop_core::ledger::{Entry, Head, Record};
 use coop_core::state::{Job, JobId, UsageRecord};
 use coop_core::usage::{Sum, inside};
 
+/// The columns of `usage` that [`usage_row`] reads, in its order.
+macro_rules! usage_columns {
+    () => {
+        "job, attempt, member, node, model, gpus, start_ms, end_ms, gpu_ms, weighted_gpu_ms, \
+         energy_mj"
+    };
+}
+
 /// An index or sequence number as SQLite's integer (`u64::MAX`: all of them).
 fn sql_int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -340,16 +348,16 @@ pub async fn usage_between(
     // Two statements, so that each can use its index (by member and end,
     // or by end).
     let query = match member {
-        Some(_) => sqlx::query(
-            "SELECT job, attempt, member, node, model, gpus, start_ms, end_ms, gpu_ms, \
-             weighted_gpu_ms, energy_mj FROM usage \
-             WHERE member = ? AND end_ms >= ? AND start_ms <= ? AND idx <= ? ORDER BY seq",
-        ),
-        None => sqlx::query(
-            "SELECT job, attempt, member, node, model, gpus, start_ms, end_ms, gpu_ms, \
-             weighted_gpu_ms, energy_mj FROM usage \
-             WHERE (? IS NULL) AND end_ms >= ? AND start_ms <= ? AND idx <= ? ORDER BY seq",
-        ),
+        Some(_) => sqlx::query(concat!(
+            "SELECT ",
+            usage_columns!(),
+            " FROM usage WHERE member = ? AND end_ms >= ? AND start_ms <= ? AND idx <= ? ORDER BY seq"
+        )),
+        None => sqlx::query(concat!(
+            "SELECT ",
+            usage_columns!(),
+            " FROM usage WHERE (? IS NULL) AND end_ms >= ? AND start_ms <= ? AND idx <= ? ORDER BY seq"
+        )),
     };
     let rows = query
         .bind(member)
@@ -414,18 +422,18 @@ pub async fn usage_edges(
 ) -> anyhow::Result<Vec<UsageRecord>> {
     // The records inside are skipped by SQLite, not read and dropped here.
     let query = match member {
-        Some(_) => sqlx::query(
-            "SELECT job, attempt, member, node, model, gpus, start_ms, end_ms, gpu_ms, \
-             weighted_gpu_ms, energy_mj FROM usage \
-             WHERE member = ? AND end_ms >= ? AND start_ms <= ? AND idx <= ? \
-             AND NOT (start_ms >= ? AND end_ms <= ? AND end_ms > start_ms)",
-        ),
-        None => sqlx::query(
-            "SELECT job, attempt, member, node, model, gpus, start_ms, end_ms, gpu_ms, \
-             weighted_gpu_ms, energy_mj FROM usage \
-             WHERE (? IS NULL) AND end_ms >= ? AND start_ms <= ? AND idx <= ? \
-             AND NOT (start_ms >= ? AND end_ms <= ? AND end_ms > start_ms)",
-        ),
+        Some(_) => sqlx::query(concat!(
+            "SELECT ",
+            usage_columns!(),
+            " FROM usage WHERE member = ? AND end_ms >= ? AND start_ms <= ? AND idx <= ? \
+             AND NOT (start_ms >= ? AND end_ms <= ? AND end_ms > start_ms)"
+        )),
+        None => sqlx::query(concat!(
+            "SELECT ",
+            usage_columns!(),
+            " FROM usage WHERE (? IS NULL) AND end_ms >= ? AND start_ms <= ? AND idx <= ? \
+             AND NOT (start_ms >= ? AND end_ms <= ? AND end_ms > start_ms)"
+        )),
     };
     let rows = query
         .bind(member)
@@ -465,7 +473,7 @@ pub async fn usage_jobs(
         .collect()
 }
 
-/// A usage record from its columns.
+/// A usage record from its columns (`usage_columns!`, in that order).
 fn usage_row(row: &sqlx::sqlite::SqliteRow) -> anyhow::Result<UsageRecord> {
     let n = |i: usize| row.get::<i64, _>(i).max(0) as u64;
     Ok(UsageRecord {
