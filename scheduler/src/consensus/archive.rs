@@ -337,7 +337,8 @@ pub async fn audit_of_kind(
 }
 
 /// Usage records whose interval meets `[from_ms, to_ms]`, of one member or
-/// all, made by entries up to `upto`.
+/// all, made by entries up to `upto` (what `usage_sums` and `usage_edges`
+/// split between them; the reference their tests compare with).
 pub async fn usage_between(
     pool: &SqlitePool,
     upto: u64,
@@ -345,18 +346,33 @@ pub async fn usage_between(
     to_ms: i64,
     member: Option<&str>,
 ) -> anyhow::Result<Vec<UsageRecord>> {
+    usage_rows(pool, upto, from_ms, to_ms, member, false).await
+}
+
+/// The usage records meeting a window; with `edges_only`, those not
+/// [`inside`] it, skipped by SQLite rather than read and dropped here.
+async fn usage_rows(
+    pool: &SqlitePool,
+    upto: u64,
+    from_ms: i64,
+    to_ms: i64,
+    member: Option<&str>,
+    edges_only: bool,
+) -> anyhow::Result<Vec<UsageRecord>> {
     // Two statements, so that each can use its index (by member and end,
     // or by end).
     let query = match member {
         Some(_) => sqlx::query(concat!(
             "SELECT ",
             usage_columns!(),
-            " FROM usage WHERE member = ? AND end_ms >= ? AND start_ms <= ? AND idx <= ? ORDER BY seq"
+            " FROM usage WHERE member = ? AND end_ms >= ? AND start_ms <= ? AND idx <= ? \
+             AND (? = 0 OR NOT (start_ms >= ? AND end_ms <= ? AND end_ms > start_ms))"
         )),
         None => sqlx::query(concat!(
             "SELECT ",
             usage_columns!(),
-            " FROM usage WHERE (? IS NULL) AND end_ms >= ? AND start_ms <= ? AND idx <= ? ORDER BY seq"
+            " FROM usage WHERE (? IS NULL) AND end_ms >= ? AND start_ms <= ? AND idx <= ? \
+             AND (? = 0 OR NOT (start_ms >= ? AND end_ms <= ? AND end_ms > start_ms))"
         )),
     };
     let rows = query
@@ -364,6 +380,9 @@ pub async fn usage_between(
         .bind(from_ms)
         .bind(to_ms)
         .bind(sql_int(upto))
+        .bind(edges_only)
+        .bind(from_ms)
+        .bind(to_ms)
         .fetch_all(pool)
         .await?;
     rows.iter().map(usage_row).collect()
@@ -420,31 +439,7 @@ pub async fn usage_edges(
     to_ms: i64,
     member: Option<&str>,
 ) -> anyhow::Result<Vec<UsageRecord>> {
-    // The records inside are skipped by SQLite, not read and dropped here.
-    let query = match member {
-        Some(_) => sqlx::query(concat!(
-            "SELECT ",
-            usage_columns!(),
-            " FROM usage WHERE member = ? AND end_ms >= ? AND start_ms <= ? AND idx <= ? \
-             AND NOT (start_ms >= ? AND end_ms <= ? AND end_ms > start_ms)"
-        )),
-        None => sqlx::query(concat!(
-            "SELECT ",
-            usage_columns!(),
-            " FROM usage WHERE (? IS NULL) AND end_ms >= ? AND start_ms <= ? AND idx <= ? \
-             AND NOT (start_ms >= ? AND end_ms <= ? AND end_ms > start_ms)"
-        )),
-    };
-    let rows = query
-        .bind(member)
-        .bind(from_ms)
-        .bind(to_ms)
-        .bind(sql_int(upto))
-        .bind(from_ms)
-        .bind(to_ms)
-        .fetch_all(pool)
-        .await?;
-    let edges: Vec<UsageRecord> = rows.iter().map(usage_row).collect::<anyhow::Result<_>>()?;
+    let edges = usage_rows(pool, upto, from_ms, to_ms, member, true).await?;
     debug_assert!(edges.iter().all(|r| !inside(r, from_ms, to_ms)));
     Ok(edges)
 }
