@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ledger::{Entry, Record};
-use crate::state::{JobId, JobState, State, UsageRecord, unbilled_ms};
+use crate::state::{JobId, State, UsageRecord, unbilled_ms};
 
 /// What a window's figures need of the history, read from a store at the
 /// applied index of the state the live part was read from: then every
@@ -15,16 +15,17 @@ use crate::state::{JobId, JobState, State, UsageRecord, unbilled_ms};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Past<'a> {
     /// Usage records that overlap the window, cut pro rata at its edges
-    /// (others are ignored). A store passes only those not [`inside`] it.
+    /// (others are ignored). A store passes only those it did not sum.
     pub usage: &'a [UsageRecord],
-    /// The records [`inside`] the window, summed by member and model (a
-    /// store sums them without reading each), and their jobs.
+    /// Records that count whole in the window (a store's rollups: each
+    /// [`inside`] it, or of no length and in it), summed by member and
+    /// model, and the jobs of the records inside it.
     pub sums: &'a [Sum],
     pub jobs: &'a [JobId],
     /// Audit records stamped in the window (others are ignored).
     pub audit: &'a [Record],
-    /// Jobs that finished in the window and had left memory, with their members.
-    pub retired: &'a [(JobId, String)],
+    /// How many jobs of each member finished in the window and had left memory.
+    pub retired: &'a [(String, u64)],
 }
 
 /// Usage records wholly inside a window, summed.
@@ -111,31 +112,34 @@ pub fn live_usage(
         })
         .collect();
     let end = now_ms.min(to_ms);
-    for job in state.jobs.values() {
+    // From the indexes (`State::check` holds them complete): the jobs
+    // running, pending and finished in the window, not every job in memory.
+    for job in state.running.iter().filter_map(|id| state.jobs.get(id)) {
         let Some(u) = by.get_mut(job.member.as_str()) else {
             continue;
         };
-        match job.state {
-            JobState::Running => {
-                u.running_jobs += 1;
-                u.running_gpus += job.spec.gpus;
-                if unbilled_ms(job, now_ms) > 0 {
-                    let s = job.billed_to_ms.max(from_ms);
-                    let gpu_ms = (end - s).max(0) as u64 * job.spec.gpus as u64;
-                    let (_, weight_milli) = state.run_weight(job);
-                    u.gpu_ms += gpu_ms;
-                    u.weighted_gpu_ms += (gpu_ms as u128 * weight_milli as u128 / 1000) as u64;
-                }
-            }
-            JobState::Pending => u.pending_jobs += 1,
-            _ => {
-                if job
-                    .finished_at_ms
-                    .is_some_and(|f| (from_ms..=to_ms).contains(&f))
-                {
-                    u.finished_jobs += 1;
-                }
-            }
+        u.running_jobs += 1;
+        u.running_gpus += job.spec.gpus;
+        if unbilled_ms(job, now_ms) > 0 {
+            let s = job.billed_to_ms.max(from_ms);
+            let gpu_ms = (end - s).max(0) as u64 * job.spec.gpus as u64;
+            let (_, weight_milli) = state.run_weight(job);
+            u.gpu_ms += gpu_ms;
+            u.weighted_gpu_ms += (gpu_ms as u128 * weight_milli as u128 / 1000) as u64;
+        }
+    }
+    for (_, id) in &state.queue {
+        if let Some(u) = state
+            .jobs
+            .get(id)
+            .and_then(|j| by.get_mut(j.member.as_str()))
+        {
+            u.pending_jobs += 1;
+        }
+    }
+    for (member, n) in state.finished_counts(from_ms, to_ms, only) {
+        if let Some(u) = by.get_mut(member) {
+            u.finished_jobs += n as u32;
         }
     }
     by.into_values().collect()
@@ -165,9 +169,9 @@ pub fn add_past_usage(usage: &mut [MemberUsage], past: Past<'_>, from_ms: i64, t
         u.weighted_gpu_ms += s.weighted_gpu_ms;
         u.energy_mj += s.energy_mj;
     }
-    for (_, member) in past.retired {
+    for (member, n) in past.retired {
         if let Some(&i) = at.get(member) {
-            usage[i].finished_jobs += 1;
+            usage[i].finished_jobs += *n as u32;
         }
     }
 }

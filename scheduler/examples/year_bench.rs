@@ -44,8 +44,8 @@ use coop_core::placement::plan;
 use coop_core::policy::{Ordering, Setting};
 use coop_core::state::*;
 use coop_core::usage::{Past, add_past_usage, live_usage};
-use coop_scheduler::consensus::archive;
 use coop_scheduler::consensus::history::{self, Tagged};
+use coop_scheduler::consensus::{archive, windows};
 use sqlx::SqlitePool;
 use uuid::Uuid;
 
@@ -703,21 +703,15 @@ fn sample(b: &mut Bench, guard: &mut Guard, rate: f64, jobs: u64) {
             let from = now - 30 * DAY_MS;
             let (u, s) = timed(|| {
                 let mut u = live_usage(&b.state, now, from, now, Some(&m));
-                let (sums, edges, retired) = b.store.rt.block_on(async {
+                let (window, retired) = b.store.rt.block_on(async {
                     let m = Some(m.as_str());
-                    let s = archive::usage_sums(&reader, u64::MAX, from, now, m).await;
-                    let e = archive::usage_edges(&reader, u64::MAX, from, now, m).await;
-                    let j =
-                        archive::retired_finished_between(&reader, u64::MAX, from, now, m).await;
-                    (
-                        s.expect("sums read"),
-                        e.expect("edges read"),
-                        j.expect("jobs read"),
-                    )
+                    let w = windows::usage_window(&reader, u64::MAX, from, now, m).await;
+                    let j = archive::retired_finished_counts(&reader, u64::MAX, from, now, m).await;
+                    (w.expect("usage read"), j.expect("jobs read"))
                 });
                 let past = Past {
-                    usage: &edges,
-                    sums: &sums,
+                    usage: &window.records,
+                    sums: &window.sums,
                     retired: &retired,
                     ..Default::default()
                 };

@@ -19,6 +19,8 @@ impl State {
     ///   node, that lists it. With the above, no GPU is held by two runs.
     /// - `audit`: its last record follows the one before (sequence and hash
     ///   link).
+    /// - every pending job is queued, every running job in `running`, every
+    ///   final job in `finished` (and in its by-member index, once built).
     pub fn check(&self) -> Result<(), String> {
         for &(at, id) in &self.queue {
             let j = self
@@ -122,6 +124,29 @@ impl State {
                 last.seq
             ));
         }
+        for j in self.jobs.values() {
+            let indexed = match j.state {
+                JobState::Pending => self.queue.contains(&(j.submitted_at_ms, j.id)),
+                JobState::Running => self.running.contains(&j.id),
+                _ => true,
+            };
+            if !indexed {
+                return Err(format!(
+                    "{}: {:?} job {} is not in it",
+                    if j.state == JobState::Pending {
+                        "queue"
+                    } else {
+                        "running"
+                    },
+                    j.state,
+                    j.id
+                ));
+            }
+        }
+        // Built here in debug builds, so that apply keeps it from then on
+        // and every test holds it to `finished`.
+        let _ = self.finished_counts(0, 0, None);
+        self.check_finished_by_member()?;
         for j in self.jobs.values().filter(|j| j.state.is_final()) {
             let indexed = j
                 .finished_at_ms
@@ -247,6 +272,50 @@ mod tests {
             err.starts_with("queue:") && err.contains("not pending"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_pending_job_missing_from_the_queue_is_named() {
+        let (mut s, _, b) = two_jobs();
+        s.queue.clear();
+        let err = s.check().unwrap_err();
+        assert!(
+            err.starts_with("queue:") && err.contains(&b.to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_running_job_missing_from_running_is_named() {
+        let (mut s, a, _) = two_jobs();
+        // Its GPU freed too, so that only the index is wrong.
+        s.running.clear();
+        s.nodes.get_mut("n1").unwrap().gpus[0].job = None;
+        let err = s.check().unwrap_err();
+        assert!(
+            err.starts_with("running:") && err.contains(&a.to_string()),
+            "{err}"
+        );
+    }
+
+    /// The finished jobs by member, counted for usage windows, follow apply
+    /// (built once, then kept) and answer what a scan of every job would.
+    #[test]
+    fn finished_counts_follow_apply() {
+        let (mut s, a, b) = two_jobs();
+        assert_eq!(s.finished_counts(0, 100, None), vec![]);
+        run(&mut s, 5, Op::CancelJob { id: b });
+        assert_eq!(s.finished_counts(0, 100, None), vec![("alice", 1)]);
+        run(&mut s, 6, Op::CancelJob { id: a });
+        // `a` ends when its agent says it stopped.
+        assert_eq!(s.finished_counts(0, 100, Some("alice")), vec![("alice", 1)]);
+        assert_eq!(s.finished_counts(6, 100, Some("alice")), vec![("alice", 0)]);
+        assert_eq!(s.finished_counts(0, 100, Some("bob")), vec![]);
+        assert_eq!(s.check(), Ok(()));
+        // Behind apply's back: the index no longer matches `finished`.
+        s.finished.clear();
+        let err = s.check().unwrap_err();
+        assert!(err.starts_with("finished:"), "{err}");
     }
 
     #[cfg(debug_assertions)]

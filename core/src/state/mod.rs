@@ -21,6 +21,7 @@ use crate::policy::{Policy, Setting};
 
 pub mod accounts;
 mod billing;
+mod finished;
 mod governance;
 mod habits;
 mod invariants;
@@ -95,6 +96,9 @@ pub struct State {
     /// own token): only they vote, since the operator saw the token each
     /// member was given.
     pub self_keyed: BTreeSet<String>,
+    /// `finished` by member (derived: see `finished::FinishedByMember`).
+    #[serde(skip)]
+    pub finished_of: finished::FinishedByMember,
     /// What applying added to the history since the shell last took it. Not
     /// replicated state: every replica makes the same, and stores it with the
     /// applied index.
@@ -187,6 +191,9 @@ impl State {
                 break;
             }
             self.finished.pop_first();
+            if let Some(j) = self.jobs.get(&id) {
+                self.finished_of.remove(&j.member, finished, id);
+            }
             // An entry is stale when its job ran again since: skipped.
             let current = self
                 .jobs
@@ -203,11 +210,15 @@ impl State {
     fn index_finished(&mut self, events: &[Event]) {
         for e in events {
             let Event::Job(id) = e else { continue };
-            if let Some(j) = self.jobs.get(id)
-                && j.state.is_final()
-                && let Some(at) = j.finished_at_ms
-            {
-                self.finished.insert((at, *id));
+            let Some(j) = self.jobs.get(id) else { continue };
+            match j.finished_at_ms {
+                Some(at) if j.state.is_final() => {
+                    self.finished.insert((at, *id));
+                    self.finished_of.insert(&j.member, at, *id);
+                }
+                // Ran again: its last finish no longer counts.
+                Some(at) => self.finished_of.remove(&j.member, at, *id),
+                None => {}
             }
         }
     }

@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Ctx, invalid, readable_member};
 use crate::clock::now_ms;
-use crate::consensus::archive;
+use crate::consensus::{archive, windows};
 use crate::status::propose_status;
 use coop_core::fairshare::{entitlements, factors, running_gpus, total_gpus};
 use coop_core::placement::plan;
@@ -65,18 +65,15 @@ impl UsageService for Usage {
             .await
             .map_err(propose_status)?;
         let member = only.as_deref();
-        let sums = archive::usage_sums(pool, index, from, to, member)
+        let window = windows::usage_window(pool, index, from, to, member)
             .await
             .map_err(history_error)?;
-        let edges = archive::usage_edges(pool, index, from, to, member)
-            .await
-            .map_err(history_error)?;
-        let retired = archive::retired_finished_between(pool, index, from, to, member)
+        let retired = archive::retired_finished_counts(pool, index, from, to, member)
             .await
             .map_err(history_error)?;
         let past = Past {
-            usage: &edges,
-            sums: &sums,
+            usage: &window.records,
+            sums: &window.sums,
             audit: &[],
             retired: &retired,
             ..Default::default()
@@ -133,21 +130,18 @@ impl UsageService for Usage {
             .await
             .map_err(propose_status)?;
         let (from, to, m) = (r.from_ms, r.to_ms, Some(member.as_str()));
-        let sums = archive::usage_sums(pool, index, from, to, m)
+        let window = windows::usage_window(pool, index, from, to, m)
             .await
             .map_err(history_error)?;
-        let edges = archive::usage_edges(pool, index, from, to, m)
-            .await
-            .map_err(history_error)?;
-        let jobs = archive::usage_jobs(pool, index, from, to, &member)
+        let jobs = windows::usage_jobs(pool, index, from, to, &member)
             .await
             .map_err(history_error)?;
         let preemptions = archive::audit_of_kind(pool, index, "preemption", from, to)
             .await
             .map_err(history_error)?;
         st.add_past(Past {
-            usage: &edges,
-            sums: &sums,
+            usage: &window.records,
+            sums: &window.sums,
             jobs: &jobs,
             audit: &preemptions,
             retired: &[],

@@ -4,12 +4,15 @@
 //! Tables: `audit` (every chain record as its export JSON, by sequence, with
 //! the index of the entry that made it), `usage` (the usage records among
 //! them again, as columns: member, job, node, model, interval and figures,
-//! so that a window is summed by SQLite), `retired_jobs` (finished jobs
-//! that left memory, as JSON) and `history_meta` (`applied`: the index the
-//! history runs to; `gap_from`/`gap_to`: entries whose history is missing,
-//! `gap_head_seq`/`gap_head_hash`: the chain head the copied part ends at).
+//! so that a window is summed by SQLite), `usage_rollup` (their sums per
+//! member, model and hour or day, kept by triggers), `retired_jobs`
+//! (finished jobs that left memory, as JSON) and `history_meta` (`applied`:
+//! the index the history runs to; `gap_from`/`gap_to`: entries whose history
+//! is missing, `gap_head_seq`/`gap_head_hash`: the chain head the copied part
+//! ends at; `usage_max_ms`: the longest usage record).
 //!
-//! What applying makes is written as made (`INSERT OR REPLACE`): a replayed
+//! What applying makes is written as made (`INSERT OR REPLACE`, an upsert
+//! for `usage`): a replayed
 //! entry makes the same rows again, and were the log changed outside coop,
 //! the store follows what the log now says (and the error log says so),
 //! which anyone holding an earlier signed head can detect. What a peer sends
@@ -22,23 +25,87 @@ use sqlx::{Row, Sqlite, Transaction};
 use super::history::{Gap, Item, Tagged};
 use super::log::Persist;
 use coop_core::ledger::{Entry, Head, Record};
-use coop_core::state::{Job, JobId, UsageRecord};
-use coop_core::usage::{Sum, inside};
-
-/// The columns of `usage` that [`usage_row`] reads, in its order.
-macro_rules! usage_columns {
-    () => {
-        "job, attempt, member, node, model, gpus, start_ms, end_ms, gpu_ms, weighted_gpu_ms, \
-         energy_mj"
-    };
-}
+use coop_core::state::{Job, JobId};
 
 /// An index or sequence number as SQLite's integer (`u64::MAX`: all of them).
-fn sql_int(v: u64) -> i64 {
+pub(super) fn sql_int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// A trigger keeping `usage_rollup` (hour and day buckets) as `usage` rows
+/// are written: `$row` (`NEW` or `OLD`) added or taken away (`$sign`). A
+/// replaced row's `min_start` may stay lower than its rows': that only makes
+/// a window read the bucket's records one by one.
+macro_rules! rollup_trigger {
+    ($name:literal, $event:literal, $row:literal, $sign:literal) => {
+        concat!(
+            "CREATE TRIGGER IF NOT EXISTS ",
+            $name,
+            " AFTER ",
+            $event,
+            " ON usage WHEN ",
+            $row,
+            ".end_ms > 0 BEGIN ",
+            rollup_upsert!(3600000, $row, $sign),
+            rollup_upsert!(86400000, $row, $sign),
+            "END"
+        )
+    };
+}
+
+macro_rules! rollup_upsert {
+    ($span:literal, $row:literal, $sign:literal) => {
+        concat!(
+            "INSERT INTO usage_rollup VALUES (",
+            $span,
+            ", ",
+            $row,
+            ".member, (",
+            $row,
+            ".end_ms - 1) / ",
+            $span,
+            ", ",
+            $row,
+            ".model, ",
+            $row,
+            ".start_ms, ",
+            $sign,
+            $row,
+            ".gpu_ms, ",
+            $sign,
+            $row,
+            ".weighted_gpu_ms, ",
+            $sign,
+            $row,
+            ".energy_mj, ",
+            $sign,
+            "1) ",
+            "ON CONFLICT DO UPDATE SET min_start = MIN(min_start, excluded.min_start), ",
+            "records = records + excluded.records, ",
+            "gpu_ms = gpu_ms + excluded.gpu_ms, ",
+            "weighted_gpu_ms = weighted_gpu_ms + excluded.weighted_gpu_ms, ",
+            "energy_mj = energy_mj + excluded.energy_mj; "
+        )
+    };
+}
+
+/// Brings a store of version 2 to this one (after [`SCHEMA`]): fills
+/// `usage_rollup` and drops the indexes replaced by covering ones.
+pub const FROM_VERSION_2: &[&str] = &[
+    "DROP INDEX IF EXISTS retired_member_finished",
+    "DROP INDEX IF EXISTS retired_finished",
+    "INSERT INTO usage_rollup SELECT 3600000, member, (end_ms - 1) / 3600000, model, \
+     MIN(start_ms), SUM(gpu_ms), SUM(weighted_gpu_ms), SUM(energy_mj), COUNT(*) FROM usage \
+     WHERE end_ms > 0 GROUP BY 1, 2, 3, 4",
+    "INSERT INTO usage_rollup SELECT 86400000, member, (end_ms - 1) / 86400000, model, \
+     MIN(start_ms), SUM(gpu_ms), SUM(weighted_gpu_ms), SUM(energy_mj), COUNT(*) FROM usage \
+     WHERE end_ms > 0 GROUP BY 1, 2, 3, 4",
+    "INSERT INTO history_meta (key, value) SELECT 'usage_max_ms', COALESCE(MAX(end_ms - start_ms), 0) \
+     FROM usage WHERE true ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+];
+
 pub const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS history_meta (key TEXT PRIMARY KEY, value NOT NULL)",
     "CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, idx INTEGER NOT NULL, \
      at_ms INTEGER NOT NULL, kind TEXT NOT NULL, record TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS audit_idx ON audit (idx)",
@@ -58,16 +125,40 @@ pub const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS usage_end ON usage (end_ms, start_ms, idx, member, model, \
      gpu_ms, weighted_gpu_ms, energy_mj)",
     "CREATE INDEX IF NOT EXISTS usage_job ON usage (job, attempt)",
+    // What a read at an earlier index must leave out (`windows`).
+    "CREATE INDEX IF NOT EXISTS usage_idx ON usage (idx)",
+    // Each member's usage per GPU model and hour, and per day, kept by the
+    // triggers below in the transaction that writes the records: a month is
+    // read as a few dozen rows (`windows::usage_window`). A bucket holds the
+    // records that end in it, `(bucket × span, (bucket + 1) × span]`;
+    // `min_start` says whether they all started inside a window.
+    "CREATE TABLE IF NOT EXISTS usage_rollup (span INTEGER NOT NULL, member TEXT NOT NULL, \
+     bucket INTEGER NOT NULL, model TEXT NOT NULL, min_start INTEGER NOT NULL, \
+     gpu_ms INTEGER NOT NULL, weighted_gpu_ms INTEGER NOT NULL, energy_mj INTEGER NOT NULL, \
+     records INTEGER NOT NULL, PRIMARY KEY (span, member, bucket, model)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS usage_rollup_bucket ON usage_rollup (span, bucket)",
+    rollup_trigger!("usage_rolled", "INSERT", "NEW", "+"),
+    rollup_trigger!("usage_rerolled", "UPDATE", "NEW", "+"),
+    rollup_trigger!("usage_unrolled", "UPDATE", "OLD", "-"),
+    // The longest record: how far past a window's end a record meeting it
+    // can end.
+    "CREATE TRIGGER IF NOT EXISTS usage_longest AFTER INSERT ON usage BEGIN \
+     INSERT INTO history_meta (key, value) VALUES ('usage_max_ms', NEW.end_ms - NEW.start_ms) \
+     ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value); END",
+    "CREATE TRIGGER IF NOT EXISTS usage_longest_again AFTER UPDATE ON usage BEGIN \
+     INSERT INTO history_meta (key, value) VALUES ('usage_max_ms', NEW.end_ms - NEW.start_ms) \
+     ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value); END",
     // By id and entry: a job id reused after its job left memory (a client
     // picks the id of a submission) is another row, never a replaced one.
     "CREATE TABLE IF NOT EXISTS retired_jobs (id TEXT NOT NULL, idx INTEGER NOT NULL, \
      member TEXT NOT NULL, submitted_at_ms INTEGER NOT NULL, \
      finished_at_ms INTEGER NOT NULL, job TEXT NOT NULL, PRIMARY KEY (id, idx))",
     "CREATE INDEX IF NOT EXISTS retired_idx ON retired_jobs (idx)",
-    "CREATE INDEX IF NOT EXISTS retired_member_finished ON retired_jobs (member, finished_at_ms)",
-    "CREATE INDEX IF NOT EXISTS retired_finished ON retired_jobs (finished_at_ms)",
+    // Covering the finished counts (`retired_finished_counts`).
+    "CREATE INDEX IF NOT EXISTS retired_member_finished_at ON retired_jobs \
+     (member, finished_at_ms, idx)",
+    "CREATE INDEX IF NOT EXISTS retired_finished_at ON retired_jobs (finished_at_ms, idx, member)",
     "CREATE INDEX IF NOT EXISTS retired_submitted ON retired_jobs (submitted_at_ms, id)",
-    "CREATE TABLE IF NOT EXISTS history_meta (key TEXT PRIMARY KEY, value NOT NULL)",
 ];
 
 /// Writes a Ready's history (inside its transaction).
@@ -142,9 +233,16 @@ pub async fn insert(
     let (audit, usage, retired) = match source {
         Source::Apply => (
             "INSERT OR REPLACE INTO audit (seq, idx, at_ms, kind, record) VALUES (?, ?, ?, ?, ?)",
-            "INSERT OR REPLACE INTO usage (seq, idx, member, job, attempt, node, model, gpus, \
+            // An update, not a replace, so that the rollups' triggers see
+            // the row taken away (SQLite's REPLACE fires no delete trigger).
+            "INSERT INTO usage (seq, idx, member, job, attempt, node, model, gpus, \
              start_ms, end_ms, gpu_ms, weighted_gpu_ms, energy_mj) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (seq) DO UPDATE SET idx = excluded.idx, member = excluded.member, \
+             job = excluded.job, attempt = excluded.attempt, node = excluded.node, \
+             model = excluded.model, gpus = excluded.gpus, start_ms = excluded.start_ms, \
+             end_ms = excluded.end_ms, gpu_ms = excluded.gpu_ms, \
+             weighted_gpu_ms = excluded.weighted_gpu_ms, energy_mj = excluded.energy_mj",
             "INSERT OR REPLACE INTO retired_jobs \
              (id, idx, member, submitted_at_ms, finished_at_ms, job) VALUES (?, ?, ?, ?, ?, ?)",
         ),
@@ -203,7 +301,7 @@ pub async fn insert(
     Ok(())
 }
 
-async fn meta<'e>(
+pub(super) async fn meta<'e>(
     ex: impl sqlx::Executor<'e, Database = Sqlite>,
     key: &str,
 ) -> anyhow::Result<Option<u64>> {
@@ -336,156 +434,6 @@ pub async fn audit_of_kind(
     records(rows)
 }
 
-/// Usage records whose interval meets `[from_ms, to_ms]`, of one member or
-/// all, made by entries up to `upto` (what `usage_sums` and `usage_edges`
-/// split between them; the reference their tests compare with).
-pub async fn usage_between(
-    pool: &SqlitePool,
-    upto: u64,
-    from_ms: i64,
-    to_ms: i64,
-    member: Option<&str>,
-) -> anyhow::Result<Vec<UsageRecord>> {
-    usage_rows(pool, upto, from_ms, to_ms, member, false).await
-}
-
-/// The usage records meeting a window; with `edges_only`, those not
-/// [`inside`] it, skipped by SQLite rather than read and dropped here.
-async fn usage_rows(
-    pool: &SqlitePool,
-    upto: u64,
-    from_ms: i64,
-    to_ms: i64,
-    member: Option<&str>,
-    edges_only: bool,
-) -> anyhow::Result<Vec<UsageRecord>> {
-    // Two statements, so that each can use its index (by member and end,
-    // or by end).
-    let query = match member {
-        Some(_) => sqlx::query(concat!(
-            "SELECT ",
-            usage_columns!(),
-            " FROM usage WHERE member = ? AND end_ms >= ? AND start_ms <= ? AND idx <= ? \
-             AND (? = 0 OR NOT (start_ms >= ? AND end_ms <= ? AND end_ms > start_ms))"
-        )),
-        None => sqlx::query(concat!(
-            "SELECT ",
-            usage_columns!(),
-            " FROM usage WHERE (? IS NULL) AND end_ms >= ? AND start_ms <= ? AND idx <= ? \
-             AND (? = 0 OR NOT (start_ms >= ? AND end_ms <= ? AND end_ms > start_ms))"
-        )),
-    };
-    let rows = query
-        .bind(member)
-        .bind(from_ms)
-        .bind(to_ms)
-        .bind(sql_int(upto))
-        .bind(edges_only)
-        .bind(from_ms)
-        .bind(to_ms)
-        .fetch_all(pool)
-        .await?;
-    rows.iter().map(usage_row).collect()
-}
-
-/// Usage records wholly inside `[from_ms, to_ms]` (`usage::inside`), made by
-/// entries up to `upto`, summed by member and model: SQLite adds them up
-/// without handing each over, so a long window costs little.
-pub async fn usage_sums(
-    pool: &SqlitePool,
-    upto: u64,
-    from_ms: i64,
-    to_ms: i64,
-    member: Option<&str>,
-) -> anyhow::Result<Vec<Sum>> {
-    let query = match member {
-        Some(_) => sqlx::query(
-            "SELECT member, model, SUM(gpu_ms), SUM(weighted_gpu_ms), SUM(energy_mj) FROM usage \
-             WHERE member = ? AND end_ms >= ? AND end_ms <= ? AND start_ms >= ? \
-             AND end_ms > start_ms AND idx <= ? GROUP BY member, model",
-        ),
-        None => sqlx::query(
-            "SELECT member, model, SUM(gpu_ms), SUM(weighted_gpu_ms), SUM(energy_mj) FROM usage \
-             WHERE (? IS NULL) AND end_ms >= ? AND end_ms <= ? AND start_ms >= ? \
-             AND end_ms > start_ms AND idx <= ? GROUP BY member, model",
-        ),
-    };
-    let rows = query
-        .bind(member)
-        .bind(from_ms)
-        .bind(to_ms)
-        .bind(from_ms)
-        .bind(sql_int(upto))
-        .fetch_all(pool)
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|row| Sum {
-            member: row.get(0),
-            model: row.get(1),
-            gpu_ms: row.get::<i64, _>(2).max(0) as u64,
-            weighted_gpu_ms: row.get::<i64, _>(3).max(0) as u64,
-            energy_mj: row.get::<i64, _>(4).max(0) as u64,
-        })
-        .collect())
-}
-
-/// Usage records that meet `[from_ms, to_ms]` without lying inside it (they
-/// are cut at its edges), made by entries up to `upto`.
-pub async fn usage_edges(
-    pool: &SqlitePool,
-    upto: u64,
-    from_ms: i64,
-    to_ms: i64,
-    member: Option<&str>,
-) -> anyhow::Result<Vec<UsageRecord>> {
-    let edges = usage_rows(pool, upto, from_ms, to_ms, member, true).await?;
-    debug_assert!(edges.iter().all(|r| !inside(r, from_ms, to_ms)));
-    Ok(edges)
-}
-
-/// The jobs of the usage records inside `[from_ms, to_ms]` of `member`.
-pub async fn usage_jobs(
-    pool: &SqlitePool,
-    upto: u64,
-    from_ms: i64,
-    to_ms: i64,
-    member: &str,
-) -> anyhow::Result<Vec<JobId>> {
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT DISTINCT job FROM usage WHERE member = ? AND end_ms >= ? AND end_ms <= ? \
-         AND start_ms >= ? AND end_ms > start_ms AND idx <= ?",
-    )
-    .bind(member)
-    .bind(from_ms)
-    .bind(to_ms)
-    .bind(from_ms)
-    .bind(sql_int(upto))
-    .fetch_all(pool)
-    .await?;
-    rows.into_iter()
-        .map(|(j,)| j.parse().context("a stored job id"))
-        .collect()
-}
-
-/// A usage record from its columns (`usage_columns!`, in that order).
-fn usage_row(row: &sqlx::sqlite::SqliteRow) -> anyhow::Result<UsageRecord> {
-    let n = |i: usize| row.get::<i64, _>(i).max(0) as u64;
-    Ok(UsageRecord {
-        job: row.get::<&str, _>(0).parse().context("a stored job id")?,
-        attempt: n(1) as u32,
-        member: row.get(2),
-        node: row.get(3),
-        model: row.get(4),
-        gpus: n(5) as u32,
-        start_ms: row.get(6),
-        end_ms: row.get(7),
-        gpu_ms: n(8),
-        weighted_gpu_ms: n(9),
-        energy_mj: n(10),
-    })
-}
-
 /// The node a past attempt of a job ran on, from its usage records.
 pub async fn attempt_node(
     pool: &SqlitePool,
@@ -523,35 +471,36 @@ pub async fn retired_versions(pool: &SqlitePool, upto: u64, id: JobId) -> anyhow
     rows.iter().map(|(j,)| job(j)).collect()
 }
 
-/// Jobs that left memory by entry `upto` and finished in `[from_ms, to_ms]`,
-/// of one member or all: `(id, member)`.
-pub async fn retired_finished_between(
+/// How many jobs of each member (or of `member`) left memory by entry
+/// `upto` having finished in `[from_ms, to_ms]`; counted from an index.
+pub async fn retired_finished_counts(
     pool: &SqlitePool,
     upto: u64,
     from_ms: i64,
     to_ms: i64,
     member: Option<&str>,
-) -> anyhow::Result<Vec<(JobId, String)>> {
+) -> anyhow::Result<Vec<(String, u64)>> {
     let query = match member {
         Some(_) => sqlx::query_as(
-            "SELECT id, member FROM retired_jobs WHERE member = ? AND finished_at_ms >= ? \
-             AND finished_at_ms <= ? AND idx <= ?",
+            "SELECT member, COUNT(*) FROM retired_jobs WHERE member = ? AND finished_at_ms >= ? \
+             AND finished_at_ms <= ? AND idx <= ? GROUP BY member",
         ),
         None => sqlx::query_as(
-            "SELECT id, member FROM retired_jobs WHERE (? IS NULL) AND finished_at_ms >= ? \
-             AND finished_at_ms <= ? AND idx <= ?",
+            "SELECT member, COUNT(*) FROM retired_jobs WHERE (? IS NULL) AND finished_at_ms >= ? \
+             AND finished_at_ms <= ? AND idx <= ? GROUP BY member",
         ),
     };
-    let rows: Vec<(String, String)> = query
+    let rows: Vec<(String, i64)> = query
         .bind(member)
         .bind(from_ms)
         .bind(to_ms)
         .bind(sql_int(upto))
         .fetch_all(pool)
         .await?;
-    rows.into_iter()
-        .map(|(id, m)| Ok((id.parse().context("a stored job id")?, m)))
-        .collect()
+    Ok(rows
+        .into_iter()
+        .map(|(m, n)| (m, n.max(0) as u64))
+        .collect())
 }
 
 /// Jobs that left memory by entry `upto`, finished at or after `from_ms` and
@@ -672,159 +621,5 @@ impl Page {
             out.push((*idx, Item::Retired(Box::new(job(json)?))));
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use coop_core::ledger::Head;
-    use coop_core::usage::{MemberUsage, Past, Statement, add_past_usage};
-
-    /// Summing the records inside a window in SQL and cutting only those
-    /// across its edges gives the figures of cutting every record.
-    #[tokio::test]
-    async fn sums_and_edges_give_the_figures_of_every_record() {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = crate::consensus::disk::Disk::open(&dir.path().join("s.db"))
-            .await
-            .unwrap();
-        let mut head = Head::default();
-        let mut items = Tagged::new();
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
-        for i in 0..400u64 {
-            let start = next(10_000) as i64;
-            // Some of no length (an exit's energy), some long.
-            let len = [0, 1, 30, 700, 5_000][next(5) as usize];
-            let u = UsageRecord {
-                job: uuid::Uuid::from_u128(next(50) as u128),
-                attempt: 1,
-                member: ["a", "b"][next(2) as usize].into(),
-                node: "n".into(),
-                model: ["A100", "H100"][next(2) as usize].into(),
-                gpus: 2,
-                start_ms: start,
-                end_ms: start + len,
-                gpu_ms: len as u64 * 2,
-                weighted_gpu_ms: len as u64 * 3,
-                energy_mj: next(1_000_000),
-            };
-            items.push((i + 1, Item::Record(head.link(start + len, Entry::Usage(u)))));
-        }
-        let mut tx = disk.pool().begin().await.unwrap();
-        insert(&mut tx, &items, Source::Apply).await.unwrap();
-        tx.commit().await.unwrap();
-        let pool = disk.pool();
-        for (from, to) in [(0, 20_000), (2_000, 3_000), (4_999, 5_001), (7_000, 7_000)] {
-            let all = usage_between(pool, 400, from, to, None).await.unwrap();
-            let sums = usage_sums(pool, 400, from, to, None).await.unwrap();
-            let edges = usage_edges(pool, 400, from, to, None).await.unwrap();
-            let zero = |m: &str| MemberUsage {
-                member: m.into(),
-                ..Default::default()
-            };
-            let mut by_record = vec![zero("a"), zero("b")];
-            let mut summed = by_record.clone();
-            let whole = Past {
-                usage: &all,
-                ..Default::default()
-            };
-            add_past_usage(&mut by_record, whole, from, to);
-            let split = Past {
-                usage: &edges,
-                sums: &sums,
-                ..Default::default()
-            };
-            add_past_usage(&mut summed, split, from, to);
-            assert_eq!(summed, by_record, "window {from}..{to}");
-            let jobs = usage_jobs(pool, 400, from, to, "a").await.unwrap();
-            let statement = |past: Past<'_>| {
-                let mut st = Statement {
-                    member: "a".into(),
-                    from_ms: from,
-                    to_ms: to,
-                    ..Default::default()
-                };
-                st.add_past(past);
-                st
-            };
-            let split = Past {
-                usage: &edges,
-                sums: &sums,
-                jobs: &jobs,
-                ..Default::default()
-            };
-            assert_eq!(statement(split), statement(whole), "window {from}..{to}");
-        }
-    }
-
-    #[tokio::test]
-    async fn a_usage_record_reads_back_from_its_columns_as_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = crate::consensus::disk::Disk::open(&dir.path().join("s.db"))
-            .await
-            .unwrap();
-        let u = UsageRecord {
-            job: uuid::Uuid::from_u128(42),
-            attempt: 3,
-            member: "acme".into(),
-            node: "n7".into(),
-            model: "H100-80GB".into(),
-            gpus: 8,
-            start_ms: 1_000,
-            end_ms: 31_000,
-            gpu_ms: 240_000,
-            weighted_gpu_ms: 510_000,
-            energy_mj: 99_000_000,
-        };
-        let mut head = Head::default();
-        let r = head.link(31_000, Entry::Usage(u.clone()));
-        let mut tx = disk.pool().begin().await.unwrap();
-        insert(&mut tx, &vec![(5, Item::Record(r))], Source::Apply)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        let pool = disk.pool();
-        assert_eq!(
-            usage_between(pool, 5, 0, 2_000, Some("acme"))
-                .await
-                .unwrap(),
-            vec![u.clone()]
-        );
-        assert_eq!(
-            usage_between(pool, 5, 0, 2_000, None).await.unwrap(),
-            vec![u]
-        );
-        // Not at an earlier index, nor another member's, nor outside the window.
-        assert!(
-            usage_between(pool, 4, 0, 2_000, None)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert!(
-            usage_between(pool, 5, 0, 2_000, Some("b"))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert!(
-            usage_between(pool, 5, 31_001, 40_000, None)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert_eq!(
-            attempt_node(pool, uuid::Uuid::from_u128(42), 3)
-                .await
-                .unwrap(),
-            Some("n7".into())
-        );
     }
 }

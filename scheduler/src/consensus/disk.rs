@@ -14,9 +14,10 @@ use sqlx::sqlite::{
 use super::log::{Log, Persist};
 
 /// The shape of this database's tables (SQLite's `user_version`): 2 since
-/// the history moved out of the state (codec format 2).
-pub const STORE_VERSION: i64 = 2;
-const _: () = assert!(STORE_VERSION == 2, "update the PRAGMA in Disk::open");
+/// the history moved out of the state (codec format 2), 3 with the usage
+/// rollups (a version 2 store gets them when opened).
+pub const STORE_VERSION: i64 = 3;
+const _: () = assert!(STORE_VERSION == 3, "update the PRAGMA in Disk::open");
 
 pub struct Disk {
     pool: SqlitePool,
@@ -47,17 +48,11 @@ impl Disk {
             .fetch_one(&pool)
             .await?;
         anyhow::ensure!(
-            existing.is_none() || version == STORE_VERSION,
+            existing.is_none() || version == STORE_VERSION || version == 2,
             "{} was written by another coop (store version {version}, this one reads \
              {STORE_VERSION}); upgrading a data dir is not supported yet: start from an empty one",
             path.display()
         );
-        if existing.is_none() {
-            // PRAGMA takes no parameters; the literal must match STORE_VERSION.
-            sqlx::query("PRAGMA user_version = 2")
-                .execute(&pool)
-                .await?;
-        }
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS raft_entries (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL)",
         )
@@ -68,9 +63,25 @@ impl Disk {
         )
         .execute(&pool)
         .await?;
+        // The tables, the version 2 store's rollups and the version, at once.
+        let mut tx = pool.begin().await?;
         for ddl in super::archive::SCHEMA {
-            sqlx::query(*ddl).execute(&pool).await?;
+            sqlx::query(*ddl).execute(&mut *tx).await?;
         }
+        if existing.is_some() && version == 2 {
+            tracing::info!(
+                "{}: adding the usage rollups (store version 3)",
+                path.display()
+            );
+            for ddl in super::archive::FROM_VERSION_2 {
+                sqlx::query(*ddl).execute(&mut *tx).await?;
+            }
+        }
+        // PRAGMA takes no parameters; the literal must match STORE_VERSION.
+        sqlx::query("PRAGMA user_version = 3")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         let old: Option<(String,)> =
             sqlx::query_as("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'log'")
                 .fetch_optional(&pool)

@@ -1,7 +1,8 @@
 //! Raft replication of the state machine (raft-rs): the in-memory log raft
 //! reads (`log`), the pure node around the state machine (`core`), the log on
 //! disk (`disk`), the history each replica stores as it applies (`history`),
-//! the messages between nodes (`transport`).
+//! the usage windows read from it (`windows`) and the messages between nodes
+//! (`transport`).
 
 pub mod archive;
 pub mod core;
@@ -9,6 +10,7 @@ pub mod disk;
 pub mod history;
 pub mod log;
 pub mod transport;
+pub mod windows;
 
 /// Sends raft-rs's slog records to `tracing`.
 pub struct TracingDrain;
