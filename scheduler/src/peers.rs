@@ -8,6 +8,7 @@ use raft::eraftpb::Message;
 use tonic::{Request, Response, Status};
 
 use crate::consensus::archive;
+use crate::consensus::snapshot_stream::Assembly;
 use crate::replica::{Membership, Replica};
 use coop_core::state::Op;
 
@@ -41,6 +42,25 @@ impl RaftService for Raft {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(format!("messages: {e}")))?;
         self.0.step(b.from, b.from_address, msgs);
+        Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn send_snapshot(
+        &self,
+        req: Request<tonic::Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::RaftAck>, Status> {
+        self.authorise(&req)?;
+        let mut pieces = req.into_inner();
+        let first = pieces
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("message: the snapshot stream was empty"))?;
+        let mut snapshot = Assembly::start(first).map_err(Status::invalid_argument)?;
+        while let Some(piece) = pieces.message().await? {
+            snapshot.add(piece).map_err(Status::invalid_argument)?;
+        }
+        let (from, from_address, msg) = snapshot.finish().map_err(Status::invalid_argument)?;
+        self.0.step(from, from_address, vec![msg]);
         Ok(Response::new(pb::RaftAck {}))
     }
 

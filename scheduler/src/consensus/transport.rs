@@ -16,6 +16,8 @@ use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use super::snapshot_stream::Pieces;
+
 /// How this node calls its peers: mutual TLS, or plain text for a lone node
 /// started `--insecure` (which has no peers to call).
 pub type PeerTls = Option<ClientTlsConfig>;
@@ -24,8 +26,13 @@ pub type PeerTls = Option<ClientTlsConfig>;
 const QUEUE: usize = 4096;
 /// Messages sent in one call.
 const BATCH: usize = 256;
-/// Snapshots are whole-state; they must not be cut by gRPC's 4 MiB default.
+/// A batch of appends may be large (raft sends an entry whole, whatever
+/// `max_size_per_msg` says); it must not be cut by gRPC's 4 MiB default.
+/// Snapshots travel apart, in pieces (`snapshot_stream`).
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+/// How long a snapshot's stream may stall (a piece not taken, or no answer
+/// after the last) before the send counts as failed.
+const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
 
 /// What the node loop hears back from senders.
 #[derive(Debug)]
@@ -170,9 +177,14 @@ impl Sender {
         let mut backoff = Duration::from_millis(50);
         let mut batch = Vec::with_capacity(BATCH);
         while rx.recv_many(&mut batch, BATCH).await > 0 {
-            let snapshot = batch
-                .iter()
-                .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+            // Snapshots stream on calls of their own, so that heartbeats and
+            // votes keep flowing while a large state is on its way.
+            for snap in batch.extract_if(.., |m| m.get_msg_type() == MessageType::MsgSnapshot) {
+                tokio::spawn(self.send_snapshot(snap));
+            }
+            if batch.is_empty() {
+                continue;
+            }
             let messages = batch
                 .drain(..)
                 .filter_map(|m| m.write_to_bytes().ok())
@@ -193,21 +205,73 @@ impl Sender {
                 None => false,
             };
             if sent {
-                if snapshot {
-                    let _ = self.feedback.send(Feedback::SnapshotSent(self.to));
-                }
                 backoff = Duration::from_millis(50);
                 continue;
             }
             conn = None;
             let _ = self.feedback.send(Feedback::Unreachable(self.to));
-            if snapshot {
-                let _ = self.feedback.send(Feedback::SnapshotFailed(self.to));
-            }
             // What queued up meanwhile is stale; raft will resend what it needs.
             while rx.try_recv().is_ok() {}
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+impl Sender {
+    /// Streams one snapshot message in pieces and says how it went: raft
+    /// holds the follower in snapshot state until it hears.
+    fn send_snapshot(&self, msg: Message) -> impl std::future::Future<Output = ()> + use<> {
+        let (to, address, tls) = (self.to, self.address.clone(), self.tls.clone());
+        let feedback = self.feedback.clone();
+        let pieces = Pieces::new(self.from, &self.from_address, msg);
+        async move {
+            let sent = stream_snapshot(&address, &tls, pieces).await;
+            if let Err(e) = &sent {
+                tracing::warn!("sending a snapshot to raft peer {to} at {address} failed: {e}");
+            }
+            let _ = feedback.send(match sent {
+                Ok(()) => Feedback::SnapshotSent(to),
+                Err(_) => Feedback::SnapshotFailed(to),
+            });
+        }
+    }
+}
+
+async fn stream_snapshot(address: &str, tls: &PeerTls, pieces: Pieces) -> Result<(), String> {
+    let mut client = client(
+        endpoint(address, tls)
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    // Pieces go through a small channel: a follower that stops taking them
+    // (HTTP/2's window stays shut) is noticed here, not waited on forever.
+    let (tx, rx) = mpsc::channel(2);
+    let call = client.send_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx));
+    tokio::pin!(call);
+    let feed = async move {
+        for piece in pieces {
+            if tx.send_timeout(piece, SNAPSHOT_STALL).await.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::select! {
+        answer = &mut call => {
+            answer.map_err(|s| s.message().to_string())?;
+            Err("the peer answered before the snapshot was whole".into())
+        }
+        fed = feed => {
+            if !fed {
+                return Err(format!("no piece taken for {SNAPSHOT_STALL:?}"));
+            }
+            match tokio::time::timeout(SNAPSHOT_STALL, call).await {
+                Ok(answer) => answer.map(drop).map_err(|s| s.message().to_string()),
+                Err(_) => Err(format!("no answer {SNAPSHOT_STALL:?} after the last piece")),
+            }
         }
     }
 }
