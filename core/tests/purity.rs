@@ -51,8 +51,12 @@ fn dependency_tree_has_no_runtime_rpc_database_or_randomness() {
         .filter(|c| *c != "coop-core")
         .map(String::from)
         .collect();
+    // imbl's persistent maps let readers share the state without a lock;
+    // it brings rand_core and rand_xoshiro for its Vector's sort, seeded with
+    // a constant (deterministic: no entropy, which `getrandom` would be).
     let allowed = [
         "hex",
+        "imbl",
         "libm",
         "serde",
         "serde_json",

@@ -87,6 +87,9 @@ struct Run {
 
 struct Bench {
     state: State,
+    /// The state as readers last saw it: published once per batch, as a
+    /// replica publishes a view after each Ready (`consensus::view`).
+    view: std::sync::Arc<State>,
     now: i64,
     rng: Rng,
     reports_per_job: u32,
@@ -188,6 +191,7 @@ impl Bench {
             usage_reports: 0,
             commands: 0,
             apply_s: 0.0,
+            view: Default::default(),
             capture: None,
             captured: None,
             store: Store::open(),
@@ -266,6 +270,7 @@ impl Bench {
         );
         if self.commands.is_multiple_of(STORE_BATCH as u64) {
             self.store.flush();
+            self.view = std::sync::Arc::new(self.state.clone());
         }
         self.apply_s += t.elapsed().as_secs_f64();
         if let Some(c) = &mut self.capture {

@@ -4,15 +4,15 @@
 //! waiting (proposals, peer messages, ticks), then handles the Ready: messages
 //! out, one SQLite transaction for everything that must be durable, messages
 //! that had to wait for it, committed entries applied, proposers answered.
-//! Many proposals therefore share one fsync. Readers share the state behind a
-//! lock held for short, synchronous reads only.
+//! Many proposals therefore share one fsync. Readers get the state as the
+//! loop last published it (`consensus::view`), which blocks nothing.
 //!
 //! Writes on a follower are forwarded to the leader; reads that must see every
 //! acknowledged write first wait for a ReadIndex.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use coop_proto::v1 as pb;
@@ -26,6 +26,7 @@ use crate::consensus::core::{ConfContext, Core, NodeStatus, Refused, Timing};
 use crate::consensus::disk::Disk;
 use crate::consensus::log::Log;
 use crate::consensus::transport::{self, Feedback, Transport};
+use crate::consensus::view::Views;
 use crate::history::{History, Progress};
 use coop_core::state::{Event, Op, Rejection, State};
 
@@ -137,7 +138,8 @@ enum Input {
 #[derive(Clone)]
 pub struct Replica {
     id: u64,
-    state: Arc<RwLock<State>>,
+    /// The applied state, as the node loop last published it.
+    states: Views,
     tx: mpsc::Sender<Input>,
     applied: watch::Receiver<u64>,
     events: broadcast::Sender<Event>,
@@ -148,7 +150,6 @@ pub struct Replica {
     failed: watch::Receiver<Option<String>>,
     /// This start found no raft log on disk.
     fresh: bool,
-    state_index: Arc<std::sync::atomic::AtomicU64>,
     history: History,
     /// The database and the history's progress, for the history's copier.
     writer: sqlx::SqlitePool,
@@ -189,17 +190,16 @@ impl Replica {
         };
         let mut peers = config.peers.clone();
         peers.insert(config.id, config.address.clone());
-        let state = Arc::new(RwLock::new(State::default()));
+        let states = Views::default();
         let logger = slog::Logger::root(crate::consensus::TracingDrain, slog::o!());
         let mut core = Core::new(
             config.id,
             log,
             peers,
-            state.clone(),
+            states.clone(),
             &config.timing,
             &logger,
         )?;
-        let state_index = core.state_index();
         // A cluster of one need not wait an election timeout for itself.
         let status = core.status();
         if status.voters == [config.id] {
@@ -238,7 +238,7 @@ impl Replica {
         });
         let replica = Self {
             id: config.id,
-            state,
+            states,
             tx,
             applied,
             events,
@@ -247,7 +247,6 @@ impl Replica {
             leaders: Default::default(),
             failed,
             fresh,
-            state_index,
             history,
             writer,
             progress,
@@ -471,18 +470,18 @@ impl Replica {
         Ok(())
     }
 
-    /// A short, synchronous read of the state. Never hold it across an await.
-    pub fn read(&self) -> RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|e| e.into_inner())
+    /// The state as last published by the node loop: a shared, immutable
+    /// view that blocks nothing however long it is held.
+    pub fn read(&self) -> Arc<State> {
+        self.states.current().state
     }
 
     /// [`Replica::read`], with the index of the last entry applied to what it
     /// shows: history read from the store up to that index (`history_at`) and
     /// this state together count everything once.
-    pub fn read_indexed(&self) -> (RwLockReadGuard<'_, State>, u64) {
-        let state = self.read();
-        let index = self.state_index.load(std::sync::atomic::Ordering::Acquire);
-        (state, index)
+    pub fn read_indexed(&self) -> (Arc<State>, u64) {
+        let view = self.states.current();
+        (view.state, view.index)
     }
 
     /// The stored history as of everything applied now, and that index (for

@@ -14,7 +14,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
-use std::sync::{Arc, RwLock};
 
 use coop_core::ledger::{self, Record};
 use coop_core::placement::plan;
@@ -24,6 +23,7 @@ use coop_core::state::{GpuInfo, JobId, JobKind, JobSpec, JobState, Op, RunReport
 use coop_scheduler::consensus::core::{Core, Done, Staged, Timing};
 use coop_scheduler::consensus::history::{Gap, Item, Tagged};
 use coop_scheduler::consensus::log::{Log, Persist};
+use coop_scheduler::consensus::view::Views;
 use raft::eraftpb::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -105,7 +105,7 @@ impl Store {
 struct SimNode {
     id: u64,
     core: Option<Core>,
-    state: Arc<RwLock<State>>,
+    states: Views,
     /// What survives a crash.
     disk: Log,
     store: Store,
@@ -178,7 +178,7 @@ impl Sim {
             .map(|id| SimNode {
                 id,
                 core: None,
-                state: Arc::new(RwLock::new(State::default())),
+                states: Views::default(),
                 disk: Log::with_voters(&voters),
                 store: Store::default(),
                 checked_to: 0,
@@ -241,13 +241,13 @@ impl Sim {
     fn boot(&mut self, i: usize) {
         let t = timing(&mut self.rng);
         let node = &mut self.nodes[i];
-        node.state = Arc::new(RwLock::new(State::default()));
+        node.states = Views::default();
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let core = Core::new(
             node.id,
             node.disk.clone().normalised(),
             BTreeMap::new(),
-            node.state.clone(),
+            node.states.clone(),
             &t,
             &logger,
         )
@@ -423,7 +423,7 @@ impl Sim {
     /// Clients, the leader's scheduling pass, agents.
     fn drive_cluster(&mut self) {
         let Some(l) = self.leader() else { return };
-        let state = self.nodes[l].state.read().unwrap().clone();
+        let state = self.nodes[l].states.current().state.as_ref().clone();
         if !state.bootstrapped() || !state.members.contains_key("m") || state.nodes.len() < 2 {
             if self.tick.is_multiple_of(10) {
                 for op in setup_ops(&state) {
@@ -614,7 +614,7 @@ impl Sim {
                 }
             }
             let applied = status.applied;
-            let state = self.nodes[i].state.read().unwrap();
+            let state = self.nodes[i].states.current().state;
             if applied > self.nodes[i].checked_to {
                 // Equal state at equal applied index.
                 let json = serde_json::to_string(&*state).unwrap();
@@ -661,7 +661,7 @@ impl Sim {
         for _ in 0..3_000 {
             self.step();
             let busy = self.leader().is_none_or(|l| {
-                let s = self.nodes[l].state.read().unwrap();
+                let s = self.nodes[l].states.current().state;
                 !s.queue.is_empty() || !s.running.is_empty()
             }) || self.agents.iter().any(|a| !a.outbox.is_empty());
             let applied: BTreeSet<u64> = self
@@ -674,7 +674,7 @@ impl Sim {
             }
         }
         let leader = self.leader().map(|l| {
-            let s = self.nodes[l].state.read().unwrap();
+            let s = self.nodes[l].states.current().state;
             (l + 1, s.queue.len(), s.running.len())
         });
         let outboxes: Vec<usize> = self.agents.iter().map(|a| a.outbox.len()).collect();
@@ -720,7 +720,7 @@ impl Sim {
         let states: Vec<State> = self
             .nodes
             .iter()
-            .map(|n| n.state.read().unwrap().clone())
+            .map(|n| n.states.current().state.as_ref().clone())
             .collect();
         for (i, s) in states.iter().enumerate().skip(1) {
             if *s != states[0] {

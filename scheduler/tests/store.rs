@@ -55,7 +55,7 @@ async fn acknowledged_commands_survive_a_restart() {
     let replica = start(&db, 10_000).await;
     // The log is replayed as the node commits again in its new term.
     replica.read_current().await.unwrap();
-    assert_eq!(*replica.read(), expected);
+    assert_eq!(*replica.read(), *expected);
     assert_eq!(replica.read().members.len(), 50);
     assert!(*replica.applied().borrow() > applied);
     replica.stop().await;
@@ -101,7 +101,7 @@ async fn snapshots_compact_the_log_and_restore_the_same_state() {
 
     let replica = start(&db, 10).await;
     replica.read_current().await.unwrap();
-    assert_eq!(*replica.read(), expected);
+    assert_eq!(*replica.read(), *expected);
     replica.stop().await;
 }
 
@@ -538,4 +538,28 @@ async fn a_database_another_coop_made_is_refused_whole() {
     let fresh = dir.path().join("fresh.db");
     Disk::open(&fresh).await.unwrap().close().await;
     Disk::open(&fresh).await.unwrap().close().await;
+}
+
+/// A reader holding the state for as long as it likes (a slow `job list`, a
+/// statement) holds up no write: the view it holds stays as it was, and the
+/// next read sees the write. (With a read lock over the state, the write
+/// would wait for the reader and this test would time out.)
+#[tokio::test]
+async fn a_reader_holding_the_state_blocks_no_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = start(&dir.path().join("s.db"), 10_000).await;
+    replica.propose(member(0)).await.unwrap();
+    let (held, index) = replica.read_indexed();
+    for i in 1..20 {
+        tokio::time::timeout(Duration::from_secs(10), replica.propose(member(i)))
+            .await
+            .expect("the write was not held up by the reader")
+            .unwrap();
+    }
+    assert_eq!(held.members.len(), 1);
+    let (now, later) = replica.read_indexed();
+    assert_eq!(now.members.len(), 20);
+    assert!(later > index, "{later} after {index}");
+    assert!(!held.members.contains_key("m19"));
+    replica.stop().await;
 }

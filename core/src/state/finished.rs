@@ -1,12 +1,13 @@
 //! Finished jobs in memory, by member: what a usage window counts without
 //! visiting every job in memory.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use super::{JobId, State};
 
-type ByMember = BTreeMap<String, BTreeSet<(i64, JobId)>>;
+/// Persistent sets, so that a clone of the state shares them.
+type ByMember = BTreeMap<String, imbl::OrdSet<(i64, JobId)>>;
 
 /// The current entries of `State::finished` (not those of a job that ran
 /// again since) by member. Derived, not replicated: built from the state
@@ -60,6 +61,12 @@ impl State {
             }
             ix
         })
+    }
+
+    /// Builds the derived indexes now: after decoding a state, so that the
+    /// clones readers are given share them instead of each building its own.
+    pub fn build_indexes(&self) {
+        self.finished_by_member();
     }
 
     /// How many jobs in memory of each member (or of `member`) finished in

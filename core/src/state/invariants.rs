@@ -145,7 +145,7 @@ impl State {
         }
         // Built here in debug builds, so that apply keeps it from then on
         // and every test holds it to `finished`.
-        let _ = self.finished_counts(0, 0, None);
+        self.build_indexes();
         self.check_finished_by_member()?;
         for j in self.jobs.values().filter(|j| j.state.is_final()) {
             let indexed = j
@@ -272,6 +272,27 @@ mod tests {
             err.starts_with("queue:") && err.contains("not pending"),
             "{err}"
         );
+    }
+
+    /// A clone (a reader's view) shares the jobs; changing one through the
+    /// original copies it, and the clone stays as it was, encoded the same.
+    #[test]
+    fn a_clone_keeps_what_it_saw() {
+        let (mut s, a, b) = two_jobs();
+        let view = s.clone();
+        let before = crate::codec::encode(&view);
+        run(&mut s, 5, Op::CancelJob { id: b });
+        s.jobs.get_mut(&a).unwrap().member = "other".into();
+        assert_eq!(view.jobs[&b].state, JobState::Pending);
+        assert_eq!(view.jobs[&a].member, "alice");
+        assert_eq!(s.jobs[&a].member, "other");
+        assert!(view.queue.contains(&(3, b)) && !s.queue.contains(&(3, b)));
+        assert_eq!(crate::codec::encode(&view), before);
+        let back: State = crate::codec::decode(&before).unwrap();
+        // What apply made for the store is not encoded.
+        let mut encoded = view;
+        encoded.take_outbox();
+        assert_eq!(back, encoded);
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod governance;
 mod habits;
 mod invariants;
 mod jobs;
+mod jobs_map;
 mod nodes;
 pub mod plausible;
 mod reports;
@@ -39,6 +40,7 @@ pub use crate::model::{
 pub use billing::unbilled_ms;
 pub use governance::MAX_OPEN_PROPOSALS;
 pub use jobs::{MAX_ATTEMPTS, MAX_RESTART_BACKOFF_MS};
+pub use jobs_map::Jobs;
 pub use validation::{
     MAX_ARGS, MAX_ENV_VARS, MAX_GPUS_PER_NODE, MAX_SPEC_BYTES, MAX_TIME_LIMIT_MS, gpu_fits,
     largest_class, reserved_env, valid_name, validate_spec,
@@ -63,14 +65,14 @@ pub struct State {
     /// The owner each enrolled node's credential was issued for.
     pub node_owners: BTreeMap<String, String>,
     pub nodes: BTreeMap<String, Node>,
-    pub jobs: BTreeMap<JobId, Job>,
+    pub jobs: jobs_map::Jobs,
     /// Pending jobs in arrival order (an index over `jobs`).
-    pub queue: BTreeSet<(i64, JobId)>,
+    pub queue: imbl::OrdSet<(i64, JobId)>,
     /// Running jobs (an index over `jobs`).
     pub running: BTreeSet<JobId>,
     /// Finished jobs by when they finished: they leave memory in this order
     /// once the policy's retention has passed (an index over `jobs`).
-    pub finished: BTreeSet<(i64, JobId)>,
+    pub finished: imbl::OrdSet<(i64, JobId)>,
     pub policy: Policy,
     pub policy_log: Vec<PolicyChange>,
     /// The head of the hash-chained audit ledger (see `ledger`); the records
@@ -82,7 +84,7 @@ pub struct State {
     /// Each member's all-time usage and preemptions.
     pub totals: BTreeMap<String, crate::model::Totals>,
     /// Closed intervals of GPUs offered by members' nodes.
-    pub capacity: Vec<CapacityRecord>,
+    pub capacity: imbl::Vector<CapacityRecord>,
     pub proposals: BTreeMap<u64, Proposal>,
     /// Mean probed throughput of each GPU model's registered GPUs (kept up to
     /// date at registration), for measured weights.
@@ -182,7 +184,7 @@ impl State {
             .unwrap_or(i64::MAX)
             .saturating_mul(1000);
         let mut budget = MAX_RETIRED_PER_COMMAND;
-        while let Some(&(finished, id)) = self.finished.first() {
+        while let Some(&(finished, id)) = self.finished.get_min() {
             if budget == 0 {
                 break;
             }
@@ -190,7 +192,7 @@ impl State {
             if finished.saturating_add(keep_ms) > at {
                 break;
             }
-            self.finished.pop_first();
+            self.finished.remove_min();
             if let Some(j) = self.jobs.get(&id) {
                 self.finished_of.remove(&j.member, finished, id);
             }

@@ -11,9 +11,11 @@
 //!    releases the messages that had to wait for it, advances raft and applies
 //!    what became committed meanwhile.
 //!
-//! Every `snapshot_every` entries, [`Core::snapshot_due`] hands out a copy of
-//! the state; the shell encodes it wherever it likes (encoding a large state
-//! takes seconds) and gives it back with [`Core::snapshot_built`].
+//! After each batch of applies the state is published to readers as a
+//! [`StateView`] (shared, not copied). Every `snapshot_every` entries,
+//! [`Core::snapshot_due`] hands out the latest view; the shell encodes it
+//! wherever it likes (encoding a large state takes seconds) and gives it back
+//! with [`Core::snapshot_built`].
 //!
 //! A proposal is answered only when its entry is applied, with apply's result. A
 //! proposal's entry is recognised by (index, term): by raft's log matching, no
@@ -21,8 +23,7 @@
 //! never committed and the caller may safely retry.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot};
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::history::{self, Tagged};
 use super::log::{Log, Persist};
+use super::view::Views;
 use coop_core::codec;
 use coop_core::state::{Command, Event, Op, Rejection, State};
 
@@ -110,11 +112,10 @@ pub struct NodeStatus {
 
 pub struct Core {
     raw: RawNode<Log>,
-    state: Arc<RwLock<State>>,
-    /// The index of the entry the state was last changed by, set while the
-    /// state's write lock is held: a reader holding the read lock knows which
-    /// state it sees (see `Replica::read_indexed`).
-    state_index: Arc<AtomicU64>,
+    /// The state machine, changed only here.
+    state: State,
+    /// Where readers get it (see `view`).
+    views: Views,
     peers: BTreeMap<u64, String>,
     /// Nodes removed from the cluster: a removed node that does not know it
     /// yet keeps sending, and must not be learnt back as a peer.
@@ -180,7 +181,7 @@ impl Core {
         id: u64,
         log: Log,
         peers: BTreeMap<u64, String>,
-        state: Arc<RwLock<State>>,
+        views: Views,
         timing: &Timing,
         logger: &slog::Logger,
     ) -> anyhow::Result<Self> {
@@ -198,7 +199,8 @@ impl Core {
         // fills in those it does not name (added later by membership changes).
         book.extend(peers);
         let peers = book;
-        *state.write().unwrap_or_else(|e| e.into_inner()) = restored;
+        restored.build_indexes();
+        views.publish(&restored, applied);
         let config = raft::Config {
             id,
             election_tick: timing.election_ticks,
@@ -221,8 +223,8 @@ impl Core {
         let raw = RawNode::new(&config, log, logger)?;
         Ok(Self {
             raw,
-            state,
-            state_index: Arc::new(AtomicU64::new(applied)),
+            state: restored,
+            views,
             peers,
             removed: BTreeSet::new(),
             applied,
@@ -266,11 +268,6 @@ impl Core {
 
     pub fn applied(&self) -> u64 {
         self.applied
-    }
-
-    /// See `state_index`.
-    pub fn state_index(&self) -> Arc<AtomicU64> {
-        self.state_index.clone()
     }
 
     pub fn peers(&self) -> &BTreeMap<u64, String> {
@@ -525,11 +522,9 @@ impl Core {
                 // the store with this Ready); what the snapshot covers beyond
                 // it is copied from a peer.
                 self.installed_over = Some((self.applied, data.state.chain.clone()));
-                let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-                *state = data.state;
-                self.state_index
-                    .store(snap.get_metadata().index, Ordering::Release);
-                drop(state);
+                self.state = data.state;
+                self.state.build_indexes();
+                self.views.publish(&self.state, snap.get_metadata().index);
                 // What this node was configured with or committed stays; the
                 // snapshot fills in the rest.
                 for (id, address) in data.peers {
@@ -556,8 +551,7 @@ impl Core {
         if entries.is_empty() || self.fatal.is_some() {
             return;
         }
-        let shared = self.state.clone();
-        let mut state = shared.write().unwrap_or_else(|e| e.into_inner());
+        let before = self.applied;
         for entry in entries {
             if entry.index <= self.applied {
                 continue;
@@ -567,8 +561,8 @@ impl Core {
                 EntryType::EntryNormal => match codec::decode::<Command>(&entry.data) {
                     Ok(cmd) => {
                         self.last_at_ms = self.last_at_ms.max(cmd.at_ms);
-                        let result = state.apply(&cmd);
-                        history::tag(entry.index, state.take_outbox(), &mut self.made);
+                        let result = self.state.apply(&cmd);
+                        history::tag(entry.index, self.state.take_outbox(), &mut self.made);
                         result
                     }
                     Err(e) => {
@@ -577,7 +571,7 @@ impl Core {
                             "committed log entry {} (term {}) cannot be read: {e}",
                             entry.index, entry.term
                         ));
-                        return;
+                        break;
                     }
                 },
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
@@ -588,13 +582,12 @@ impl Core {
                                 "committed membership change {} (term {}) cannot be read: {e}",
                                 entry.index, entry.term
                             ));
-                            return;
+                            break;
                         }
                     }
                 }
             };
             self.applied = entry.index;
-            self.state_index.store(entry.index, Ordering::Release);
             if let Ok(events) = &result {
                 done.events.extend(events.iter().cloned());
             }
@@ -610,6 +603,10 @@ impl Core {
                     done.dropped.push(token);
                 }
             }
+        }
+        // Once per batch: readers see every entry of it or none.
+        if self.applied != before {
+            self.views.publish(&self.state, self.applied);
         }
     }
 
@@ -662,19 +659,17 @@ impl Core {
         {
             return None;
         }
-        let term = log.term(self.applied).ok()?;
-        // The copy is what the loop pays; encoding it (seconds for a large
-        // state) happens elsewhere.
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner()).clone();
+        // The view published at `applied`: shared, not copied; encoding it
+        // (seconds for a large state) happens elsewhere.
+        let view = self.views.current();
+        let term = log.term(view.index).ok()?;
         self.snapshot_building = true;
         Some(SnapshotJob {
-            index: self.applied,
+            index: view.index,
             term,
             conf_state: log.conf_state.clone(),
-            data: SnapshotData {
-                state,
-                peers: self.peers.clone(),
-            },
+            state: view.state,
+            peers: self.peers.clone(),
         })
     }
 
@@ -720,19 +715,30 @@ impl Core {
     }
 }
 
-/// A consistent copy of the state at `index`, to be encoded as a snapshot.
+/// The state at `index` (a published view), to be encoded as a snapshot.
 pub struct SnapshotJob {
     pub index: u64,
     pub term: u64,
     pub conf_state: ConfState,
-    data: SnapshotData,
+    state: Arc<State>,
+    peers: BTreeMap<u64, String>,
+}
+
+/// [`SnapshotData`] as encoded, borrowing the view.
+#[derive(Serialize)]
+struct SnapshotOut<'a> {
+    state: &'a State,
+    peers: &'a BTreeMap<u64, String>,
 }
 
 impl SnapshotJob {
     /// The snapshot's bytes, checked to read back exactly. Slow for a large
     /// state: run it off the node loop.
     pub fn build(&self) -> Result<Vec<u8>, String> {
-        let bytes = codec::encode(&self.data);
+        let bytes = codec::encode(&SnapshotOut {
+            state: &self.state,
+            peers: &self.peers,
+        });
         codec::decode::<SnapshotData>(&bytes).map_err(|e| e.to_string())?;
         Ok(bytes)
     }

@@ -1,8 +1,9 @@
 //! Raft replication of the state machine (raft-rs): the in-memory log raft
 //! reads (`log`), the pure node around the state machine (`core`), the log on
 //! disk (`disk`), the history each replica stores as it applies (`history`),
-//! the usage windows read from it (`windows`), the messages between nodes
-//! (`transport`) and snapshots streamed in pieces (`snapshot_stream`).
+//! the usage windows read from it (`windows`), the state readers see
+//! (`view`), the messages between nodes (`transport`) and snapshots streamed
+//! in pieces (`snapshot_stream`).
 
 pub mod archive;
 pub mod core;
@@ -11,6 +12,7 @@ pub mod history;
 pub mod log;
 pub mod snapshot_stream;
 pub mod transport;
+pub mod view;
 pub mod windows;
 
 /// Sends raft-rs's slog records to `tracing`.
