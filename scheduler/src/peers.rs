@@ -14,9 +14,23 @@ use coop_core::state::Op;
 
 /// Served on the peer listener only, whose TLS handshake already refused any
 /// caller without a certificate of the cluster CA.
-pub struct Raft(pub Replica);
+pub struct Raft {
+    replica: Replica,
+    /// One snapshot is received at a time: each may hold gigabytes.
+    snapshots: tokio::sync::Semaphore,
+}
+
+/// How long a snapshot's stream may wait for its next piece.
+const PIECE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Raft {
+    pub fn new(replica: Replica) -> Self {
+        Self {
+            replica,
+            snapshots: tokio::sync::Semaphore::new(1),
+        }
+    }
+
     /// Raft messages are decoded by protobuf 2, which has no depth limit on
     /// nesting (RUSTSEC-2024-0437): a second check that the caller showed a
     /// peer certificate, should this service ever be mounted elsewhere.
@@ -41,7 +55,7 @@ impl RaftService for Raft {
             .map(|bytes| Message::parse_from_bytes(bytes))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(format!("messages: {e}")))?;
-        self.0.step(b.from, b.from_address, msgs);
+        self.replica.step(b.from, b.from_address, msgs);
         Ok(Response::new(pb::RaftAck {}))
     }
 
@@ -50,17 +64,37 @@ impl RaftService for Raft {
         req: Request<tonic::Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::RaftAck>, Status> {
         self.authorise(&req)?;
+        let _one = self.snapshots.try_acquire().map_err(|_| {
+            Status::resource_exhausted("a snapshot is being received already; send it later")
+        })?;
         let mut pieces = req.into_inner();
-        let first = pieces
-            .message()
+        let mut next = async || match tokio::time::timeout(PIECE_WAIT, pieces.message()).await {
+            Ok(piece) => piece,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no piece of the snapshot for {PIECE_WAIT:?}"
+            ))),
+        };
+        let first = next()
             .await?
             .ok_or_else(|| Status::invalid_argument("message: the snapshot stream was empty"))?;
         let mut snapshot = Assembly::start(first).map_err(Status::invalid_argument)?;
-        while let Some(piece) = pieces.message().await? {
+        while let Some(piece) = next().await? {
             snapshot.add(piece).map_err(Status::invalid_argument)?;
         }
         let (from, from_address, msg) = snapshot.finish().map_err(Status::invalid_argument)?;
-        self.0.step(from, from_address, vec![msg]);
+        if msg.to != self.replica.id() {
+            return Err(Status::invalid_argument(format!(
+                "message: a snapshot for raft node {}, not this one ({})",
+                msg.to,
+                self.replica.id()
+            )));
+        }
+        // Not dropped when the node loop is busy, as other messages are: the
+        // leader would count it delivered.
+        self.replica
+            .step_snapshot(from, from_address, msg)
+            .await
+            .map_err(|e| Status::unavailable(format!("the snapshot was not taken: {e}")))?;
         Ok(Response::new(pb::RaftAck {}))
     }
 
@@ -73,7 +107,7 @@ impl RaftService for Raft {
         // newer follower's) must not be dropped on the way to the leader.
         let op: Op = coop_core::codec::decode(&req.into_inner().op)
             .map_err(|e| Status::invalid_argument(format!("op: {e}")))?;
-        let result = self.0.propose_local(op).await;
+        let result = self.replica.propose_local(op).await;
         Ok(Response::new(pb::ForwardResponse {
             result: serde_json::to_vec(&result).expect("results serialise"),
         }))
@@ -86,7 +120,7 @@ impl RaftService for Raft {
         self.authorise(&req)?;
         let change: Membership = serde_json::from_slice(&req.into_inner().change)
             .map_err(|e| Status::invalid_argument(format!("change: {e}")))?;
-        self.0
+        self.replica
             .change_membership(change)
             .await
             .map_err(crate::status::propose_status)?;
@@ -98,7 +132,7 @@ impl RaftService for Raft {
         req: Request<pb::NodeStatusRequest>,
     ) -> Result<Response<pb::SchedulerNode>, Status> {
         self.authorise(&req)?;
-        Ok(Response::new(self.0.scheduler_node()))
+        Ok(Response::new(self.replica.scheduler_node()))
     }
 
     async fn history(
@@ -110,7 +144,7 @@ impl RaftService for Raft {
         if r.to <= r.from {
             return Err(Status::invalid_argument("to: must be after from"));
         }
-        let h = self.0.history();
+        let h = self.replica.history();
         // Only what this node holds whole: its own gap, or history it has not
         // stored yet, is another peer's to give.
         let missing = h.gap().filter(|g| g.from < r.to && r.from < g.to);

@@ -563,6 +563,26 @@ impl Replica {
         });
     }
 
+    /// Hands a snapshot message to the node loop, waiting for room rather
+    /// than dropping it: its sender hears that it was delivered.
+    pub async fn step_snapshot(
+        &self,
+        from: u64,
+        from_address: String,
+        msg: Message,
+    ) -> Result<(), String> {
+        let input = Input::Raft {
+            from,
+            from_address,
+            msgs: vec![msg],
+        };
+        match tokio::time::timeout(PROPOSE_TIMEOUT, self.tx.send(input)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("the raft node has stopped".into()),
+            Err(_) => Err("the raft node is overloaded".into()),
+        }
+    }
+
     /// Changes the voter set; on a follower the leader carries it out.
     pub async fn change_membership(&self, change: Membership) -> Result<(), ProposeError> {
         if !self.is_leader() {

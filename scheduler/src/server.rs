@@ -241,7 +241,7 @@ impl Scheduler {
                     .tcp_nodelay(true)
                     .tls_config(t.peer_server())?
                     .add_service(
-                        pb::raft_service_server::RaftServiceServer::new(crate::peers::Raft(
+                        pb::raft_service_server::RaftServiceServer::new(crate::peers::Raft::new(
                             replica.clone(),
                         ))
                         .max_decoding_message_size(crate::consensus::transport::MAX_MESSAGE_BYTES)

@@ -84,6 +84,12 @@ impl Assembly {
         if msg.get_msg_type() != MessageType::MsgSnapshot || !msg.get_snapshot().data.is_empty() {
             return Err("message: not a snapshot message without its data".into());
         }
+        if msg.from != first.from {
+            return Err(format!(
+                "from: {} sends a snapshot of raft node {}",
+                first.from, msg.from
+            ));
+        }
         if first.total_bytes > MAX_SNAPSHOT_BYTES {
             return Err(format!(
                 "total_bytes: {} is over the {MAX_SNAPSHOT_BYTES} bytes a snapshot may have",
@@ -109,6 +115,9 @@ impl Assembly {
     pub fn add(&mut self, piece: pb::SnapshotChunk) -> Result<(), String> {
         if !piece.message.is_empty() || piece.total_bytes != 0 {
             return Err("message: only the first piece says what the snapshot is".into());
+        }
+        if piece.data.len() > PIECE_BYTES {
+            return Err(format!("data: a piece over {PIECE_BYTES} bytes"));
         }
         if self.data.len() as u64 + piece.data.len() as u64 > self.total {
             return Err(format!(
@@ -141,6 +150,7 @@ mod tests {
     fn snapshot_message(len: usize) -> Message {
         let mut msg = Message::default();
         msg.set_msg_type(MessageType::MsgSnapshot);
+        msg.from = 1;
         msg.to = 2;
         msg.term = 7;
         let snap = msg.mut_snapshot();
@@ -210,5 +220,16 @@ mod tests {
         let mut garbage = p[0].clone();
         garbage.message = vec![0xff; 9];
         assert!(Assembly::start(garbage).is_err());
+        // A sender naming another node as the snapshot's source.
+        let mut other = p[0].clone();
+        other.from = 3;
+        assert!(Assembly::start(other).unwrap_err().starts_with("from:"));
+        // A piece larger than pieces are.
+        let mut a = Assembly::start(p[0].clone()).unwrap();
+        let big = pb::SnapshotChunk {
+            data: vec![0; PIECE_BYTES + 1],
+            ..Default::default()
+        };
+        assert!(a.add(big).unwrap_err().contains("a piece over"));
     }
 }

@@ -210,8 +210,14 @@ impl Sender {
             }
             conn = None;
             let _ = self.feedback.send(Feedback::Unreachable(self.to));
-            // What queued up meanwhile is stale; raft will resend what it needs.
-            while rx.try_recv().is_ok() {}
+            // What queued up meanwhile is stale; raft will resend what it
+            // needs, except a snapshot, which it waits to hear of: that one
+            // goes on its own call.
+            while let Ok(m) = rx.try_recv() {
+                if m.get_msg_type() == MessageType::MsgSnapshot {
+                    tokio::spawn(self.send_snapshot(m));
+                }
+            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
