@@ -215,14 +215,18 @@ impl Statement {
     pub fn add_past(&mut self, past: Past<'_>) {
         let (from_ms, to_ms) = (self.from_ms, self.to_ms);
         for r in past.usage.iter().filter(|r| r.member == self.member) {
-            let g = pro_rata(r.gpu_ms, r.start_ms, r.end_ms, from_ms, to_ms);
-            if g == 0 && !(r.start_ms < to_ms && r.end_ms > from_ms) {
+            let cut = |v| pro_rata(v, r.start_ms, r.end_ms, from_ms, to_ms);
+            let (g, w, e) = (cut(r.gpu_ms), cut(r.weighted_gpu_ms), cut(r.energy_mj));
+            // A record counts (its model listed, its job among the jobs)
+            // when its interval meets the period's inside, or it brings
+            // something to the period (one of no length on its edge).
+            if g == 0 && w == 0 && e == 0 && !(r.start_ms < to_ms && r.end_ms > from_ms) {
                 continue;
             }
-            let e = self.by_model.entry(r.model.clone()).or_default();
-            e.0 += g;
-            e.1 += pro_rata(r.weighted_gpu_ms, r.start_ms, r.end_ms, from_ms, to_ms);
-            e.2 += pro_rata(r.energy_mj, r.start_ms, r.end_ms, from_ms, to_ms);
+            let m = self.by_model.entry(r.model.clone()).or_default();
+            m.0 += g;
+            m.1 += w;
+            m.2 += e;
             self.job_ids.insert(r.job);
         }
         for s in past.sums.iter().filter(|s| s.member == self.member) {

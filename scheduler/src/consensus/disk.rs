@@ -50,21 +50,22 @@ impl Disk {
         anyhow::ensure!(
             existing.is_none() || version == STORE_VERSION || version == 2,
             "{} was written by another coop (store version {version}, this one reads \
-             {STORE_VERSION}); upgrading a data dir is not supported yet: start from an empty one",
+             {STORE_VERSION} and upgrades 2): start from an empty data dir",
             path.display()
         );
+        // The tables, a version 2 store's rollups and the version, at once: a
+        // crash half-way leaves the database as it was.
+        let mut tx = pool.begin().await?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS raft_entries (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL)",
         )
-        .execute(&pool)
+        .execute(&mut *tx)
         .await?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS raft_meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
         )
-        .execute(&pool)
+        .execute(&mut *tx)
         .await?;
-        // The tables, the version 2 store's rollups and the version, at once.
-        let mut tx = pool.begin().await?;
         for ddl in super::archive::SCHEMA {
             sqlx::query(*ddl).execute(&mut *tx).await?;
         }

@@ -1,9 +1,10 @@
 //! Usage over a window, from the store (`archive`): the records that end in
-//! the window's whole hours and days come summed from `usage_rollup`, the
-//! few others (at its edges, in a bucket that holds a record begun before
-//! the window) one by one, to be cut pro rata by `coop_core::usage`. So a
-//! month of a member's usage is a few dozen rollup rows and about two hours
-//! of records, however busy the month was.
+//! the window's whole days and hours come summed from `usage_rollup`, the few
+//! others one by one, to be cut pro rata by `coop_core::usage`: those at its
+//! edges, and those of an hour that holds a record begun before the window
+//! (a day that holds one is taken hour by hour). So a month of a member's
+//! usage is a few dozen rollup rows and about two hours of records, however
+//! busy the month was.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -83,18 +84,24 @@ pub async fn usage_window(
     let mut whole: BTreeMap<(String, String), [i64; 4]> = BTreeMap::new();
     let mut summed: HashSet<(i64, i64, String, String)> = HashSet::new();
     let mut records = Vec::new();
+    // Buckets holding a record begun before the window: a day's hours are
+    // tried instead, an hour's records read one by one.
+    let mut bad = Vec::new();
     for (span, lo, hi) in spans.into_iter().filter(|(_, lo, hi)| lo < hi) {
-        for row in rollups(conn, member, span, lo, hi).await? {
+        bad.extend(rollups(conn, member, None, span, lo, hi).await?);
+        while let Some(row) = bad.pop() {
             let (m, bucket, model): (String, i64, String) = (row.get(0), row.get(1), row.get(2));
-            let min_start: i64 = row.get(3);
-            if min_start >= from_ms {
+            let span: i64 = row.get(8);
+            if row.get::<i64, _>(3) >= from_ms {
                 let sum = whole.entry((m.clone(), model.clone())).or_default();
                 for (i, v) in sum.iter_mut().enumerate() {
                     *v += row.get::<i64, _>(4 + i);
                 }
                 summed.insert((span, bucket, m, model));
+            } else if span == DAY {
+                let hours = (bucket * 24, bucket * 24 + 24);
+                bad.extend(rollups(conn, Some(&m), Some(&model), HOUR, hours.0, hours.1).await?);
             } else {
-                // A record in it began before the window: read them all.
                 let (lo_end, hi_end) = (bucket * span + 1, (bucket + 1) * span);
                 let only = Rows {
                     upto,
@@ -104,24 +111,28 @@ pub async fn usage_window(
             }
         }
     }
-    // The rollups already hold rows made after `upto`: take those away.
-    for r in rows.made_after(conn).await? {
-        if r.end_ms <= a || r.end_ms > b {
-            continue;
-        }
-        let span = if days && r.end_ms > first_day * DAY && r.end_ms <= end_day * DAY {
-            DAY
-        } else {
-            HOUR
+    // The rollups already hold rows made after `upto`: take those away (from
+    // the day or the hour that was summed, if either was).
+    for r in rows.made_after(conn, a, b).await? {
+        let key = |span: i64| {
+            (
+                span,
+                (r.end_ms - 1) / span,
+                r.member.clone(),
+                r.model.clone(),
+            )
         };
-        let key = (span, (r.end_ms - 1) / span, r.member, r.model);
-        if summed.contains(&key) {
-            let sum = whole.entry((key.2, key.3)).or_default();
-            sum[0] -= sql_int(r.gpu_ms);
-            sum[1] -= sql_int(r.weighted_gpu_ms);
-            sum[2] -= sql_int(r.energy_mj);
-            sum[3] -= 1;
-        }
+        let Some(key) = [key(DAY), key(HOUR)]
+            .into_iter()
+            .find(|k| summed.contains(k))
+        else {
+            continue;
+        };
+        let sum = whole.entry((key.2, key.3)).or_default();
+        sum[0] -= sql_int(r.gpu_ms);
+        sum[1] -= sql_int(r.weighted_gpu_ms);
+        sum[2] -= sql_int(r.energy_mj);
+        sum[3] -= 1;
     }
     records.extend(rows.ending(conn, from_ms, a, to_ms).await?);
     records.extend(rows.ending(conn, b + 1, reach, to_ms).await?);
@@ -143,10 +154,12 @@ fn ceil_div(v: i64, by: i64) -> i64 {
     v.div_euclid(by) + i64::from(v.rem_euclid(by) != 0)
 }
 
-/// The rollup rows of buckets `[lo, hi)` of one span.
+/// The rollup rows of buckets `[lo, hi)` of one span, of `member` (or all)
+/// and `model` (or all).
 async fn rollups(
     conn: &mut SqliteConnection,
     member: Option<&str>,
+    model: Option<&str>,
     span: i64,
     lo: i64,
     hi: i64,
@@ -155,11 +168,13 @@ async fn rollups(
     let query = match member {
         Some(_) => sqlx::query(
             "SELECT member, bucket, model, min_start, gpu_ms, weighted_gpu_ms, energy_mj, \
-             records FROM usage_rollup WHERE member = ? AND span = ? AND bucket >= ? AND bucket < ?",
+             records, span FROM usage_rollup WHERE member = ? AND span = ? AND bucket >= ? \
+             AND bucket < ? AND (? IS NULL OR model = ?)",
         ),
         None => sqlx::query(
             "SELECT member, bucket, model, min_start, gpu_ms, weighted_gpu_ms, energy_mj, \
-             records FROM usage_rollup WHERE (? IS NULL) AND span = ? AND bucket >= ? AND bucket < ?",
+             records, span FROM usage_rollup WHERE (? IS NULL) AND span = ? AND bucket >= ? \
+             AND bucket < ? AND (? IS NULL OR model = ?)",
         ),
     };
     Ok(query
@@ -167,6 +182,8 @@ async fn rollups(
         .bind(span)
         .bind(lo)
         .bind(hi)
+        .bind(model)
+        .bind(model)
         .fetch_all(&mut *conn)
         .await?)
 }
@@ -238,17 +255,26 @@ impl Rows<'_> {
         rows.iter().map(usage_row).collect()
     }
 
-    /// Records made by entries after `upto` (few: the store runs at most a
-    /// few Readies ahead of a read's index).
-    async fn made_after(&self, conn: &mut SqliteConnection) -> anyhow::Result<Vec<UsageRecord>> {
+    /// Records made by entries after `upto` that end in `(lo, hi]` (few: the
+    /// store runs at most a few Readies ahead of a read's index, or the log
+    /// tail replayed after a restart).
+    async fn made_after(
+        &self,
+        conn: &mut SqliteConnection,
+        lo: i64,
+        hi: i64,
+    ) -> anyhow::Result<Vec<UsageRecord>> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             usage_columns!(),
-            " FROM usage WHERE idx > ? AND (? IS NULL OR member = ?)"
+            " FROM usage WHERE idx > ? AND (? IS NULL OR member = ?) AND end_ms > ? \
+             AND end_ms <= ?"
         ))
         .bind(sql_int(self.upto))
         .bind(self.member)
         .bind(self.member)
+        .bind(lo)
+        .bind(hi)
         .fetch_all(&mut *conn)
         .await?;
         rows.iter().map(usage_row).collect()
@@ -271,11 +297,13 @@ pub async fn usage_jobs(
             .await?;
     let reach = to_ms.saturating_add(longest.map_or(0, |(v,)| v.max(0)));
     // As `Statement::add_past` counts a record's job: its interval meets
-    // the period's inside, or it has no length and GPU time in the period.
+    // the period's inside, or it has no length, lies in the period and
+    // brings something.
     let rows: Vec<(String,)> = sqlx::query_as(
         "SELECT DISTINCT job FROM usage WHERE member = ? AND end_ms >= ? AND end_ms <= ? \
          AND start_ms <= ? AND idx <= ? AND ((end_ms > ? AND start_ms < ?) \
-         OR (end_ms <= start_ms AND end_ms <= ? AND gpu_ms > 0))",
+         OR (end_ms <= start_ms AND end_ms <= ? \
+         AND (gpu_ms > 0 OR weighted_gpu_ms > 0 OR energy_mj > 0)))",
     )
     .bind(member)
     .bind(from_ms)

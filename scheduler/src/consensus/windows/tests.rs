@@ -44,8 +44,12 @@ impl Gen {
     /// A record over about five days: some of no length (an exit's energy),
     /// some long, some across midnight.
     fn record(&mut self) -> UsageRecord {
-        let start = self.next(5 * DAY as u64) as i64;
+        let mut start = self.next(5 * DAY as u64) as i64;
         let len = [0, 1, 30_000, 700_000, 2 * HOUR, 30 * HOUR][self.next(6) as usize];
+        if len == 0 && self.next(2) == 0 {
+            // On the hour: at the very end of a window that ends there.
+            start -= start % HOUR;
+        }
         UsageRecord {
             job: uuid::Uuid::from_u128(self.next(50) as u128),
             attempt: 1,
@@ -189,6 +193,10 @@ async fn rollups_follow_replays_copies_and_replaced_records() {
     write(&disk, &items, Source::Apply).await;
     write(&disk, &items, Source::Apply).await;
     write(&disk, &items, Source::Copy).await;
+    // A node that copied all of it from a peer has the same rollups.
+    let copied_dir = tempfile::tempdir().unwrap();
+    let copied = store(&copied_dir).await;
+    write(&copied, &items, Source::Copy).await;
     for item in items.iter_mut().step_by(7) {
         if let Item::Record(r) = &mut item.1
             && let Entry::Usage(u) = &mut r.entry
@@ -197,6 +205,9 @@ async fn rollups_follow_replays_copies_and_replaced_records() {
             (u.start_ms, u.end_ms, u.gpu_ms) = (moved.start_ms, moved.end_ms, moved.gpu_ms);
             u.model = moved.model;
         }
+    }
+    for (from, to) in windows(&mut g) {
+        check(copied.pool(), 40, from, to).await;
     }
     write(&disk, &items, Source::Apply).await;
     for (from, to) in windows(&mut g) {
