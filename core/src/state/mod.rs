@@ -51,25 +51,29 @@ use crate::commands::invalid;
 /// Finished jobs one command moves out of memory at most (see `State::retire`).
 pub const MAX_RETIRED_PER_COMMAND: usize = 1000;
 
+/// The replicated state. Its large parts are persistent maps (`imbl`, and
+/// [`Jobs`]): a clone shares them, so that the shell can hand readers and
+/// snapshots the state as of an index without copying it; the small ones
+/// (bounded by the members) are plain maps. Encoded alike either way.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     pub operator_token_hash: Option<String>,
     pub default_member: Option<String>,
-    pub members: BTreeMap<String, Member>,
-    pub tokens: BTreeMap<String, Principal>,
+    pub members: imbl::OrdMap<String, Member>,
+    pub tokens: imbl::OrdMap<String, Principal>,
     /// When tokens (by hash) stop working; absent: never.
-    pub token_expiry: BTreeMap<String, i64>,
+    pub token_expiry: imbl::OrdMap<String, i64>,
     pub auditors: BTreeMap<String, crate::model::Auditor>,
     /// Unused join tokens by hash.
     pub enrollments: BTreeMap<String, crate::model::Enrollment>,
     /// The owner each enrolled node's credential was issued for.
-    pub node_owners: BTreeMap<String, String>,
-    pub nodes: BTreeMap<String, Node>,
+    pub node_owners: imbl::OrdMap<String, String>,
+    pub nodes: imbl::OrdMap<String, Node>,
     pub jobs: jobs_map::Jobs,
     /// Pending jobs in arrival order (an index over `jobs`).
     pub queue: imbl::OrdSet<(i64, JobId)>,
     /// Running jobs (an index over `jobs`).
-    pub running: BTreeSet<JobId>,
+    pub running: imbl::OrdSet<JobId>,
     /// Finished jobs by when they finished: they leave memory in this order
     /// once the policy's retention has passed (an index over `jobs`).
     pub finished: imbl::OrdSet<(i64, JobId)>,
@@ -93,7 +97,7 @@ pub struct State {
     pub rejected_reports: BTreeMap<String, u64>,
     /// The GPUs each node registered first after it enrolled: a later
     /// registration may offer fewer of them, but no other or changed ones.
-    pub inventory: BTreeMap<String, Vec<GpuInfo>>,
+    pub inventory: imbl::OrdMap<String, Vec<GpuInfo>>,
     /// Members whose token is one they made themselves (rotated with their
     /// own token): only they vote, since the operator saw the token each
     /// member was given.
