@@ -267,8 +267,10 @@ impl Rows<'_> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             usage_columns!(),
-            " FROM usage WHERE idx > ? AND (? IS NULL OR member = ?) AND end_ms > ? \
-             AND end_ms <= ?"
+            // By entry: left to itself, SQLite would take the end-time
+            // index and walk the whole window.
+            " FROM usage INDEXED BY usage_idx WHERE idx > ? AND (? IS NULL OR member = ?) \
+             AND end_ms > ? AND end_ms <= ?"
         ))
         .bind(sql_int(self.upto))
         .bind(self.member)
