@@ -416,6 +416,13 @@ impl JobService for Jobs {
                 .filter(|(k, _)| after(k, &r.page_token))
                 .collect();
             jobs.sort_by(|a, b| a.0.cmp(&b.0));
+            // Only a page's worth (and one to say there is more) is shown:
+            // converting and explaining the rest would be thrown away.
+            let page_len = match r.limit as usize {
+                0 => super::DEFAULT_PAGE,
+                n => n.min(super::MAX_PAGE),
+            };
+            jobs.truncate(page_len + 1);
             let mut listed: Vec<(String, pb::Job)> = jobs
                 .into_iter()
                 .map(|(k, j)| (k, job_to_pb(&state, j, now)))
