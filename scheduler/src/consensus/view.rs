@@ -34,6 +34,11 @@ impl Views {
             state: Arc::new(state.clone()),
             index,
         };
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = view;
+        let old = std::mem::replace(
+            &mut *self.0.write().unwrap_or_else(|e| e.into_inner()),
+            view,
+        );
+        // Freed (when no reader holds it) after the lock is let go.
+        drop(old);
     }
 }

@@ -60,7 +60,7 @@ pub async fn usage_window(
     let rows = Rows { upto, member };
     let (first_hour, end_hour) = (ceil_div(from_ms, HOUR), to_ms.div_euclid(HOUR));
     if first_hour >= end_hour {
-        let records = rows.ending(conn, from_ms, reach, to_ms).await?;
+        let records = rows.ending(conn, (from_ms, reach), to_ms, None).await?;
         return Ok(Window {
             sums: Vec::new(),
             records,
@@ -107,7 +107,10 @@ pub async fn usage_window(
                     upto,
                     member: Some(&m),
                 };
-                records.extend(only.of_model(conn, &model, lo_end, hi_end).await?);
+                records.extend(
+                    only.ending(conn, (lo_end, hi_end), i64::MAX, Some(&model))
+                        .await?,
+                );
             }
         }
     }
@@ -134,8 +137,8 @@ pub async fn usage_window(
         sum[2] -= sql_int(r.energy_mj);
         sum[3] -= 1;
     }
-    records.extend(rows.ending(conn, from_ms, a, to_ms).await?);
-    records.extend(rows.ending(conn, b + 1, reach, to_ms).await?);
+    records.extend(rows.ending(conn, (from_ms, a), to_ms, None).await?);
+    records.extend(rows.ending(conn, (b + 1, reach), to_ms, None).await?);
     let sums = whole
         .into_iter()
         .filter(|(_, sum)| sum[3] > 0)
@@ -195,13 +198,13 @@ struct Rows<'a> {
 }
 
 impl Rows<'_> {
-    /// Records ending in `[lo, hi]` that began by `start_by`.
+    /// Records ending in `[lo, hi]` that began by `start_by`, of `model` or all.
     async fn ending(
         &self,
         conn: &mut SqliteConnection,
-        lo: i64,
-        hi: i64,
+        (lo, hi): (i64, i64),
         start_by: i64,
+        model: Option<&str>,
     ) -> anyhow::Result<Vec<UsageRecord>> {
         if lo > hi {
             return Ok(Vec::new());
@@ -211,13 +214,13 @@ impl Rows<'_> {
                 "SELECT ",
                 usage_columns!(),
                 " FROM usage WHERE member = ? AND end_ms >= ? AND end_ms <= ? AND start_ms <= ? \
-                 AND idx <= ?"
+                 AND idx <= ? AND (? IS NULL OR model = ?)"
             )),
             None => sqlx::query(concat!(
                 "SELECT ",
                 usage_columns!(),
                 " FROM usage WHERE (? IS NULL) AND end_ms >= ? AND end_ms <= ? \
-                 AND start_ms <= ? AND idx <= ?"
+                 AND start_ms <= ? AND idx <= ? AND (? IS NULL OR model = ?)"
             )),
         };
         let rows = query
@@ -226,32 +229,10 @@ impl Rows<'_> {
             .bind(hi)
             .bind(start_by)
             .bind(sql_int(self.upto))
+            .bind(model)
+            .bind(model)
             .fetch_all(&mut *conn)
             .await?;
-        rows.iter().map(usage_row).collect()
-    }
-
-    /// One member's records of `model` ending in `[lo, hi]`.
-    async fn of_model(
-        &self,
-        conn: &mut SqliteConnection,
-        model: &str,
-        lo: i64,
-        hi: i64,
-    ) -> anyhow::Result<Vec<UsageRecord>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            usage_columns!(),
-            " FROM usage WHERE member = ? AND end_ms >= ? AND end_ms <= ? AND model = ? \
-             AND idx <= ?"
-        ))
-        .bind(self.member)
-        .bind(lo)
-        .bind(hi)
-        .bind(model)
-        .bind(sql_int(self.upto))
-        .fetch_all(&mut *conn)
-        .await?;
         rows.iter().map(usage_row).collect()
     }
 
