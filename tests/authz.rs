@@ -584,6 +584,21 @@ fn rows(job_a: &str, session: &str) -> Vec<Row> {
             ),
         ),
         row(
+            "RaftService/SendSnapshot",
+            true,
+            "XXXXXXXXXXIX",
+            call!(
+                raft_service_client::RaftServiceClient,
+                send_snapshot,
+                tokio_stream::iter(vec![pb::SnapshotChunk {
+                    from: 1,
+                    message: b"garbage".to_vec(),
+                    total_bytes: 7,
+                    ..Default::default()
+                }])
+            ),
+        ),
+        row(
             "RaftService/Forward",
             true,
             "XXXXXXXXXXIX",
