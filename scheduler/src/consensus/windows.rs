@@ -50,12 +50,7 @@ pub async fn usage_window(
     // they already hold, and the edges are of one moment of the store.
     let mut tx = pool.begin().await?;
     let conn: &mut SqliteConnection = &mut tx;
-    let longest: Option<(i64,)> =
-        sqlx::query_as("SELECT value FROM history_meta WHERE key = 'usage_max_ms'")
-            .fetch_optional(&mut *conn)
-            .await?;
-    // No record meeting the window ends later than this.
-    let reach = to_ms.saturating_add(longest.map_or(0, |(v,)| v.max(0)));
+    let reach = reach(&mut *conn, to_ms).await?;
     let from_ms = from_ms.max(0);
     let rows = Rows { upto, member };
     let (first_hour, end_hour) = (ceil_div(from_ms, HOUR), to_ms.div_euclid(HOUR));
@@ -151,6 +146,16 @@ pub async fn usage_window(
         })
         .collect();
     Ok(Window { sums, records })
+}
+
+/// No record that began by `to_ms` ends later than this: `to_ms` plus the
+/// longest record stored (`usage_max_ms`).
+async fn reach(conn: &mut SqliteConnection, to_ms: i64) -> anyhow::Result<i64> {
+    let longest: Option<(i64,)> =
+        sqlx::query_as("SELECT value FROM history_meta WHERE key = 'usage_max_ms'")
+            .fetch_optional(conn)
+            .await?;
+    Ok(to_ms.saturating_add(longest.map_or(0, |(v,)| v.max(0))))
 }
 
 fn ceil_div(v: i64, by: i64) -> i64 {
@@ -274,11 +279,7 @@ pub async fn usage_jobs(
     to_ms: i64,
     member: &str,
 ) -> anyhow::Result<Vec<JobId>> {
-    let longest: Option<(i64,)> =
-        sqlx::query_as("SELECT value FROM history_meta WHERE key = 'usage_max_ms'")
-            .fetch_optional(pool)
-            .await?;
-    let reach = to_ms.saturating_add(longest.map_or(0, |(v,)| v.max(0)));
+    let reach = reach(&mut *pool.acquire().await?, to_ms).await?;
     // As `Statement::add_past` counts a record's job: its interval meets
     // the period's inside, or it has no length, lies in the period and
     // brings something.
