@@ -159,6 +159,7 @@ async fn add_bench_node(coop: &CoopCluster) -> anyhow::Result<Target> {
         .register(bearer(
             NODE_CREDENTIAL,
             pb::RegisterRequest {
+                address: String::new(),
                 node: "bench".into(),
                 owner: "bench".into(),
                 gpus: vec![pb::Gpu {

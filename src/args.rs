@@ -319,6 +319,11 @@ pub struct RunArgs {
     /// Remove a run's directory (its output and files) this long after it ended.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
     pub keep_runs: Duration,
+    /// Host name or IP address at which other nodes reach this one's jobs:
+    /// the rendezvous (MASTER_ADDR) of multi-node jobs whose rank 0 runs
+    /// here [default: the address this agent reaches the scheduler from].
+    #[arg(long, env = "COOP_AGENT_ADDRESS")]
+    pub address: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -498,9 +503,17 @@ pub struct SubmitArgs {
     /// finetune: a batch job, runs to completion; inference: a service, runs until cancelled.
     #[arg(long, value_enum, default_value_t = Kind::Finetune)]
     pub kind: Kind,
-    /// GPUs, all at once on one node.
+    /// GPUs, all at once: on one node where one has that many, else over
+    /// the fewest nodes with equal parts (one process per node).
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub gpus: i64,
+    /// Run over exactly this many nodes, one process each, the GPUs split
+    /// evenly (torchrun's --nnodes).
+    #[arg(long)]
+    pub nodes: Option<u32>,
+    /// GPUs on each node of a multi-node job (--gpus is then the total).
+    #[arg(long)]
+    pub gpus_per_node: Option<u32>,
     /// Only GPUs of this model (e.g. A100-80GB).
     #[arg(long)]
     pub gpu_model: Option<String>,
@@ -722,6 +735,9 @@ pub struct LogsArgs {
     /// Which attempt (default: the latest).
     #[arg(long, default_value_t = 0)]
     pub attempt: u32,
+    /// Of a multi-node job, the output of this node rank's process.
+    #[arg(long, default_value_t = 0)]
+    pub rank: u32,
 }
 
 #[derive(Subcommand, Debug)]

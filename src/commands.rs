@@ -117,7 +117,15 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                 Some(d) => crate::habits::parse_dependency(d)?,
                 None => (vec![], vec![]),
             };
+            if a.nodes == Some(0) {
+                bail!("nodes: must be at least 1");
+            }
+            if a.gpus_per_node == Some(0) {
+                bail!("gpus_per_node: must be at least 1");
+            }
             let req = pb::SubmitJobRequest {
+                nodes: a.nodes.unwrap_or(0),
+                gpus_per_node: a.gpus_per_node.unwrap_or(0),
                 kind: match a.kind {
                     Kind::Finetune => pb::JobKind::Finetune,
                     Kind::Inference => pb::JobKind::Inference,
@@ -227,6 +235,7 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                 let req = pb::JobLogsRequest {
                     id: a.id.clone(),
                     attempt: a.attempt,
+                    rank: a.rank,
                     offset,
                     limit: 0,
                 };

@@ -162,6 +162,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         telemetry_interval: a.runs.telemetry_interval,
         isolation: isolation(&a.runs, real)?,
         keep_runs: a.runs.keep_runs,
+        address: a.runs.address.clone().unwrap_or_default(),
     })
     .await?;
     let mut registered = agent.registered();
@@ -429,6 +430,7 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         telemetry_interval: a.runs.telemetry_interval,
         isolation: isolation(&a.runs, real)?,
         keep_runs: a.runs.keep_runs,
+        address: a.runs.address.clone().unwrap_or_default(),
     })
     .await?;
     eprintln!("agent {node}: {gpu_summary}");

@@ -115,6 +115,7 @@ fn rows(job_a: &str, session: &str) -> Vec<Row> {
     let (j5, j6) = (j.clone(), j.clone());
     let s2 = s.clone();
     let register = move || pb::RegisterRequest {
+        address: String::new(),
         node: "node-a".into(),
         owner: String::new(),
         gpus: vec![gpu()],
@@ -808,6 +809,7 @@ fn every_rpc_answers_every_kind_of_caller_as_the_matrix_says() {
         pb::agent_service_client::AgentServiceClient::new(client.clone())
             .register(req(
                 pb::RegisterRequest {
+                    address: String::new(),
                     node: "node-a".into(),
                     owner: String::new(),
                     gpus: vec![gpu()],

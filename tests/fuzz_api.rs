@@ -71,12 +71,14 @@ fn submit() -> impl Strategy<Value = pb::SubmitJobRequest> {
             HashMap::new(),
             prop::collection::hash_map(text(), text(), 0..3),
         ),
+        (mostly(0u32, any::<u32>()), mostly(0u32, any::<u32>())),
     )
         .prop_map(
             |(
                 (kind, gpus, command, gpu_model, mem, grace),
                 (member, priority, limit, request_id, cpu, memory, image),
                 env,
+                (nodes, gpus_per_node),
             )| {
                 pb::SubmitJobRequest {
                     kind,
@@ -94,6 +96,8 @@ fn submit() -> impl Strategy<Value = pb::SubmitJobRequest> {
                     memory_mb: memory,
                     image,
                     env,
+                    nodes,
+                    gpus_per_node,
                     ..Default::default()
                 }
             },
@@ -191,14 +195,22 @@ fn hostile_requests_are_answered_and_leave_the_scheduler_sound() {
         .unwrap();
     runner()
         .run(
-            &(who.clone(), text(), any::<u32>(), uint(), any::<u32>()),
-            |(w, id, attempt, offset, limit)| {
+            &(
+                who.clone(),
+                text(),
+                any::<u32>(),
+                uint(),
+                any::<u32>(),
+                any::<u32>(),
+            ),
+            |(w, id, attempt, offset, limit, rank)| {
                 let mut jobs = jobs.clone();
                 let r = pb::JobLogsRequest {
                     id,
                     attempt,
                     offset,
                     limit,
+                    rank,
                 };
                 answered(rt.block_on(jobs.logs(req(&tokens[w], r))).map(drop))
             },

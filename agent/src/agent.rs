@@ -47,6 +47,9 @@ pub struct AgentConfig {
     pub keep_runs: Duration,
     /// Where to publish telemetry and the report backlog, if anywhere.
     pub metrics: Option<crate::metrics::AgentMetrics>,
+    /// Where other nodes reach this one's runs (multi-node rendezvous);
+    /// empty: the scheduler takes the address the agent connects from.
+    pub address: String,
 }
 
 pub struct Agent {
@@ -327,6 +330,7 @@ impl Agent {
         let mut client = AgentServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let identity = self.spool.identity().to_string();
         let reg = pb::RegisterRequest {
+            address: self.cfg.address.clone(),
             node: self.cfg.node.clone(),
             owner: self.cfg.owner.clone(),
             gpus: self

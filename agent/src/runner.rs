@@ -311,6 +311,9 @@ impl Runner {
                 ("COOP_ARRAY_TASK_ID", task.to_string()),
             ]);
         }
+        if let Some(rv) = &run.rendezvous {
+            env.extend(rendezvous_env(rv, run.gpus.len()));
+        }
         let name = format!("coop-{}-{}", key.job, key.attempt);
         let iso = &self.isolation;
         let (argv, container, cgroup) = if run.image.is_empty() {
@@ -618,6 +621,33 @@ fn drop_privileges(cmd: &mut tokio::process::Command, uid: u32, pid_namespace: b
 /// search path, locale and time zone, and its run directory as home and
 /// scratch. Nothing else of the agent's environment reaches it.
 pub const PASSED_ENV: [&str; 4] = ["LANG", "LC_ALL", "TZ", "TERM"];
+
+/// What launchers expect of one node's process of a multi-node run: the
+/// variables torchrun's own processes and `torch.distributed` read, the same
+/// as torchrun's options (`PET_*`, so that a bare `torchrun train.py` joins
+/// the run), and coop's own.
+pub fn rendezvous_env(rv: &pb::Rendezvous, local_gpus: usize) -> Vec<(&'static str, String)> {
+    let master = rv.addresses.first().cloned().unwrap_or_default();
+    let nodes = rv.addresses.len().to_string();
+    let rank = rv.node_rank.to_string();
+    let port = rv.port.to_string();
+    let local = local_gpus.to_string();
+    vec![
+        ("MASTER_ADDR", master.clone()),
+        ("MASTER_PORT", port.clone()),
+        ("WORLD_SIZE", rv.world_size.to_string()),
+        ("NNODES", nodes.clone()),
+        ("NODE_RANK", rank.clone()),
+        ("LOCAL_WORLD_SIZE", local.clone()),
+        ("PET_NNODES", nodes.clone()),
+        ("PET_NODE_RANK", rank.clone()),
+        ("PET_MASTER_ADDR", master),
+        ("PET_MASTER_PORT", port),
+        ("PET_NPROC_PER_NODE", local),
+        ("COOP_NODE_RANK", rank),
+        ("COOP_NODES", rv.addresses.join(",")),
+    ]
+}
 
 fn job_env(dir: &std::path::Path) -> Vec<(String, std::ffi::OsString)> {
     let path = std::env::var_os("PATH")

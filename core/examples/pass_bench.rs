@@ -71,6 +71,7 @@ fn cluster(ordering: Ordering) -> State {
                 gpus,
                 session: "s".into(),
                 orphaned_runs_end_ms: 0,
+                address: String::new(),
             },
         );
     }
@@ -91,6 +92,8 @@ fn spec(gpus: u32, model: Option<&str>) -> JobSpec {
         time_limit_ms: 3_600_000,
         isolation: Default::default(),
         env: Default::default(),
+        nodes: 0,
+        gpus_per_node: 0,
     }
 }
 

@@ -74,6 +74,9 @@ pub enum Op {
         session: String,
         /// Where runs of an earlier agent session are billed up to (its last heartbeat).
         orphaned_runs_end_ms: i64,
+        /// The host other nodes reach it at (see `Node::address`).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        address: String,
     },
     NodeDown {
         node: String,
@@ -125,6 +128,13 @@ pub enum Op {
         job: JobId,
         node: String,
         gpus: Vec<String>,
+    },
+    /// A multi-node run: `parts` (node, GPUs) by rank, rank 0's rendezvous
+    /// on `port`.
+    PlaceGang {
+        job: JobId,
+        parts: Vec<(String, Vec<String>)>,
+        port: u16,
     },
     /// Stop a running job to free its GPUs for the pending job `for_job`.
     Preempt {

@@ -112,6 +112,10 @@ pub struct Node {
     /// is placed on it until `coop node resume`. Kept across registrations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cordon: Option<Cordon>,
+    /// Where the node's processes reach each other (the agent's address, as
+    /// it registered it): the rendezvous of multi-node runs. Empty: unknown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub address: String,
 }
 
 /// A run the scheduler gave up on when its node went silent. The agent kept
@@ -199,6 +203,12 @@ pub struct JobSpec {
     pub isolation: Isolation,
     /// Environment the member gives the run, on top of the agent's allowlist.
     pub env: BTreeMap<String, String>,
+    /// Nodes a multi-node job spans (0: as few as its GPUs need; see `gang`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub nodes: u32,
+    /// GPUs on each node of a multi-node job (0: `gpus` split evenly).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub gpus_per_node: u32,
 }
 
 /// What a run may use besides its GPUs, and what it runs in.
@@ -266,6 +276,60 @@ pub struct Job {
     /// The job is one task of an array.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub array: Option<ArrayTask>,
+    /// The current (or last) run spans nodes: its parts, by rank. `node` is
+    /// then rank 0's and `gpus` all of the run's; `started_at_ms` is the
+    /// first part's start and `billed_to_ms` the least any part is billed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<Box<Gang>>,
+}
+
+/// A multi-node run: one process per node, started together, ended together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gang {
+    /// Rank 0's rendezvous port (`MASTER_PORT`), chosen at placement.
+    pub port: u16,
+    pub parts: Vec<Part>,
+}
+
+/// One node's share of a multi-node run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    pub node: String,
+    pub gpus: Vec<String>,
+    /// As the node's agent reported it.
+    pub started_at_ms: Option<i64>,
+    pub billed_to_ms: i64,
+    /// Energy billed for this part in the current run.
+    pub energy_mj: u64,
+    pub utilization: (u64, u64),
+    /// How it ended, once it has.
+    pub end: Option<PartEnd>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartEnd {
+    pub at_ms: i64,
+    /// None: lost (its node or agent went away).
+    pub exit_code: Option<i32>,
+    pub reason: String,
+}
+
+impl Gang {
+    /// The rank of the part on `node`.
+    pub fn rank_on(&self, node: &str) -> Option<usize> {
+        self.parts.iter().position(|p| p.node == node)
+    }
+
+    /// A part failed or was lost: the others must stop.
+    pub fn broken(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|p| p.end.as_ref().is_some_and(|e| e.exit_code != Some(0)))
+    }
+
+    pub fn all_ended(&self) -> bool {
+        self.parts.iter().all(|p| p.end.is_some())
+    }
 }
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
@@ -355,13 +419,16 @@ pub enum Stop {
     Requeue,
     /// The run went past the spec's time limit.
     TimeLimit,
+    /// A part of a multi-node run failed or was lost: the others stop, and
+    /// the job's fate is decided once all have (see `State::end_gang`).
+    PartEnded,
 }
 
 impl Stop {
     /// Rank in the precedence above: the higher wins.
     fn rank(self) -> u8 {
         match self {
-            Stop::TimeLimit => 0,
+            Stop::TimeLimit | Stop::PartEnded => 0,
             Stop::Requeue => 1,
             Stop::Preempt { .. } => 2,
             Stop::Cancel => 3,

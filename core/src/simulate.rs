@@ -74,6 +74,9 @@ pub struct JobOutcome {
     pub preemptions: u32,
     /// Time not running between submission and completion.
     pub wait_s: Option<f64>,
+    /// Why it could never run on the simulated cluster (refused at
+    /// submission: no set of its nodes could ever hold it).
+    pub never: Option<String>,
 }
 
 /// Per member and per time bin: GPU-seconds used and wanted (running plus
@@ -186,6 +189,7 @@ impl<'a> Sim<'a> {
                     duration_s: j.duration_s as f64,
                     preemptions: 0,
                     wait_s: None,
+                    never: None,
                 })
                 .collect(),
             bins: Vec::new(),
@@ -254,6 +258,7 @@ impl<'a> Sim<'a> {
                     gpus,
                     session: "sim".into(),
                     orphaned_runs_end_ms: 0,
+                    address: String::new(),
                 })?;
                 n += 1;
             }
@@ -281,19 +286,23 @@ impl<'a> Sim<'a> {
         applied
     }
 
+    /// `report` from the agent of each node the run is on (each part of a
+    /// multi-node run reports for itself).
     fn report(&mut self, i: usize, report: RunReport) {
         let job = &self.state.jobs[&self.ids[i]];
-        let node = job.node.clone().expect("running job has a node");
-        let seq = self.seq.entry(node.clone()).or_default();
-        *seq += 1;
-        let op = Op::Report {
-            node,
-            session: "sim".into(),
-            seq: *seq,
-            report,
-        };
-        self.apply(op)
-            .expect("reports of the simulated agents apply");
+        let nodes: Vec<String> = job.run_nodes().into_iter().map(String::from).collect();
+        for node in nodes {
+            let seq = self.seq.entry(node.clone()).or_default();
+            *seq += 1;
+            let op = Op::Report {
+                node,
+                session: "sim".into(),
+                seq: *seq,
+                report: report.clone(),
+            };
+            self.apply(op)
+                .expect("reports of the simulated agents apply");
+        }
     }
 
     fn run(&mut self, progress: &mut dyn FnMut(usize, usize)) {
@@ -336,19 +345,16 @@ impl<'a> Sim<'a> {
             }
             for p in pass.placements {
                 let i = self.index[&p.job];
-                let op = Op::Place {
-                    job: p.job,
-                    node: p.node,
-                    gpus: p.gpus,
-                };
+                let job = p.job;
+                let op = p.op(&self.state);
                 if self.apply(op).is_err() {
                     continue;
                 }
-                let attempt = self.state.jobs[&p.job].attempts;
+                let attempt = self.state.jobs[&job].attempts;
                 self.report(
                     i,
                     RunReport::Started {
-                        job: p.job,
+                        job,
                         attempt,
                         at_ms: self.now,
                     },
@@ -389,6 +395,8 @@ impl<'a> Sim<'a> {
             time_limit_ms: (j.duration_s.max(1) * MS) as u64,
             isolation: Default::default(),
             env: Default::default(),
+            nodes: 0,
+            gpus_per_node: 0,
         };
         let op = Op::SubmitJob {
             id,
@@ -397,9 +405,11 @@ impl<'a> Sim<'a> {
         };
         self.ids.push(id);
         self.index.insert(id, i);
-        // A rejected job (larger than any node) can never run: it stays
-        // recorded as never started.
-        let _ = self.apply(op);
+        // A refused job (more GPUs than the nodes could ever give it) can
+        // never run: it is recorded as such.
+        if let Err(why) = self.apply(op) {
+            self.out[i].never = Some(why);
+        }
     }
 
     /// The run `attempt` of trace job `i` exits (0: its work is done; 143: it

@@ -65,6 +65,7 @@ fn history() -> Vec<Command> {
             gpus: a100s("n1", 2),
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
+            address: String::new(),
         },
         Op::SubmitJob {
             id: job,
@@ -81,6 +82,8 @@ fn history() -> Vec<Command> {
                 time_limit_ms: 0,
                 isolation: Default::default(),
                 env: Default::default(),
+                nodes: 0,
+                gpus_per_node: 0,
             },
         },
         Op::Place {

@@ -59,6 +59,7 @@ impl Coop {
             gpus,
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
+            address: String::new(),
         });
         c
     }
@@ -100,6 +101,8 @@ impl Coop {
             time_limit_ms: 0,
             isolation: Default::default(),
             env: Default::default(),
+            nodes: 0,
+            gpus_per_node: 0,
         };
         self.at(
             start,
@@ -349,6 +352,8 @@ fn a_burst_of_retirements_is_spread_over_the_next_commands() {
         time_limit_ms: 0,
         isolation: Default::default(),
         env: Default::default(),
+        nodes: 0,
+        gpus_per_node: 0,
     };
     c.ok(Op::SetPolicy {
         settings: vec![Setting::MaxPendingJobs(0)],

@@ -33,6 +33,8 @@ fn spec(n: u32) -> JobSpec {
         time_limit_ms: 0,
         isolation: Default::default(),
         env: Default::default(),
+        nodes: 0,
+        gpus_per_node: 0,
     }
 }
 
@@ -65,6 +67,7 @@ fn running() -> (State, JobId) {
             gpus: gpus("n1", 4),
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
+            address: String::new(),
         },
     ];
     for op in ops {
@@ -299,6 +302,7 @@ fn energy_is_bounded_by_the_power_limits_the_gpus_enrolled_with() {
         gpus: limited.clone(),
         session: "s1".into(),
         orphaned_runs_end_ms: 0,
+        address: String::new(),
     };
     apply(&mut s, 1_000, op).unwrap();
     // Raising the limits later changes nothing: the enrolled ones stand.
@@ -311,6 +315,7 @@ fn energy_is_bounded_by_the_power_limits_the_gpus_enrolled_with() {
         gpus: limited,
         session: "s1".into(),
         orphaned_runs_end_ms: 0,
+        address: String::new(),
     };
     apply(&mut s, 1_500, op).unwrap();
     assert!(s.nodes["n2"].gpus.iter().all(|g| g.power_limit_w == 300));
@@ -417,6 +422,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         gpus: gpus("n1", 8),
         session: "s1".into(),
         orphaned_runs_end_ms: 0,
+        address: String::new(),
     };
     let e = apply(&mut s, 40_000, more).unwrap_err();
     assert!(e.to_string().contains("enroll the node again"), "{e}");
@@ -429,6 +435,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         gpus: other,
         session: "s1".into(),
         orphaned_runs_end_ms: 0,
+        address: String::new(),
     };
     assert!(apply(&mut s, 40_000, op).is_err());
     assert_eq!(s, before, "refused registrations change nothing");
@@ -439,6 +446,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         gpus: gpus("n1", 3),
         session: "s1".into(),
         orphaned_runs_end_ms: 0,
+        address: String::new(),
     };
     apply(&mut s, 41_000, fewer).unwrap();
     let all = Op::RegisterNode {
@@ -447,6 +455,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         gpus: gpus("n1", 4),
         session: "s1".into(),
         orphaned_runs_end_ms: 0,
+        address: String::new(),
     };
     apply(&mut s, 42_000, all).unwrap();
     // Absurd claims are refused even at the first registration.
@@ -456,6 +465,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         gpus: gpus("n9", 1),
         session: "s".repeat(4096),
         orphaned_runs_end_ms: 0,
+        address: String::new(),
     };
     assert!(
         apply(&mut s, 43_000, op)
@@ -471,6 +481,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         gpus: huge,
         session: "s".into(),
         orphaned_runs_end_ms: 0,
+        address: String::new(),
     };
     assert!(
         apply(&mut s, 43_000, op)
@@ -484,6 +495,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         gpus: gpus("n9", 129),
         session: "s".into(),
         orphaned_runs_end_ms: 0,
+        address: String::new(),
     };
     assert!(
         apply(&mut s, 43_000, op)
@@ -955,6 +967,7 @@ fn a_run_cut_off_with_its_node_is_billed_until_its_agent_is_back_and_a_grace() {
         gpus: gpus("n1", 4),
         session: "s1".into(),
         orphaned_runs_end_ms: back,
+        address: String::new(),
     };
     apply(&mut s, back, op).unwrap();
     let later = back + 3 * 24 * 3_600_000;

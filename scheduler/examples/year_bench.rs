@@ -237,6 +237,7 @@ impl Bench {
                 gpus,
                 session: "s".into(),
                 orphaned_runs_end_ms: 0,
+                address: String::new(),
             });
         }
         b
@@ -313,6 +314,8 @@ impl Bench {
             time_limit_ms: (ticks as u64 + 2) * TICK_MS as u64,
             isolation: Default::default(),
             env: Default::default(),
+            nodes: 0,
+            gpus_per_node: 0,
         };
         self.apply(Op::SubmitJob {
             id,

@@ -31,6 +31,8 @@ fn spec(gpus: u32, preemptible: bool, priority: i32) -> JobSpec {
         time_limit_ms: 0,
         isolation: Default::default(),
         env: Default::default(),
+        nodes: 0,
+        gpus_per_node: 0,
     }
 }
 
@@ -96,6 +98,7 @@ fn cluster(nodes: u32, per_node: u32, members: &[(&str, u64)]) -> State {
                 gpus,
                 session: "s".into(),
                 orphaned_runs_end_ms: 0,
+                address: String::new(),
             },
         );
     }

@@ -93,6 +93,8 @@ fn spec() -> impl Strategy<Value = JobSpec> {
             time_limit_ms: limit,
             isolation: Default::default(),
             env: BTreeMap::new(),
+            nodes: 0,
+            gpus_per_node: 0,
         })
 }
 
@@ -171,6 +173,7 @@ fn op() -> impl Strategy<Value = Op> {
                 gpus,
                 session,
                 orphaned_runs_end_ms: end,
+                address: String::new(),
             }),
         1 => (name(), int()).prop_map(|(node, last_seen_ms)| Op::NodeDown { node, last_seen_ms }),
         1 => name().prop_map(|node| Op::DrainNode { node }),
@@ -235,6 +238,7 @@ fn seeded() -> State {
             gpus: gpus("n1"),
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
+            address: String::new(),
         },
         Op::RegisterNode {
             node: "n2".into(),
@@ -242,6 +246,7 @@ fn seeded() -> State {
             gpus: gpus("n2"),
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
+            address: String::new(),
         },
         Op::SubmitJob {
             id: Uuid::from_u128(1),
@@ -284,6 +289,8 @@ fn plain(gpus: u32) -> JobSpec {
         time_limit_ms: 0,
         isolation: Default::default(),
         env: BTreeMap::new(),
+        nodes: 0,
+        gpus_per_node: 0,
     }
 }
 

@@ -792,6 +792,8 @@ fn spec(gpus: u32) -> JobSpec {
         time_limit_ms: 0,
         isolation: Default::default(),
         env: Default::default(),
+        nodes: 0,
+        gpus_per_node: 0,
     }
 }
 
@@ -835,6 +837,7 @@ fn setup_ops(state: &State) -> Vec<Op> {
                     .collect(),
                 session: "s".into(),
                 orphaned_runs_end_ms: 0,
+                address: String::new(),
             });
         }
     }

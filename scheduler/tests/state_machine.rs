@@ -36,6 +36,8 @@ fn spec(kind: JobKind, n: u32) -> JobSpec {
         time_limit_ms: 0,
         isolation: Default::default(),
         env: Default::default(),
+        nodes: 0,
+        gpus_per_node: 0,
     }
 }
 
@@ -63,6 +65,7 @@ fn base() -> (State, i64) {
             gpus: gpus("n1", 4, "A100-80GB"),
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
+            address: String::new(),
         },
         Op::RegisterNode {
             node: "n2".into(),
@@ -70,6 +73,7 @@ fn base() -> (State, i64) {
             gpus: gpus("n2", 2, "T4-16GB"),
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
+            address: String::new(),
         },
     ];
     for op in cmds {
@@ -397,6 +401,7 @@ fn commands(steps: &[Step]) -> Vec<Command> {
                     gpus: gpus(&n, count, model),
                     session: format!("s{e}"),
                     orphaned_runs_end_ms: at - 5,
+                    address: String::new(),
                 });
             }
             Step::Tick(ms) => at += *ms as i64,
@@ -632,6 +637,7 @@ fn node_loss_requeues_bills_up_to_the_last_heartbeat_then_what_the_agent_measure
             gpus: gpus("n1", 4, "A100-80GB"),
             session: "s1".into(),
             orphaned_runs_end_ms: at + 30_500,
+            address: String::new(),
         },
     })
     .unwrap();
@@ -714,6 +720,7 @@ fn probed_throughput_weighs_models_without_a_declared_weight_when_the_policy_say
             gpus: h100,
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
+            address: String::new(),
         },
     );
     // Measurements alone change nothing: the policy has not asked for them.

@@ -435,6 +435,7 @@ async fn finished_jobs_leave_memory_after_the_retention_and_are_read_from_the_st
             }],
             session: "s".into(),
             orphaned_runs_end_ms: 0,
+            address: String::new(),
         })
         .await
         .unwrap();
@@ -459,6 +460,8 @@ async fn finished_jobs_leave_memory_after_the_retention_and_are_read_from_the_st
         time_limit_ms: 0,
         isolation: Default::default(),
         env: Default::default(),
+        nodes: 0,
+        gpus_per_node: 0,
     };
     replica
         .propose(Op::SubmitJob {

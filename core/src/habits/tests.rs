@@ -79,6 +79,7 @@ fn cluster() -> State {
                 .collect(),
             session: "s".into(),
             orphaned_runs_end_ms: 0,
+            address: String::new(),
         },
     ];
     for op in ops {
@@ -100,6 +101,8 @@ fn spec() -> JobSpec {
         time_limit_ms: 0,
         isolation: Default::default(),
         env: Default::default(),
+        nodes: 0,
+        gpus_per_node: 0,
     }
 }
 

@@ -8,11 +8,13 @@
 //!   policy's order: `fairshare` (member's factor, then job priority, then
 //!   age), `drf` (member holding the smallest share of GPUs relative to its
 //!   entitlement, re-evaluated after every placement), or `fifo` (age).
-//! - Gang placement: all of a job's GPUs at once, on one node, of one model and
-//!   memory size, and best fit: the node left with the fewest free GPUs of that
-//!   kind, so that whole nodes stay free for large jobs.
-//! - Backfill: the first job that does not fit reserves the node where it will
-//!   fit soonest (from the time limits of the runs there). Later jobs may use
+//! - Gang placement: all of a job's GPUs at once, of one model and memory
+//!   size, and best fit: the nodes left with the fewest free GPUs of that
+//!   kind, so that whole nodes stay free for large jobs. A job larger than
+//!   any node (or that asks for `nodes`/`gpus_per_node`) spans the fewest
+//!   nodes with equal parts (`state::gang::shape`), all placed at once.
+//! - Backfill: the first job that does not fit reserves the node (or nodes,
+//!   for a multi-node job) where it will fit soonest (from the time limits of the runs there). Later jobs may use
 //!   that node's GPUs only if they end before the reserved start (by their own
 //!   time limit) or leave enough GPUs for it. With no time limits known, the
 //!   reserved node is held: it fills up with the head job as runs end.
@@ -44,8 +46,34 @@ use preempt::preempt;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     pub job: JobId,
+    /// Rank 0's node and GPUs (the only ones of a one-node run).
     pub node: String,
     pub gpus: Vec<String>,
+    /// The other ranks' of a multi-node run, in rank order.
+    pub more: Vec<(String, Vec<String>)>,
+}
+
+impl Placement {
+    /// The command that makes it: `Place`, or `PlaceGang` with a free
+    /// rendezvous port on rank 0's node.
+    pub fn op(self, state: &State) -> crate::state::Op {
+        use crate::state::Op;
+        if self.more.is_empty() {
+            return Op::Place {
+                job: self.job,
+                node: self.node,
+                gpus: self.gpus,
+            };
+        }
+        let port = state.free_rendezvous_port(&self.node);
+        let mut parts = vec![(self.node, self.gpus)];
+        parts.extend(self.more);
+        Op::PlaceGang {
+            job: self.job,
+            parts,
+            port,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +194,28 @@ impl Plan {
     }
 }
 
+/// How `job` splits over the registered nodes (see `state::gang::shape`),
+/// with the largest node per kind of request found once per pass.
+fn shape_of(
+    state: &State,
+    largest: &mut HashMap<(Option<String>, u64), usize>,
+    job: &Job,
+) -> Option<(u32, u32)> {
+    let spec = &job.spec;
+    // A job that asks for nothing and fits the smallest node needs no search.
+    if spec.nodes == 0 && spec.gpus_per_node == 0 && spec.gpus == 1 {
+        return Some((1, 1)).filter(|_| !state.nodes.is_empty());
+    }
+    let key = (
+        spec.gpu_model.as_ref().map(|m| m.to_ascii_lowercase()),
+        spec.min_gpu_memory_mb,
+    );
+    let l = *largest
+        .entry(key)
+        .or_insert_with(|| state.largest_node_for(spec));
+    crate::state::gang_shape(spec, l)
+}
+
 /// One pass at `now_ms`. `usage` is each member's decayed usage (see
 /// `fairshare::usage`), used by the `fairshare` order.
 pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
@@ -237,6 +287,8 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
     // different spelling only costs a lookup.)
     let mut failed: HashMap<(Option<&str>, u64), Vec<Failure>> = HashMap::new();
     let mut unplaced: Vec<&Job> = Vec::with_capacity(state.queue.len());
+    // How jobs of each kind of request split over nodes.
+    let mut shapes: HashMap<(Option<String>, u64), usize> = HashMap::new();
 
     while let Some(job) = order.next() {
         out.order.push(job.id);
@@ -263,48 +315,60 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
             }
         }
         let key = (job.spec.gpu_model.as_deref(), job.spec.min_gpu_memory_mb);
+        let Some((n, per)) = shape_of(state, &mut shapes, job) else {
+            // No node offers its kind of GPU any more.
+            out.waiting.insert(job.id, pool.no_fit(&job.spec));
+            unplaced.push(job);
+            continue;
+        };
+        let (n, per) = (n as usize, per as usize);
         let expected_end =
             (job.spec.time_limit_ms > 0).then(|| now_ms + job.spec.time_limit_ms as i64);
         let like = failed
             .get(&key)
-            .and_then(|fs| fs.iter().find(|f| f.covers(job.spec.gpus, expected_end)))
+            .and_then(|fs| fs.iter().find(|f| f.covers(job.spec.gpus, n, expected_end)))
             .copied();
         let hopeless = pool.free_total < want || like.is_some();
         let found = if hopeless {
             None
         } else {
-            pool.best_fit(&job.spec, |slot, _| match &reservation {
-                Some(r) if r.slot == slot => r.admits(expected_end, want),
-                _ => true,
+            pool.gang_fit(&job.spec, n, per, |slot, _| match &reservation {
+                Some(r) => r.admits(slot, expected_end, per),
+                None => true,
             })
         };
         match found {
-            Some(slot) => {
-                if let Some(r) = reservation.as_mut()
-                    && r.slot == slot
-                {
-                    r.consume(expected_end, want);
+            Some(slots) => {
+                let mut parts = Vec::with_capacity(n);
+                for slot in slots {
+                    if let Some(r) = reservation.as_mut() {
+                        r.consume(slot, expected_end, per);
+                    }
+                    let gpus = pool.take(slot, per, expected_end);
+                    parts.push((pool.nodes[slot.0].name.clone(), gpus));
                 }
-                let gpus = pool.take(slot, want, expected_end);
                 *alloc.entry(job.member.clone()).or_default() += job.spec.gpus;
                 order.placed(&job.member, &alloc);
+                let (node, gpus) = parts.remove(0);
                 out.placements.push(Placement {
                     job: job.id,
-                    node: pool.nodes[slot.0].name.clone(),
+                    node,
                     gpus,
+                    more: parts,
                 });
             }
             None => {
                 unplaced.push(job);
                 let behind = match like {
                     Some(f) => f.behind_reservation,
-                    None => pool.free_total >= want && pool.fits_anywhere(&job.spec),
+                    None => pool.free_total >= want && pool.fits_anywhere(&job.spec, n, per),
                 };
                 if like.is_none() {
                     let fs = failed.entry(key).or_default();
                     if fs.len() < 16 {
                         fs.push(Failure {
                             gpus: job.spec.gpus,
+                            nodes: n,
                             ends: expected_end,
                             behind_reservation: behind,
                         });
@@ -325,12 +389,17 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
                     );
                 }
                 if reservation.is_none()
-                    && let Some(r) = pool.reserve(state, job, now_ms)
+                    && let Some(r) = pool.reserve(state, job, n, per, now_ms)
                 {
+                    let nodes: Vec<&str> = r
+                        .slots
+                        .iter()
+                        .map(|(slot, _)| pool.nodes[slot.0].name.as_str())
+                        .collect();
                     out.waiting.insert(
                         job.id,
                         Wait::Reserved {
-                            node: pool.nodes[r.slot.0].name.clone(),
+                            node: nodes.join(","),
                             at_ms: r.at_ms,
                         },
                     );
@@ -348,7 +417,15 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
 
     if state.policy.preemption {
         preempt(
-            state, now_ms, &ent, total, &alloc, &pool, &unplaced, &mut out,
+            state,
+            now_ms,
+            &ent,
+            total,
+            &alloc,
+            &pool,
+            &unplaced,
+            &mut shapes,
+            &mut out,
         );
     }
     out

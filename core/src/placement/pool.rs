@@ -7,6 +7,8 @@ use super::*;
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Failure {
     pub(super) gpus: u32,
+    /// Over how many nodes.
+    pub(super) nodes: usize,
     /// Expected end (None: no time limit).
     pub(super) ends: Option<i64>,
     /// It would have fitted but for the reservation.
@@ -16,37 +18,53 @@ pub(super) struct Failure {
 impl Failure {
     /// A job of `gpus` ending at `ends` fails too: it is no smaller and ends
     /// no earlier, so no slot admits it that did not admit this one.
-    pub(super) fn covers(&self, gpus: u32, ends: Option<i64>) -> bool {
+    pub(super) fn covers(&self, gpus: u32, nodes: usize, ends: Option<i64>) -> bool {
         let no_earlier = match (ends, self.ends) {
             (None, _) => true,
             (Some(_), None) => false,
             (Some(a), Some(b)) => a >= b,
         };
-        gpus >= self.gpus && no_earlier
+        // Parts no smaller: a job over more nodes may fit where this did not.
+        nodes == self.nodes && gpus >= self.gpus && no_earlier
     }
 }
 
-/// The head-of-line job's hold on one node's GPUs of one kind.
+/// The head-of-line job's hold on GPUs of one kind: on one node, or on as
+/// many as a multi-node job needs.
 pub(super) struct Reservation {
     pub(super) job: JobId,
-    pub(super) slot: (usize, usize),
-    /// When enough GPUs will be free for it; `None`: not known.
+    /// The reserved slots, each with the GPUs later jobs may still take
+    /// there without delaying it.
+    pub(super) slots: Vec<((usize, usize), usize)>,
+    /// When enough GPUs will be free for it on all of them; `None`: not known.
     pub(super) at_ms: Option<i64>,
-    /// GPUs of the slot that later jobs may still take without delaying it.
-    pub(super) spare: usize,
 }
 
 impl Reservation {
-    pub(super) fn admits(&self, expected_end: Option<i64>, gpus: usize) -> bool {
-        let ends_first = matches!((expected_end, self.at_ms), (Some(e), Some(t)) if e <= t);
-        ends_first || gpus <= self.spare
+    /// Whether a job ending at `expected_end` may take `gpus` GPUs of `slot`.
+    pub(super) fn admits(
+        &self,
+        slot: (usize, usize),
+        expected_end: Option<i64>,
+        gpus: usize,
+    ) -> bool {
+        match self.slots.iter().find(|(s, _)| *s == slot) {
+            None => true,
+            Some((_, spare)) => self.ends_first(expected_end) || gpus <= *spare,
+        }
     }
 
-    pub(super) fn consume(&mut self, expected_end: Option<i64>, gpus: usize) {
-        let ends_first = matches!((expected_end, self.at_ms), (Some(e), Some(t)) if e <= t);
-        if !ends_first {
-            self.spare -= gpus;
+    pub(super) fn consume(&mut self, slot: (usize, usize), expected_end: Option<i64>, gpus: usize) {
+        let ends_first = self.ends_first(expected_end);
+        if let Some((_, spare)) = self.slots.iter_mut().find(|(s, _)| *s == slot)
+            && !ends_first
+        {
+            *spare -= gpus;
         }
+    }
+
+    fn ends_first(&self, expected_end: Option<i64>) -> bool {
+        matches!((expected_end, self.at_ms), (Some(e), Some(t)) if e <= t)
     }
 }
 
@@ -137,26 +155,35 @@ impl<'a> Pool<'a> {
             })
     }
 
-    /// The best-fit slot with enough free GPUs that `allowed` accepts.
-    pub(super) fn best_fit(
+    /// `n` slots of one kind on distinct nodes with `per` free GPUs each that
+    /// `allowed` accepts, best fit: those left with the fewest free GPUs, so
+    /// that whole nodes stay free for large jobs.
+    pub(super) fn gang_fit(
         &self,
         spec: &JobSpec,
+        n: usize,
+        per: usize,
         allowed: impl Fn((usize, usize), usize) -> bool,
-    ) -> Option<(usize, usize)> {
-        let want = spec.gpus as usize;
+    ) -> Option<Vec<(usize, usize)>> {
         self.matching(spec)
             .filter_map(|c| {
-                self.by_free[c]
-                    .range((want, 0)..)
-                    .find(|(free, n)| allowed((*n, c), *free))
-                    .map(|(free, n)| (*free, *n, c))
+                let chosen: Vec<(usize, usize)> = self.by_free[c]
+                    .range((per, 0)..)
+                    .filter(|(free, node)| allowed((*node, c), *free))
+                    .take(n)
+                    .copied()
+                    .collect();
+                (chosen.len() == n).then(|| {
+                    let free: usize = chosen.iter().map(|(f, _)| f).sum();
+                    (free, chosen[0].1, c, chosen)
+                })
             })
             .min()
-            .map(|(_, n, c)| (n, c))
+            .map(|(_, _, c, chosen)| chosen.into_iter().map(|(_, node)| (node, c)).collect())
     }
 
-    pub(super) fn fits_anywhere(&self, spec: &JobSpec) -> bool {
-        self.best_fit(spec, |_, _| true).is_some()
+    pub(super) fn fits_anywhere(&self, spec: &JobSpec, n: usize, per: usize) -> bool {
+        self.gang_fit(spec, n, per, |_, _| true).is_some()
     }
 
     pub(super) fn most_free(&self, spec: &JobSpec) -> usize {
@@ -177,9 +204,9 @@ impl<'a> Pool<'a> {
         }
     }
 
-    /// Every slot whose kind fits `spec` and that is large enough, with its free count.
-    pub(super) fn slots_for(&self, spec: &JobSpec) -> Vec<((usize, usize), usize)> {
-        let want = spec.gpus as usize;
+    /// Every slot whose kind fits `spec` and that holds at least `want`
+    /// GPUs, with its free count.
+    pub(super) fn slots_for(&self, spec: &JobSpec, want: usize) -> Vec<((usize, usize), usize)> {
         let classes: Vec<usize> = self.matching(spec).collect();
         let mut out = Vec::new();
         for (ni, s) in self.slots.iter().enumerate() {
@@ -209,14 +236,24 @@ impl<'a> Pool<'a> {
         taken
     }
 
-    /// Where `job` will fit soonest, from the time limits of the runs there
-    /// (and of those placed earlier in this pass). The node preemption is
-    /// freeing for it comes first.
-    pub(super) fn reserve(&self, state: &State, job: &Job, now_ms: i64) -> Option<Reservation> {
-        let want = job.spec.gpus as usize;
+    /// Where `job`, as `n` parts of `per` GPUs, will fit soonest, from the
+    /// time limits of the runs there (and of those placed earlier in this
+    /// pass): the `n` nodes of one kind that free `per` GPUs first, the one
+    /// preemption is freeing for it first.
+    pub(super) fn reserve(
+        &self,
+        state: &State,
+        job: &Job,
+        n: usize,
+        per: usize,
+        now_ms: i64,
+    ) -> Option<Reservation> {
+        // Per kind: each large enough slot's rank, when it frees `per`, and
+        // its runs' expected ends.
         type Rank = (bool, i64, std::cmp::Reverse<usize>, (usize, usize));
-        let mut best: Option<(Rank, Reservation)> = None;
-        for (slot, free) in self.slots_for(&job.spec) {
+        type Candidate = (Rank, usize, Vec<Option<i64>>);
+        let mut by_class: BTreeMap<usize, Vec<Candidate>> = BTreeMap::new();
+        for (slot, free) in self.slots_for(&job.spec, per) {
             let node = self.nodes[slot.0];
             let mut ends: Vec<Option<i64>> = node
                 .gpus
@@ -227,15 +264,12 @@ impl<'a> Pool<'a> {
                 .chain(self.slots[slot.0][&slot.1].taken_ends.iter().copied())
                 .collect();
             ends.sort_by_key(|e| e.unwrap_or(i64::MAX));
-            let need = want.saturating_sub(free);
+            let need = per.saturating_sub(free);
             let at = if need == 0 {
                 Some(now_ms)
             } else {
                 ends.get(need - 1).copied().flatten()
             };
-            let spare = at.map_or(0, |t| {
-                free + ends.iter().filter(|e| e.is_some_and(|e| e <= t)).count() - want
-            });
             let nominated = job.nominated_node.as_deref() == Some(node.name.as_str());
             let rank = (
                 !nominated,
@@ -243,14 +277,37 @@ impl<'a> Pool<'a> {
                 std::cmp::Reverse(free),
                 slot,
             );
+            by_class.entry(slot.1).or_default().push((rank, free, ends));
+        }
+        let mut best: Option<(Rank, Reservation)> = None;
+        for mut cands in by_class.into_values() {
+            if cands.len() < n {
+                continue;
+            }
+            cands.sort_by_key(|c| c.0);
+            cands.truncate(n);
+            let last = cands.iter().map(|c| c.0.1).max().unwrap_or(i64::MAX);
+            let at = (last != i64::MAX).then_some(last);
+            let slots = cands
+                .iter()
+                .map(|(rank, free, ends)| {
+                    let spare = at.map_or(0, |t| {
+                        free + ends.iter().filter(|e| e.is_some_and(|e| e <= t)).count() - per
+                    });
+                    (rank.3, spare)
+                })
+                .collect();
+            let first = cands[0].0;
+            let rank = (first.0, last, first.2, first.3);
             if best.as_ref().is_none_or(|(r, _)| rank < *r) {
-                let r = Reservation {
-                    job: job.id,
-                    slot,
-                    at_ms: at,
-                    spare,
-                };
-                best = Some((rank, r));
+                best = Some((
+                    rank,
+                    Reservation {
+                        job: job.id,
+                        slots,
+                        at_ms: at,
+                    },
+                ));
             }
         }
         best.map(|(_, r)| r)

@@ -13,6 +13,7 @@ pub(super) fn preempt(
     alloc: &BTreeMap<String, u32>,
     pool: &Pool,
     unplaced: &[&Job],
+    shapes: &mut HashMap<(Option<String>, u64), usize>,
     out: &mut Plan,
 ) {
     // Members by index: this phase looks them up for every candidate.
@@ -41,25 +42,29 @@ pub(super) fn preempt(
         if !state.preemptible(v, now_ms) {
             continue;
         }
-        let (Some(&n), Some(&member)) = (
-            v.node.as_deref().and_then(|n| node_idx.get(n)),
-            index.get(v.member.as_str()),
-        ) else {
+        let Some(&member) = index.get(v.member.as_str()) else {
             continue;
         };
-        let class = v
-            .gpus
-            .first()
-            .and_then(|u| pool.nodes[n].gpus.iter().find(|g| &g.uuid == u))
-            .and_then(|g| pool.class_of(g));
-        if let Some(c) = class {
-            by_slot.entry((n, c)).or_default().push(runs.len());
-            runs.push(Run {
-                job: v,
-                member,
-                gpus: v.spec.gpus,
-                taken: false,
-            });
+        // A multi-node run frees GPUs on each of its nodes: one candidate
+        // per part, each freeing that part's GPUs.
+        for node in v.run_nodes() {
+            let Some(run) = v.run_on(node) else { continue };
+            let Some(&n) = node_idx.get(node) else {
+                continue;
+            };
+            let class = run
+                .gpus
+                .first()
+                .and_then(|u| pool.nodes[n].gpus.iter().find(|g| &g.uuid == u))
+                .and_then(|g| pool.class_of(g));
+            if let Some(c) = class {
+                by_slot.entry((n, c)).or_default().push(runs.len());
+                runs.push(Run {
+                    job: v,
+                    member,
+                    frees: run.gpus.len() as u32,
+                });
+            }
         }
     }
     for vs in by_slot.values_mut() {
@@ -72,8 +77,10 @@ pub(super) fn preempt(
             )
         });
     }
-    // Per member, the smallest gang no victims were found for: victims only
-    // become fewer and the member's share only grows during the pass.
+    let mut taken: BTreeSet<JobId> = BTreeSet::new();
+    // Per member, the smallest one-node job no victims were found for:
+    // victims only become fewer and the member's share only grows during
+    // the pass.
     let mut hopeless: Vec<u32> = vec![u32::MAX; names.len()];
     for job in unplaced {
         if by_slot.is_empty() {
@@ -86,84 +93,159 @@ pub(super) fn preempt(
             continue;
         };
         let g = job.spec.gpus;
-        if g >= hopeless[m] || share[m] <= 0.0 || held[m] >= share[m] {
+        if share[m] <= 0.0 || held[m] >= share[m] {
             continue;
         }
-        // Best victim set over all slots: fewest runs, then youngest.
-        let classes: Vec<usize> = pool.matching(&job.spec).collect();
-        let after_m = held[m] + g as f64;
-        let mut best: Option<(usize, std::cmp::Reverse<i64>, usize, Vec<usize>)> = None;
-        let mut chosen: Vec<usize> = Vec::new();
-        for (slot, victims) in &by_slot {
-            let s = &pool.slots[slot.0][&slot.1];
-            if !classes.contains(&slot.1) || s.size < g as usize {
-                continue;
-            }
-            let need = (g as usize).saturating_sub(s.free.len());
-            if need == 0 {
-                continue; // it fits; only the reservation holds it back
-            }
-            chosen.clear();
-            let mut freed = 0usize;
-            let mut lost: Vec<(usize, f64)> = Vec::new();
-            for &r in victims {
-                if freed >= need {
-                    break;
-                }
-                let run = &runs[r];
-                let v = run.member;
-                if run.taken || v == m || held[v] <= share[v] {
-                    continue;
-                }
-                let already = lost.iter().find(|(x, _)| *x == v).map_or(0.0, |(_, l)| *l);
-                let left = held[v] - already - run.gpus as f64;
-                // The victim's member keeps at least its entitlement, and the
-                // beneficiary ends no further above its own than the victim's
-                // member (after_m / ent_m <= left / ent_v, multiplied out).
-                if left >= share[v] && after_m * share[v] <= left * share[m] {
-                    match lost.iter_mut().find(|(x, _)| *x == v) {
-                        Some((_, l)) => *l += run.gpus as f64,
-                        None => lost.push((v, run.gpus as f64)),
-                    }
-                    freed += run.gpus as usize;
-                    chosen.push(r);
-                }
-            }
-            if freed < need {
-                continue;
-            }
-            let youngest = chosen
-                .iter()
-                .filter_map(|&r| runs[r].job.started_at_ms)
-                .min()
-                .unwrap_or(0);
-            let rank = (chosen.len(), std::cmp::Reverse(youngest), freed);
-            if best.as_ref().is_none_or(|(n, y, f, _)| rank < (*n, *y, *f)) {
-                best = Some((rank.0, rank.1, rank.2, chosen.clone()));
-            }
-        }
-        let Some((_, _, _, victims)) = best else {
-            hopeless[m] = hopeless[m].min(g);
+        let Some((n, per)) = shape_of(state, shapes, job) else {
             continue;
         };
-        let node = runs[victims[0]].job.node.clone().unwrap_or_default();
-        for r in victims {
-            runs[r].taken = true;
-            held[runs[r].member] -= runs[r].gpus as f64;
+        let (n, per) = (n as usize, per as usize);
+        if n == 1 && g >= hopeless[m] {
+            continue;
+        }
+        // Slot by slot, the best victim set (fewest runs, then youngest) on
+        // a node not chosen yet, until the job's `n` nodes are found; what
+        // was chosen for one counts for the next.
+        let after_m = held[m] + g as f64;
+        let mut trial = Trial {
+            held: held.clone(),
+            taken: taken.clone(),
+            slots: Vec::new(),
+            victims: Vec::new(),
+        };
+        let mut found = true;
+        for _ in 0..n {
+            let mut best: Option<(VictimRank, (usize, usize), Vec<usize>)> = None;
+            for c in pool.matching(&job.spec) {
+                for (ni, slots) in pool.slots.iter().enumerate() {
+                    let Some(s) = slots.get(&c) else { continue };
+                    let slot = (ni, c);
+                    if s.size < per || trial.slots.iter().any(|(x, _)| *x == ni) {
+                        continue;
+                    }
+                    if n > 1 && trial.slots.first().is_some_and(|(_, c0)| *c0 != c) {
+                        continue; // a job's parts are of one kind
+                    }
+                    let need = per.saturating_sub(s.free.len());
+                    if need == 0 && n == 1 {
+                        continue; // it fits; only the reservation holds it back
+                    }
+                    let Some(chosen) = victims_for(
+                        &runs,
+                        by_slot.get(&slot).map_or(&[][..], Vec::as_slice),
+                        need,
+                        m,
+                        after_m,
+                        &share,
+                        &trial,
+                    ) else {
+                        continue;
+                    };
+                    let youngest = chosen
+                        .iter()
+                        .filter_map(|&r| runs[r].job.started_at_ms)
+                        .min()
+                        .unwrap_or(0);
+                    let freed: usize = chosen.iter().map(|&r| runs[r].frees as usize).sum();
+                    let rank = (chosen.len(), std::cmp::Reverse(youngest), freed);
+                    if best.as_ref().is_none_or(|(r, _, _)| rank < *r) {
+                        best = Some((rank, slot, chosen));
+                    }
+                }
+            }
+            let Some((_, slot, chosen)) = best else {
+                found = false;
+                break;
+            };
+            for r in chosen {
+                let v = runs[r].job;
+                if trial.taken.insert(v.id) {
+                    trial.held[runs[r].member] -= v.spec.gpus as f64;
+                    trial.victims.push(r);
+                }
+            }
+            trial.slots.push(slot);
+        }
+        if !found || trial.victims.is_empty() {
+            if n == 1 {
+                hopeless[m] = hopeless[m].min(g);
+            }
+            continue;
+        }
+        let node = runs[trial.victims[0]].job.node.clone().unwrap_or_default();
+        for &r in &trial.victims {
             out.preemptions.push(Preemption {
                 job: runs[r].job.id,
                 for_job: job.id,
             });
         }
+        held = trial.held;
+        taken = trial.taken;
         held[m] += g as f64;
         out.waiting.insert(job.id, Wait::Preempting { node });
     }
 }
 
-/// A run that may be preempted, in the preemption phase of a pass.
+/// How good a slot's victim set is: fewest runs, then youngest, then the
+/// fewest GPUs freed.
+type VictimRank = (usize, std::cmp::Reverse<i64>, usize);
+
+/// The victims chosen so far for one pending job, over its nodes.
+struct Trial {
+    held: Vec<f64>,
+    taken: BTreeSet<JobId>,
+    /// (node, kind) of each node chosen.
+    slots: Vec<(usize, usize)>,
+    victims: Vec<usize>,
+}
+
+/// Runs of `candidates` (one slot's, in preference order) whose preemption
+/// frees `need` GPUs there for member `m`, which would then hold `after_m`:
+/// the victim's member keeps at least its entitlement, and the beneficiary
+/// ends no further above its own than the victim's member. `None` if they
+/// do not free enough.
+fn victims_for(
+    runs: &[Run],
+    candidates: &[usize],
+    need: usize,
+    m: usize,
+    after_m: f64,
+    share: &[f64],
+    trial: &Trial,
+) -> Option<Vec<usize>> {
+    let mut chosen = Vec::new();
+    let mut freed = 0usize;
+    let mut lost: Vec<(usize, f64)> = Vec::new();
+    for &r in candidates {
+        if freed >= need {
+            break;
+        }
+        let run = &runs[r];
+        let v = run.member;
+        let held = trial.held[v];
+        if trial.taken.contains(&run.job.id) || v == m || held <= share[v] {
+            continue;
+        }
+        let already = lost.iter().find(|(x, _)| *x == v).map_or(0.0, |(_, l)| *l);
+        let left = held - already - run.job.spec.gpus as f64;
+        // (after_m / ent_m <= left / ent_v, multiplied out.)
+        if left >= share[v] && after_m * share[v] <= left * share[m] {
+            match lost.iter_mut().find(|(x, _)| *x == v) {
+                Some((_, l)) => *l += run.job.spec.gpus as f64,
+                None => lost.push((v, run.job.spec.gpus as f64)),
+            }
+            freed += run.frees as usize;
+            chosen.push(r);
+        }
+    }
+    (freed >= need).then_some(chosen)
+}
+
+/// A run that may be preempted, in the preemption phase of a pass: one per
+/// part of a multi-node run.
 pub(super) struct Run<'a> {
     pub(super) job: &'a Job,
     pub(super) member: usize,
-    pub(super) gpus: u32,
-    pub(super) taken: bool,
+    /// GPUs its preemption frees on this candidate's node.
+    pub(super) frees: u32,
 }

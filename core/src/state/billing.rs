@@ -74,9 +74,14 @@ impl State {
     /// The model of a run's GPUs and the policy's weight for it, in thousandths
     /// (the mean weight if a run ever held mixed models).
     pub fn run_weight(&self, job: &Job) -> (String, u64) {
-        let node = job.node.as_ref().and_then(|n| self.nodes.get(n));
-        let models: Vec<&str> = job
-            .gpus
+        self.weight_of(job.node.as_deref().unwrap_or_default(), &job.gpus)
+    }
+
+    /// The model of `gpus` on `node` and the policy's weight for them (as
+    /// `run_weight`).
+    pub fn weight_of(&self, node: &str, gpus: &[String]) -> (String, u64) {
+        let node = self.nodes.get(node);
+        let models: Vec<&str> = gpus
             .iter()
             .filter_map(|u| node.and_then(|n| n.gpus.iter().find(|g| &g.uuid == u)))
             .map(|g| g.model.as_str())
@@ -103,6 +108,7 @@ impl State {
             job.utilization.1.saturating_add(n),
         );
         let job = &self.jobs[&id];
+        debug_assert!(job.gang.is_none(), "parts of a gang end one by one");
         if let Some(node) = job.node.as_ref().and_then(|n| self.nodes.get_mut(n)) {
             for g in node.gpus.iter_mut().filter(|g| g.job == Some(id)) {
                 g.job = None;

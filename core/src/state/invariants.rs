@@ -7,6 +7,75 @@
 use super::{JobState, Op, State};
 
 impl State {
+    /// A running run's `gpus` on node `name`: the node is up, and each GPU
+    /// is on it, listed once, and recorded as held by `id`.
+    fn check_holds(&self, id: super::JobId, name: &str, gpus: &[String]) -> Result<(), String> {
+        let node = self
+            .nodes
+            .get(name)
+            .ok_or_else(|| format!("running: job {id} is on node {name}, which does not exist"))?;
+        if !node.up {
+            return Err(format!(
+                "running: job {id} is on node {name}, which is down"
+            ));
+        }
+        for (k, uuid) in gpus.iter().enumerate() {
+            if gpus[..k].contains(uuid) {
+                return Err(format!("running: job {id} lists GPU {uuid} twice"));
+            }
+            let g =
+                node.gpus.iter().find(|g| &g.uuid == uuid).ok_or_else(|| {
+                    format!("running: job {id}'s GPU {uuid} is not on node {name}")
+                })?;
+            if g.job != Some(id) {
+                return Err(format!(
+                    "GPU {uuid} on node {name}: held by {:?}, but running job {id} holds it",
+                    g.job
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A running multi-node run: its parts, on distinct nodes, hold all of
+    /// its GPUs between them; each part still running holds its own; and
+    /// no part runs on while another has failed unless the run is stopping.
+    fn check_gang(&self, j: &super::Job, g: &super::Gang) -> Result<(), String> {
+        let id = j.id;
+        if g.parts.len() < 2 {
+            return Err(format!("running: job {id} is a gang of {}", g.parts.len()));
+        }
+        let all: Vec<&String> = g.parts.iter().flat_map(|p| &p.gpus).collect();
+        if all.len() != j.gpus.len() || all.iter().zip(&j.gpus).any(|(a, b)| *a != b) {
+            return Err(format!("running: job {id}'s parts do not hold its GPUs"));
+        }
+        if j.node.as_deref() != Some(g.parts[0].node.as_str()) {
+            return Err(format!("running: job {id}'s node is not its rank 0's"));
+        }
+        for (r, p) in g.parts.iter().enumerate() {
+            if g.parts[..r].iter().any(|q| q.node == p.node) {
+                return Err(format!("running: job {id} has two parts on {}", p.node));
+            }
+            if p.end.is_none() {
+                self.check_holds(id, &p.node, &p.gpus)?;
+            }
+            if let Some(s) = p.started_at_ms
+                && p.billed_to_ms < s
+            {
+                return Err(format!(
+                    "running: part {r} of job {id} is billed to {} before its start {s}",
+                    p.billed_to_ms
+                ));
+            }
+        }
+        if g.broken() && !j.stopping() {
+            return Err(format!(
+                "running: a part of job {id} failed but the others are not being stopped"
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the state's invariants; the error names the first one broken.
     ///
     /// - `queue`: each entry is a pending job's `(submitted_at_ms, id)`, and a
@@ -48,18 +117,6 @@ impl State {
             if j.state != JobState::Running {
                 return Err(format!("running: job {id} is {:?}, not running", j.state));
             }
-            let name = j
-                .node
-                .as_deref()
-                .ok_or_else(|| format!("running: job {id} has no node"))?;
-            let node = self.nodes.get(name).ok_or_else(|| {
-                format!("running: job {id} is on node {name}, which does not exist")
-            })?;
-            if !node.up {
-                return Err(format!(
-                    "running: job {id} is on node {name}, which is down"
-                ));
-            }
             if j.attempts == 0 {
                 return Err(format!("running: job {id} runs with no attempt counted"));
             }
@@ -70,19 +127,14 @@ impl State {
                     j.spec.gpus
                 ));
             }
-            for (k, uuid) in j.gpus.iter().enumerate() {
-                if j.gpus[..k].contains(uuid) {
-                    return Err(format!("running: job {id} lists GPU {uuid} twice"));
-                }
-                let g = node.gpus.iter().find(|g| &g.uuid == uuid).ok_or_else(|| {
-                    format!("running: job {id}'s GPU {uuid} is not on node {name}")
-                })?;
-                if g.job != Some(*id) {
-                    return Err(format!(
-                        "GPU {uuid} on node {name}: held by {:?}, but running job {id} holds it",
-                        g.job
-                    ));
-                }
+            if let Some(g) = &j.gang {
+                self.check_gang(j, g)?;
+            } else {
+                let name = j
+                    .node
+                    .as_deref()
+                    .ok_or_else(|| format!("running: job {id} has no node"))?;
+                self.check_holds(*id, name, &j.gpus)?;
             }
             if let Some(s) = j.started_at_ms
                 && j.billed_to_ms < s
@@ -98,7 +150,8 @@ impl State {
                 let Some(id) = g.job else { continue };
                 let held = self.running.contains(&id)
                     && self.jobs.get(&id).is_some_and(|j| {
-                        j.node.as_deref() == Some(node.name.as_str()) && j.gpus.contains(&g.uuid)
+                        j.run_on(&node.name)
+                            .is_some_and(|r| r.gpus.contains(&g.uuid))
                     });
                 if !held {
                     return Err(format!(
@@ -213,6 +266,7 @@ mod tests {
                 gpus: vec![gpu(0), gpu(1)],
                 session: "s1".into(),
                 orphaned_runs_end_ms: 2,
+                address: String::new(),
             },
         );
         let spec = JobSpec {
@@ -227,6 +281,8 @@ mod tests {
             time_limit_ms: 0,
             isolation: Default::default(),
             env: Default::default(),
+            nodes: 0,
+            gpus_per_node: 0,
         };
         let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
         for id in [a, b] {

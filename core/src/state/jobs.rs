@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use super::{
     Event, Job, JobId, JobKind, JobSpec, JobState, Rejection, State, Stop, gpu_fits, invalid,
-    largest_class, validate_spec,
+    validate_spec,
 };
 use crate::ledger;
 
@@ -65,23 +65,7 @@ impl State {
         if self.jobs.contains_key(&id) {
             return Err(Rejection::AlreadyExists(format!("job {id} already exists")));
         }
-        let want = spec.gpus as usize;
-        if !self.nodes.values().any(|n| largest_class(n, spec) >= want) {
-            let largest = self
-                .nodes
-                .values()
-                .map(|n| largest_class(n, spec))
-                .max()
-                .unwrap_or(0);
-            let what = match &spec.gpu_model {
-                Some(m) => format!(" {m}"),
-                None => String::new(),
-            };
-            return Err(Rejection::FailedPrecondition(format!(
-                "gpus: the job asks for {} GPUs but the largest registered node has {largest} matching{what} GPUs",
-                spec.gpus
-            )));
-        }
+        self.check_shape(spec)?;
         self.jobs.insert(
             id,
             Job {
@@ -113,6 +97,7 @@ impl State {
                 extra: Default::default(),
                 held: false,
                 array: None,
+                gang: None,
             },
         );
         self.queue.insert((at, id));
@@ -143,13 +128,8 @@ impl State {
         Ok(vec![Event::Job(id)])
     }
 
-    pub(super) fn place(
-        &mut self,
-        at: i64,
-        id: JobId,
-        node_name: &str,
-        gpus: &[String],
-    ) -> Result<Vec<Event>, Rejection> {
+    /// Whether job `id` may be placed now, wherever it goes.
+    pub(super) fn check_placeable(&self, at: i64, id: JobId) -> Result<(), Rejection> {
         let job = self.job(id)?;
         if job.state != JobState::Pending {
             return Err(Rejection::FailedPrecondition(format!(
@@ -159,26 +139,6 @@ impl State {
         if job.not_before_ms > at {
             return Err(Rejection::FailedPrecondition(format!(
                 "job {id} is backing off"
-            )));
-        }
-        let node = self
-            .nodes
-            .get(node_name)
-            .ok_or_else(|| Rejection::NotFound(format!("node {node_name:?} does not exist")))?;
-        if !node.up {
-            return Err(Rejection::FailedPrecondition(format!(
-                "node {node_name} is down"
-            )));
-        }
-        if node.draining {
-            return Err(Rejection::FailedPrecondition(format!(
-                "node {node_name} is draining: its agent is shutting down"
-            )));
-        }
-        if let Some(c) = &node.cordon {
-            return Err(Rejection::FailedPrecondition(format!(
-                "node {node_name} is drained: {}",
-                c.reason
             )));
         }
         match self.blocked(id, &self.array_running()) {
@@ -206,6 +166,50 @@ impl State {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Node `name`, if new runs may be placed on it.
+    pub(super) fn usable_node(&self, node_name: &str) -> Result<&crate::model::Node, Rejection> {
+        let node = self
+            .nodes
+            .get(node_name)
+            .ok_or_else(|| Rejection::NotFound(format!("node {node_name:?} does not exist")))?;
+        if !node.up {
+            return Err(Rejection::FailedPrecondition(format!(
+                "node {node_name} is down"
+            )));
+        }
+        if node.draining {
+            return Err(Rejection::FailedPrecondition(format!(
+                "node {node_name} is draining: its agent is shutting down"
+            )));
+        }
+        if let Some(c) = &node.cordon {
+            return Err(Rejection::FailedPrecondition(format!(
+                "node {node_name} is drained: {}",
+                c.reason
+            )));
+        }
+        Ok(node)
+    }
+
+    pub(super) fn place(
+        &mut self,
+        at: i64,
+        id: JobId,
+        node_name: &str,
+        gpus: &[String],
+    ) -> Result<Vec<Event>, Rejection> {
+        self.check_placeable(at, id)?;
+        let job = self.job(id)?;
+        if let Some((n, _)) = self.shape_of(&job.spec).filter(|(n, _)| *n != 1) {
+            return Err(invalid(
+                "node",
+                format!("job {id} runs on {n} nodes: it is placed on all at once"),
+            ));
+        }
+        let node = self.usable_node(node_name)?;
         let distinct: BTreeSet<&String> = gpus.iter().collect();
         if gpus.len() != job.spec.gpus as usize || distinct.len() != gpus.len() {
             return Err(invalid(
@@ -238,12 +242,19 @@ impl State {
         for g in node.gpus.iter_mut().filter(|g| gpus.contains(&g.uuid)) {
             g.job = Some(id);
         }
-        let job = self.jobs.get_mut(&id).expect("checked above");
+        self.start_run(at, id, node_name, gpus);
+        Ok(vec![Event::Job(id), Event::Node(node_name.to_string())])
+    }
+
+    /// A placed job's new run: out of the queue, running on `gpus`.
+    pub(super) fn start_run(&mut self, at: i64, id: JobId, node_name: &str, gpus: &[String]) {
+        let job = self.jobs.get_mut(&id).expect("a placed job");
         self.queue.remove(&(job.submitted_at_ms, id));
         self.running.insert(id);
         job.state = JobState::Running;
         job.node = Some(node_name.to_string());
         job.gpus = gpus.to_vec();
+        job.gang = None;
         job.attempts += 1;
         job.started_at_ms = None;
         job.finished_at_ms = None;
@@ -252,7 +263,6 @@ impl State {
         job.nominated_node = None;
         job.placed_at_ms = at;
         job.run_energy_mj = 0;
-        Ok(vec![Event::Job(id), Event::Node(node_name.to_string())])
     }
 
     pub(super) fn preempt(
@@ -353,9 +363,15 @@ impl State {
         self.requeue(id, at);
     }
 
-    /// The run's agent is gone: bill up to `end_ms` and put the job back in the
-    /// queue, unless it was being cancelled or has used up its attempts.
-    pub(super) fn end_run_lost(&mut self, id: JobId, end_ms: i64, why: &str) {
+    /// The run's agent on `node` is gone: bill up to `end_ms` and put the job
+    /// back in the queue, unless it was being cancelled or has used up its
+    /// attempts. Of a multi-node run, only the part on `node` is lost (the
+    /// others are stopped; see `gang`).
+    pub(super) fn end_run_lost(&mut self, at: i64, id: JobId, node: &str, end_ms: i64, why: &str) {
+        if self.jobs.get(&id).is_some_and(|j| j.gang.is_some()) {
+            self.lose_part(at, id, node, end_ms, why);
+            return;
+        }
         self.close_run(id, end_ms, 0);
         self.after_lost_run(id, end_ms, why);
     }
@@ -377,7 +393,7 @@ impl State {
                 self.requeue(id, end_ms);
                 return;
             }
-            Some(Stop::TimeLimit) => job.stop = None,
+            Some(Stop::TimeLimit | Stop::PartEnded) => job.stop = None,
             Some(Stop::Cancel) | None => {}
         }
         job.reason = format!("{why} during attempt {}", job.attempts);

@@ -22,6 +22,7 @@ use crate::policy::{Policy, Setting};
 pub mod accounts;
 mod billing;
 mod finished;
+mod gang;
 mod governance;
 mod habits;
 mod invariants;
@@ -34,10 +35,11 @@ mod validation;
 
 pub use crate::commands::{Command, Event, Op, Rejection, RunReport};
 pub use crate::model::{
-    Capacity, CapacityRecord, CutOff, Gpu, GpuInfo, Isolation, Job, JobId, JobKind, JobSpec,
-    JobState, Member, Node, PolicyChange, Principal, Proposal, Stop, UsageRecord,
+    Capacity, CapacityRecord, CutOff, Gang, Gpu, GpuInfo, Isolation, Job, JobId, JobKind, JobSpec,
+    JobState, Member, Node, Part, PartEnd, PolicyChange, Principal, Proposal, Stop, UsageRecord,
 };
 pub use billing::unbilled_ms;
+pub use gang::{FIRST_RENDEZVOUS_PORT, RunView, shape as gang_shape};
 pub use governance::MAX_OPEN_PROPOSALS;
 pub use jobs::{MAX_ATTEMPTS, MAX_RESTART_BACKOFF_MS};
 pub use jobs_map::Jobs;
@@ -316,7 +318,16 @@ impl State {
                 gpus,
                 session,
                 orphaned_runs_end_ms,
-            } => self.register_node(at, node, owner, gpus, session, *orphaned_runs_end_ms),
+                address,
+            } => self.register_node(
+                at,
+                node,
+                owner,
+                gpus,
+                session,
+                *orphaned_runs_end_ms,
+                address,
+            ),
             Op::NodeDown { node, last_seen_ms } => self.node_down(node, *last_seen_ms),
             Op::DrainNode { node } => {
                 let n = self
@@ -345,6 +356,7 @@ impl State {
             } => self.cordon(at, node, reason, by, *requeue),
             Op::ResumeNode { node } => self.resume_node(node),
             Op::Place { job, node, gpus } => self.place(at, *job, node, gpus),
+            Op::PlaceGang { job, parts, port } => self.place_gang(at, *job, parts, *port),
             Op::Preempt { job, for_job } => self.preempt(at, *job, *for_job),
             Op::Expire { job } => self.expire(at, *job),
             Op::SetPolicy {

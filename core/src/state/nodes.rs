@@ -9,6 +9,7 @@ use super::{
 };
 
 impl State {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn register_node(
         &mut self,
         at: i64,
@@ -17,6 +18,7 @@ impl State {
         gpus: &[GpuInfo],
         session: &str,
         orphaned_end: i64,
+        address: &str,
     ) -> Result<Vec<Event>, Rejection> {
         if !valid_name(name) {
             return Err(invalid(
@@ -28,6 +30,16 @@ impl State {
             return Err(Rejection::NotFound(format!(
                 "owner: member {owner:?} does not exist"
             )));
+        }
+        if address.len() > 255
+            || !address
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
+        {
+            return Err(invalid(
+                "address",
+                format!("{address:?} is not a host name or IP address"),
+            ));
         }
         // An agent's identity is a UUID; anything long would only weigh on
         // every replica.
@@ -115,7 +127,7 @@ impl State {
                 .into_iter()
                 .collect();
             for job in orphans {
-                self.end_run_lost(job, orphaned_end.min(at), "agent restarted");
+                self.end_run_lost(at, job, name, orphaned_end.min(at), "agent restarted");
                 events.push(Event::Job(job));
             }
         }
@@ -186,6 +198,7 @@ impl State {
                 cordon: self.nodes.get(name).and_then(|n| n.cordon.clone()),
                 registered_at_ms,
                 up_since_ms,
+                address: address.to_string(),
             },
         );
         self.inventory.insert(name.to_string(), inventory);
@@ -213,26 +226,24 @@ impl State {
         let jobs: BTreeSet<JobId> = node.gpus.iter().filter_map(|g| g.job).collect();
         let mut events = vec![Event::Node(name.to_string())];
         for job in jobs {
-            let cut = self
-                .jobs
-                .get(&job)
-                .filter(|j| j.started_at_ms.is_some())
-                .map(|j| {
-                    let (model, weight_milli) = self.run_weight(j);
-                    CutOff {
-                        job,
-                        attempt: j.attempts,
-                        billed_to_ms: last_seen.max(j.billed_to_ms),
-                        gpus: j.spec.gpus,
-                        model,
-                        weight_milli,
-                        power_w: self.run_power_w(j),
-                        started_at_ms: j.started_at_ms.unwrap_or(j.billed_to_ms).max(1),
-                        energy_mj: j.run_energy_mj,
-                        deadline_ms: None,
-                    }
-                });
-            self.end_run_lost(job, last_seen, "node down");
+            let cut = self.jobs.get(&job).and_then(|j| {
+                let run = j.run_on(name)?;
+                let started = run.started_at_ms?;
+                let (model, weight_milli) = self.weight_of(name, run.gpus);
+                Some(CutOff {
+                    job,
+                    attempt: j.attempts,
+                    billed_to_ms: last_seen.max(run.billed_to_ms),
+                    gpus: run.gpus.len() as u32,
+                    model,
+                    weight_milli,
+                    power_w: self.power_w(name, run.gpus),
+                    started_at_ms: started.max(1),
+                    energy_mj: run.energy_mj,
+                    deadline_ms: None,
+                })
+            });
+            self.end_run_lost(last_seen, job, name, last_seen, "node down");
             if let Some(cut) = cut {
                 self.nodes
                     .get_mut(name)

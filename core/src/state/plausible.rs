@@ -91,9 +91,13 @@ impl RunReport {
 impl State {
     /// The power limits of a run's GPUs, summed.
     pub fn run_power_w(&self, job: &crate::state::Job) -> u64 {
-        let node = job.node.as_ref().and_then(|n| self.nodes.get(n));
-        job.gpus
-            .iter()
+        self.power_w(job.node.as_deref().unwrap_or_default(), &job.gpus)
+    }
+
+    /// The power limits of `gpus` on `node`, summed.
+    pub fn power_w(&self, node: &str, gpus: &[String]) -> u64 {
+        let node = self.nodes.get(node);
+        gpus.iter()
             .map(|u| {
                 let enrolled = node
                     .and_then(|n| n.gpus.iter().find(|g| &g.uuid == u))
@@ -121,9 +125,11 @@ impl State {
                 .iter()
                 .find(|c| c.job == id && c.attempt == attempt)
         });
-        let current = self.jobs.get(&id).filter(|j| {
-            j.state == JobState::Running && j.attempts == attempt && j.node.as_deref() == Some(node)
-        });
+        let current = self
+            .jobs
+            .get(&id)
+            .filter(|j| j.state == JobState::Running && j.attempts == attempt)
+            .and_then(|j| j.run_on(node));
         // What the report would bill: from where, for a run started when,
         // with how much energy billed for the run already, and the power
         // limits of its GPUs. The energy bound is over the whole run, so
@@ -145,8 +151,8 @@ impl State {
                 (
                     j.billed_to_ms,
                     s,
-                    j.run_energy_mj,
-                    self.run_power_w(j),
+                    j.energy_mj,
+                    self.power_w(node, j.gpus),
                     None,
                 )
             }),
@@ -174,7 +180,7 @@ impl State {
                 let most = current.map_or(u64::MAX, |j| {
                     (at.saturating_sub(j.placed_at_ms).max(0) as u64)
                         .saturating_add(1000)
-                        .saturating_mul(j.spec.gpus as u64)
+                        .saturating_mul(j.gpus.len() as u64)
                 });
                 if *sum_pct > samples.saturating_mul(100) || *samples > most {
                     return Err(format!(

@@ -51,6 +51,13 @@ impl State {
         if self.bill_cut_off(at, node_name, report, plausible) {
             return Ok(vec![]);
         }
+        if self
+            .jobs
+            .get(&report.run().0)
+            .is_some_and(|j| j.gang.is_some())
+        {
+            return self.part_report(at, node_name, report, plausible);
+        }
         // A report about a run that is no longer current (requeued meanwhile, or
         // stopped after it was reassigned) is acknowledged and otherwise ignored.
         let current = |s: &State, job: &JobId, attempt: u32| {
@@ -130,58 +137,73 @@ impl State {
                 let (end, energy) = self.run_end(*job, at, *at_ms, *energy_mj, plausible);
                 self.close_run(*job, end, energy);
                 let reason = super::plausible::bounded_reason(reason);
-                let j = self.jobs.get_mut(job).expect("checked");
-                j.exit_code = Some(*exit_code);
-                j.reason = reason.clone();
-                // Why it was being stopped decides (see `Stop`); a cancelled
-                // job keeps its `Stop::Cancel`.
-                match j.stop {
-                    Some(Stop::Cancel) => {
-                        j.state = JobState::Cancelled;
-                        j.finished_at_ms = Some(end);
-                    }
-                    Some(Stop::Preempt { for_job }) => {
-                        j.reason = format!("preempted for job {for_job}");
-                        self.end_preempted(*job, at.max(end));
-                    }
-                    Some(Stop::Requeue) => {
-                        let node = j.node.clone().unwrap_or_default();
-                        j.reason = format!("node {node} drained: requeued");
-                        self.requeue(*job, at.max(end));
-                    }
-                    Some(Stop::TimeLimit) => {
-                        j.stop = None;
-                        j.state = JobState::Failed;
-                        j.finished_at_ms = Some(end);
-                        j.reason =
-                            format!("time limit of {} s reached", j.spec.time_limit_ms / 1000);
-                    }
-                    None => match j.spec.kind {
-                        JobKind::Finetune => {
-                            j.state = if *exit_code == 0 {
-                                JobState::Completed
-                            } else {
-                                JobState::Failed
-                            };
-                            j.finished_at_ms = Some(end);
-                        }
-                        JobKind::Inference => {
-                            // A service is restarted, with a growing back-off if it
-                            // keeps exiting quickly.
-                            let backoff = restart_backoff(j.attempts);
-                            j.reason = format!(
-                                "exited with {exit_code}{}; restarting",
-                                if reason.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!(" ({reason})")
-                                }
-                            );
-                            self.requeue(*job, at.max(end) + backoff);
-                        }
-                    },
-                }
+                self.after_exit(*job, at, end, *exit_code, reason);
                 Ok(vec![Event::Job(*job), Event::Node(node_name.to_string())])
+            }
+        }
+    }
+
+    /// A run has exited at `end` with `exit_code`: why it was being stopped,
+    /// or else its kind and code, decide what becomes of the job (see `Stop`).
+    pub(super) fn after_exit(
+        &mut self,
+        id: JobId,
+        at: i64,
+        end: i64,
+        exit_code: i32,
+        reason: String,
+    ) {
+        let j = self.jobs.get_mut(&id).expect("an exited job");
+        j.exit_code = Some(exit_code);
+        j.reason = reason.clone();
+        // A cancelled job keeps its `Stop::Cancel`.
+        match j.stop {
+            Some(Stop::Cancel) => {
+                j.state = JobState::Cancelled;
+                j.finished_at_ms = Some(end);
+            }
+            Some(Stop::Preempt { for_job }) => {
+                j.reason = format!("preempted for job {for_job}");
+                self.end_preempted(id, at.max(end));
+            }
+            Some(Stop::Requeue) => {
+                let node = j.node.clone().unwrap_or_default();
+                j.reason = format!("node {node} drained: requeued");
+                self.requeue(id, at.max(end));
+            }
+            Some(Stop::TimeLimit) => {
+                j.stop = None;
+                j.state = JobState::Failed;
+                j.finished_at_ms = Some(end);
+                j.reason = format!("time limit of {} s reached", j.spec.time_limit_ms / 1000);
+            }
+            // A part of a multi-node run failed: the code is that part's.
+            None | Some(Stop::PartEnded) => {
+                j.stop = None;
+                match j.spec.kind {
+                    JobKind::Finetune => {
+                        j.state = if exit_code == 0 {
+                            JobState::Completed
+                        } else {
+                            JobState::Failed
+                        };
+                        j.finished_at_ms = Some(end);
+                    }
+                    JobKind::Inference => {
+                        // A service is restarted, with a growing back-off if it
+                        // keeps exiting quickly.
+                        let backoff = restart_backoff(j.attempts);
+                        j.reason = format!(
+                            "exited with {exit_code}{}; restarting",
+                            if reason.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({reason})")
+                            }
+                        );
+                        self.requeue(id, at.max(end) + backoff);
+                    }
+                }
             }
         }
     }

@@ -82,6 +82,9 @@ pub(super) fn check_gpu(g: &GpuInfo) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Most nodes one job may span.
+pub const MAX_NODES_PER_JOB: usize = 64;
+
 /// Most arguments a command may have.
 pub const MAX_ARGS: usize = 4096;
 
@@ -177,6 +180,54 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Rejection> {
     }
     if spec.gpu_model.as_ref().is_some_and(|m| m.trim().is_empty()) {
         return Err(invalid("gpu_model", "must not be blank"));
+    }
+    if spec.nodes as usize > MAX_NODES_PER_JOB {
+        return Err(invalid(
+            "nodes",
+            format!("at most {MAX_NODES_PER_JOB} nodes"),
+        ));
+    }
+    if spec.gpus_per_node > 0 && !spec.gpus.is_multiple_of(spec.gpus_per_node) {
+        return Err(invalid(
+            "gpus_per_node",
+            format!(
+                "{} GPUs do not split into parts of {} (gpus must be a multiple of gpus_per_node)",
+                spec.gpus, spec.gpus_per_node
+            ),
+        ));
+    }
+    if spec.nodes > 0 && !spec.gpus.is_multiple_of(spec.nodes) {
+        return Err(invalid(
+            "nodes",
+            format!(
+                "{} GPUs do not split evenly over {} nodes (gpus must be a multiple of nodes)",
+                spec.gpus, spec.nodes
+            ),
+        ));
+    }
+    if spec.nodes > 0
+        && spec.gpus_per_node > 0
+        && spec.nodes as u64 * spec.gpus_per_node as u64 != spec.gpus as u64
+    {
+        return Err(invalid(
+            "gpus",
+            format!(
+                "{} nodes of {} GPUs are {}, not {}",
+                spec.nodes,
+                spec.gpus_per_node,
+                spec.nodes as u64 * spec.gpus_per_node as u64,
+                spec.gpus
+            ),
+        ));
+    }
+    if spec.gpus_per_node > 0 && (spec.gpus / spec.gpus_per_node) as usize > MAX_NODES_PER_JOB {
+        return Err(invalid(
+            "gpus_per_node",
+            format!(
+                "parts of {} GPUs need more than {MAX_NODES_PER_JOB} nodes",
+                spec.gpus_per_node
+            ),
+        ));
     }
     if !(-1000..=1000).contains(&spec.priority) {
         return Err(invalid("priority", "must be from -1000 to 1000"));

@@ -16,13 +16,14 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{Ctx, invalid, parse_job_id, propose_status};
 use crate::clock::now_ms;
 use crate::liveness::AgentTx;
-use coop_core::state::{Capacity, GpuInfo, JobState, Op, RunReport, State, valid_name};
+use coop_core::state::{Capacity, GpuInfo, Op, RunReport, State, valid_name};
 
 pub struct Agents(pub Ctx);
 
 type HeartbeatStream = Pin<Box<dyn Stream<Item = Result<pb::SchedulerMessage, Status>> + Send>>;
 
-/// Every run `node` should have now.
+/// Every run `node` should have now: its one-node runs, and its parts of
+/// multi-node runs (each with the rendezvous its launcher needs).
 pub fn desired_runs(state: &State, node: &str) -> Vec<pb::Run> {
     let Some(n) = state.nodes.get(node) else {
         return vec![];
@@ -32,12 +33,12 @@ pub fn desired_runs(state: &State, node: &str) -> Vec<pb::Run> {
     ids.dedup();
     ids.iter()
         .filter_map(|id| state.jobs.get(id))
-        .filter(|j| j.state == JobState::Running && j.node.as_deref() == Some(node))
-        .map(|j| pb::Run {
+        .filter_map(|j| Some((j, j.run_on(node)?)))
+        .map(|(j, run)| pb::Run {
             job_id: j.id.to_string(),
             attempt: j.attempts,
             command: j.spec.command.clone(),
-            gpus: j.gpus.clone(),
+            gpus: run.gpus.to_vec(),
             kill_grace_ms: j.stop_grace_ms(&state.policy),
             stop: j.stopping(),
             cpu_millis: j.spec.isolation.cpu_millis,
@@ -51,6 +52,24 @@ pub fn desired_runs(state: &State, node: &str) -> Vec<pb::Run> {
                 .map(|a| a.array.to_string())
                 .unwrap_or_default(),
             array_task_id: j.array.as_ref().map(|a| a.task),
+            rendezvous: j.gang.as_ref().map(|g| pb::Rendezvous {
+                node_rank: g.rank_on(node).unwrap_or_default() as u32,
+                addresses: g
+                    .parts
+                    .iter()
+                    .map(|p| {
+                        // A node that gave no address is reached by name.
+                        state
+                            .nodes
+                            .get(&p.node)
+                            .map(|n| n.address.clone())
+                            .filter(|a| !a.is_empty())
+                            .unwrap_or_else(|| p.node.clone())
+                    })
+                    .collect(),
+                port: g.port as u32,
+                world_size: j.spec.gpus,
+            }),
         })
         .collect()
 }
@@ -169,6 +188,7 @@ impl AgentService for Agents {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let node = self.0.node(&req).await?;
         self.0.leader_only()?;
+        let seen_from = req.remote_addr().map(|a| a.ip().to_canonical().to_string());
         let mut r = req.into_inner();
         if r.node != node {
             return Err(Status::permission_denied(format!(
@@ -229,6 +249,13 @@ impl AgentService for Agents {
                 gpus,
                 session: session.clone(),
                 orphaned_runs_end_ms,
+                // Where the agent says its node is reached, else where it
+                // connected from.
+                address: if r.address.is_empty() {
+                    seen_from.unwrap_or_default()
+                } else {
+                    r.address
+                },
             })
             .await
             .map_err(propose_status)?;

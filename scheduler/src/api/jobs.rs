@@ -226,6 +226,8 @@ impl JobService for Jobs {
                 image: Some(r.image.trim().to_string()).filter(|i| !i.is_empty()),
             },
             env: r.env.into_iter().collect(),
+            nodes: r.nodes,
+            gpus_per_node: r.gpus_per_node,
         };
         validate_spec(&spec).map_err(rejection_status)?;
         // Dependencies may be given as prefixes too: resolved among the
@@ -407,7 +409,7 @@ impl JobService for Jobs {
                 .filter(|j| {
                     node.is_empty()
                         || (j.state != coop_core::state::JobState::Pending
-                            && j.node.as_deref() == Some(node))
+                            && j.run_nodes().contains(&node))
                 })
                 .filter(|j| r.to_ms == 0 || j.submitted_at_ms <= r.to_ms)
                 .filter(|j| r.from_ms == 0 || j.finished_at_ms.is_none_or(|f| f >= r.from_ms))
@@ -482,7 +484,7 @@ impl JobService for Jobs {
                     .filter(|j| may_access(&who, j))
                     .filter(|j| states.is_empty() || states.contains(&j.state))
                     .filter(|j| name.is_empty() || j.extra.name == name)
-                    .filter(|j| node.is_empty() || j.node.as_deref() == Some(node))
+                    .filter(|j| node.is_empty() || j.run_nodes().contains(&node))
                     .filter(|j| array.is_none() || j.array.as_ref().map(|a| a.array) == array)
                     .map(|j| (job_key(j), job_to_pb(&state, j, now))),
             );
@@ -596,8 +598,26 @@ impl JobService for Jobs {
                 attempt: 0,
             }));
         }
+        if r.rank > 0 && (attempt != job.attempts || r.rank as usize >= job.parts.len().max(1)) {
+            return Err(invalid(
+                "rank",
+                if job.parts.is_empty() {
+                    format!("job {id} runs on one node: its only rank is 0")
+                } else if attempt != job.attempts {
+                    format!(
+                        "the ranks of job {id} are known for its last attempt only ({})",
+                        job.attempts
+                    )
+                } else {
+                    format!("job {id} has ranks 0 to {}", job.parts.len() - 1)
+                },
+            ));
+        }
         let node = if attempt == job.attempts {
-            Some(job.node.clone())
+            Some(match job.parts.get(r.rank as usize) {
+                Some(p) => p.node.clone(),
+                None => job.node.clone(),
+            })
         } else {
             let (pool, _) = self.0.replica.history_now().await.map_err(propose_status)?;
             crate::consensus::archive::attempt_node(pool, id, attempt)

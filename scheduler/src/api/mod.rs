@@ -252,6 +252,22 @@ pub fn job_to_pb(state: &State, job: &Job, now_ms: i64) -> pb::Job {
         workdir: job.extra.workdir.clone().unwrap_or_default(),
         after_ok: job.extra.after_ok.iter().map(|j| j.to_string()).collect(),
         after_any: job.extra.after_any.iter().map(|j| j.to_string()).collect(),
+        nodes: job.spec.nodes,
+        gpus_per_node: job.spec.gpus_per_node,
+        parts: job
+            .gang
+            .iter()
+            .flat_map(|g| g.parts.iter().enumerate())
+            .map(|(rank, p)| pb::JobPart {
+                rank: rank as u32,
+                node: p.node.clone(),
+                gpus: p.gpus.clone(),
+                exit_code: p.end.as_ref().and_then(|e| e.exit_code),
+                ended: p.end.is_some(),
+                reason: p.end.as_ref().map(|e| e.reason.clone()).unwrap_or_default(),
+                started_at_ms: p.started_at_ms.unwrap_or(0),
+            })
+            .collect(),
         held: job.held,
         array_id: job
             .array
