@@ -375,6 +375,25 @@ fn print_job_detail(j: &pb::Job) {
         };
         println!("{:<13} {}", format!("{key}:"), val);
     }
+    // A multi-node run: one line per node's process.
+    for p in &j.parts {
+        let state = match (p.ended, p.exit_code) {
+            (false, _) => "running".to_string(),
+            (true, Some(code)) => format!("exit={code}"),
+            (true, None) => "lost".to_string(),
+        };
+        let why = if p.reason.is_empty() {
+            String::new()
+        } else {
+            format!("  {}", p.reason)
+        };
+        println!(
+            "{:<13} {}  {} GPUs  {state}{why}",
+            format!("rank {}:", p.rank),
+            p.node,
+            p.gpus.len()
+        );
+    }
 }
 
 fn unix_ms(t: std::time::SystemTime) -> i64 {

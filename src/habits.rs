@@ -216,6 +216,15 @@ pub fn node_or_reason(j: &pb::Job) -> String {
         };
         return format!("({why})");
     }
+    if !j.parts.is_empty() {
+        // As squeue's NODELIST: every node of a multi-node run.
+        return j
+            .parts
+            .iter()
+            .map(|p| p.node.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     if j.node.is_empty() {
         "-".into()
     } else {

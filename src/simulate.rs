@@ -80,13 +80,32 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     let wall_s = started.elapsed().as_secs_f64();
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let mut summary = summary(&result, ordering, cfg.preemption, wall_s, trace.len());
-    summary["never_placed"] = json!(
-        result
-            .jobs
-            .iter()
-            .filter(|j| j.first_start_s.is_none())
-            .count()
-    );
+    let largest_node = cfg.nodes.iter().map(|g| g.gpus).max().unwrap_or(0);
+    let never: Vec<&coop_core::simulate::JobOutcome> = result
+        .jobs
+        .iter()
+        .filter(|j| j.first_start_s.is_none())
+        .collect();
+    summary["never_placed"] = json!(never.len());
+    // Jobs larger than any node: run over several nodes at once.
+    let multi: Vec<&coop_core::simulate::JobOutcome> = result
+        .jobs
+        .iter()
+        .filter(|j| j.gpus > largest_node)
+        .collect();
+    let gpu_s = |jobs: &[&coop_core::simulate::JobOutcome]| -> f64 {
+        jobs.iter()
+            .filter(|j| j.end_s.is_some())
+            .map(|j| j.gpus as f64 * j.duration_s)
+            .sum()
+    };
+    let all: Vec<&coop_core::simulate::JobOutcome> = result.jobs.iter().collect();
+    summary["multi_node_jobs"] = json!(multi.len());
+    summary["multi_node_gpu_seconds_share"] = json!(if gpu_s(&all) > 0.0 {
+        gpu_s(&multi) / gpu_s(&all)
+    } else {
+        0.0
+    });
     std::fs::write(
         a.out.join("summary.json"),
         serde_json::to_string_pretty(&summary)? + "\n",
@@ -95,18 +114,14 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     write_summary_csv(&a.out.join("summary.csv"), &summary)?;
     write_jobs_csv(&a.out.join("jobs.csv"), &result)?;
     std::fs::write(a.out.join("share.svg"), share_svg(&result, ordering))?;
-    let never = result
-        .jobs
-        .iter()
-        .filter(|j| j.first_start_s.is_none())
-        .collect::<Vec<_>>();
-    if let Some(biggest) = never.iter().map(|j| j.gpus).max() {
-        let largest_node = cfg.nodes.iter().map(|g| g.gpus).max().unwrap_or(0);
+    if let Some(biggest) = never.iter().max_by_key(|j| j.gpus) {
+        let why = biggest.never.as_deref().unwrap_or("it never found room");
         bail!(
-            "trace: {} of {} jobs could never be placed (up to {biggest} GPUs each; the largest node has {largest_node}): \
-             the figures in {} leave them out",
+            "trace: {} of {} jobs could never be placed on nodes of at most {largest_node} GPUs \
+             (the largest asks for {}; {why}): the figures in {} leave them out",
             never.len(),
             trace.len(),
+            biggest.gpus,
             a.out.display()
         );
     }

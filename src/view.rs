@@ -82,6 +82,18 @@ pub(crate) fn job_json(j: &pb::Job) -> Value {
         "array_limit": if j.array_limit == 0 { Value::Null } else { json!(j.array_limit) },
         "wait_reason": opt(&j.wait_reason),
         "wait_detail": opt(&j.wait_detail),
+        "nodes": if j.nodes == 0 { Value::Null } else { json!(j.nodes) },
+        "gpus_per_node": if j.gpus_per_node == 0 { Value::Null } else { json!(j.gpus_per_node) },
+        // Of a multi-node run, each node's process, by rank.
+        "parts": j.parts.iter().map(|p| json!({
+            "rank": p.rank,
+            "node": p.node,
+            "gpus": p.gpus,
+            "started_at": rfc3339(p.started_at_ms),
+            "state": if !p.ended { "running" } else if p.exit_code.is_some() { "exited" } else { "lost" },
+            "exit_code": p.exit_code,
+            "reason": opt(&p.reason),
+        })).collect::<Vec<_>>(),
     });
     if let (Value::Object(v), Value::Object(x)) = (&mut v, extra) {
         v.extend(x);

@@ -193,11 +193,12 @@ fn jobs_that_can_never_be_placed_fail_the_simulation_by_name_and_number() {
             .output()
             .unwrap()
     };
-    let o = run("2:8xV100-32GB", &[]);
+    let o = run("1:8xV100-32GB", &[]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "a 16-GPU job on 8-GPU nodes: {err}");
+    assert!(!o.status.success(), "a 16-GPU job on one 8-GPU node: {err}");
     assert!(
-        err.contains("1 of 3 jobs could never be placed") && err.contains("largest node has 8"),
+        err.contains("1 of 3 jobs could never be placed on nodes of at most 8 GPUs")
+            && err.contains("16 GPUs as 2 nodes of 8, but 1 registered node has 8"),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -220,4 +221,17 @@ fn jobs_that_can_never_be_placed_fail_the_simulation_by_name_and_number() {
     let s: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s["completed"], 3);
     assert_eq!(s["never_placed"], 0);
+    assert_eq!(s["multi_node_jobs"], 0);
+    // On two nodes of 8 it runs over both at once, and is counted as such.
+    let o = run("2:8xV100-32GB", &["--output", "json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["completed"], 3);
+    assert_eq!(s["never_placed"], 0);
+    assert_eq!(s["multi_node_jobs"], 1);
+    // 1600 of the trace's 1600 + 100 + 50 GPU-seconds.
+    let share = s["multi_node_gpu_seconds_share"].as_f64().unwrap();
+    assert!((share - 1600.0 / 1750.0).abs() < 1e-9, "{share}");
+    let jobs = std::fs::read_to_string(dir.path().join("out/jobs.csv")).unwrap();
+    assert_eq!(jobs.lines().count(), 4, "{jobs}");
 }

@@ -424,11 +424,7 @@ async fn scheduling_loop(ctx: Ctx, mut shutdown: tokio::sync::watch::Receiver<bo
                     for_job: p.for_job,
                 }
             });
-            let place = pass.placements.into_iter().map(|p| Op::Place {
-                job: p.job,
-                node: p.node,
-                gpus: p.gpus,
-            });
+            let place = coop_core::placement::place_ops(&state, pass.placements);
             (expire.chain(preempt).chain(place).collect(), waits)
         };
         for (member, secs) in waits {
@@ -439,7 +435,7 @@ async fn scheduling_loop(ctx: Ctx, mut shutdown: tokio::sync::watch::Receiver<bo
         let kinds: Vec<u8> = ops
             .iter()
             .map(|op| match op {
-                Op::Place { .. } => 1,
+                Op::Place { .. } | Op::PlaceGang { .. } => 1,
                 Op::Preempt { .. } => 2,
                 _ => 0,
             })

@@ -57,23 +57,38 @@ impl Placement {
     /// The command that makes it: `Place`, or `PlaceGang` with a free
     /// rendezvous port on rank 0's node.
     pub fn op(self, state: &State) -> crate::state::Op {
-        use crate::state::Op;
-        if self.more.is_empty() {
-            return Op::Place {
-                job: self.job,
-                node: self.node,
-                gpus: self.gpus,
-            };
-        }
-        let port = state.free_rendezvous_port(&self.node);
-        let mut parts = vec![(self.node, self.gpus)];
-        parts.extend(self.more);
-        Op::PlaceGang {
-            job: self.job,
-            parts,
-            port,
-        }
+        place_ops(state, vec![self]).remove(0)
     }
+}
+
+/// The commands that make `placements`, in order: multi-node runs led from
+/// the same node in one pass get different rendezvous ports.
+pub fn place_ops(state: &State, placements: Vec<Placement>) -> Vec<crate::state::Op> {
+    use crate::state::Op;
+    let mut taken: Vec<(String, u16)> = Vec::new();
+    placements
+        .into_iter()
+        .map(|p| {
+            if p.more.is_empty() {
+                return Op::Place {
+                    job: p.job,
+                    node: p.node,
+                    gpus: p.gpus,
+                };
+            }
+            let port = state.free_rendezvous_port(&p.node, |port| {
+                taken.iter().any(|(n, t)| *n == p.node && *t == port)
+            });
+            taken.push((p.node.clone(), port));
+            let mut parts = vec![(p.node, p.gpus)];
+            parts.extend(p.more);
+            Op::PlaceGang {
+                job: p.job,
+                parts,
+                port,
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -136,8 +136,13 @@ impl State {
                 )
             } else {
                 format!(
-                    "gpus: the job asks for {} GPUs as {n} nodes of {per}, but {big_enough} registered nodes have {per} matching{what} GPUs",
-                    spec.gpus
+                    "gpus: the job asks for {} GPUs as {n} nodes of {per}, but {big_enough} registered {} {per} matching{what} GPUs",
+                    spec.gpus,
+                    if big_enough == 1 {
+                        "node has"
+                    } else {
+                        "nodes have"
+                    }
                 )
             }));
         }
@@ -258,8 +263,9 @@ impl State {
     }
 
     /// The rendezvous port for a gang whose rank 0 is on `node`: the lowest
-    /// from [`FIRST_RENDEZVOUS_PORT`] no running gang there uses.
-    pub fn free_rendezvous_port(&self, node: &str) -> u16 {
+    /// from [`FIRST_RENDEZVOUS_PORT`] that no running gang there uses and
+    /// that `also_taken` does not refuse.
+    pub fn free_rendezvous_port(&self, node: &str, also_taken: impl Fn(u16) -> bool) -> u16 {
         let used: BTreeSet<u16> = self
             .running
             .iter()
@@ -268,7 +274,7 @@ impl State {
             .map(|g| g.port)
             .collect();
         (FIRST_RENDEZVOUS_PORT..=u16::MAX)
-            .find(|p| !used.contains(p))
+            .find(|p| !used.contains(p) && !also_taken(*p))
             .unwrap_or(FIRST_RENDEZVOUS_PORT)
     }
 
