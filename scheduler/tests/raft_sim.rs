@@ -16,7 +16,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use coop_core::ledger::{self, Record};
-use coop_core::placement::plan;
+use coop_core::placement::{place_ops, plan};
 use coop_core::policy::Setting;
 use coop_core::state::Job;
 use coop_core::state::{GpuInfo, JobId, JobKind, JobSpec, JobState, Op, RunReport, State};
@@ -119,8 +119,9 @@ struct Agent {
     next_seq: u64,
     /// Reports not yet known applied, in order.
     outbox: Vec<(u64, RunReport)>,
-    /// (job, attempt) -> (started at ms, ends at tick); removed when reported.
-    runs: BTreeMap<(JobId, u32), (i64, u64)>,
+    /// (job, attempt) -> (started at ms, ends at tick, GPUs here); removed
+    /// when reported.
+    runs: BTreeMap<(JobId, u32), (i64, u64, u64)>,
     /// Runs already reported ended.
     ended: BTreeSet<(JobId, u32)>,
     /// GPU-ms the agent measured per (job, attempt), for conservation.
@@ -148,6 +149,10 @@ struct Sim {
     next_token: u64,
     pending: BTreeMap<(u64, u64), Pending>,
     acked: BTreeSet<JobId>,
+    /// The nodes of each multi-node run (job, attempt) the agents were given.
+    gangs: BTreeMap<(JobId, u32), Vec<String>>,
+    /// Multi-node runs that completed, over all nodes.
+    gangs_completed: usize,
     /// Leader of each term, as seen by anyone.
     leaders: BTreeMap<u64, u64>,
     /// index -> (term, entry data) of every entry ever applied anywhere.
@@ -211,6 +216,8 @@ impl Sim {
             next_token: 0,
             pending: BTreeMap::new(),
             acked: BTreeSet::new(),
+            gangs: BTreeMap::new(),
+            gangs_completed: 0,
             leaders: BTreeMap::new(),
             committed: BTreeMap::new(),
             states: BTreeMap::new(),
@@ -435,7 +442,11 @@ impl Sim {
         // A client submits now and then, through any node that leads.
         if self.faults && self.rng.random_bool(0.15) {
             let id = JobId::from_u128(self.rng.random());
-            let gpus = self.rng.random_range(1..=GPUS_PER_AGENT);
+            // One in eight spans both nodes (more GPUs than either has).
+            let gpus = match self.rng.random_range(0..8) {
+                0 => 2 * GPUS_PER_AGENT,
+                n => n.min(GPUS_PER_AGENT),
+            };
             let op = Op::SubmitJob {
                 id,
                 member: "m".into(),
@@ -446,12 +457,7 @@ impl Sim {
         if self.tick.is_multiple_of(4) {
             let usage = BTreeMap::new();
             let pass = plan(&state, self.now_ms(), &usage);
-            for p in pass.placements {
-                let op = Op::Place {
-                    job: p.job,
-                    node: p.node,
-                    gpus: p.gpus,
-                };
+            for op in place_ops(&state, pass.placements) {
                 self.propose(l, op, Pending::Setup);
             }
         }
@@ -460,20 +466,27 @@ impl Sim {
 
     fn drive_agents(&mut self, l: usize, state: &State) {
         let now = self.now_ms();
+        for job in state.running.iter().map(|id| &state.jobs[id]) {
+            if let Some(g) = &job.gang {
+                let nodes = g.parts.iter().map(|p| p.node.clone()).collect();
+                self.gangs.insert((job.id, job.attempts), nodes);
+            }
+        }
         for a in 0..self.agents.len() {
             let agent = &mut self.agents[a];
             // Start what the leader assigned to this node; end what is due.
+            // (A part of a multi-node run is started by its node's agent.)
             for job in state.running.iter().map(|id| &state.jobs[id]) {
-                if job.node.as_deref() != Some(agent.name.as_str()) {
+                let Some(run) = job.run_on(&agent.name) else {
                     continue;
-                }
+                };
                 let key = (job.id, job.attempts);
                 if agent.ended.contains(&key) {
                     continue;
                 }
                 if let std::collections::btree_map::Entry::Vacant(e) = agent.runs.entry(key) {
                     let ticks = 5 + (job.id.as_u128() % 40) as u64;
-                    e.insert((now, self.tick + ticks));
+                    e.insert((now, self.tick + ticks, run.gpus.len() as u64));
                     let seq = agent.next_seq;
                     agent.next_seq += 1;
                     agent.outbox.push((
@@ -489,13 +502,12 @@ impl Sim {
             let ended: Vec<(JobId, u32)> = agent
                 .runs
                 .iter()
-                .filter(|(_, (_, end))| *end <= self.tick)
+                .filter(|(_, (_, end, _))| *end <= self.tick)
                 .map(|(k, _)| *k)
                 .collect();
             for key in ended {
-                let (start, _) = agent.runs.remove(&key).expect("listed");
+                let (start, _, gpus) = agent.runs.remove(&key).expect("listed");
                 agent.ended.insert(key);
-                let gpus = state.jobs.get(&key.0).map_or(0, |j| j.spec.gpus) as u64;
                 agent.measured.insert(key, gpus * (now - start) as u64);
                 let seq = agent.next_seq;
                 agent.next_seq += 1;
@@ -646,6 +658,23 @@ impl Sim {
             }
             self.nodes[i].checked_to = applied;
         }
+        // No part of a multi-node run runs without all the others: whatever
+        // one agent has started of it, every other part's agent has too.
+        for a in &self.agents {
+            for key in a.runs.keys() {
+                let Some(nodes) = self.gangs.get(key) else {
+                    continue;
+                };
+                for other in self.agents.iter().filter(|o| nodes.contains(&o.name)) {
+                    if !other.runs.contains_key(key) && !other.ended.contains(key) {
+                        self.fail(format!(
+                            "run {key:?} runs on {} but its part on {} was never started",
+                            a.name, other.name
+                        ));
+                    }
+                }
+            }
+        }
     }
 
     /// Heals the cluster and runs without faults until every job has finished
@@ -658,7 +687,8 @@ impl Sim {
                 self.nodes[i].down_until = 0;
             }
         }
-        for _ in 0..3_000 {
+        // Multi-node runs wait for whole nodes: the queue drains slowly.
+        for _ in 0..6_000 {
             self.step();
             let busy = self.leader().is_none_or(|l| {
                 let s = self.nodes[l].states.current().state;
@@ -675,9 +705,18 @@ impl Sim {
         }
         let leader = self.leader().map(|l| {
             let s = self.nodes[l].states.current().state;
-            (l + 1, s.queue.len(), s.running.len())
+            let running: Vec<String> = s
+                .running
+                .iter()
+                .map(|id| format!("{:?}", s.jobs[id]))
+                .collect();
+            (l + 1, s.queue.len(), running)
         });
-        let outboxes: Vec<usize> = self.agents.iter().map(|a| a.outbox.len()).collect();
+        let outboxes: Vec<String> = self
+            .agents
+            .iter()
+            .map(|a| format!("{} {:?} ended {:?}", a.outbox.len(), a.runs, a.ended.len()))
+            .collect();
         let applied: Vec<u64> = self
             .nodes
             .iter()
@@ -744,29 +783,38 @@ impl Sim {
                 Some(j) if j.state != JobState::Completed => {
                     self.fail(format!("acknowledged job {id} ended {:?}", j.state))
                 }
-                Some(_) => {}
+                Some(j) => {
+                    if j.gang
+                        .as_ref()
+                        .is_some_and(|g| g.parts.len() == AGENTS.len())
+                    {
+                        self.gangs_completed += 1;
+                    }
+                }
             }
         }
         // Usage is conserved: the ledger bills each completed run exactly the
         // GPU time its agent measured.
-        let mut billed: BTreeMap<(JobId, u32), u64> = BTreeMap::new();
+        // A multi-node run's parts are billed each from its own node.
+        let mut billed: BTreeMap<(JobId, u32, &str), u64> = BTreeMap::new();
         for r in &chain {
             if let ledger::Entry::Usage(u) = &r.entry {
-                *billed.entry((u.job, u.attempt)).or_default() += u.gpu_ms;
+                *billed.entry((u.job, u.attempt, &u.node)).or_default() += u.gpu_ms;
             }
         }
         for agent in &self.agents {
             for (key, gpu_ms) in &agent.measured {
+                let part = (key.0, key.1, agent.name.as_str());
                 let retired = stores[0].retired.get(&key.0).map(|(_, j)| j);
                 let completed = s
                     .jobs
                     .get(&key.0)
                     .or(retired)
                     .is_some_and(|j| j.state == JobState::Completed && j.attempts == key.1);
-                if completed && billed.get(key) != Some(gpu_ms) {
+                if completed && billed.get(&part) != Some(gpu_ms) {
                     self.fail(format!(
-                        "run {key:?}: measured {gpu_ms} GPU-ms, billed {:?}",
-                        billed.get(key)
+                        "run {part:?}: measured {gpu_ms} GPU-ms, billed {:?}",
+                        billed.get(&part)
                     ));
                 }
             }
@@ -844,12 +892,14 @@ fn setup_ops(state: &State) -> Vec<Op> {
     ops
 }
 
-fn run(seed: u64, nodes: u64) {
+/// Runs one seed; returns how many multi-node jobs completed.
+fn run(seed: u64, nodes: u64) -> usize {
     let mut sim = Sim::new(seed, nodes);
     for _ in 0..TICKS {
         sim.step();
     }
     sim.settle();
+    sim.gangs_completed
 }
 
 fn seeds(default: std::ops::Range<u64>, nodes: u64) {
@@ -862,9 +912,9 @@ fn seeds(default: std::ops::Range<u64>, nodes: u64) {
         }
         return;
     }
-    for seed in default {
-        run(seed, nodes);
-    }
+    let gangs: usize = default.map(|seed| run(seed, nodes)).sum();
+    // The seeds ran multi-node jobs through the faults, not just one-node ones.
+    assert!(gangs > 0, "no multi-node job completed in any seed");
 }
 
 #[test]
