@@ -71,31 +71,37 @@ fn gpu_infos() -> impl Strategy<Value = Vec<GpuInfo>> {
 
 fn spec() -> impl Strategy<Value = JobSpec> {
     (
-        0u32..5,
+        0u32..10,
         uint(),
         uint(),
         any::<bool>(),
         prop::collection::vec("[a-z]{0,3}", 0..3),
+        (
+            prop_oneof![4 => Just(0u32), 1 => 0u32..4],
+            prop_oneof![4 => Just(0u32), 1 => 0u32..5],
+        ),
     )
-        .prop_map(|(gpus, grace, limit, preemptible, command)| JobSpec {
-            kind: if preemptible {
-                JobKind::Finetune
-            } else {
-                JobKind::Inference
+        .prop_map(
+            |(gpus, grace, limit, preemptible, command, (nodes, gpus_per_node))| JobSpec {
+                kind: if preemptible {
+                    JobKind::Finetune
+                } else {
+                    JobKind::Inference
+                },
+                gpus,
+                command,
+                gpu_model: None,
+                min_gpu_memory_mb: 0,
+                preemptible,
+                kill_grace_ms: grace,
+                priority: 0,
+                time_limit_ms: limit,
+                isolation: Default::default(),
+                env: BTreeMap::new(),
+                nodes,
+                gpus_per_node,
             },
-            gpus,
-            command,
-            gpu_model: None,
-            min_gpu_memory_mb: 0,
-            preemptible,
-            kill_grace_ms: grace,
-            priority: 0,
-            time_limit_ms: limit,
-            isolation: Default::default(),
-            env: BTreeMap::new(),
-            nodes: 0,
-            gpus_per_node: 0,
-        })
+        )
 }
 
 fn report() -> impl Strategy<Value = RunReport> {
@@ -181,6 +187,28 @@ fn op() -> impl Strategy<Value = Op> {
         1 => job_id().prop_map(|id| Op::CancelJob { id }),
         1 => (job_id(), name(), prop::collection::vec((0u32..6).prop_map(|i| format!("GPU-{i}")), 0..4))
             .prop_map(|(job, node, gpus)| Op::Place { job, node, gpus }),
+        1 => (
+            job_id(),
+            prop::collection::vec(
+                (
+                    prop_oneof![4 => Just("n1".to_string()), 4 => Just("n2".to_string()), 1 => name()],
+                    prop::collection::vec(0u32..5, 0..5),
+                ),
+                0..4,
+            ),
+            prop_oneof![Just(29500u16), any::<u16>()],
+        )
+            .prop_map(|(job, parts, port)| Op::PlaceGang {
+                job,
+                parts: parts
+                    .into_iter()
+                    .map(|(node, gpus)| {
+                        let gpus = gpus.iter().map(|i| format!("GPU-{node}-{i}")).collect();
+                        (node, gpus)
+                    })
+                    .collect(),
+                port,
+            }),
         1 => (job_id(), job_id()).prop_map(|(job, for_job)| Op::Preempt { job, for_job }),
         1 => job_id().prop_map(|job| Op::Expire { job }),
         1 => prop::collection::vec(setting(), 0..3).prop_map(|settings| Op::SetPolicy {
