@@ -307,7 +307,15 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                             state_name(j.state)
                         );
                         let running = j.state == pb::JobState::Running as i32;
-                        if running {
+                        if running && !j.parts.is_empty() {
+                            let nodes: Vec<&str> =
+                                j.parts.iter().map(|p| p.node.as_str()).collect();
+                            line.push_str(&format!(
+                                "  nodes={} attempt={}",
+                                nodes.join(","),
+                                j.attempts
+                            ));
+                        } else if running {
                             line.push_str(&format!("  node={} attempt={}", j.node, j.attempts));
                             if j.started_at_ms == 0 {
                                 line.push_str("  (starting)");

@@ -96,8 +96,7 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     let gpu_s = |jobs: &[&coop_core::simulate::JobOutcome]| -> f64 {
         jobs.iter()
             .filter(|j| j.end_s.is_some())
-            .map(|j| j.gpus as f64 * j.duration_s)
-            .sum()
+            .fold(0.0, |s, j| s + j.gpus as f64 * j.duration_s)
     };
     let all: Vec<&coop_core::simulate::JobOutcome> = result.jobs.iter().collect();
     summary["multi_node_jobs"] = json!(multi.len());

@@ -15,36 +15,7 @@ use serde_json::Value;
 /// Each rank prints what the launcher environment says; rank 0 listens on
 /// MASTER_ADDR:MASTER_PORT, every other rank connects, says hello and reads
 /// the answer (retrying while rank 0 is still starting, as torchrun does).
-const RENDEZVOUS: &str = r#"
-import os, socket, sys, time
-rank = int(os.environ["NODE_RANK"])
-nodes = int(os.environ["NNODES"])
-addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-print("rank", rank, "of", nodes, "world", os.environ["WORLD_SIZE"],
-      "local", os.environ["LOCAL_WORLD_SIZE"], "master", addr + ":" + str(port),
-      "nodes", os.environ["COOP_NODES"], "torchrun", os.environ["PET_NNODES"],
-      os.environ["PET_NODE_RANK"], "gpus", os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
-if rank == 0:
-    server = socket.create_server((addr, port))
-    server.settimeout(60)
-    for _ in range(nodes - 1):
-        conn, _ = server.accept()
-        print("rank 0 got:", conn.recv(1024).decode(), flush=True)
-        conn.sendall(b"welcome from rank 0")
-        conn.close()
-else:
-    deadline = time.time() + 60
-    while True:
-        try:
-            conn = socket.create_connection((addr, port), timeout=5)
-            break
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.1)
-    conn.sendall(("hello from rank %d" % rank).encode())
-    print("rank %d got:" % rank, conn.recv(1024).decode(), flush=True)
-"#;
+const RENDEZVOUS: &str = include_str!("../examples/multinode/rendezvous.py");
 
 /// A scheduler with two agents, n1 and n2, of two simulated A100s each.
 fn two_nodes() -> (Split, Daemon, Daemon) {

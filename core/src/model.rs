@@ -396,11 +396,16 @@ impl Job {
 /// | `Preempt`   | requeued, `preemptions` + 1  | requeued, `preemptions` + 1            |
 /// | `Requeue`   | requeued                     | requeued                               |
 /// | `TimeLimit` | failed ("time limit ... reached") | as if none: requeued, or lost after `MAX_ATTEMPTS` |
+/// | `PartEnded` | as if none: by the code of the part that failed first | as if none |
 ///
 /// One run has one reason. When a second arrives while the first is pending
 /// the stronger one stands, in this order:
 ///
-/// `Cancel` > `Preempt` > `Requeue` > `TimeLimit`
+/// `Cancel` > `Preempt` > `Requeue` > `TimeLimit` = `PartEnded`
+///
+/// (`PartEnded` stops the other parts of a multi-node run when one failed or
+/// was lost; a time limit after it does not fail the job for having run
+/// long, nor does a part's failure after a time limit make it otherwise.)
 ///
 /// A cancel overrides whatever was under way (a cancelled job never goes back
 /// to the queue); a time limit never overrides anything (a run stopped for

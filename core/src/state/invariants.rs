@@ -84,8 +84,12 @@ impl State {
     ///   which it holds its spec's count of distinct GPUs, each recorded as
     ///   held by it (`Gpu::job`); it has had an attempt, and is billed from
     ///   no earlier than its start.
+    ///   A multi-node run: its parts, on distinct nodes, hold its GPUs between
+    ///   them; each part still running is on a node that is up and holds its
+    ///   own; if a part failed or was lost, the run is being stopped.
     /// - GPUs: a GPU held by a job is held by a running job, on that GPU's
-    ///   node, that lists it. With the above, no GPU is held by two runs.
+    ///   node, that lists it (for a multi-node run, its part there that is
+    ///   still running). With the above, no GPU is held by two runs.
     /// - `audit`: its last record follows the one before (sequence and hash
     ///   link).
     /// - every pending job is queued, every running job in `running`, every
