@@ -160,6 +160,7 @@ async fn add_bench_node(coop: &CoopCluster) -> anyhow::Result<Target> {
             NODE_CREDENTIAL,
             pb::RegisterRequest {
                 address: String::new(),
+                site: String::new(),
                 node: "bench".into(),
                 owner: "bench".into(),
                 gpus: vec![pb::Gpu {

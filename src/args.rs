@@ -324,6 +324,10 @@ pub struct RunArgs {
     /// here [default: the address this agent reaches the scheduler from].
     #[arg(long, env = "COOP_AGENT_ADDRESS")]
     pub address: Option<String>,
+    /// The site or rack this machine is in (e.g. rack-3): a multi-node job's
+    /// processes are placed in one site where they fit.
+    #[arg(long, env = "COOP_AGENT_SITE")]
+    pub site: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -857,6 +857,8 @@ fn node_json(n: &pb::Node) -> Value {
         "registered_at": rfc3339(n.registered_at_ms),
         "drain": if n.drain.is_empty() { Value::Null } else { json!(n.drain) },
         "drain_reason": if n.drain_reason.is_empty() { Value::Null } else { json!(n.drain_reason) },
+        "site": if n.site.is_empty() { Value::Null } else { json!(n.site) },
+        "address": if n.address.is_empty() { Value::Null } else { json!(n.address) },
         "gpus": n.gpus.iter().map(|g| json!({
             "uuid": g.uuid, "index": g.index, "model": g.model, "memory_mb": g.memory_mb,
             "job": if g.job.is_empty() { Value::Null } else { json!(g.job) },

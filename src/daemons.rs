@@ -163,6 +163,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         isolation: isolation(&a.runs, real)?,
         keep_runs: a.runs.keep_runs,
         address: a.runs.address.clone().unwrap_or_default(),
+        site: a.runs.site.clone().unwrap_or_default(),
     })
     .await?;
     let mut registered = agent.registered();
@@ -431,6 +432,7 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         isolation: isolation(&a.runs, real)?,
         keep_runs: a.runs.keep_runs,
         address: a.runs.address.clone().unwrap_or_default(),
+        site: a.runs.site.clone().unwrap_or_default(),
     })
     .await?;
     eprintln!("agent {node}: {gpu_summary}");

@@ -116,6 +116,7 @@ fn rows(job_a: &str, session: &str) -> Vec<Row> {
     let s2 = s.clone();
     let register = move || pb::RegisterRequest {
         address: String::new(),
+        site: String::new(),
         node: "node-a".into(),
         owner: String::new(),
         gpus: vec![gpu()],
@@ -810,6 +811,7 @@ fn every_rpc_answers_every_kind_of_caller_as_the_matrix_says() {
             .register(req(
                 pb::RegisterRequest {
                     address: String::new(),
+                    site: String::new(),
                     node: "node-a".into(),
                     owner: String::new(),
                     gpus: vec![gpu()],

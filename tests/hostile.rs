@@ -65,6 +65,7 @@ fn a_hostile_agent_cannot_bill_forged_usage_or_grow_its_gpus() {
     let register = |agent: &mut pb::agent_service_client::AgentServiceClient<_>, n| {
         let req = pb::RegisterRequest {
             address: String::new(),
+            site: String::new(),
             node: "evil".into(),
             owner: String::new(),
             gpus: gpus(n),

@@ -50,6 +50,8 @@ pub struct AgentConfig {
     /// Where other nodes reach this one's runs (multi-node rendezvous);
     /// empty: the scheduler takes the address the agent connects from.
     pub address: String,
+    /// A site or rack label (empty: none).
+    pub site: String,
 }
 
 pub struct Agent {
@@ -331,6 +333,7 @@ impl Agent {
         let identity = self.spool.identity().to_string();
         let reg = pb::RegisterRequest {
             address: self.cfg.address.clone(),
+            site: self.cfg.site.clone(),
             node: self.cfg.node.clone(),
             owner: self.cfg.owner.clone(),
             gpus: self

@@ -72,6 +72,7 @@ fn cluster(ordering: Ordering) -> State {
                 session: "s".into(),
                 orphaned_runs_end_ms: 0,
                 address: String::new(),
+                site: String::new(),
             },
         );
     }

@@ -77,6 +77,9 @@ pub enum Op {
         /// The host other nodes reach it at (see `Node::address`).
         #[serde(default, skip_serializing_if = "String::is_empty")]
         address: String,
+        /// A site or rack label (see `Node::site`).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        site: String,
     },
     NodeDown {
         node: String,

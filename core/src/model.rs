@@ -116,6 +116,10 @@ pub struct Node {
     /// it registered it): the rendezvous of multi-node runs. Empty: unknown.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub address: String,
+    /// A site or rack label (as its agent registered it; empty: none): the
+    /// parts of a multi-node run are placed in one site where they fit.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub site: String,
 }
 
 /// A run the scheduler gave up on when its node went silent. The agent kept

@@ -259,6 +259,7 @@ impl<'a> Sim<'a> {
                     session: "sim".into(),
                     orphaned_runs_end_ms: 0,
                     address: String::new(),
+                    site: String::new(),
                 })?;
                 n += 1;
             }

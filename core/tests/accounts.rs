@@ -62,6 +62,7 @@ fn register(node: &str, owner: &str) -> Op {
         session: "s".into(),
         orphaned_runs_end_ms: 0,
         address: String::new(),
+        site: String::new(),
     }
 }
 

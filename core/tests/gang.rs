@@ -6,6 +6,8 @@ use coop_core::ledger::Entry;
 use coop_core::placement::{Wait, plan};
 use coop_core::policy::Setting;
 use coop_core::state::*;
+use std::collections::BTreeSet;
+
 use uuid::Uuid;
 
 fn gpus(node: &str, n: u32, model: &str) -> Vec<GpuInfo> {
@@ -44,7 +46,7 @@ fn apply(s: &mut State, at_ms: i64, op: Op) -> Result<Vec<Event>, Rejection> {
 }
 
 /// Members a and b (equal shares), nodes n1..n3 of four A100s each (owned
-/// by a) and n4 of four H100s.
+/// by a) and n4 of four H100s; n1 and n4 in rack-a, n2 and n3 in rack-b.
 fn coop() -> State {
     let mut s = State::default();
     let mut ops = vec![
@@ -63,11 +65,11 @@ fn coop() -> State {
             expires_at_ms: None,
         },
     ];
-    for (n, model) in [
-        ("n1", "A100"),
-        ("n2", "A100"),
-        ("n3", "A100"),
-        ("n4", "H100"),
+    for (n, model, site) in [
+        ("n1", "A100", "rack-a"),
+        ("n2", "A100", "rack-b"),
+        ("n3", "A100", "rack-b"),
+        ("n4", "H100", "rack-a"),
     ] {
         ops.push(Op::RegisterNode {
             node: n.into(),
@@ -76,6 +78,7 @@ fn coop() -> State {
             session: format!("s-{n}"),
             orphaned_runs_end_ms: 0,
             address: format!("10.0.0.{}", &n[1..]),
+            site: site.into(),
         });
     }
     for op in ops {
@@ -196,7 +199,7 @@ fn a_job_larger_than_any_node_runs_over_the_fewest_nodes_of_one_model() {
     shaped.gpus_per_node = 2;
     let id2 = submit(&mut s, 4_000, 2, "b", shaped);
     pass(&mut s, 5_000);
-    // Only n3 (A100) and n4 (H100) have room: one model only, so it waits.
+    // Only n1 (A100) and n4 (H100) have room: one model only, so it waits.
     assert_eq!(s.jobs[&id2].state, JobState::Pending);
     let usage = coop_core::fairshare::usage(&s, 6_000);
     let p = plan(&s, 6_000, &usage);
@@ -304,10 +307,14 @@ fn each_part_is_billed_from_its_own_nodes_reports_exactly_once() {
     agents.report(&mut s, 3_500, &r0, started(3_200));
     agents.report(&mut s, 4_500, &r1, started(4_000));
     // A node holding no part of it reports for it: ignored.
+    let stranger = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != r0 && *n != r1)
+        .unwrap();
     agents.report(
         &mut s,
         5_000,
-        "n3",
+        stranger,
         RunReport::Usage {
             job: id,
             attempt: 1,
@@ -777,4 +784,75 @@ fn preemption_frees_a_gangs_worth_of_gpus_across_nodes() {
     let mut on: Vec<String> = parts(&s, id).into_iter().map(|(n, _)| n).collect();
     on.sort();
     assert_eq!(on, victims.into_iter().collect::<Vec<_>>());
+}
+
+#[test]
+fn a_multi_node_job_goes_across_sites_only_where_one_site_cannot_hold_it() {
+    let mut s = coop();
+    // One GPU of n3 is busy: rack-b no longer has two free A100 nodes.
+    let mut one = spec(1);
+    one.gpu_model = Some("A100".into());
+    let small = submit(&mut s, 2_000, 1, "a", one);
+    let mut agents = Agents::new();
+    apply(
+        &mut s,
+        2_500,
+        Op::Place {
+            job: small,
+            node: "n3".into(),
+            gpus: vec!["GPU-n3-0".into()],
+        },
+    )
+    .unwrap();
+    let at = "n3".to_string();
+    let mut big = spec(8);
+    big.gpu_model = Some("A100".into());
+    let id = submit(&mut s, 3_000, 2, "b", big);
+    pass(&mut s, 4_000);
+    let mut nodes: Vec<String> = parts(&s, id).into_iter().map(|(n, _)| n).collect();
+    nodes.sort();
+    assert!(!nodes.contains(&at), "{nodes:?} and the busy {at}");
+    let sites: BTreeSet<&str> = nodes.iter().map(|n| s.nodes[n].site.as_str()).collect();
+    assert_eq!(sites.len(), 2, "across sites: {nodes:?}");
+    // A site label that is not a name is refused at registration.
+    agents.seq.clear();
+    let err = apply(
+        &mut s,
+        5_000,
+        Op::RegisterNode {
+            node: "n5".into(),
+            owner: "a".into(),
+            gpus: gpus("n5", 1, "A100"),
+            session: "s-n5".into(),
+            orphaned_runs_end_ms: 0,
+            address: "10.0.0.5".into(),
+            site: "Rack A".into(),
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, Rejection::InvalidArgument { field, .. } if field == "site"),
+        "{err:?}"
+    );
+    for address in ["10.0.0.5; rm -rf /", "a b", &"x".repeat(300)] {
+        let err = apply(
+            &mut s,
+            5_000,
+            Op::RegisterNode {
+                node: "n5".into(),
+                owner: "a".into(),
+                gpus: gpus("n5", 1, "A100"),
+                session: "s-n5".into(),
+                orphaned_runs_end_ms: 0,
+                address: address.into(),
+                site: String::new(),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, Rejection::InvalidArgument { field, .. } if field == "address"),
+            "{err:?}"
+        );
+    }
+    assert!(!s.nodes.contains_key("n5"));
 }

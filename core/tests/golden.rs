@@ -66,6 +66,7 @@ fn history() -> Vec<Command> {
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
             address: String::new(),
+            site: String::new(),
         },
         Op::SubmitJob {
             id: job,

@@ -60,6 +60,7 @@ impl Coop {
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
             address: String::new(),
+            site: String::new(),
         });
         c
     }

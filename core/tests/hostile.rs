@@ -68,6 +68,7 @@ fn running() -> (State, JobId) {
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
             address: String::new(),
+            site: String::new(),
         },
     ];
     for op in ops {
@@ -303,6 +304,7 @@ fn energy_is_bounded_by_the_power_limits_the_gpus_enrolled_with() {
         session: "s1".into(),
         orphaned_runs_end_ms: 0,
         address: String::new(),
+        site: String::new(),
     };
     apply(&mut s, 1_000, op).unwrap();
     // Raising the limits later changes nothing: the enrolled ones stand.
@@ -316,6 +318,7 @@ fn energy_is_bounded_by_the_power_limits_the_gpus_enrolled_with() {
         session: "s1".into(),
         orphaned_runs_end_ms: 0,
         address: String::new(),
+        site: String::new(),
     };
     apply(&mut s, 1_500, op).unwrap();
     assert!(s.nodes["n2"].gpus.iter().all(|g| g.power_limit_w == 300));
@@ -423,6 +426,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         session: "s1".into(),
         orphaned_runs_end_ms: 0,
         address: String::new(),
+        site: String::new(),
     };
     let e = apply(&mut s, 40_000, more).unwrap_err();
     assert!(e.to_string().contains("enroll the node again"), "{e}");
@@ -436,6 +440,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         session: "s1".into(),
         orphaned_runs_end_ms: 0,
         address: String::new(),
+        site: String::new(),
     };
     assert!(apply(&mut s, 40_000, op).is_err());
     assert_eq!(s, before, "refused registrations change nothing");
@@ -447,6 +452,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         session: "s1".into(),
         orphaned_runs_end_ms: 0,
         address: String::new(),
+        site: String::new(),
     };
     apply(&mut s, 41_000, fewer).unwrap();
     let all = Op::RegisterNode {
@@ -456,6 +462,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         session: "s1".into(),
         orphaned_runs_end_ms: 0,
         address: String::new(),
+        site: String::new(),
     };
     apply(&mut s, 42_000, all).unwrap();
     // Absurd claims are refused even at the first registration.
@@ -466,6 +473,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         session: "s".repeat(4096),
         orphaned_runs_end_ms: 0,
         address: String::new(),
+        site: String::new(),
     };
     assert!(
         apply(&mut s, 43_000, op)
@@ -482,6 +490,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         session: "s".into(),
         orphaned_runs_end_ms: 0,
         address: String::new(),
+        site: String::new(),
     };
     assert!(
         apply(&mut s, 43_000, op)
@@ -496,6 +505,7 @@ fn a_node_keeps_the_gpus_it_enrolled_with() {
         session: "s".into(),
         orphaned_runs_end_ms: 0,
         address: String::new(),
+        site: String::new(),
     };
     assert!(
         apply(&mut s, 43_000, op)
@@ -968,6 +978,7 @@ fn a_run_cut_off_with_its_node_is_billed_until_its_agent_is_back_and_a_grace() {
         session: "s1".into(),
         orphaned_runs_end_ms: back,
         address: String::new(),
+        site: String::new(),
     };
     apply(&mut s, back, op).unwrap();
     let later = back + 3 * 24 * 3_600_000;

@@ -238,6 +238,7 @@ impl Bench {
                 session: "s".into(),
                 orphaned_runs_end_ms: 0,
                 address: String::new(),
+                site: String::new(),
             });
         }
         b

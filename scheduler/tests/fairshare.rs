@@ -99,6 +99,7 @@ fn cluster(nodes: u32, per_node: u32, members: &[(&str, u64)]) -> State {
                 session: "s".into(),
                 orphaned_runs_end_ms: 0,
                 address: String::new(),
+                site: String::new(),
             },
         );
     }

@@ -180,6 +180,7 @@ fn op() -> impl Strategy<Value = Op> {
                 session,
                 orphaned_runs_end_ms: end,
                 address: String::new(),
+                site: String::new(),
             }),
         1 => (name(), int()).prop_map(|(node, last_seen_ms)| Op::NodeDown { node, last_seen_ms }),
         1 => name().prop_map(|node| Op::DrainNode { node }),
@@ -267,6 +268,7 @@ fn seeded() -> State {
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
             address: String::new(),
+            site: String::new(),
         },
         Op::RegisterNode {
             node: "n2".into(),
@@ -275,6 +277,7 @@ fn seeded() -> State {
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
             address: String::new(),
+            site: String::new(),
         },
         Op::SubmitJob {
             id: Uuid::from_u128(1),

@@ -886,6 +886,7 @@ fn setup_ops(state: &State) -> Vec<Op> {
                 session: "s".into(),
                 orphaned_runs_end_ms: 0,
                 address: String::new(),
+                site: String::new(),
             });
         }
     }

@@ -66,6 +66,7 @@ fn base() -> (State, i64) {
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
             address: String::new(),
+            site: String::new(),
         },
         Op::RegisterNode {
             node: "n2".into(),
@@ -74,6 +75,7 @@ fn base() -> (State, i64) {
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
             address: String::new(),
+            site: String::new(),
         },
     ];
     for op in cmds {
@@ -402,6 +404,7 @@ fn commands(steps: &[Step]) -> Vec<Command> {
                     session: format!("s{e}"),
                     orphaned_runs_end_ms: at - 5,
                     address: String::new(),
+                    site: String::new(),
                 });
             }
             Step::Tick(ms) => at += *ms as i64,
@@ -638,6 +641,7 @@ fn node_loss_requeues_bills_up_to_the_last_heartbeat_then_what_the_agent_measure
             session: "s1".into(),
             orphaned_runs_end_ms: at + 30_500,
             address: String::new(),
+            site: String::new(),
         },
     })
     .unwrap();
@@ -721,6 +725,7 @@ fn probed_throughput_weighs_models_without_a_declared_weight_when_the_policy_say
             session: "s1".into(),
             orphaned_runs_end_ms: 0,
             address: String::new(),
+            site: String::new(),
         },
     );
     // Measurements alone change nothing: the policy has not asked for them.

@@ -436,6 +436,7 @@ async fn finished_jobs_leave_memory_after_the_retention_and_are_read_from_the_st
             session: "s".into(),
             orphaned_runs_end_ms: 0,
             address: String::new(),
+            site: String::new(),
         })
         .await
         .unwrap();

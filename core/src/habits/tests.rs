@@ -80,6 +80,7 @@ fn cluster() -> State {
             session: "s".into(),
             orphaned_runs_end_ms: 0,
             address: String::new(),
+            site: String::new(),
         },
     ];
     for op in ops {

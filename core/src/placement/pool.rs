@@ -157,7 +157,8 @@ impl<'a> Pool<'a> {
 
     /// `n` slots of one kind on distinct nodes with `per` free GPUs each that
     /// `allowed` accepts, best fit: those left with the fewest free GPUs, so
-    /// that whole nodes stay free for large jobs.
+    /// that whole nodes stay free for large jobs. Several nodes are taken in
+    /// one site (`Node::site`) where one has room for all, else across sites.
     pub(super) fn gang_fit(
         &self,
         spec: &JobSpec,
@@ -167,19 +168,46 @@ impl<'a> Pool<'a> {
     ) -> Option<Vec<(usize, usize)>> {
         self.matching(spec)
             .filter_map(|c| {
-                let chosen: Vec<(usize, usize)> = self.by_free[c]
+                let fits = self.by_free[c]
                     .range((per, 0)..)
                     .filter(|(free, node)| allowed((*node, c), *free))
-                    .take(n)
-                    .copied()
-                    .collect();
+                    .copied();
+                let (across, chosen) = if n == 1 {
+                    (false, fits.take(1).collect::<Vec<_>>())
+                } else {
+                    let all: Vec<(usize, usize)> = fits.collect();
+                    match self.one_site(&all, n) {
+                        Some(one) => (false, one),
+                        None => (true, all.into_iter().take(n).collect()),
+                    }
+                };
                 (chosen.len() == n).then(|| {
                     let free: usize = chosen.iter().map(|(f, _)| f).sum();
-                    (free, chosen[0].1, c, chosen)
+                    (across, free, chosen[0].1, c, chosen)
                 })
             })
             .min()
-            .map(|(_, _, c, chosen)| chosen.into_iter().map(|(_, node)| (node, c)).collect())
+            .map(|(_, _, _, c, chosen)| chosen.into_iter().map(|(_, node)| (node, c)).collect())
+    }
+
+    /// The best fit of `n` of `fits` ((free, node), fewest free first) that
+    /// share one site, if a site has `n` of them.
+    fn one_site(&self, fits: &[(usize, usize)], n: usize) -> Option<Vec<(usize, usize)>> {
+        let mut by_site: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
+        for f in fits {
+            by_site
+                .entry(self.nodes[f.1].site.as_str())
+                .or_default()
+                .push(*f);
+        }
+        by_site
+            .into_values()
+            .filter(|fs| fs.len() >= n)
+            .map(|mut fs| {
+                fs.truncate(n);
+                fs
+            })
+            .min_by_key(|fs| (fs.iter().map(|(f, _)| f).sum::<usize>(), fs[0].1))
     }
 
     pub(super) fn fits_anywhere(&self, spec: &JobSpec, n: usize, per: usize) -> bool {

@@ -271,6 +271,7 @@ mod tests {
                 session: "s1".into(),
                 orphaned_runs_end_ms: 2,
                 address: String::new(),
+                site: String::new(),
             },
         );
         let spec = JobSpec {

@@ -319,6 +319,7 @@ impl State {
                 session,
                 orphaned_runs_end_ms,
                 address,
+                site,
             } => self.register_node(
                 at,
                 node,
@@ -327,6 +328,7 @@ impl State {
                 session,
                 *orphaned_runs_end_ms,
                 address,
+                site,
             ),
             Op::NodeDown { node, last_seen_ms } => self.node_down(node, *last_seen_ms),
             Op::DrainNode { node } => {

@@ -19,6 +19,7 @@ impl State {
         session: &str,
         orphaned_end: i64,
         address: &str,
+        site: &str,
     ) -> Result<Vec<Event>, Rejection> {
         if !valid_name(name) {
             return Err(invalid(
@@ -39,6 +40,12 @@ impl State {
             return Err(invalid(
                 "address",
                 format!("{address:?} is not a host name or IP address"),
+            ));
+        }
+        if !site.is_empty() && !valid_name(site) {
+            return Err(invalid(
+                "site",
+                format!("{site:?} is not a valid site name (lowercase letters, digits, - and _)"),
             ));
         }
         // An agent's identity is a UUID; anything long would only weigh on
@@ -199,6 +206,7 @@ impl State {
                 registered_at_ms,
                 up_since_ms,
                 address: address.to_string(),
+                site: site.to_string(),
             },
         );
         self.inventory.insert(name.to_string(), inventory);

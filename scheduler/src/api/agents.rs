@@ -256,6 +256,7 @@ impl AgentService for Agents {
                 } else {
                     r.address
                 },
+                site: r.site,
             })
             .await
             .map_err(propose_status)?;

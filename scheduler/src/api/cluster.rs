@@ -64,6 +64,8 @@ impl Cluster {
                         })
                         .collect(),
                     registered_at_ms: n.registered_at_ms,
+                    site: n.site.clone(),
+                    address: n.address.clone(),
                     last_heartbeat_ms: live.last_seen_ms,
                     connected: live.connected,
                     drain: match &n.cordon {
