@@ -293,6 +293,11 @@ pub struct Gang {
     /// Rank 0's rendezvous port (`MASTER_PORT`), chosen at placement.
     pub port: u16,
     pub parts: Vec<Part>,
+    /// The rank whose failure or loss, applied first, stopped the others:
+    /// it decides the job's fate (by the order the replicated log applied
+    /// the parts' ends, not by their agents' clocks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_broken: Option<u32>,
 }
 
 /// One node's share of a multi-node run.
@@ -324,11 +329,10 @@ impl Gang {
         self.parts.iter().position(|p| p.node == node)
     }
 
-    /// A part failed or was lost: the others must stop.
+    /// A part failed or was lost (or, of a service, ended): the others
+    /// must stop.
     pub fn broken(&self) -> bool {
-        self.parts
-            .iter()
-            .any(|p| p.end.as_ref().is_some_and(|e| e.exit_code != Some(0)))
+        self.first_broken.is_some()
     }
 
     pub fn all_ended(&self) -> bool {

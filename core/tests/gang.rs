@@ -194,23 +194,31 @@ fn a_job_larger_than_any_node_runs_over_the_fewest_nodes_of_one_model() {
     for (n, _) in &placed {
         assert!(s.nodes[n].gpus.iter().all(|g| g.job == Some(id)));
     }
-    // Asked for by shape: 8 GPUs as four parts of two.
-    let mut shaped = spec(8);
-    shaped.gpus_per_node = 2;
-    let id2 = submit(&mut s, 4_000, 2, "b", shaped);
+    // Only n1 (A100) and n4 (H100) have room: one model only, so another
+    // job of 8 (any model) waits...
+    let id2 = submit(&mut s, 4_000, 2, "b", spec(8));
     pass(&mut s, 5_000);
-    // Only n1 (A100) and n4 (H100) have room: one model only, so it waits.
     assert_eq!(s.jobs[&id2].state, JobState::Pending);
     let usage = coop_core::fairshare::usage(&s, 6_000);
     let p = plan(&s, 6_000, &usage);
     assert!(
         matches!(
             p.waiting.get(&id2),
-            Some(Wait::NoFit { .. } | Wait::Reserved { .. })
+            Some(
+                Wait::NoFitNodes {
+                    nodes: 2,
+                    per_node: 4
+                } | Wait::Reserved { .. }
+            )
         ),
         "{:?}",
         p.waiting.get(&id2)
     );
+    // ...while one of 4 runs at once.
+    let id3 = submit(&mut s, 6_500, 3, "b", spec(4));
+    pass(&mut s, 7_000);
+    assert_eq!(s.jobs[&id3].state, JobState::Running);
+    assert_eq!(s.jobs[&id2].state, JobState::Pending);
 }
 
 #[test]
@@ -461,7 +469,9 @@ fn without_a_cancel_the_first_failing_rank_decides() {
         energy_mj: 0,
     };
     agents.report(&mut s, 6_000, &r1, exit(3, 6_000));
-    agents.report(&mut s, 7_000, &r0, exit(143, 7_000));
+    // Rank 0's clock runs a second behind: it claims to have ended first,
+    // but the log applied rank 1's failure first.
+    agents.report(&mut s, 7_000, &r0, exit(143, 5_000));
     let j = &s.jobs[&id];
     assert_eq!(j.state, JobState::Failed);
     // Rank 0 exited 143 only because it was stopped: rank 1 failed first.
@@ -531,10 +541,16 @@ fn a_part_lost_with_its_node_requeues_the_whole_job_once() {
     );
     // Rank 0 billed to its exit, rank 1 to its node's last heartbeat.
     assert_eq!(j.gpu_ms, 4 * 17_000 + 4 * 6_000);
-    // With one A100 node down, 8 A100s no longer fit: it waits whole.
+    // It runs again as a whole, on two A100 nodes that are up.
     pass(&mut s, 22_000);
     let j = &s.jobs[&id];
-    assert!(j.state == JobState::Pending || parts(&s, id).iter().all(|(n, _)| n != &r1));
+    assert_eq!((j.state, j.attempts), (JobState::Running, 2));
+    let again = parts(&s, id);
+    assert_eq!(again.len(), 2);
+    assert!(
+        again.iter().all(|(n, _)| *n != r1 && n != "n4"),
+        "{again:?}"
+    );
 }
 
 #[test]
@@ -621,20 +637,73 @@ fn a_forged_gang_placement_is_refused_and_changes_nothing() {
 }
 
 #[test]
-fn two_gangs_led_from_one_node_meet_on_different_ports() {
+fn two_gangs_led_from_one_host_in_one_pass_meet_on_different_ports() {
     let mut s = coop();
-    let mut half = spec(4);
-    half.gpus_per_node = 2;
+    // n2 and n3 share one host (two agents on one machine, as in tests).
+    for n in ["n2", "n3"] {
+        apply(
+            &mut s,
+            1_500,
+            Op::RegisterNode {
+                node: n.into(),
+                owner: "a".into(),
+                gpus: gpus(n, 4, "A100"),
+                session: format!("s-{n}"),
+                orphaned_runs_end_ms: 0,
+                address: "10.0.0.2".into(),
+                site: "rack-b".into(),
+            },
+        )
+        .unwrap();
+    }
+    let mut half = spec(2);
+    half.gpus_per_node = 1;
     half.gpu_model = Some("A100".into());
     let a = submit(&mut s, 2_000, 1, "a", half.clone());
     let b = submit(&mut s, 2_001, 2, "b", half);
-    pass(&mut s, 3_000);
-    let ga = s.jobs[&a].gang.as_ref().unwrap();
-    let gb = s.jobs[&b].gang.as_ref().unwrap();
-    if ga.parts[0].node == gb.parts[0].node {
-        assert_ne!(ga.port, gb.port);
+    let usage = coop_core::fairshare::usage(&s, 3_000);
+    let p = plan(&s, 3_000, &usage);
+    assert_eq!(p.placements.len(), 2, "{p:?}");
+    // Both are led from rack-b's host, decided in one pass: the leader
+    // proposes them together, before either is applied.
+    let ops = coop_core::placement::place_ops(&s, p.placements);
+    let ports: Vec<u16> = ops
+        .iter()
+        .map(|op| match op {
+            Op::PlaceGang { parts, port, .. } => {
+                assert_eq!(s.rendezvous_host(&parts[0].0), "10.0.0.2");
+                *port
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ports, [FIRST_RENDEZVOUS_PORT, FIRST_RENDEZVOUS_PORT + 1]);
+    for op in ops {
+        apply(&mut s, 3_000, op).expect("places");
     }
     assert!(s.running.contains(&a) && s.running.contains(&b));
+    // A third, forged onto a port in use on that host, is refused.
+    let mut third = spec(2);
+    third.gpus_per_node = 1;
+    third.gpu_model = Some("A100".into());
+    let c = submit(&mut s, 4_000, 3, "a", third);
+    let err = apply(
+        &mut s,
+        4_000,
+        Op::PlaceGang {
+            job: c,
+            parts: vec![
+                ("n3".into(), vec!["GPU-n3-3".into()]),
+                ("n1".into(), vec!["GPU-n1-0".into()]),
+            ],
+            port: FIRST_RENDEZVOUS_PORT + 1,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("on 10.0.0.2 is the rendezvous"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -650,66 +719,59 @@ fn backfill_keeps_the_reserved_nodes_for_the_head_of_line_gang() {
         },
     )
     .unwrap();
-    // Two A100 nodes busy for ten minutes, one for an hour.
-    let mut ten = spec(4);
-    ten.gpu_model = Some("A100".into());
-    ten.time_limit_ms = 600_000;
-    let mut hour = ten.clone();
-    hour.time_limit_ms = 3_600_000;
-    submit(&mut s, 2_000, 1, "a", ten.clone());
-    submit(&mut s, 2_001, 2, "a", ten);
-    submit(&mut s, 2_002, 3, "a", hour);
+    // n1 half busy and n2 busy for ten minutes, n3 busy for an hour.
+    let a100 = |gpus, limit_ms| {
+        let mut j = spec(gpus);
+        j.gpu_model = Some("A100".into());
+        j.time_limit_ms = limit_ms;
+        j
+    };
+    submit(&mut s, 2_000, 1, "a", a100(2, 600_000));
+    submit(&mut s, 2_001, 2, "a", a100(4, 600_000));
+    submit(&mut s, 2_002, 3, "a", a100(4, 3_600_000));
     pass(&mut s, 3_000);
-    assert_eq!(s.running.len(), 3);
+    let node_of = |s: &State, i: u128| s.jobs[&Uuid::from_u128(i)].node.clone().unwrap();
+    assert_eq!(
+        [node_of(&s, 1), node_of(&s, 2), node_of(&s, 3)],
+        ["n1", "n2", "n3"]
+    );
     let mut agents = Agents::new();
     for id in 1..=3u128 {
-        let id = Uuid::from_u128(id);
-        let node = s.jobs[&id].node.clone().unwrap();
+        let node = node_of(&s, id);
         agents.report(
             &mut s,
             3_000,
             &node,
             RunReport::Started {
-                job: id,
+                job: Uuid::from_u128(id),
                 attempt: 1,
                 at_ms: 3_000,
             },
         );
     }
-    // The head of the line: 8 A100s, on the two nodes free in ten minutes.
-    let mut big = spec(8);
-    big.gpu_model = Some("A100".into());
-    let head = submit(&mut s, 4_000, 10, "b", big);
-    // Behind it, a 20-minute job would delay it on those nodes.
-    let mut late = spec(2);
-    late.gpu_model = Some("A100".into());
-    late.time_limit_ms = 1_200_000;
-    let behind = submit(&mut s, 4_001, 11, "b", late);
+    // The head of the line: 8 A100s, on n1 and n2, free in ten minutes.
+    let head = submit(&mut s, 4_000, 10, "b", a100(8, 0));
+    // Behind it, a 20-minute job would fit n1's two free GPUs now, but would
+    // delay it; a 5-minute one ends before and may use them.
+    let late = submit(&mut s, 4_001, 11, "b", a100(2, 1_200_000));
     let usage = coop_core::fairshare::usage(&s, 5_000);
     let p = plan(&s, 5_000, &usage);
     match p.waiting.get(&head) {
         Some(Wait::Reserved { node, at_ms }) => {
             assert_eq!(*at_ms, Some(603_000));
-            let mut nodes: Vec<&str> = node.split(',').collect();
-            nodes.sort();
-            let busy_for_ten: Vec<String> = (1..=2u128)
-                .map(|i| s.jobs[&Uuid::from_u128(i)].node.clone().unwrap())
-                .collect();
-            let mut want: Vec<&str> = busy_for_ten.iter().map(String::as_str).collect();
-            want.sort();
-            assert_eq!(nodes, want);
+            assert_eq!(node, "n1,n2");
         }
         other => panic!("head of line: {other:?}"),
     }
     assert!(p.placements.is_empty(), "{:?}", p.placements);
-    assert!(
-        matches!(
-            p.waiting.get(&behind),
-            Some(Wait::NoFit { .. } | Wait::BehindReservation { .. })
-        ),
-        "{:?}",
-        p.waiting.get(&behind)
+    assert_eq!(
+        p.waiting.get(&late),
+        Some(&Wait::BehindReservation { job: head })
     );
+    let short = submit(&mut s, 4_002, 12, "b", a100(2, 300_000));
+    pass(&mut s, 5_000);
+    assert_eq!(s.jobs[&short].node.as_deref(), Some("n1"));
+    assert_eq!(s.jobs[&late].state, JobState::Pending);
 }
 
 #[test]
@@ -834,7 +896,14 @@ fn a_multi_node_job_goes_across_sites_only_where_one_site_cannot_hold_it() {
         matches!(&err, Rejection::InvalidArgument { field, .. } if field == "site"),
         "{err:?}"
     );
-    for address in ["10.0.0.5; rm -rf /", "a b", &"x".repeat(300)] {
+    for address in [
+        "10.0.0.5; rm -rf /",
+        "a b",
+        &"x".repeat(300),
+        "10.0.0.5:29500",
+        "[fe80::1]",
+        "-oProxyCommand",
+    ] {
         let err = apply(
             &mut s,
             5_000,
@@ -855,4 +924,101 @@ fn a_multi_node_job_goes_across_sites_only_where_one_site_cannot_hold_it() {
         );
     }
     assert!(!s.nodes.contains_key("n5"));
+}
+
+#[test]
+fn preempting_a_multi_node_run_frees_its_gpus_on_every_node() {
+    let mut s = coop();
+    apply(
+        &mut s,
+        1_500,
+        Op::SetPolicy {
+            settings: vec![
+                Setting::MinRuntimeS(0),
+                Setting::Share {
+                    member: "a".into(),
+                    shares: 1,
+                },
+                Setting::Share {
+                    member: "b".into(),
+                    shares: 3,
+                },
+            ],
+            by: "op".into(),
+            reason: "test".into(),
+        },
+    )
+    .unwrap();
+    // Member a (a quarter of 16 GPUs) holds 12: a 4-GPU run on n1, then a
+    // younger preemptible run of 2 x 4 over rack-b.
+    let mut four = spec(4);
+    four.gpu_model = Some("A100".into());
+    let single = submit(&mut s, 2_000, 1, "a", four);
+    apply(
+        &mut s,
+        2_000,
+        Op::Place {
+            job: single,
+            node: "n1".into(),
+            gpus: (0..4).map(|i| format!("GPU-n1-{i}")).collect(),
+        },
+    )
+    .unwrap();
+    let mut eight = spec(8);
+    eight.gpu_model = Some("A100".into());
+    let gang = submit(&mut s, 2_100, 2, "a", eight.clone());
+    pass(&mut s, 2_200);
+    assert_eq!(parts(&s, gang).len(), 2);
+    let mut agents = Agents::new();
+    agents.report(
+        &mut s,
+        2_500,
+        "n1",
+        RunReport::Started {
+            job: single,
+            attempt: 1,
+            at_ms: 2_500,
+        },
+    );
+    for n in ["n2", "n3"] {
+        agents.report(
+            &mut s,
+            3_000,
+            n,
+            RunReport::Started {
+                job: gang,
+                attempt: 1,
+                at_ms: 3_000,
+            },
+        );
+    }
+    // Member b wants 2 x 4 A100s. Preempting a's multi-node run alone frees
+    // both nodes and leaves a its quarter; taking the run on n1 as well (or
+    // instead) would take a below it.
+    let id = submit(&mut s, 4_000, 3, "b", eight);
+    let p = pass(&mut s, 5_000);
+    let victims: Vec<JobId> = p.preemptions.iter().map(|x| x.job).collect();
+    assert_eq!(victims, [gang], "{:?}", p.preemptions);
+    for n in ["n2", "n3"] {
+        agents.report(
+            &mut s,
+            6_000,
+            n,
+            RunReport::Exited {
+                job: gang,
+                attempt: 1,
+                at_ms: 6_000,
+                exit_code: 143,
+                reason: String::new(),
+                energy_mj: 0,
+            },
+        );
+    }
+    assert_eq!(s.jobs[&gang].state, JobState::Pending);
+    assert_eq!(s.jobs[&gang].preemptions, 1);
+    pass(&mut s, 7_000);
+    let mut on: Vec<String> = parts(&s, id).into_iter().map(|(n, _)| n).collect();
+    on.sort();
+    assert_eq!(on, ["n2", "n3"]);
+    assert_eq!(s.jobs[&single].state, JobState::Running);
 }

@@ -62,7 +62,7 @@ impl Placement {
 }
 
 /// The commands that make `placements`, in order: multi-node runs led from
-/// the same node in one pass get different rendezvous ports.
+/// the same host in one pass get different rendezvous ports.
 pub fn place_ops(state: &State, placements: Vec<Placement>) -> Vec<crate::state::Op> {
     use crate::state::Op;
     let mut taken: Vec<(String, u16)> = Vec::new();
@@ -76,10 +76,11 @@ pub fn place_ops(state: &State, placements: Vec<Placement>) -> Vec<crate::state:
                     gpus: p.gpus,
                 };
             }
+            let host = state.rendezvous_host(&p.node).to_string();
             let port = state.free_rendezvous_port(&p.node, |port| {
-                taken.iter().any(|(n, t)| *n == p.node && *t == port)
+                taken.iter().any(|(h, t)| *h == host && *t == port)
             });
-            taken.push((p.node.clone(), port));
+            taken.push((host, port));
             let mut parts = vec![(p.node, p.gpus)];
             parts.extend(p.more);
             Op::PlaceGang {
@@ -114,6 +115,9 @@ pub enum Wait {
     /// No node has `gpus` free GPUs of a kind it accepts (`most_free` is the
     /// largest such block now).
     NoFit { gpus: u32, most_free: u32 },
+    /// A multi-node job: not `nodes` nodes with `per_node` free GPUs each of
+    /// one kind it accepts.
+    NoFitNodes { nodes: u32, per_node: u32 },
     /// Its member holds `held` GPUs and may hold `quota` (policy gpu_quota).
     OverQuota { held: u64, quota: u64 },
     /// Held (`coop job hold`) until released.
@@ -131,7 +135,7 @@ impl Wait {
             Wait::BackingOff { .. } => "BackOff",
             Wait::MemberSuspended => "MemberSuspended",
             Wait::Preempting { .. } => "Preempting",
-            Wait::Reserved { .. } | Wait::NoFit { .. } => "Resources",
+            Wait::Reserved { .. } | Wait::NoFit { .. } | Wait::NoFitNodes { .. } => "Resources",
             Wait::BehindReservation { .. } => "Priority",
             Wait::OverQuota { .. } => "Quota",
             Wait::Held => "Held",
@@ -167,6 +171,10 @@ impl fmt::Display for Wait {
             Wait::ArrayLimit { limit } => {
                 write!(f, "{limit} tasks of its array are running, its limit")
             }
+            Wait::NoFitNodes { nodes, per_node } => write!(
+                f,
+                "waiting for {nodes} nodes with {per_node} free GPUs of one kind each, all at once"
+            ),
             Wait::NoFit { gpus, most_free } => write!(
                 f,
                 "waiting for {gpus} free GPUs of one kind on one node (largest free block now: {most_free})"
@@ -209,26 +217,26 @@ impl Plan {
     }
 }
 
-/// How `job` splits over the registered nodes (see `state::gang::shape`),
-/// with the largest node per kind of request found once per pass.
+/// How `job` splits over the nodes of the pass (see `state::gang::shape`),
+/// with each kind of request's node sizes found once per pass.
 fn shape_of(
     state: &State,
-    largest: &mut HashMap<(Option<String>, u64), usize>,
+    sizes: &mut HashMap<(Option<String>, u64), Vec<usize>>,
     job: &Job,
 ) -> Option<(u32, u32)> {
     let spec = &job.spec;
     // A job that asks for nothing and fits the smallest node needs no search.
     if spec.nodes == 0 && spec.gpus_per_node == 0 && spec.gpus == 1 {
-        return Some((1, 1)).filter(|_| !state.nodes.is_empty());
+        return Some((1, 1));
     }
     let key = (
         spec.gpu_model.as_ref().map(|m| m.to_ascii_lowercase()),
         spec.min_gpu_memory_mb,
     );
-    let l = *largest
+    let s = sizes
         .entry(key)
-        .or_insert_with(|| state.largest_node_for(spec));
-    crate::state::gang_shape(spec, l)
+        .or_insert_with(|| state.node_sizes(spec, true));
+    crate::state::gang_shape(spec, s)
 }
 
 /// One pass at `now_ms`. `usage` is each member's decayed usage (see
@@ -302,8 +310,8 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
     // different spelling only costs a lookup.)
     let mut failed: HashMap<(Option<&str>, u64), Vec<Failure>> = HashMap::new();
     let mut unplaced: Vec<&Job> = Vec::with_capacity(state.queue.len());
-    // How jobs of each kind of request split over nodes.
-    let mut shapes: HashMap<(Option<String>, u64), usize> = HashMap::new();
+    // Per kind of request, what each node offers it: how jobs split.
+    let mut shapes: HashMap<(Option<String>, u64), Vec<usize>> = HashMap::new();
 
     while let Some(job) = order.next() {
         out.order.push(job.id);
@@ -389,7 +397,15 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
                         });
                     }
                 }
-                if !behind {
+                if n > 1 && !(behind && reservation.is_some()) {
+                    out.waiting.insert(
+                        job.id,
+                        Wait::NoFitNodes {
+                            nodes: n as u32,
+                            per_node: per as u32,
+                        },
+                    );
+                } else if !behind {
                     out.waiting.insert(job.id, pool.no_fit(&job.spec));
                 } else if let Some(r) = &reservation {
                     out.waiting

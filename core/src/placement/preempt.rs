@@ -13,7 +13,7 @@ pub(super) fn preempt(
     alloc: &BTreeMap<String, u32>,
     pool: &Pool,
     unplaced: &[&Job],
-    shapes: &mut HashMap<(Option<String>, u64), usize>,
+    shapes: &mut HashMap<(Option<String>, u64), Vec<usize>>,
     out: &mut Plan,
 ) {
     // Members by index: this phase looks them up for every candidate.
@@ -38,6 +38,8 @@ pub(super) fn preempt(
         .collect();
     let mut runs: Vec<Run> = Vec::new();
     let mut by_slot: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+    // Each run's candidates, one per part: what preempting it frees where.
+    let mut parts_of: HashMap<JobId, Vec<usize>> = HashMap::new();
     for v in state.running.iter().map(|id| &state.jobs[id]) {
         if !state.preemptible(v, now_ms) {
             continue;
@@ -59,9 +61,11 @@ pub(super) fn preempt(
                 .and_then(|g| pool.class_of(g));
             if let Some(c) = class {
                 by_slot.entry((n, c)).or_default().push(runs.len());
+                parts_of.entry(v.id).or_default().push(runs.len());
                 runs.push(Run {
                     job: v,
                     member,
+                    slot: (n, c),
                     frees: run.gpus.len() as u32,
                 });
             }
@@ -112,6 +116,7 @@ pub(super) fn preempt(
             taken: taken.clone(),
             slots: Vec::new(),
             victims: Vec::new(),
+            freeing: HashMap::new(),
         };
         let mut found = true;
         for _ in 0..n {
@@ -126,7 +131,9 @@ pub(super) fn preempt(
                     if n > 1 && trial.slots.first().is_some_and(|(_, c0)| *c0 != c) {
                         continue; // a job's parts are of one kind
                     }
-                    let need = per.saturating_sub(s.free.len());
+                    // What victims chosen for other nodes free here too.
+                    let freeing = trial.freeing.get(&slot).copied().unwrap_or(0);
+                    let need = per.saturating_sub(s.free.len() + freeing);
                     if need == 0 && n == 1 {
                         continue; // it fits; only the reservation holds it back
                     }
@@ -162,6 +169,9 @@ pub(super) fn preempt(
                 if trial.taken.insert(v.id) {
                     trial.held[runs[r].member] -= v.spec.gpus as f64;
                     trial.victims.push(r);
+                    for &q in &parts_of[&v.id] {
+                        *trial.freeing.entry(runs[q].slot).or_default() += runs[q].frees as usize;
+                    }
                 }
             }
             trial.slots.push(slot);
@@ -197,6 +207,9 @@ struct Trial {
     /// (node, kind) of each node chosen.
     slots: Vec<(usize, usize)>,
     victims: Vec<usize>,
+    /// GPUs the victims free, by slot (a multi-node victim frees on each
+    /// of its nodes).
+    freeing: HashMap<(usize, usize), usize>,
 }
 
 /// Runs of `candidates` (one slot's, in preference order) whose preemption
@@ -246,6 +259,8 @@ fn victims_for(
 pub(super) struct Run<'a> {
     pub(super) job: &'a Job,
     pub(super) member: usize,
+    /// The node and kind of GPUs of this part.
+    pub(super) slot: (usize, usize),
     /// GPUs its preemption frees on this candidate's node.
     pub(super) frees: u32,
 }

@@ -22,11 +22,13 @@ use super::{
 /// Lowest port that rendezvous are placed on (torchrun's default).
 pub const FIRST_RENDEZVOUS_PORT: u16 = 29500;
 
-/// How `spec` splits over nodes, as (nodes, GPUs on each), when no node
-/// offers more than `largest` GPUs of one kind that fit it: what it asks for,
-/// else one node if one is large enough, else the fewest nodes with equal
-/// parts. `None`: it cannot be split so.
-pub fn shape(spec: &JobSpec, largest: usize) -> Option<(u32, u32)> {
+/// How `spec` splits over nodes, as (nodes, GPUs on each), given how many
+/// GPUs of one kind that fit it each node offers (`sizes`): what it asks
+/// for, else one node if one is large enough, else the fewest nodes with
+/// equal parts that enough nodes can hold (or, if none can, the fewest
+/// nodes at all: it then waits, or is refused at submission). `None`: it
+/// cannot be split so.
+pub fn shape(spec: &JobSpec, sizes: &[usize]) -> Option<(u32, u32)> {
     if let Some(n) = spec.gpus.checked_div(spec.gpus_per_node) {
         return Some((n, spec.gpus_per_node));
     }
@@ -34,14 +36,21 @@ pub fn shape(spec: &JobSpec, largest: usize) -> Option<(u32, u32)> {
         return Some((spec.nodes, spec.gpus / spec.nodes));
     }
     let g = spec.gpus as usize;
-    if g <= largest {
-        return Some((1, spec.gpus));
-    }
+    let largest = sizes.iter().copied().max().unwrap_or(0);
     if largest == 0 {
         return None;
     }
-    (g.div_ceil(largest)..=MAX_NODES_PER_JOB.min(g))
-        .find(|n| g.is_multiple_of(*n) && g / n <= largest)
+    if g <= largest {
+        return Some((1, spec.gpus));
+    }
+    let splits = || {
+        (g.div_ceil(largest)..=MAX_NODES_PER_JOB.min(g))
+            .filter(move |n| g.is_multiple_of(*n) && g / n <= largest)
+    };
+    let held = |n: &usize| sizes.iter().filter(|s| **s >= g / n).count() >= *n;
+    splits()
+        .find(held)
+        .or_else(|| splits().next())
         .map(|n| (n as u32, (g / n) as u32))
 }
 
@@ -94,40 +103,44 @@ impl Job {
 }
 
 impl State {
-    /// The most GPUs of one kind fitting `spec` that any registered node
-    /// offers (up or not, so that a job's shape does not change while a
-    /// node is away).
-    pub fn largest_node_for(&self, spec: &JobSpec) -> usize {
+    /// How many GPUs of one kind fitting `spec` each node offers, of the
+    /// nodes new runs may be placed on (`usable`) or of all registered ones.
+    pub fn node_sizes(&self, spec: &JobSpec, usable: bool) -> Vec<usize> {
         self.nodes
             .values()
+            .filter(|n| !usable || (n.up && !n.draining && n.cordon.is_none()))
             .map(|n| largest_class(n, spec))
-            .max()
-            .unwrap_or(0)
+            .collect()
     }
 
-    /// How `spec` splits over the registered nodes (see [`shape`]).
+    /// How `spec` splits over the nodes runs may be placed on now (see
+    /// [`shape`]): what `place` and `place_gang` hold placements to.
     pub fn shape_of(&self, spec: &JobSpec) -> Option<(u32, u32)> {
-        shape(spec, self.largest_node_for(spec))
+        shape(spec, &self.node_sizes(spec, true))
     }
 
     /// Refuses a job that no set of registered nodes could ever run.
     pub(super) fn check_shape(&self, spec: &JobSpec) -> Result<(), Rejection> {
-        let largest = self.largest_node_for(spec);
+        let sizes = self.node_sizes(spec, false);
+        let largest = sizes.iter().copied().max().unwrap_or(0);
         let what = match &spec.gpu_model {
             Some(m) => format!(" {m}"),
             None => String::new(),
         };
-        let Some((n, per)) = shape(spec, largest) else {
-            return Err(Rejection::FailedPrecondition(format!(
-                "gpus: the job asks for {} GPUs but no registered node has matching{what} GPUs",
-                spec.gpus
-            )));
+        let Some((n, per)) = shape(spec, &sizes) else {
+            return Err(Rejection::FailedPrecondition(if largest == 0 {
+                format!(
+                    "gpus: the job asks for {} GPUs but no registered node has matching{what} GPUs",
+                    spec.gpus
+                )
+            } else {
+                format!(
+                    "gpus: the job asks for {} GPUs, which do not split into equal parts of at most {largest} matching{what} GPUs over at most {MAX_NODES_PER_JOB} nodes",
+                    spec.gpus
+                )
+            }));
         };
-        let big_enough = self
-            .nodes
-            .values()
-            .filter(|node| largest_class(node, spec) >= per as usize)
-            .count();
+        let big_enough = sizes.iter().filter(|s| **s >= per as usize).count();
         if big_enough < n as usize {
             return Err(Rejection::FailedPrecondition(if n == 1 {
                 format!(
@@ -223,14 +236,15 @@ impl State {
             }
         }
         let master = &parts[0].0;
+        let host = self.rendezvous_host(master);
         if let Some(other) = self.running.iter().find(|o| {
             self.jobs[*o]
                 .gang
                 .as_ref()
-                .is_some_and(|g| g.port == port && g.parts[0].node == *master)
+                .is_some_and(|g| g.port == port && self.rendezvous_host(&g.parts[0].node) == host)
         }) {
             return Err(Rejection::FailedPrecondition(format!(
-                "port {port} on node {master} is the rendezvous of job {other}"
+                "port {port} on {host} is the rendezvous of job {other}"
             )));
         }
         let mut events = vec![Event::Job(id)];
@@ -258,19 +272,30 @@ impl State {
                     end: None,
                 })
                 .collect(),
+            first_broken: None,
         }));
         Ok(events)
     }
 
+    /// Where rank 0 on `node` is reached: its address, else its name. Nodes
+    /// on one host (several agents on one machine) share its ports.
+    pub fn rendezvous_host<'a>(&'a self, node: &'a str) -> &'a str {
+        match self.nodes.get(node) {
+            Some(n) if !n.address.is_empty() => &n.address,
+            _ => node,
+        }
+    }
+
     /// The rendezvous port for a gang whose rank 0 is on `node`: the lowest
-    /// from [`FIRST_RENDEZVOUS_PORT`] that no running gang there uses and
-    /// that `also_taken` does not refuse.
+    /// from [`FIRST_RENDEZVOUS_PORT`] that no running gang led from the same
+    /// host uses and that `also_taken` does not refuse.
     pub fn free_rendezvous_port(&self, node: &str, also_taken: impl Fn(u16) -> bool) -> u16 {
+        let host = self.rendezvous_host(node);
         let used: BTreeSet<u16> = self
             .running
             .iter()
             .filter_map(|id| self.jobs[id].gang.as_ref())
-            .filter(|g| g.parts[0].node == node)
+            .filter(|g| self.rendezvous_host(&g.parts[0].node) == host)
             .map(|g| g.port)
             .collect();
         (FIRST_RENDEZVOUS_PORT..=u16::MAX)
@@ -454,6 +479,11 @@ impl State {
             reason,
         });
         let node = p.node.clone();
+        // A service is whole or not at all: any part ending restarts it all.
+        let service = j.spec.kind == crate::model::JobKind::Inference;
+        if g.first_broken.is_none() && (exit_code != Some(0) || service) {
+            g.first_broken = Some(rank as u32);
+        }
         let (done, broken) = (g.all_ended(), g.broken());
         if broken && !done {
             j.request_stop(Stop::PartEnded);
@@ -479,43 +509,42 @@ impl State {
             j.utilization.1.saturating_add(n),
         );
         let g = j.gang.as_ref().expect("a gang");
-        let ends = || g.parts.iter().filter_map(|p| p.end.as_ref());
-        let end = ends().map(|e| e.at_ms).max().unwrap_or(at);
-        let lost = g.parts.iter().enumerate().find_map(|(r, p)| match &p.end {
-            Some(e) if e.exit_code.is_none() => {
-                Some(format!("rank {r} on {}: {}", p.node, e.reason))
-            }
-            _ => None,
-        });
-        if let Some(why) = lost {
-            self.after_lost_run(id, end, &why);
-            return;
-        }
-        // The part that failed first (in time, then rank) caused the others
-        // to be stopped: its code is the job's.
-        let failed = g
+        let end = g
             .parts
             .iter()
-            .enumerate()
-            .filter_map(|(r, p)| Some((r, p, p.end.as_ref()?)))
-            .filter(|(_, _, e)| e.exit_code != Some(0))
-            .min_by_key(|(r, _, e)| (e.at_ms, *r))
-            .map(|(r, p, e)| {
-                let code = e.exit_code.unwrap_or(0);
-                let why = if e.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", e.reason)
-                };
-                (
-                    code,
-                    format!("rank {r} on {} exited with {code}{why}", p.node),
-                )
-            });
-        let (code, reason) = failed.unwrap_or_else(|| {
-            let r0 = g.parts[0].end.as_ref().map(|e| e.reason.clone());
-            (0, r0.unwrap_or_default())
+            .filter_map(|p| p.end.as_ref())
+            .map(|e| e.at_ms)
+            .max()
+            .unwrap_or(at);
+        // The part that broke first stopped the others: its end is the job's.
+        let first = g.first_broken.and_then(|r| {
+            let p = g.parts.get(r as usize)?;
+            Some((r, p, p.end.as_ref()?))
         });
+        let (code, reason) = match first {
+            Some((r, p, e)) => match e.exit_code {
+                None => {
+                    let why = format!("rank {r} on {}: {}", p.node, e.reason);
+                    self.after_lost_run(id, end, &why);
+                    return;
+                }
+                Some(code) => {
+                    let why = if e.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", e.reason)
+                    };
+                    (
+                        code,
+                        format!("rank {r} on {} exited with {code}{why}", p.node),
+                    )
+                }
+            },
+            None => {
+                let r0 = g.parts[0].end.as_ref().map(|e| e.reason.clone());
+                (0, r0.unwrap_or_default())
+            }
+        };
         self.after_exit(id, at, end, code, reason);
     }
 
@@ -574,24 +603,38 @@ mod tests {
 
     #[test]
     fn a_job_spans_the_fewest_nodes_with_equal_parts() {
-        assert_eq!(shape(&spec(4, 0, 0), 8), Some((1, 4)));
-        assert_eq!(shape(&spec(8, 0, 0), 8), Some((1, 8)));
-        assert_eq!(shape(&spec(16, 0, 0), 8), Some((2, 8)));
-        assert_eq!(shape(&spec(12, 0, 0), 8), Some((2, 6)));
+        let eights = [8; 8];
+        assert_eq!(shape(&spec(4, 0, 0), &eights), Some((1, 4)));
+        assert_eq!(shape(&spec(8, 0, 0), &eights), Some((1, 8)));
+        assert_eq!(shape(&spec(16, 0, 0), &eights), Some((2, 8)));
+        assert_eq!(shape(&spec(12, 0, 0), &eights), Some((2, 6)));
         // 9 does not split in two: three nodes of three.
-        assert_eq!(shape(&spec(9, 0, 0), 8), Some((3, 3)));
-        assert_eq!(shape(&spec(24, 0, 0), 8), Some((3, 8)));
-        assert_eq!(shape(&spec(4, 0, 0), 0), None);
+        assert_eq!(shape(&spec(9, 0, 0), &eights), Some((3, 3)));
+        assert_eq!(shape(&spec(24, 0, 0), &eights), Some((3, 8)));
+        assert_eq!(shape(&spec(4, 0, 0), &[]), None);
+        assert_eq!(shape(&spec(4, 0, 0), &[0, 0]), None);
         // A prime beyond the largest node needs as many nodes as GPUs: more
         // than a job may span.
-        assert_eq!(shape(&spec(67, 0, 0), 8), None);
+        assert_eq!(shape(&spec(67, 0, 0), &eights), None);
+    }
+
+    #[test]
+    fn the_split_is_one_that_enough_nodes_can_hold() {
+        // One node of 8 among nodes of 4: 12 GPUs as three parts of 4, not
+        // two of 6 (only one node has 6).
+        assert_eq!(shape(&spec(12, 0, 0), &[8, 4, 4, 4]), Some((3, 4)));
+        assert_eq!(shape(&spec(16, 0, 0), &[8, 4, 4, 4]), Some((4, 4)));
+        assert_eq!(shape(&spec(16, 0, 0), &[8, 8, 4]), Some((2, 8)));
+        // No split that the nodes hold: the fewest nodes (it waits, or is
+        // refused at submission, naming that split).
+        assert_eq!(shape(&spec(16, 0, 0), &[8, 4]), Some((2, 8)));
     }
 
     #[test]
     fn what_a_job_asks_for_stands() {
-        assert_eq!(shape(&spec(16, 0, 4), 8), Some((4, 4)));
-        assert_eq!(shape(&spec(16, 2, 0), 16), Some((2, 8)));
-        assert_eq!(shape(&spec(8, 1, 0), 8), Some((1, 8)));
-        assert_eq!(shape(&spec(16, 2, 8), 8), Some((2, 8)));
+        assert_eq!(shape(&spec(16, 0, 4), &[8]), Some((4, 4)));
+        assert_eq!(shape(&spec(16, 2, 0), &[16]), Some((2, 8)));
+        assert_eq!(shape(&spec(8, 1, 0), &[8]), Some((1, 8)));
+        assert_eq!(shape(&spec(16, 2, 8), &[8]), Some((2, 8)));
     }
 }

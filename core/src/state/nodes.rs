@@ -32,14 +32,23 @@ impl State {
                 "owner: member {owner:?} does not exist"
             )));
         }
-        if address.len() > 255
-            || !address
+        // A host name or an IP address, no port: it becomes MASTER_ADDR.
+        let host_name = address.len() <= 253
+            && address
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
-        {
+                .all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
+            && !address.starts_with(['-', '.']);
+        // An IPv6 address: hex digits and at least two colons (one colon is a
+        // host with a port).
+        let ipv6 = address.len() <= 45
+            && address.matches(':').count() >= 2
+            && address
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        if !address.is_empty() && !host_name && !ipv6 {
             return Err(invalid(
                 "address",
-                format!("{address:?} is not a host name or IP address"),
+                format!("{address:?} is not a host name or IP address (without a port)"),
             ));
         }
         if !site.is_empty() && !valid_name(site) {
