@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use crate::decay::record_value;
 pub use crate::decay::{Decayed, decayed};
-use crate::state::{State, UsageRecord, unbilled_ms};
+use crate::state::{State, UsageRecord, live_gpus, unbilled_ms};
 
 /// Each member's entitlement as a fraction of the cluster (they sum to 1 when
 /// there is any member). Voted shares and contributed capacity are blended by
@@ -101,7 +101,7 @@ fn add_running(state: &State, now_ms: i64, out: &mut BTreeMap<String, f64>) {
             continue;
         }
         let (_, w) = state.run_weight(j);
-        let weighted = ms as f64 * j.spec.gpus as f64 * w as f64 / 1000.0;
+        let weighted = ms as f64 * live_gpus(j) as f64 * w as f64 / 1000.0;
         *out.entry(j.member.clone()).or_default() +=
             decayed(weighted, j.billed_to_ms, now_ms, now_ms, hl);
     }

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ledger::{Entry, Record};
-use crate::state::{JobId, State, UsageRecord, unbilled_ms};
+use crate::state::{JobId, State, UsageRecord, live_gpus, unbilled_ms};
 
 /// What a window's figures need of the history, read from a store at the
 /// applied index of the state the live part was read from: then every
@@ -122,7 +122,7 @@ pub fn live_usage(
         u.running_gpus += job.spec.gpus;
         if unbilled_ms(job, now_ms) > 0 {
             let s = job.billed_to_ms.max(from_ms);
-            let gpu_ms = (end - s).max(0) as u64 * job.spec.gpus as u64;
+            let gpu_ms = (end - s).max(0) as u64 * live_gpus(job) as u64;
             let (_, weight_milli) = state.run_weight(job);
             u.gpu_ms += gpu_ms;
             u.weighted_gpu_ms += (gpu_ms as u128 * weight_milli as u128 / 1000) as u64;
@@ -308,8 +308,9 @@ pub fn live_statement(
         }
         let (model, w) = state.run_weight(j);
         let e = st.by_model.entry(model).or_default();
-        e.0 += ms * j.spec.gpus as u64;
-        e.1 += (ms as u128 * j.spec.gpus as u128 * w as u128 / 1000) as u64;
+        let gpus = live_gpus(j) as u64;
+        e.0 += ms * gpus;
+        e.1 += (ms as u128 * gpus as u128 * w as u128 / 1000) as u64;
         jobs.insert(j.id);
     }
     st.jobs = jobs.len() as u32;

@@ -427,6 +427,9 @@ fn a_failed_part_stops_the_others_and_the_job_fails_once_with_its_code() {
     assert_eq!(j.stop, Some(Stop::PartEnded), "the other part is stopped");
     assert!(s.nodes[&r1].gpus.iter().all(|g| g.job.is_none()));
     assert!(s.nodes[&r0].gpus.iter().all(|g| g.job == Some(id)));
+    // Live figures count the part still running only: rank 1's billed two
+    // seconds, and rank 0's unbilled two and a half, of four GPUs each.
+    assert_eq!(s.job_gpu_ms(&s.jobs[&id], 6_500), 4 * 2_000 + 4 * 2_500);
     // A cancel now wins over the part's failure, as over any stop.
     apply(&mut s, 6_500, Op::CancelJob { id }).unwrap();
     assert_eq!(s.jobs[&id].stop, Some(Stop::Cancel));

@@ -485,7 +485,8 @@ impl Sim {
                     continue;
                 }
                 if let std::collections::btree_map::Entry::Vacant(e) = agent.runs.entry(key) {
-                    let ticks = 5 + (job.id.as_u128() % 40) as u64;
+                    // Each node's part of a multi-node run ends on its own tick.
+                    let ticks = 5 + ((job.id.as_u128() >> (8 * a)) % 40) as u64;
                     e.insert((now, self.tick + ticks, run.gpus.len() as u64));
                     let seq = agent.next_seq;
                     agent.next_seq += 1;
@@ -649,7 +650,7 @@ impl Sim {
             let twice = state
                 .running
                 .iter()
-                .flat_map(|id| state.jobs[id].gpus.iter())
+                .flat_map(|id| state.jobs[id].held_gpus())
                 .find(|g| !held.insert(g.to_string()))
                 .cloned();
             drop(state);

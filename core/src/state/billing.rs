@@ -120,7 +120,7 @@ impl State {
     /// unbilled part up to `now_ms`.
     pub fn job_gpu_ms(&self, job: &Job, now_ms: i64) -> u64 {
         job.gpu_ms
-            .saturating_add(unbilled_ms(job, now_ms).saturating_mul(job.spec.gpus as u64))
+            .saturating_add(unbilled_ms(job, now_ms).saturating_mul(live_gpus(job) as u64))
     }
 }
 
@@ -132,6 +132,21 @@ pub(super) fn ms_between(from: i64, to: i64) -> u64 {
 /// GPU-milliseconds times a weight in thousandths.
 pub(super) fn weighted_ms(gpu_ms: u64, weight_milli: u64) -> u64 {
     u64::try_from(gpu_ms as u128 * weight_milli as u128 / 1000).unwrap_or(u64::MAX)
+}
+
+/// GPUs of the current run whose time is being billed: all of a one-node
+/// run's; of a multi-node run, those of its parts that have started and
+/// not ended (billed from `billed_to_ms`, the least of theirs).
+pub fn live_gpus(job: &Job) -> u32 {
+    match &job.gang {
+        None => job.spec.gpus,
+        Some(g) => g
+            .parts
+            .iter()
+            .filter(|p| p.started_at_ms.is_some() && p.end.is_none())
+            .map(|p| p.gpus.len() as u32)
+            .sum(),
+    }
 }
 
 /// Milliseconds of the current run not yet billed, up to `now_ms`.

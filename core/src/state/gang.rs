@@ -93,6 +93,24 @@ impl Job {
         }
     }
 
+    /// The GPUs a running job holds now: all of a one-node run's; of a
+    /// multi-node run, its running parts' (`gpus` lists every part's, and
+    /// the GPUs of a part that ended may already run another job).
+    pub fn held_gpus(&self) -> Vec<&String> {
+        if self.state != JobState::Running {
+            return vec![];
+        }
+        match &self.gang {
+            None => self.gpus.iter().collect(),
+            Some(g) => g
+                .parts
+                .iter()
+                .filter(|p| p.end.is_none())
+                .flat_map(|p| &p.gpus)
+                .collect(),
+        }
+    }
+
     /// Every node the current (or last) run is on, rank 0 first.
     pub fn run_nodes(&self) -> Vec<&str> {
         match &self.gang {

@@ -38,7 +38,7 @@ pub use crate::model::{
     Capacity, CapacityRecord, CutOff, Gang, Gpu, GpuInfo, Isolation, Job, JobId, JobKind, JobSpec,
     JobState, Member, Node, Part, PartEnd, PolicyChange, Principal, Proposal, Stop, UsageRecord,
 };
-pub use billing::unbilled_ms;
+pub use billing::{live_gpus, unbilled_ms};
 pub use gang::{FIRST_RENDEZVOUS_PORT, RunView, shape as gang_shape};
 pub use governance::MAX_OPEN_PROPOSALS;
 pub use jobs::{MAX_ATTEMPTS, MAX_RESTART_BACKOFF_MS};
