@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -33,33 +32,18 @@ fn parts(job: &Value) -> Vec<Value> {
     job["parts"].as_array().cloned().unwrap_or_default()
 }
 
+/// Waits until both parts of job `id` have started.
+fn wait_started(c: &Cluster, id: &str) -> Value {
+    c.wait_job(id, "started on both nodes", |j| {
+        j["state"] == "running"
+            && parts(j).len() == 2
+            && parts(j).iter().all(|p| !p["started_at"].is_null())
+    })
+}
+
 /// The pid of rank `rank`'s process of attempt `attempt` of job `id`.
 fn part_pid(id: &str, attempt: u32, rank: u32) -> i32 {
-    let want = [
-        format!("COOP_JOB_ID={id}"),
-        format!("COOP_JOB_ATTEMPT={attempt}"),
-        format!("COOP_NODE_RANK={rank}"),
-    ];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let found = std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-            .find(|p| {
-                std::fs::read(format!("/proc/{p}/environ")).is_ok_and(|env| {
-                    let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
-                    want.iter().all(|w| vars.contains(&w.as_bytes()))
-                })
-            });
-        if let Some(p) = found {
-            return p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no process of rank {rank} of job {id}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    job_pid_with(id, attempt, &[format!("COOP_NODE_RANK={rank}")])
 }
 
 #[test]
@@ -207,12 +191,7 @@ fn a_part_lost_with_its_agent_requeues_the_job_and_the_other_part_stops() {
         "-c",
         "echo working; sleep 600 & wait",
     ]);
-    let job = c.wait_job(&id, "started on both nodes", |j| {
-        j["state"] == "running"
-            && parts(j).len() == 2
-            && parts(j).iter().all(|p| !p["started_at"].is_null())
-    });
-    let ps = parts(&job);
+    let ps = parts(&wait_started(c, &id));
     let rank_on_n2 = ps.iter().position(|p| p["node"] == "n2").unwrap() as u32;
     let other = 1 - rank_on_n2;
     let survivor = part_pid(&id, 1, other);
@@ -272,9 +251,7 @@ fn a_cancel_stops_every_part() {
         "-c",
         "echo working; sleep 600 & wait",
     ]);
-    c.wait_job(&id, "started on both nodes", |j| {
-        j["state"] == "running" && parts(j).iter().all(|p| !p["started_at"].is_null())
-    });
+    wait_started(c, &id);
     let pids = [part_pid(&id, 1, 0), part_pid(&id, 1, 1)];
     c.ok(&["job", "cancel", &id]);
     let job = c.wait_final(&id);

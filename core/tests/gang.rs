@@ -134,6 +134,24 @@ impl Agents {
             seq: Default::default(),
         }
     }
+    /// Each of `nodes` reports that its part of `job`'s first run started.
+    fn start<'a>(
+        &mut self,
+        s: &mut State,
+        at: i64,
+        job: JobId,
+        nodes: impl IntoIterator<Item = &'a str>,
+    ) {
+        for n in nodes {
+            let started = RunReport::Started {
+                job,
+                attempt: 1,
+                at_ms: at,
+            };
+            self.report(s, at, n, started);
+        }
+    }
+
     fn report(&mut self, s: &mut State, at: i64, node: &str, report: RunReport) {
         let seq = self.seq.entry(node.into()).or_default();
         *seq += 1;
@@ -397,18 +415,7 @@ fn each_part_is_billed_from_its_own_nodes_reports_exactly_once() {
 fn a_failed_part_stops_the_others_and_the_job_fails_once_with_its_code() {
     let (mut s, id, [r0, r1]) = running_gang();
     let mut agents = Agents::new();
-    for n in [&r0, &r1] {
-        agents.report(
-            &mut s,
-            4_000,
-            n,
-            RunReport::Started {
-                job: id,
-                attempt: 1,
-                at_ms: 4_000,
-            },
-        );
-    }
+    agents.start(&mut s, 4_000, id, [r0.as_str(), r1.as_str()]);
     agents.report(
         &mut s,
         6_000,
@@ -495,18 +502,7 @@ fn without_a_cancel_the_first_failing_rank_decides() {
 fn a_part_lost_with_its_node_requeues_the_whole_job_once() {
     let (mut s, id, [r0, r1]) = running_gang();
     let mut agents = Agents::new();
-    for n in [&r0, &r1] {
-        agents.report(
-            &mut s,
-            4_000,
-            n,
-            RunReport::Started {
-                job: id,
-                attempt: 1,
-                at_ms: 4_000,
-            },
-        );
-    }
+    agents.start(&mut s, 4_000, id, [r0.as_str(), r1.as_str()]);
     apply(
         &mut s,
         20_000,
@@ -554,6 +550,43 @@ fn a_part_lost_with_its_node_requeues_the_whole_job_once() {
         again.iter().all(|(n, _)| *n != r1 && n != "n4"),
         "{again:?}"
     );
+    // r1's agent was cut off, not dead: back, it reports the end of its part
+    // of attempt 1, which is billed from its last heartbeat, once.
+    let before = s.jobs[&id].gpu_ms;
+    apply(
+        &mut s,
+        23_000,
+        Op::RegisterNode {
+            node: r1.clone(),
+            owner: "a".into(),
+            gpus: gpus(&r1, 4, "A100"),
+            session: format!("s-{r1}"),
+            orphaned_runs_end_ms: 0,
+            address: String::new(),
+            site: String::new(),
+        },
+    )
+    .unwrap();
+    s.take_outbox();
+    let late = RunReport::Exited {
+        job: id,
+        attempt: 1,
+        at_ms: 15_000,
+        exit_code: 143,
+        reason: String::new(),
+        energy_mj: 0,
+    };
+    agents.report(&mut s, 24_000, &r1, late.clone());
+    let records = usage_of(&mut s, id);
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!((r.node.as_str(), r.attempt, r.gpus), (r1.as_str(), 1, 4));
+    assert_eq!((r.start_ms, r.end_ms, r.gpu_ms), (10_000, 15_000, 20_000));
+    assert_eq!(s.jobs[&id].gpu_ms, before + 20_000);
+    // Its part is no longer cut off: the same report again bills nothing.
+    agents.report(&mut s, 24_500, &r1, late);
+    assert!(usage_of(&mut s, id).is_empty());
+    assert!(s.nodes[&r1].cut_off.is_empty());
 }
 
 #[test]
@@ -983,18 +1016,7 @@ fn preempting_a_multi_node_run_frees_its_gpus_on_every_node() {
             at_ms: 2_500,
         },
     );
-    for n in ["n2", "n3"] {
-        agents.report(
-            &mut s,
-            3_000,
-            n,
-            RunReport::Started {
-                job: gang,
-                attempt: 1,
-                at_ms: 3_000,
-            },
-        );
-    }
+    agents.start(&mut s, 3_000, gang, ["n2", "n3"]);
     // Member b wants 2 x 4 A100s. Preempting a's multi-node run alone frees
     // both nodes and leaves a its quarter; taking the run on n1 as well (or
     // instead) would take a below it.

@@ -402,10 +402,18 @@ pub fn start_dev_env(dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Daemo
 /// cannot tell its pid on the machine).
 #[allow(dead_code)] // not every test binary looks for processes
 pub fn job_pid(id: &str, attempt: u32) -> i32 {
-    let want = [
+    job_pid_with(id, attempt, &[])
+}
+
+/// [`job_pid`] of the process that also has the variables `more` (e.g.
+/// `COOP_NODE_RANK=1`: one node's process of a multi-node run).
+#[allow(dead_code)] // not every test binary looks for processes
+pub fn job_pid_with(id: &str, attempt: u32, more: &[String]) -> i32 {
+    let mut want = vec![
         format!("COOP_JOB_ID={id}"),
         format!("COOP_JOB_ATTEMPT={attempt}"),
     ];
+    want.extend(more.iter().cloned());
     let deadline = Instant::now() + PATIENCE;
     loop {
         let found = std::fs::read_dir("/proc")

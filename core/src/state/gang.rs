@@ -16,7 +16,7 @@ use super::{
     Event, Gang, Job, JobId, JobSpec, JobState, Part, PartEnd, Rejection, RunReport, State, Stop,
     UsageRecord,
     billing::{ms_between, weighted_ms},
-    gpu_fits, invalid, largest_class,
+    invalid, largest_class,
 };
 
 /// Lowest port that rendezvous are placed on (torchrun's default).
@@ -223,21 +223,7 @@ impl State {
                 if !seen.insert(uuid.as_str()) {
                     return Err(invalid("gpus", format!("GPU {uuid} is given twice")));
                 }
-                let gpu = node
-                    .gpus
-                    .iter()
-                    .find(|g| &g.uuid == uuid)
-                    .ok_or_else(|| invalid("gpus", format!("{uuid} is not on node {name}")))?;
-                if gpu.job.is_some() {
-                    return Err(Rejection::FailedPrecondition(format!(
-                        "GPU {uuid} is not free"
-                    )));
-                }
-                if !gpu_fits(gpu, &job.spec) {
-                    return Err(Rejection::FailedPrecondition(format!(
-                        "GPU {uuid} does not meet the job's model or memory request"
-                    )));
-                }
+                let gpu = super::jobs::free_gpu(node, uuid, &job.spec)?;
                 match model {
                     None => model = Some(&gpu.model),
                     Some(m) if m != gpu.model => {

@@ -222,21 +222,7 @@ impl State {
             ));
         }
         for uuid in gpus {
-            let gpu = node
-                .gpus
-                .iter()
-                .find(|g| &g.uuid == uuid)
-                .ok_or_else(|| invalid("gpus", format!("{uuid} is not on node {node_name}")))?;
-            if gpu.job.is_some() {
-                return Err(Rejection::FailedPrecondition(format!(
-                    "GPU {uuid} is not free"
-                )));
-            }
-            if !gpu_fits(gpu, &job.spec) {
-                return Err(Rejection::FailedPrecondition(format!(
-                    "GPU {uuid} does not meet the job's model or memory request"
-                )));
-            }
+            free_gpu(node, uuid, &job.spec)?;
         }
         let node = self.nodes.get_mut(node_name).expect("checked above");
         for g in node.gpus.iter_mut().filter(|g| gpus.contains(&g.uuid)) {
@@ -415,6 +401,30 @@ impl State {
         job.stop = None;
         self.queue.insert((job.submitted_at_ms, id));
     }
+}
+
+/// GPU `uuid` of `node`, if it is free and meets `spec`'s model and memory.
+pub(super) fn free_gpu<'a>(
+    node: &'a crate::model::Node,
+    uuid: &str,
+    spec: &JobSpec,
+) -> Result<&'a crate::model::Gpu, Rejection> {
+    let gpu = node
+        .gpus
+        .iter()
+        .find(|g| g.uuid == uuid)
+        .ok_or_else(|| invalid("gpus", format!("{uuid} is not on node {}", node.name)))?;
+    if gpu.job.is_some() {
+        return Err(Rejection::FailedPrecondition(format!(
+            "GPU {uuid} is not free"
+        )));
+    }
+    if !gpu_fits(gpu, spec) {
+        return Err(Rejection::FailedPrecondition(format!(
+            "GPU {uuid} does not meet the job's model or memory request"
+        )));
+    }
+    Ok(gpu)
 }
 
 pub(super) fn restart_backoff(attempts: u32) -> i64 {
