@@ -22,6 +22,52 @@ pub enum Ordering {
     Drf,
 }
 
+/// Which nodes the parts of one multi-node job may share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GangNodes {
+    /// Any nodes of one GPU model, one site's where one site has room.
+    #[default]
+    Any,
+    /// Nodes of one site only (`coop agent run --site`).
+    Site,
+    /// Nodes of one owner only.
+    Owner,
+}
+
+impl GangNodes {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "any" => Some(Self::Any),
+            "site" => Some(Self::Site),
+            "owner" => Some(Self::Owner),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Any => "any",
+            Self::Site => "site",
+            Self::Owner => "owner",
+        }
+    }
+
+    /// The group a node is in under this rule: its parts must share one
+    /// (`Any`: all nodes are one group).
+    pub fn group(self, node: &crate::model::Node) -> &str {
+        match self {
+            Self::Any => "",
+            Self::Site => &node.site,
+            Self::Owner => &node.owner,
+        }
+    }
+}
+
+fn is_any(g: &GangNodes) -> bool {
+    *g == GangNodes::Any
+}
+
 impl Ordering {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
@@ -92,6 +138,9 @@ pub struct Policy {
     /// How long a finished job stays in the replicated state's memory; after
     /// that it is read from each replica's store.
     pub job_retention_s: u64,
+    /// Which nodes a multi-node job's parts may share.
+    #[serde(default, skip_serializing_if = "is_any")]
+    pub gang_nodes: GangNodes,
 }
 
 fn default_max_grace() -> u64 {
@@ -141,6 +190,7 @@ impl Default for Policy {
             gpu_quotas: BTreeMap::new(),
             job_retention_s: DEFAULT_JOB_RETENTION_S,
             submit_rate: DEFAULT_SUBMIT_RATE,
+            gang_nodes: GangNodes::Any,
         }
     }
 }
@@ -214,6 +264,7 @@ impl Policy {
             }
             Setting::SubmitRate(n) => self.submit_rate = *n,
             Setting::JobRetentionS(s) => self.job_retention_s = *s,
+            Setting::GangNodes(g) => self.gang_nodes = *g,
             // Membership is the state's to change, not the policy's.
             Setting::AddMember { .. } | Setting::RemoveMember(_) => {}
         }
@@ -261,6 +312,7 @@ impl Policy {
         );
         out.push(Setting::SubmitRate(self.submit_rate));
         out.push(Setting::JobRetentionS(self.job_retention_s));
+        out.push(Setting::GangNodes(self.gang_nodes));
         out
     }
 }
@@ -296,6 +348,8 @@ pub enum Setting {
     },
     SubmitRate(u64),
     JobRetentionS(u64),
+    /// Which nodes a multi-node job's parts may share.
+    GangNodes(GangNodes),
     /// A member joins the co-op once the proposal passes (its token, made
     /// when proposed, works from then on). Only `coop member add` makes it.
     AddMember {
@@ -305,7 +359,7 @@ pub enum Setting {
     RemoveMember(String),
 }
 
-pub const SETTING_KEYS: &str = "ordering, share.MEMBER, default_share, capacity_blend, weight.MODEL, weight_reference_tflops, half_life, preemption, preempt_inference, min_runtime, preempt_grace, approvals, proposal_ttl, max_grace, max_pending, gpu_quota, gpu_quota.MEMBER, submit_rate, job_retention, member.remove";
+pub const SETTING_KEYS: &str = "ordering, share.MEMBER, default_share, capacity_blend, weight.MODEL, weight_reference_tflops, half_life, preemption, preempt_inference, min_runtime, preempt_grace, approvals, proposal_ttl, max_grace, max_pending, gpu_quota, gpu_quota.MEMBER, submit_rate, job_retention, gang_nodes, member.remove";
 
 /// Shares and weights are capped so that sums and products stay far from overflow.
 const MAX_SHARES: u64 = 1_000_000;
@@ -379,6 +433,10 @@ impl Setting {
             "max_pending" => Setting::MaxPendingJobs(int(10_000_000)?),
             "gpu_quota" => Setting::GpuQuota(int(1_000_000)?),
             "submit_rate" => Setting::SubmitRate(int(100_000)?),
+            "gang_nodes" => Setting::GangNodes(
+                GangNodes::parse(value)
+                    .ok_or_else(|| err(format!("{value:?} is not any, site or owner")))?,
+            ),
             "member.add" => {
                 return Err(err(
                     "members are added with `coop member add NAME` (it proposes the member and prints its token)".into(),
@@ -453,6 +511,7 @@ impl fmt::Display for Setting {
             Setting::MemberGpuQuota { member, gpus } => write!(f, "gpu_quota.{member}={gpus}"),
             Setting::SubmitRate(n) => write!(f, "submit_rate={n}"),
             Setting::JobRetentionS(s) => write!(f, "job_retention={}", fmt_duration_s(*s)),
+            Setting::GangNodes(g) => write!(f, "gang_nodes={}", g.as_str()),
             Setting::AddMember { name, .. } => write!(f, "member.add={name}"),
             Setting::RemoveMember(name) => write!(f, "member.remove={name}"),
         }

@@ -1047,3 +1047,119 @@ fn preempting_a_multi_node_run_frees_its_gpus_on_every_node() {
     assert_eq!(on, ["n2", "n3"]);
     assert_eq!(s.jobs[&single].state, JobState::Running);
 }
+
+#[test]
+fn the_policy_can_keep_a_jobs_parts_in_one_site_or_with_one_owner() {
+    let mut s = coop();
+    let set = |s: &mut State, value: &str| {
+        let setting = Setting::parse(&format!("gang_nodes={value}")).expect("parses");
+        assert_eq!(setting.to_string(), format!("gang_nodes={value}"));
+        apply(
+            s,
+            1_500,
+            Op::SetPolicy {
+                settings: vec![setting],
+                by: "op".into(),
+                reason: "test".into(),
+            },
+        )
+        .unwrap();
+    };
+    let (key, why) = Setting::parse("gang_nodes=rack").unwrap_err();
+    assert_eq!(key, "gang_nodes");
+    assert!(why.contains("not any, site or owner"), "{why}");
+    set(&mut s, "site");
+    // One GPU of n3 is busy: rack-b cannot hold 8 A100s, rack-a has one
+    // A100 node: the job waits rather than span both racks.
+    let mut one = spec(1);
+    one.gpu_model = Some("A100".into());
+    let small = submit(&mut s, 2_000, 1, "a", one);
+    apply(
+        &mut s,
+        2_000,
+        Op::Place {
+            job: small,
+            node: "n3".into(),
+            gpus: vec!["GPU-n3-0".into()],
+        },
+    )
+    .unwrap();
+    let mut eight = spec(8);
+    eight.gpu_model = Some("A100".into());
+    let id = submit(&mut s, 3_000, 2, "b", eight);
+    pass(&mut s, 4_000);
+    assert_eq!(s.jobs[&id].state, JobState::Pending);
+    let all = |n: &str| -> (String, Vec<String>) {
+        (n.into(), (0..4).map(|i| format!("GPU-{n}-{i}")).collect())
+    };
+    let err = apply(
+        &mut s,
+        4_000,
+        Op::PlaceGang {
+            job: id,
+            parts: vec![all("n1"), all("n2")],
+            port: FIRST_RENDEZVOUS_PORT,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, Rejection::InvalidArgument { field, message } if field == "parts" && message.contains("gang_nodes=site")),
+        "{err:?}"
+    );
+    let mut agents = Agents::new();
+    agents.report(
+        &mut s,
+        5_000,
+        "n3",
+        RunReport::Exited {
+            job: small,
+            attempt: 1,
+            at_ms: 5_000,
+            exit_code: 0,
+            reason: String::new(),
+            energy_mj: 0,
+        },
+    );
+    pass(&mut s, 6_000);
+    let mut on: Vec<String> = parts(&s, id).into_iter().map(|(n, _)| n).collect();
+    on.sort();
+    assert_eq!(on, ["n2", "n3"]);
+
+    // One owner: member b's machine n5 does not join a's three.
+    set(&mut s, "owner");
+    apply(
+        &mut s,
+        7_000,
+        Op::RegisterNode {
+            node: "n5".into(),
+            owner: "b".into(),
+            gpus: gpus("n5", 4, "A100"),
+            session: "s-n5".into(),
+            orphaned_runs_end_ms: 0,
+            address: String::new(),
+            site: "rack-a".into(),
+        },
+    )
+    .unwrap();
+    let mut twelve = spec(12);
+    twelve.gpu_model = Some("A100".into());
+    submit(&mut s, 8_000, 3, "a", twelve);
+    let mut sixteen = spec(16);
+    sixteen.gpu_model = Some("A100".into());
+    let err = apply(
+        &mut s,
+        8_000,
+        Op::SubmitJob {
+            id: Uuid::from_u128(4),
+            member: "a".into(),
+            spec: sixteen,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "16 GPUs as 4 nodes of 4, but 3 registered nodes have 4 matching A100 GPUs of one owner"
+        ),
+        "{err}"
+    );
+}

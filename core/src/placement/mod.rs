@@ -221,7 +221,7 @@ impl Plan {
 /// with each kind of request's node sizes found once per pass.
 fn shape_of(
     state: &State,
-    sizes: &mut HashMap<(Option<String>, u64), Vec<usize>>,
+    sizes: &mut HashMap<(Option<String>, u64), Vec<Vec<usize>>>,
     job: &Job,
 ) -> Option<(u32, u32)> {
     let spec = &job.spec;
@@ -311,7 +311,7 @@ pub fn plan(state: &State, now_ms: i64, usage: &BTreeMap<String, f64>) -> Plan {
     let mut failed: HashMap<(Option<&str>, u64), Vec<Failure>> = HashMap::new();
     let mut unplaced: Vec<&Job> = Vec::with_capacity(state.queue.len());
     // Per kind of request, what each node offers it: how jobs split.
-    let mut shapes: HashMap<(Option<String>, u64), Vec<usize>> = HashMap::new();
+    let mut shapes: HashMap<(Option<String>, u64), Vec<Vec<usize>>> = HashMap::new();
 
     while let Some(job) = order.next() {
         out.order.push(job.id);

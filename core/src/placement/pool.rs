@@ -87,6 +87,8 @@ pub(super) struct Pool<'a> {
     /// Per class: (free GPUs, node) for every node with that class.
     pub(super) by_free: Vec<BTreeSet<(usize, usize)>>,
     pub(super) free_total: usize,
+    /// Which nodes a multi-node job's parts may share (policy).
+    pub(super) rule: crate::policy::GangNodes,
 }
 
 impl<'a> Pool<'a> {
@@ -131,6 +133,7 @@ impl<'a> Pool<'a> {
             slots,
             by_free,
             free_total,
+            rule: state.policy.gang_nodes,
         }
     }
 
@@ -158,7 +161,8 @@ impl<'a> Pool<'a> {
     /// `n` slots of one kind on distinct nodes with `per` free GPUs each that
     /// `allowed` accepts, best fit: those left with the fewest free GPUs, so
     /// that whole nodes stay free for large jobs. Several nodes are taken in
-    /// one site (`Node::site`) where one has room for all, else across sites.
+    /// one site (`Node::site`) where one has room for all, else across sites;
+    /// in one site or of one owner only, where the policy says so.
     pub(super) fn gang_fit(
         &self,
         spec: &JobSpec,
@@ -172,13 +176,21 @@ impl<'a> Pool<'a> {
                     .range((per, 0)..)
                     .filter(|(free, node)| allowed((*node, c), *free))
                     .copied();
+                use crate::policy::GangNodes;
                 let (across, chosen) = if n == 1 {
                     (false, fits.take(1).collect::<Vec<_>>())
                 } else {
                     let all: Vec<(usize, usize)> = fits.collect();
-                    match self.one_site(&all, n) {
+                    let by = match self.rule {
+                        GangNodes::Any => GangNodes::Site,
+                        rule => rule,
+                    };
+                    match self.one_group(&all, n, by) {
                         Some(one) => (false, one),
-                        None => (true, all.into_iter().take(n).collect()),
+                        None if self.rule == GangNodes::Any => {
+                            (true, all.into_iter().take(n).collect())
+                        }
+                        None => (false, vec![]),
                     }
                 };
                 (chosen.len() == n).then(|| {
@@ -191,16 +203,21 @@ impl<'a> Pool<'a> {
     }
 
     /// The best fit of `n` of `fits` ((free, node), fewest free first) that
-    /// share one site, if a site has `n` of them.
-    fn one_site(&self, fits: &[(usize, usize)], n: usize) -> Option<Vec<(usize, usize)>> {
-        let mut by_site: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
+    /// share one group (a site, an owner), if a group has `n` of them.
+    fn one_group(
+        &self,
+        fits: &[(usize, usize)],
+        n: usize,
+        by: crate::policy::GangNodes,
+    ) -> Option<Vec<(usize, usize)>> {
+        let mut groups: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
         for f in fits {
-            by_site
-                .entry(self.nodes[f.1].site.as_str())
+            groups
+                .entry(by.group(self.nodes[f.1]))
                 .or_default()
                 .push(*f);
         }
-        by_site
+        groups
             .into_values()
             .filter(|fs| fs.len() >= n)
             .map(|mut fs| {
@@ -280,7 +297,8 @@ impl<'a> Pool<'a> {
         // its runs' expected ends.
         type Rank = (bool, i64, std::cmp::Reverse<usize>, (usize, usize));
         type Candidate = (Rank, usize, Vec<Option<i64>>);
-        let mut by_class: BTreeMap<usize, Vec<Candidate>> = BTreeMap::new();
+        // Per kind, and per group of nodes the policy lets parts share.
+        let mut by_class: BTreeMap<(usize, &str), Vec<Candidate>> = BTreeMap::new();
         for (slot, free) in self.slots_for(&job.spec, per) {
             let node = self.nodes[slot.0];
             let mut ends: Vec<Option<i64>> = node
@@ -305,7 +323,10 @@ impl<'a> Pool<'a> {
                 std::cmp::Reverse(free),
                 slot,
             );
-            by_class.entry(slot.1).or_default().push((rank, free, ends));
+            by_class
+                .entry((slot.1, self.rule.group(node)))
+                .or_default()
+                .push((rank, free, ends));
         }
         let mut best: Option<(Rank, Reservation)> = None;
         for mut cands in by_class.into_values() {

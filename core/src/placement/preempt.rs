@@ -13,7 +13,7 @@ pub(super) fn preempt(
     alloc: &BTreeMap<String, u32>,
     pool: &Pool,
     unplaced: &[&Job],
-    shapes: &mut HashMap<(Option<String>, u64), Vec<usize>>,
+    shapes: &mut HashMap<(Option<String>, u64), Vec<Vec<usize>>>,
     out: &mut Plan,
 ) {
     // Members by index: this phase looks them up for every candidate.
@@ -128,8 +128,14 @@ pub(super) fn preempt(
                     if s.size < per || trial.slots.iter().any(|(x, _)| *x == ni) {
                         continue;
                     }
-                    if n > 1 && trial.slots.first().is_some_and(|(_, c0)| *c0 != c) {
-                        continue; // a job's parts are of one kind
+                    // A job's parts are of one kind, and share a site or an
+                    // owner where the policy says so.
+                    let apart = |&(n0, c0): &(usize, usize)| {
+                        c0 != c
+                            || pool.rule.group(pool.nodes[n0]) != pool.rule.group(pool.nodes[ni])
+                    };
+                    if n > 1 && trial.slots.first().is_some_and(apart) {
+                        continue;
                     }
                     // What victims chosen for other nodes free here too.
                     let freeing = trial.freeing.get(&slot).copied().unwrap_or(0);

@@ -18,17 +18,19 @@ use super::{
     billing::{ms_between, weighted_ms},
     invalid, largest_class,
 };
+use crate::policy::GangNodes;
 
 /// Lowest port that rendezvous are placed on (torchrun's default).
 pub const FIRST_RENDEZVOUS_PORT: u16 = 29500;
 
 /// How `spec` splits over nodes, as (nodes, GPUs on each), given how many
-/// GPUs of one kind that fit it each node offers (`sizes`): what it asks
-/// for, else one node if one is large enough, else the fewest nodes with
-/// equal parts that enough nodes can hold (or, if none can, the fewest
+/// GPUs of one kind that fit it each node offers, by the groups of nodes a
+/// job's parts may share (`groups`; see `GangNodes`): what it asks for, else
+/// one node if one is large enough, else the fewest nodes with equal parts
+/// that enough nodes of one group can hold (or, if none can, the fewest
 /// nodes at all: it then waits, or is refused at submission). `None`: it
 /// cannot be split so.
-pub fn shape(spec: &JobSpec, sizes: &[usize]) -> Option<(u32, u32)> {
+pub fn shape(spec: &JobSpec, groups: &[Vec<usize>]) -> Option<(u32, u32)> {
     if let Some(n) = spec.gpus.checked_div(spec.gpus_per_node) {
         return Some((n, spec.gpus_per_node));
     }
@@ -36,7 +38,7 @@ pub fn shape(spec: &JobSpec, sizes: &[usize]) -> Option<(u32, u32)> {
         return Some((spec.nodes, spec.gpus / spec.nodes));
     }
     let g = spec.gpus as usize;
-    let largest = sizes.iter().copied().max().unwrap_or(0);
+    let largest = groups.iter().flatten().copied().max().unwrap_or(0);
     if largest == 0 {
         return None;
     }
@@ -47,11 +49,19 @@ pub fn shape(spec: &JobSpec, sizes: &[usize]) -> Option<(u32, u32)> {
         (g.div_ceil(largest)..=MAX_NODES_PER_JOB.min(g))
             .filter(move |n| g.is_multiple_of(*n) && g / n <= largest)
     };
-    let held = |n: &usize| sizes.iter().filter(|s| **s >= g / n).count() >= *n;
     splits()
-        .find(held)
+        .find(|n| big_enough(groups, g / n) >= *n)
         .or_else(|| splits().next())
         .map(|n| (n as u32, (g / n) as u32))
+}
+
+/// The most nodes of one group that offer `per` GPUs.
+fn big_enough(groups: &[Vec<usize>], per: usize) -> usize {
+    groups
+        .iter()
+        .map(|sizes| sizes.iter().filter(|s| **s >= per).count())
+        .max()
+        .unwrap_or(0)
 }
 
 /// What a node's agent has of a run: the one-node run, or its part of a
@@ -122,13 +132,22 @@ impl Job {
 
 impl State {
     /// How many GPUs of one kind fitting `spec` each node offers, of the
-    /// nodes new runs may be placed on (`usable`) or of all registered ones.
-    pub fn node_sizes(&self, spec: &JobSpec, usable: bool) -> Vec<usize> {
-        self.nodes
+    /// nodes new runs may be placed on (`usable`) or of all registered ones,
+    /// by the groups the policy lets a job's parts share (`gang_nodes`).
+    pub fn node_sizes(&self, spec: &JobSpec, usable: bool) -> Vec<Vec<usize>> {
+        let rule = self.policy.gang_nodes;
+        let mut groups: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+        for n in self
+            .nodes
             .values()
             .filter(|n| !usable || (n.up && !n.draining && n.cordon.is_none()))
-            .map(|n| largest_class(n, spec))
-            .collect()
+        {
+            groups
+                .entry(rule.group(n))
+                .or_default()
+                .push(largest_class(n, spec));
+        }
+        groups.into_values().collect()
     }
 
     /// How `spec` splits over the nodes runs may be placed on now (see
@@ -139,13 +158,13 @@ impl State {
 
     /// Refuses a job that no set of registered nodes could ever run.
     pub(super) fn check_shape(&self, spec: &JobSpec) -> Result<(), Rejection> {
-        let sizes = self.node_sizes(spec, false);
-        let largest = sizes.iter().copied().max().unwrap_or(0);
+        let groups = self.node_sizes(spec, false);
+        let largest = groups.iter().flatten().copied().max().unwrap_or(0);
         let what = match &spec.gpu_model {
             Some(m) => format!(" {m}"),
             None => String::new(),
         };
-        let Some((n, per)) = shape(spec, &sizes) else {
+        let Some((n, per)) = shape(spec, &groups) else {
             return Err(Rejection::FailedPrecondition(if largest == 0 {
                 format!(
                     "gpus: the job asks for {} GPUs but no registered node has matching{what} GPUs",
@@ -158,8 +177,13 @@ impl State {
                 )
             }));
         };
-        let big_enough = sizes.iter().filter(|s| **s >= per as usize).count();
-        if big_enough < n as usize {
+        let big = big_enough(&groups, per as usize);
+        if big < n as usize {
+            let within = match self.policy.gang_nodes {
+                GangNodes::Any => "",
+                GangNodes::Site => " in one site (policy gang_nodes=site)",
+                GangNodes::Owner => " of one owner (policy gang_nodes=owner)",
+            };
             return Err(Rejection::FailedPrecondition(if n == 1 {
                 format!(
                     "gpus: the job asks for {} GPUs but the largest registered node has {largest} matching{what} GPUs",
@@ -167,13 +191,9 @@ impl State {
                 )
             } else {
                 format!(
-                    "gpus: the job asks for {} GPUs as {n} nodes of {per}, but {big_enough} registered {} {per} matching{what} GPUs",
+                    "gpus: the job asks for {} GPUs as {n} nodes of {per}, but {big} registered {} {per} matching{what} GPUs{within}",
                     spec.gpus,
-                    if big_enough == 1 {
-                        "node has"
-                    } else {
-                        "nodes have"
-                    }
+                    if big == 1 { "node has" } else { "nodes have" }
                 )
             }));
         }
@@ -238,6 +258,21 @@ impl State {
                     Some(_) => {}
                 }
             }
+        }
+        let rule = self.policy.gang_nodes;
+        let group = |name: &str| self.nodes.get(name).map(|n| rule.group(n));
+        if parts
+            .iter()
+            .any(|(name, _)| group(name) != group(&parts[0].0))
+        {
+            return Err(invalid(
+                "parts",
+                format!(
+                    "the policy (gang_nodes={}) places a job's parts on nodes of one {}",
+                    rule.as_str(),
+                    rule.as_str()
+                ),
+            ));
         }
         let master = &parts[0].0;
         let host = self.rendezvous_host(master);
@@ -607,7 +642,7 @@ mod tests {
 
     #[test]
     fn a_job_spans_the_fewest_nodes_with_equal_parts() {
-        let eights = [8; 8];
+        let eights = [vec![8; 8]];
         assert_eq!(shape(&spec(4, 0, 0), &eights), Some((1, 4)));
         assert_eq!(shape(&spec(8, 0, 0), &eights), Some((1, 8)));
         assert_eq!(shape(&spec(16, 0, 0), &eights), Some((2, 8)));
@@ -616,7 +651,7 @@ mod tests {
         assert_eq!(shape(&spec(9, 0, 0), &eights), Some((3, 3)));
         assert_eq!(shape(&spec(24, 0, 0), &eights), Some((3, 8)));
         assert_eq!(shape(&spec(4, 0, 0), &[]), None);
-        assert_eq!(shape(&spec(4, 0, 0), &[0, 0]), None);
+        assert_eq!(shape(&spec(4, 0, 0), &[vec![0, 0]]), None);
         // A prime beyond the largest node needs as many nodes as GPUs: more
         // than a job may span.
         assert_eq!(shape(&spec(67, 0, 0), &eights), None);
@@ -626,19 +661,30 @@ mod tests {
     fn the_split_is_one_that_enough_nodes_can_hold() {
         // One node of 8 among nodes of 4: 12 GPUs as three parts of 4, not
         // two of 6 (only one node has 6).
-        assert_eq!(shape(&spec(12, 0, 0), &[8, 4, 4, 4]), Some((3, 4)));
-        assert_eq!(shape(&spec(16, 0, 0), &[8, 4, 4, 4]), Some((4, 4)));
-        assert_eq!(shape(&spec(16, 0, 0), &[8, 8, 4]), Some((2, 8)));
+        assert_eq!(shape(&spec(12, 0, 0), &[vec![8, 4, 4, 4]]), Some((3, 4)));
+        assert_eq!(shape(&spec(16, 0, 0), &[vec![8, 4, 4, 4]]), Some((4, 4)));
+        assert_eq!(shape(&spec(16, 0, 0), &[vec![8, 8, 4]]), Some((2, 8)));
         // No split that the nodes hold: the fewest nodes (it waits, or is
         // refused at submission, naming that split).
-        assert_eq!(shape(&spec(16, 0, 0), &[8, 4]), Some((2, 8)));
+        assert_eq!(shape(&spec(16, 0, 0), &[vec![8, 4]]), Some((2, 8)));
+    }
+
+    #[test]
+    fn the_split_is_one_that_one_group_of_nodes_can_hold() {
+        // Two sites of two 4-GPU nodes: no split of 12 GPUs fits one site,
+        // so the fewest nodes overall (it waits, or is refused at submission).
+        let sites = [vec![4, 4], vec![4, 4]];
+        assert_eq!(shape(&spec(12, 0, 0), &sites), Some((3, 4)));
+        assert_eq!(shape(&spec(8, 0, 0), &sites), Some((2, 4)));
+        assert_eq!(big_enough(&sites, 4), 2);
+        assert_eq!(big_enough(&[vec![4, 4, 4]], 4), 3);
     }
 
     #[test]
     fn what_a_job_asks_for_stands() {
-        assert_eq!(shape(&spec(16, 0, 4), &[8]), Some((4, 4)));
-        assert_eq!(shape(&spec(16, 2, 0), &[16]), Some((2, 8)));
-        assert_eq!(shape(&spec(8, 1, 0), &[8]), Some((1, 8)));
-        assert_eq!(shape(&spec(16, 2, 8), &[8]), Some((2, 8)));
+        assert_eq!(shape(&spec(16, 0, 4), &[vec![8]]), Some((4, 4)));
+        assert_eq!(shape(&spec(16, 2, 0), &[vec![16]]), Some((2, 8)));
+        assert_eq!(shape(&spec(8, 1, 0), &[vec![8]]), Some((1, 8)));
+        assert_eq!(shape(&spec(16, 2, 8), &[vec![8]]), Some((2, 8)));
     }
 }
