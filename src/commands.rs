@@ -279,12 +279,19 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                     Err(s) => return Err(s.into()),
                 };
                 let Some(j) = ev.job else { continue };
+                // Each part of a multi-node run starts and ends on its own.
+                let parts: Vec<(i64, bool, Option<i32>)> = j
+                    .parts
+                    .iter()
+                    .map(|p| (p.started_at_ms, p.ended, p.exit_code))
+                    .collect();
                 let seen = Some((
                     j.state,
                     j.attempts,
                     j.cancel_requested,
                     j.started_at_ms,
                     j.node.clone(),
+                    parts,
                 ));
                 if seen == shown {
                     continue;
@@ -317,7 +324,9 @@ pub async fn job(cli: &ClientArgs, cmd: JobCmd) -> anyhow::Result<()> {
                             ));
                         } else if running {
                             line.push_str(&format!("  node={} attempt={}", j.node, j.attempts));
-                            if j.started_at_ms == 0 {
+                            if j.started_at_ms == 0
+                                || j.parts.iter().any(|p| p.started_at_ms == 0 && !p.ended)
+                            {
                                 line.push_str("  (starting)");
                             }
                             if j.cancel_requested {

@@ -354,6 +354,16 @@ fn acknowledged_jobs_survive_two_leader_kills_and_run_once() {
                 )
             })
             .collect();
+        // Why a job ended otherwise, for the failure message.
+        let reasons: BTreeMap<&str, String> = jobs
+            .iter()
+            .map(|j| {
+                (
+                    j["id"].as_str().unwrap(),
+                    format!("exit {} {}", j["exit_code"], j["reason"]),
+                )
+            })
+            .collect();
         let done = acked
             .iter()
             .all(|id| states.get(id).is_some_and(|st| st == "completed"));
@@ -366,7 +376,7 @@ fn acknowledged_jobs_survive_two_leader_kills_and_run_once() {
             acked
                 .iter()
                 .filter(|id| states.get(*id).is_none_or(|st| st != "completed"))
-                .map(|id| (id, states.get(id)))
+                .map(|id| (id, states.get(id), reasons.get(id.as_str())))
                 .collect::<Vec<_>>()
         );
         std::thread::sleep(Duration::from_millis(300));

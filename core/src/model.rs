@@ -157,6 +157,17 @@ pub struct CapacityRecord {
 }
 
 impl Node {
+    /// The group the node is in under `rule`: a multi-node job's parts share
+    /// one (`Any`: all nodes are one group).
+    pub fn group(&self, rule: crate::policy::GangNodes) -> &str {
+        use crate::policy::GangNodes;
+        match rule {
+            GangNodes::Any => "",
+            GangNodes::Site => &self.site,
+            GangNodes::Owner => &self.owner,
+        }
+    }
+
     /// The node's GPUs by model: (model, count).
     pub fn models(&self) -> BTreeMap<&str, u32> {
         let mut m: BTreeMap<&str, u32> = BTreeMap::new();

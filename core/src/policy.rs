@@ -52,16 +52,6 @@ impl GangNodes {
             Self::Owner => "owner",
         }
     }
-
-    /// The group a node is in under this rule: its parts must share one
-    /// (`Any`: all nodes are one group).
-    pub fn group(self, node: &crate::model::Node) -> &str {
-        match self {
-            Self::Any => "",
-            Self::Site => &node.site,
-            Self::Owner => &node.owner,
-        }
-    }
 }
 
 fn is_any(g: &GangNodes) -> bool {

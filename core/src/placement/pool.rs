@@ -213,7 +213,7 @@ impl<'a> Pool<'a> {
         let mut groups: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
         for f in fits {
             groups
-                .entry(by.group(self.nodes[f.1]))
+                .entry(self.nodes[f.1].group(by))
                 .or_default()
                 .push(*f);
         }
@@ -324,7 +324,7 @@ impl<'a> Pool<'a> {
                 slot,
             );
             by_class
-                .entry((slot.1, self.rule.group(node)))
+                .entry((slot.1, node.group(self.rule)))
                 .or_default()
                 .push((rank, free, ends));
         }

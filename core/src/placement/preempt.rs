@@ -132,7 +132,7 @@ pub(super) fn preempt(
                     // owner where the policy says so.
                     let apart = |&(n0, c0): &(usize, usize)| {
                         c0 != c
-                            || pool.rule.group(pool.nodes[n0]) != pool.rule.group(pool.nodes[ni])
+                            || pool.nodes[n0].group(pool.rule) != pool.nodes[ni].group(pool.rule)
                     };
                     if n > 1 && trial.slots.first().is_some_and(apart) {
                         continue;

@@ -143,7 +143,7 @@ impl State {
             .filter(|n| !usable || (n.up && !n.draining && n.cordon.is_none()))
         {
             groups
-                .entry(rule.group(n))
+                .entry(n.group(rule))
                 .or_default()
                 .push(largest_class(n, spec));
         }
@@ -260,7 +260,7 @@ impl State {
             }
         }
         let rule = self.policy.gang_nodes;
-        let group = |name: &str| self.nodes.get(name).map(|n| rule.group(n));
+        let group = |name: &str| self.nodes.get(name).map(|n| n.group(rule));
         if parts
             .iter()
             .any(|(name, _)| group(name) != group(&parts[0].0))
