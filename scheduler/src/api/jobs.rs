@@ -700,7 +700,9 @@ impl JobService for Jobs {
                     || job.attempts != last.attempts
                     || job.cancel_requested != last.cancel_requested
                     || job.started_at_ms != last.started_at_ms
-                    || job.node != last.node;
+                    || job.node != last.node
+                    // Each part of a multi-node run starts and ends on its own.
+                    || job.parts != last.parts;
                 finished = is_final(&job);
                 if changed {
                     last = job.clone();
