@@ -153,6 +153,9 @@ impl State {
     /// How `spec` splits over the nodes runs may be placed on now (see
     /// [`shape`]): what `place` and `place_gang` hold placements to.
     pub fn shape_of(&self, spec: &JobSpec) -> Option<(u32, u32)> {
+        if spec.nodes > 0 || spec.gpus_per_node > 0 {
+            return shape(spec, &[]); // as asked: no node needs a look
+        }
         shape(spec, &self.node_sizes(spec, true))
     }
 

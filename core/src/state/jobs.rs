@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use super::{
     Event, Job, JobId, JobKind, JobSpec, JobState, Rejection, State, Stop, gpu_fits, invalid,
-    validate_spec,
+    largest_class, validate_spec,
 };
 use crate::ledger;
 
@@ -203,13 +203,19 @@ impl State {
     ) -> Result<Vec<Event>, Rejection> {
         self.check_placeable(at, id)?;
         let job = self.job(id)?;
-        if let Some((n, _)) = self.shape_of(&job.spec).filter(|(n, _)| *n != 1) {
+        let node = self.usable_node(node_name)?;
+        // One node it is, when this one holds a job that asks for no split
+        // (the common case: no look at every node on each placement).
+        let spec = &job.spec;
+        let here = spec.nodes == 0
+            && spec.gpus_per_node == 0
+            && largest_class(node, spec) >= spec.gpus as usize;
+        if !here && let Some((n, _)) = self.shape_of(spec).filter(|(n, _)| *n != 1) {
             return Err(invalid(
                 "node",
                 format!("job {id} runs on {n} nodes: it is placed on all at once"),
             ));
         }
-        let node = self.usable_node(node_name)?;
         let distinct: BTreeSet<&String> = gpus.iter().collect();
         if gpus.len() != job.spec.gpus as usize || distinct.len() != gpus.len() {
             return Err(invalid(
