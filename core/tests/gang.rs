@@ -152,6 +152,20 @@ impl Agents {
         }
     }
 
+    /// `node` reports that its part (or run) of `job`'s first attempt exited
+    /// with `code` at `at`.
+    fn exit(&mut self, s: &mut State, at: i64, node: &str, job: JobId, code: i32) {
+        let exited = RunReport::Exited {
+            job,
+            attempt: 1,
+            at_ms: at,
+            exit_code: code,
+            reason: String::new(),
+            energy_mj: 0,
+        };
+        self.report(s, at, node, exited);
+    }
+
     fn report(&mut self, s: &mut State, at: i64, node: &str, report: RunReport) {
         let seq = self.seq.entry(node.into()).or_default();
         *seq += 1;
@@ -255,19 +269,7 @@ fn a_gang_is_placed_whole_or_not_at_all() {
     assert!(s.nodes["n3"].gpus.iter().all(|g| g.job.is_none()));
     // Once the small run ends, all three parts start together.
     let mut agents = Agents::new();
-    agents.report(
-        &mut s,
-        5_000,
-        "n1",
-        RunReport::Exited {
-            job: small,
-            attempt: 1,
-            at_ms: 5_000,
-            exit_code: 0,
-            reason: String::new(),
-            energy_mj: 0,
-        },
-    );
+    agents.exit(&mut s, 5_000, "n1", small, 0);
     pass(&mut s, 6_000);
     assert_eq!(s.jobs[&id].state, JobState::Running);
     assert_eq!(parts(&s, id).len(), 3);
@@ -383,19 +385,7 @@ fn each_part_is_billed_from_its_own_nodes_reports_exactly_once() {
     assert_eq!(j.started_at_ms, Some(3_200));
     // Both exit 0: completed once, every GPU free.
     for (node, at) in [(&r1, 20_000), (&r0, 21_000)] {
-        agents.report(
-            &mut s,
-            at,
-            node,
-            RunReport::Exited {
-                job: id,
-                attempt: 1,
-                at_ms: at,
-                exit_code: 0,
-                reason: String::new(),
-                energy_mj: 0,
-            },
-        );
+        agents.exit(&mut s, at, node, id, 0);
     }
     let j = &s.jobs[&id];
     assert_eq!(j.state, JobState::Completed);
@@ -517,19 +507,7 @@ fn a_part_lost_with_its_node_requeues_the_whole_job_once() {
     assert!(j.stopping());
     assert_eq!(s.nodes[&r1].cut_off.len(), 1);
     assert_eq!(s.nodes[&r1].cut_off[0].gpus, 4);
-    agents.report(
-        &mut s,
-        21_000,
-        &r0,
-        RunReport::Exited {
-            job: id,
-            attempt: 1,
-            at_ms: 21_000,
-            exit_code: 143,
-            reason: String::new(),
-            energy_mj: 0,
-        },
-    );
+    agents.exit(&mut s, 21_000, &r0, id, 143);
     let j = &s.jobs[&id];
     assert_eq!(j.state, JobState::Pending, "{j:?}");
     assert_eq!(j.attempts, 1);
@@ -863,19 +841,7 @@ fn preemption_frees_a_gangs_worth_of_gpus_across_nodes() {
     // Once both have stopped, the gang starts there.
     for pre in &p.preemptions {
         let node = s.jobs[&pre.job].node.clone().unwrap();
-        agents.report(
-            &mut s,
-            6_000,
-            &node,
-            RunReport::Exited {
-                job: pre.job,
-                attempt: 1,
-                at_ms: 6_000,
-                exit_code: 143,
-                reason: String::new(),
-                energy_mj: 0,
-            },
-        );
+        agents.exit(&mut s, 6_000, &node, pre.job, 143);
     }
     pass(&mut s, 7_000);
     assert_eq!(s.jobs[&id].state, JobState::Running);
@@ -1025,19 +991,7 @@ fn preempting_a_multi_node_run_frees_its_gpus_on_every_node() {
     let victims: Vec<JobId> = p.preemptions.iter().map(|x| x.job).collect();
     assert_eq!(victims, [gang], "{:?}", p.preemptions);
     for n in ["n2", "n3"] {
-        agents.report(
-            &mut s,
-            6_000,
-            n,
-            RunReport::Exited {
-                job: gang,
-                attempt: 1,
-                at_ms: 6_000,
-                exit_code: 143,
-                reason: String::new(),
-                energy_mj: 0,
-            },
-        );
+        agents.exit(&mut s, 6_000, n, gang, 143);
     }
     assert_eq!(s.jobs[&gang].state, JobState::Pending);
     assert_eq!(s.jobs[&gang].preemptions, 1);
@@ -1107,19 +1061,7 @@ fn the_policy_can_keep_a_jobs_parts_in_one_site_or_with_one_owner() {
         "{err:?}"
     );
     let mut agents = Agents::new();
-    agents.report(
-        &mut s,
-        5_000,
-        "n3",
-        RunReport::Exited {
-            job: small,
-            attempt: 1,
-            at_ms: 5_000,
-            exit_code: 0,
-            reason: String::new(),
-            energy_mj: 0,
-        },
-    );
+    agents.exit(&mut s, 5_000, "n3", small, 0);
     pass(&mut s, 6_000);
     let mut on: Vec<String> = parts(&s, id).into_iter().map(|(n, _)| n).collect();
     on.sort();

@@ -161,6 +161,17 @@ impl State {
 
     /// Refuses a job that no set of registered nodes could ever run.
     pub(super) fn check_shape(&self, spec: &JobSpec) -> Result<(), Rejection> {
+        // A job that asks for no split and fits one registered node: the
+        // common case needs no count of every node's GPUs.
+        let unsplit = spec.nodes == 0 && spec.gpus_per_node == 0;
+        if unsplit
+            && self
+                .nodes
+                .values()
+                .any(|n| largest_class(n, spec) >= spec.gpus as usize)
+        {
+            return Ok(());
+        }
         let groups = self.node_sizes(spec, false);
         let largest = groups.iter().flatten().copied().max().unwrap_or(0);
         let what = match &spec.gpu_model {
