@@ -71,7 +71,7 @@ fn default_dev_dir() -> PathBuf {
 pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let gpus = a.gpus.parse::<GpuSource>()?.open(&a.node)?;
     let gpu_summary = describe_gpus(&gpus);
-    let real = gpus.driver_version.is_some();
+    let gpu_devices = gpus.driver_version.is_some().then(|| gpus.devices.clone());
     let dir = a.data_dir.unwrap_or_else(default_dev_dir);
     tls::private_dir(&dir)?;
     // Before anything starts: a second `coop dev`, or a scheduler or agent
@@ -160,7 +160,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<()> {
         data_dir: agent_dir,
         metrics: Some(agent_metrics),
         telemetry_interval: a.runs.telemetry_interval,
-        isolation: isolation(&a.runs, real)?,
+        isolation: isolation(&a.runs, gpu_devices)?,
         keep_runs: a.runs.keep_runs,
         address: a.runs.address.clone().unwrap_or_default(),
         site: a.runs.site.clone().unwrap_or_default(),
@@ -404,7 +404,7 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         probe_gpus(&mut gpus).await?;
     }
     let gpu_summary = describe_gpus(&gpus);
-    let real = gpus.driver_version.is_some();
+    let gpu_devices = gpus.driver_version.is_some().then(|| gpus.devices.clone());
     let registry = prometheus::Registry::new();
     let agent_metrics = AgentMetrics::new(&registry)?;
     if let Some(m) = a.metrics {
@@ -429,7 +429,7 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
         data_dir: a.data_dir,
         metrics: Some(agent_metrics),
         telemetry_interval: a.runs.telemetry_interval,
-        isolation: isolation(&a.runs, real)?,
+        isolation: isolation(&a.runs, gpu_devices)?,
         keep_runs: a.runs.keep_runs,
         address: a.runs.address.clone().unwrap_or_default(),
         site: a.runs.site.clone().unwrap_or_default(),
@@ -449,7 +449,10 @@ pub async fn agent(client: &ClientArgs, cmd: AgentCmd) -> anyhow::Result<()> {
 
 /// How this agent keeps runs apart, said once at start: what limits mean
 /// here, and whether image jobs can run.
-fn isolation(a: &RunArgs, real_gpus: bool) -> anyhow::Result<coop_agent::runner::Isolation> {
+fn isolation(
+    a: &RunArgs,
+    gpu_devices: Option<coop_agent::gpu::Devices>,
+) -> anyhow::Result<coop_agent::runner::Isolation> {
     use coop_agent::isolation::{Cgroups, Runtime};
     let (no_cgroups, root, runtime) = (
         a.no_cgroups,
@@ -510,7 +513,7 @@ fn isolation(a: &RunArgs, real_gpus: bool) -> anyhow::Result<coop_agent::runner:
     Ok(coop_agent::runner::Isolation {
         cgroups,
         runtime,
-        real_gpus,
+        gpu_devices,
         run_users,
         pid_namespaces,
     })

@@ -82,6 +82,18 @@ pub struct Agent {
     next_sweep: tokio::time::Instant,
     /// Shutting down: no new runs are started.
     stopping: bool,
+    /// When each GPU last gave a reading: a run on a GPU that is lost is
+    /// billed up to there.
+    last_read_ms: BTreeMap<String, i64>,
+    /// Runs being stopped because a GPU of theirs was lost: why, and the
+    /// time they are billed to.
+    lost_runs: BTreeMap<RunKey, (String, i64)>,
+    /// GPUs lost and still offered: the node registers again without them
+    /// once the runs they held have ended and those ends are acknowledged
+    /// (until then it is drained, so that nothing new lands on them).
+    dropping: BTreeSet<String>,
+    /// Every GPU this agent started with, lost ones too (their metrics go on).
+    known: Vec<crate::gpu::GpuInfo>,
 }
 
 /// Ended runs are kept in the spool this long (for `coop agent status`)
@@ -116,6 +128,8 @@ const LEADER_HEADER: &str = "x-coop-leader";
 pub struct Refused(String);
 
 const STOP_ON_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a run on a lost GPU gets between SIGTERM and SIGKILL.
+const LOST_GPU_GRACE: Duration = Duration::from_secs(5);
 
 impl Agent {
     pub async fn new(mut cfg: AgentConfig) -> anyhow::Result<Self> {
@@ -138,6 +152,20 @@ impl Agent {
         }
         recover_orphans(&mut spool, cfg.gpus.telemetry.as_mut()).await?;
         stop_unrecorded(spool.identity()).await;
+        // A killed container client leaves its container running.
+        if let Some(rt) = &cfg.isolation.runtime {
+            match rt.remove_containers_of(spool.identity()).await {
+                Ok(names) if !names.is_empty() => tracing::warn!(
+                    "removed {} containers a previous agent process left: {}",
+                    names.len(),
+                    names.join(", ")
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    "could not look for containers a previous agent process left: {e:#}"
+                ),
+            }
+        }
         let unacked: VecDeque<_> = spool.pending().await?.into();
         let ended = spool
             .runs()
@@ -153,6 +181,7 @@ impl Agent {
             );
         }
         let (tx, exits) = mpsc::unbounded_channel();
+        let known = cfg.gpus.info.clone();
         let runner = Runner::new(
             cfg.data_dir.clone(),
             tx,
@@ -177,6 +206,10 @@ impl Agent {
             last_prune: std::time::Instant::now(),
             next_sweep: tokio::time::Instant::now(),
             stopping: false,
+            last_read_ms: BTreeMap::new(),
+            lost_runs: BTreeMap::new(),
+            dropping: BTreeSet::new(),
+            known,
         })
     }
 
@@ -414,7 +447,23 @@ impl Agent {
         tracing::info!("node {} connected to {addr}", self.cfg.node);
 
         let mut tick = tokio::time::interval(interval);
+        if !self.dropping.is_empty() {
+            self.drain_for_lost_gpus();
+        }
         let result = loop {
+            if !self.dropping.is_empty() && self.lost_runs.is_empty() && self.unacked.is_empty() {
+                let lost = std::mem::take(&mut self.dropping);
+                self.cfg.gpus.info.retain(|g| !lost.contains(&g.uuid));
+                if self.cfg.gpus.info.is_empty() {
+                    break Err(anyhow::Error::new(Refused(
+                        "every GPU of this node is lost: nothing is left to offer".into(),
+                    )));
+                }
+                break Err(anyhow!(
+                    "this node's GPUs changed: registering again with {} GPUs",
+                    self.cfg.gpus.info.len()
+                ));
+            }
             tokio::select! {
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => self.on_message(m).await,
@@ -462,7 +511,15 @@ impl Agent {
     /// run's utilisation accumulated.
     fn read_gpus(&mut self) {
         self.next_telemetry = tokio::time::Instant::now() + self.cfg.telemetry_interval;
-        let readings = self.cfg.gpus.telemetry.read(now_ms());
+        let now = now_ms();
+        let readings = self.cfg.gpus.telemetry.read(now);
+        for r in &readings {
+            if !r.lost {
+                self.last_read_ms.insert(r.uuid.clone(), now);
+            } else if self.cfg.gpus.info.iter().any(|g| g.uuid == r.uuid) {
+                self.gpu_lost(&r.uuid, now);
+            }
+        }
         for r in self.metered.values_mut() {
             for u in readings.iter().filter(|x| r.gpus.contains(&x.uuid)) {
                 if let Some(pct) = u.utilization_pct {
@@ -472,8 +529,38 @@ impl Agent {
             }
         }
         if let Some(m) = &self.cfg.metrics {
-            m.publish(&self.cfg.node, &self.cfg.gpus.info, &readings);
+            m.publish(&self.cfg.node, &self.known, &readings);
             m.set_backlog(&self.cfg.node, self.unacked.len());
+        }
+    }
+
+    /// A GPU is gone: the runs on it are stopped and billed up to its last
+    /// reading, and the node registers again without it. Called at each
+    /// reading that finds it lost, until then.
+    fn gpu_lost(&mut self, uuid: &str, now: i64) {
+        let last = self.last_read_ms.get(uuid).copied().unwrap_or(now);
+        let why = format!("GPU {uuid} was lost");
+        for (key, r) in &self.metered {
+            if r.gpus.iter().any(|g| g == uuid) && !self.lost_runs.contains_key(key) {
+                tracing::warn!("stopping run {key}: {why}");
+                self.lost_runs.insert(key.clone(), (why.clone(), last));
+                // Nothing it does on a lost GPU can succeed: no long grace.
+                self.runner.stop(key, LOST_GPU_GRACE);
+            }
+        }
+        if self.dropping.insert(uuid.to_string()) {
+            tracing::error!("{why}: node {} stops offering it", self.cfg.node);
+            self.drain_for_lost_gpus();
+        }
+    }
+
+    /// Asks the scheduler to place nothing more here until the node has
+    /// registered again without its lost GPUs.
+    fn drain_for_lost_gpus(&self) {
+        if let Some(tx) = &self.out {
+            let _ = tx.send(pb::AgentMessage {
+                msg: Some(Up::Leaving(pb::Leaving {})),
+            });
         }
     }
 
@@ -584,8 +671,17 @@ impl Agent {
         }
     }
 
-    async fn on_exit(&mut self, exit: Exit) {
-        self.finish(exit, None).await;
+    async fn on_exit(&mut self, mut exit: Exit) {
+        match self.lost_runs.remove(&exit.key) {
+            Some((why, billed_to)) => {
+                // Billed up to the lost GPU's last reading (or the usage
+                // already reported, if that was later), not to its kill.
+                let metered = self.metered.get(&exit.key).map_or(0, |r| r.metered_to_ms);
+                exit.at_ms = exit.at_ms.min(billed_to.max(metered));
+                self.finish(exit, Some(&why)).await;
+            }
+            None => self.finish(exit, None).await,
+        }
     }
 
     /// Records a run's end with its usage since the last report; `lost` says
@@ -636,14 +732,16 @@ impl Agent {
         let now = now_ms();
         let mut events = Vec::new();
         for (key, r) in self.metered.iter_mut() {
-            if now <= r.metered_to_ms {
+            // A run on a lost GPU is billed no later than its last reading.
+            let to = self.lost_runs.get(key).map_or(now, |(_, at)| now.min(*at));
+            if to <= r.metered_to_ms {
                 continue;
             }
-            let energy_mj = measure(self.cfg.gpus.telemetry.as_mut(), r, now);
+            let energy_mj = measure(self.cfg.gpus.telemetry.as_mut(), r, to);
             events.push(pb::report::Event::Usage(pb::RunUsage {
                 job_id: key.job.clone(),
                 attempt: key.attempt,
-                to_ms: now,
+                to_ms: to,
                 energy_mj,
             }));
             events.extend(utilization(r));

@@ -159,25 +159,55 @@ fn write(p: &Path, value: &str) -> anyhow::Result<()> {
         .with_context(|| format!("writing {value:?} to {}", p.display()))
 }
 
+/// The device files of a machine's GPUs, for containers: each GPU's (by
+/// UUID), and those every GPU container needs (`/dev/nvidiactl`, ...).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Devices {
+    pub per_gpu: std::collections::BTreeMap<String, Vec<String>>,
+    pub shared: Vec<String>,
+}
+
 /// docker or podman, and how each is told which GPUs a container gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Runtime {
     pub program: String,
+    /// Podman is given GPUs through CDI where the NVIDIA container toolkit
+    /// wrote a spec (`nvidia-ctk cdi generate`), else by device file.
+    pub cdi: bool,
 }
+
+/// One run's container (see `Runtime::command`).
+pub struct Container<'a> {
+    pub name: &'a str,
+    pub image: &'a str,
+    /// The run's directory, mounted at /work.
+    pub workdir: &'a Path,
+    pub gpus: &'a [String],
+    /// The machine's GPU device files; `None` for simulated GPUs (nothing
+    /// to pass in).
+    pub devices: Option<&'a Devices>,
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+    pub env: &'a [(&'a str, String)],
+    pub command: &'a [String],
+    /// The agent's identity, as a label: a restarted agent finds the
+    /// containers a crashed one left by it.
+    pub agent: &'a str,
+}
+
+/// The label that names a container's agent.
+pub const AGENT_LABEL: &str = "coop.agent";
 
 impl Runtime {
     /// `auto` takes podman, then docker, whichever is on PATH.
     pub fn find(choice: &str) -> Option<Runtime> {
         let candidates: &[&str] = match choice {
             "auto" => &["podman", "docker"],
-            other => {
-                return on_path(other).then(|| Runtime {
-                    program: other.into(),
-                });
-            }
+            other => &[other],
         };
         candidates.iter().find(|p| on_path(p)).map(|p| Runtime {
             program: p.to_string(),
+            cdi: nvidia_cdi_spec(),
         })
     }
 
@@ -187,60 +217,112 @@ impl Runtime {
             .is_some_and(|n| n.to_string_lossy().contains("podman"))
     }
 
-    /// The command that runs `command` in `image` as container `name`, with
-    /// the run's directory as its working directory, only `gpus` (real ones)
-    /// passed in, and the job's limits.
-    #[allow(clippy::too_many_arguments)]
-    pub fn command(
-        &self,
-        name: &str,
-        image: &str,
-        workdir: &Path,
-        gpus: &[String],
-        real_gpus: bool,
-        cpu_millis: u64,
-        memory_mb: u64,
-        env: &[(&str, String)],
-        command: &[String],
-    ) -> Vec<String> {
-        let mut c: Vec<String> = vec![
+    /// The command that runs the container: the run's directory as its
+    /// working directory, only the run's GPUs passed in, and the job's limits.
+    pub fn command(&self, c: &Container) -> Vec<String> {
+        let mut argv: Vec<String> = vec![
             self.program.clone(),
             "run".into(),
             "--rm".into(),
             "--init".into(),
             "--name".into(),
-            name.into(),
+            c.name.into(),
+            "--label".into(),
+            format!("{AGENT_LABEL}={}", c.agent),
             "--volume".into(),
-            format!("{}:/work", workdir.display()),
+            format!("{}:/work", c.workdir.display()),
             "--workdir".into(),
             "/work".into(),
         ];
-        if real_gpus && !gpus.is_empty() {
-            if self.is_podman() {
-                // Podman passes GPUs through CDI (nvidia-ctk cdi generate).
-                for g in gpus {
-                    c.extend(["--device".into(), format!("nvidia.com/gpu={g}")]);
+        if let Some(devices) = c.devices.filter(|_| !c.gpus.is_empty()) {
+            if !self.is_podman() {
+                argv.extend(["--gpus".into(), format!("\"device={}\"", c.gpus.join(","))]);
+            } else if self.cdi {
+                for g in c.gpus {
+                    argv.extend(["--device".into(), format!("nvidia.com/gpu={g}")]);
                 }
             } else {
-                c.extend(["--gpus".into(), format!("\"device={}\"", gpus.join(","))]);
+                // The run's GPUs' device files and the driver's shared ones,
+                // nothing else; the NVIDIA hook, where installed, reads
+                // NVIDIA_VISIBLE_DEVICES for the libraries.
+                let mut files: Vec<&String> = c
+                    .gpus
+                    .iter()
+                    .filter_map(|g| devices.per_gpu.get(g))
+                    .flatten()
+                    .collect();
+                files.sort();
+                files.dedup();
+                files.extend(&devices.shared);
+                for f in files {
+                    argv.extend(["--device".into(), f.clone()]);
+                }
             }
         }
-        if cpu_millis > 0 {
-            c.extend([
+        if c.cpu_millis > 0 {
+            argv.extend([
                 "--cpus".into(),
-                format!("{}.{:03}", cpu_millis / 1000, cpu_millis % 1000),
+                format!("{}.{:03}", c.cpu_millis / 1000, c.cpu_millis % 1000),
             ]);
         }
-        if memory_mb > 0 {
-            c.extend(["--memory".into(), format!("{memory_mb}m")]);
+        if c.memory_mb > 0 {
+            argv.extend(["--memory".into(), format!("{}m", c.memory_mb)]);
         }
-        for (k, v) in env {
-            c.extend(["--env".into(), format!("{k}={v}")]);
+        for (k, v) in c.env {
+            argv.extend(["--env".into(), format!("{k}={v}")]);
         }
-        c.push(image.into());
-        c.extend(command.iter().cloned());
-        c
+        argv.push(c.image.into());
+        argv.extend(c.command.iter().cloned());
+        argv
     }
+
+    /// Removes every container labelled with `agent` (those a crashed
+    /// agent left running); returns their names.
+    pub async fn remove_containers_of(&self, agent: &str) -> anyhow::Result<Vec<String>> {
+        let out = tokio::process::Command::new(&self.program)
+            .args(["ps", "--all", "--filter"])
+            .arg(format!("label={AGENT_LABEL}={agent}"))
+            .args(["--format", "{{.Names}}"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("{} ps", self.program))?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "{} ps: {}",
+                self.program,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        for n in &names {
+            let status = tokio::process::Command::new(&self.program)
+                .args(["rm", "--force", n])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .status()
+                .await
+                .with_context(|| format!("{} rm", self.program))?;
+            if !status.success() {
+                anyhow::bail!("{} rm --force {n} failed ({status})", self.program);
+            }
+        }
+        Ok(names)
+    }
+}
+
+/// Whether the NVIDIA container toolkit wrote a CDI spec for its GPUs.
+fn nvidia_cdi_spec() -> bool {
+    ["/etc/cdi", "/var/run/cdi"].iter().any(|d| {
+        std::fs::read_dir(d).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("nvidia.com/gpu"))
+            })
+        })
+    })
 }
 
 fn on_path(program: &str) -> bool {
@@ -323,29 +405,42 @@ mod tests {
     fn containers_get_only_their_gpus_and_their_limits() {
         let docker = Runtime {
             program: "docker".into(),
+            cdi: false,
         };
-        let gpus = vec!["GPU-a".to_string(), "GPU-b".to_string()];
+        let gpus = vec!["GPU-a".to_string(), "GPU-c".to_string()];
         let env = [("COOP_JOB_ID", "j".to_string())];
         let cmd = ["python".to_string(), "train.py".to_string()];
-        let c = docker.command(
-            "coop-j-1",
-            "pytorch:24",
-            Path::new("/d/j/1"),
-            &gpus,
-            true,
-            1500,
-            4096,
-            &env,
-            &cmd,
-        );
-        let line = c.join(" ");
+        let devices = Devices {
+            per_gpu: [
+                ("GPU-a", "/dev/nvidia0"),
+                ("GPU-b", "/dev/nvidia1"),
+                ("GPU-c", "/dev/nvidia2"),
+            ]
+            .into_iter()
+            .map(|(g, d)| (g.to_string(), vec![d.to_string()]))
+            .collect(),
+            shared: vec!["/dev/nvidiactl".into()],
+        };
+        let run = Container {
+            name: "coop-j-1",
+            image: "pytorch:24",
+            workdir: Path::new("/d/j/1"),
+            gpus: &gpus,
+            devices: Some(&devices),
+            cpu_millis: 1500,
+            memory_mb: 4096,
+            env: &env,
+            command: &cmd,
+            agent: "A1",
+        };
+        let line = docker.command(&run).join(" ");
         assert!(
             line.starts_with(
-                "docker run --rm --init --name coop-j-1 --volume /d/j/1:/work --workdir /work"
+                "docker run --rm --init --name coop-j-1 --label coop.agent=A1 --volume /d/j/1:/work --workdir /work"
             ),
             "{line}"
         );
-        assert!(line.contains("--gpus \"device=GPU-a,GPU-b\""), "{line}");
+        assert!(line.contains("--gpus \"device=GPU-a,GPU-c\""), "{line}");
         assert!(
             line.contains(
                 "--cpus 1.500 --memory 4096m --env COOP_JOB_ID=j pytorch:24 python train.py"
@@ -353,17 +448,29 @@ mod tests {
             "{line}"
         );
 
-        let podman = Runtime {
+        let mut podman = Runtime {
             program: "/usr/bin/podman".into(),
+            cdi: true,
         };
-        let c = podman.command("n", "img", Path::new("/w"), &gpus, true, 0, 0, &[], &cmd);
-        let line = c.join(" ");
+        let line = podman.command(&run).join(" ");
         assert!(
-            line.contains("--device nvidia.com/gpu=GPU-a --device nvidia.com/gpu=GPU-b img"),
+            line.contains("--device nvidia.com/gpu=GPU-a --device nvidia.com/gpu=GPU-c --cpus"),
             "{line}"
         );
+        podman.cdi = false;
+        let line = podman.command(&run).join(" ");
+        assert!(
+            line.contains(
+                "--device /dev/nvidia0 --device /dev/nvidia2 --device /dev/nvidiactl --cpus"
+            ),
+            "{line}"
+        );
+        assert!(!line.contains("/dev/nvidia1"), "{line}");
         // Simulated GPUs are not devices: nothing to pass.
-        let c = podman.command("n", "img", Path::new("/w"), &gpus, false, 0, 0, &[], &cmd);
-        assert!(!c.join(" ").contains("nvidia"), "{c:?}");
+        let sim = Container {
+            devices: None,
+            ..run
+        };
+        assert!(!podman.command(&sim).join(" ").contains("nvidia"), "{line}");
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use prometheus::{CounterVec, GaugeVec, IntGaugeVec, Opts, Registry};
+use prometheus::{CounterVec, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use crate::gpu::{GpuInfo, Reading};
 
@@ -19,6 +19,8 @@ pub struct AgentMetrics {
     energy: CounterVec,
     ecc: IntGaugeVec,
     throttled: IntGaugeVec,
+    xid: IntCounterVec,
+    lost: IntGaugeVec,
     backlog: IntGaugeVec,
     connected: IntGaugeVec,
     /// Each GPU's energy counter at the last reading, for the counter's increments.
@@ -73,6 +75,20 @@ impl AgentMetrics {
                 ),
                 &["node", "gpu", "model", "reason"],
             )?,
+            xid: IntCounterVec::new(
+                Opts::new(
+                    "coop_gpu_xid_errors_total",
+                    "XID errors the NVIDIA driver reported for the GPU, by XID.",
+                ),
+                &["node", "gpu", "model", "xid"],
+            )?,
+            lost: IntGaugeVec::new(
+                Opts::new(
+                    "coop_gpu_lost",
+                    "1 once the GPU has fallen off the bus or gone from the driver; the node no longer offers it.",
+                ),
+                GPU,
+            )?,
             backlog: IntGaugeVec::new(
                 Opts::new(
                     "coop_agent_spool_backlog",
@@ -97,6 +113,8 @@ impl AgentMetrics {
         registry.register(Box::new(m.energy.clone()))?;
         registry.register(Box::new(m.ecc.clone()))?;
         registry.register(Box::new(m.throttled.clone()))?;
+        registry.register(Box::new(m.xid.clone()))?;
+        registry.register(Box::new(m.lost.clone()))?;
         registry.register(Box::new(m.backlog.clone()))?;
         registry.register(Box::new(m.connected.clone()))?;
         Ok(m)
@@ -132,6 +150,13 @@ impl AgentMetrics {
                     .set(r.throttle.contains(&reason) as i64);
             }
             self.healthy.with_label_values(l).set(r.healthy as i64);
+            self.lost.with_label_values(l).set(r.lost as i64);
+            for x in &r.xids {
+                let xid = x.to_string();
+                self.xid
+                    .with_label_values(&[node, r.uuid.as_str(), model, xid.as_str()])
+                    .inc();
+            }
             if let Some(mj) = r.energy_mj {
                 // The first reading is the baseline; a counter that went back
                 // (driver reload) starts a new one.

@@ -66,8 +66,8 @@ pub struct Isolation {
     pub cgroups: Option<Cgroups>,
     /// docker or podman, for jobs that name an image.
     pub runtime: Option<Runtime>,
-    /// The GPUs are real devices (containers get them passed in).
-    pub real_gpus: bool,
+    /// The GPUs' device files, for containers (`None`: simulated GPUs).
+    pub gpu_devices: Option<crate::gpu::Devices>,
     /// Each run gets an unprivileged user of its own (the agent runs as root).
     pub run_users: bool,
     /// Each such run also gets a PID namespace of its own (where the kernel
@@ -330,17 +330,18 @@ impl Runner {
             let rt = iso.runtime.clone().context(
                 "the job names an image, and this agent has no container runtime (docker or podman)",
             )?;
-            let mut argv = rt.command(
-                &name,
-                &run.image,
-                &dir,
-                &run.gpus,
-                iso.real_gpus,
-                run.cpu_millis,
-                run.memory_mb,
-                &env,
-                &run.command,
-            );
+            let mut argv = rt.command(&crate::isolation::Container {
+                name: &name,
+                image: &run.image,
+                workdir: &dir,
+                gpus: &run.gpus,
+                devices: iso.gpu_devices.as_ref(),
+                cpu_millis: run.cpu_millis,
+                memory_mb: run.memory_mb,
+                env: &env,
+                command: &run.command,
+                agent: &self.agent,
+            });
             if !run.workdir.is_empty()
                 && let Some(i) = argv.iter().position(|a| a == "--workdir")
                 && i + 1 < argv.len()

@@ -699,6 +699,18 @@ impl Split {
     /// Enrolls machine `name` for `owner` (as the operator) and starts its
     /// agent with the join token; a restarted agent enrolls again.
     pub fn agent_with(&self, name: &str, owner: &str, gpus: &str, extra: &[&str]) -> Daemon {
+        self.agent_env(name, owner, gpus, extra, &[])
+    }
+
+    /// As `agent_with`, with `envs` in the agent's environment.
+    pub fn agent_env(
+        &self,
+        name: &str,
+        owner: &str,
+        gpus: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Daemon {
         let join = self.c.enroll(name, owner);
         let data = self.agent_dir(name);
         let mut args = vec![
@@ -721,6 +733,7 @@ impl Split {
         if let Some(ca) = &ca {
             env.push(("COOP_CA", ca.as_str()));
         }
+        env.extend_from_slice(envs);
         Daemon::spawn(&format!("agent-{name}"), self.c.dir.path(), &args, &env)
     }
 
@@ -785,4 +798,21 @@ pub async fn tls_channel(
         .connect()
         .await
         .ok()
+}
+
+/// The built stand-in: cargo builds it as this package's dev-dependency.
+pub fn standin_lib() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    [deps, deps.parent().unwrap()]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libnvidia_ml") && n.ends_with(".so"))
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .expect("the stand-in NVML library (libnvidia_ml.so) is built with the tests")
 }

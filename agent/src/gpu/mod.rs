@@ -8,6 +8,7 @@ mod sim;
 
 use anyhow::{anyhow, bail};
 
+pub use crate::isolation::Devices;
 pub use sim::sim_power_w;
 
 /// One reading of one GPU. A field is `None` where the GPU cannot say
@@ -29,9 +30,15 @@ pub struct Reading {
     /// Why the clocks are held down, when for a reason that hurts jobs
     /// (thermal, power brake, hardware slowdown).
     pub throttle: Vec<&'static str>,
-    /// False when the GPU cannot be read, has uncorrected ECC errors, or is
-    /// throttled by hardware.
+    /// XID errors the driver reported for this GPU since the last reading.
+    pub xids: Vec<u64>,
+    /// False when the GPU cannot be read, has uncorrected ECC errors, is
+    /// throttled by hardware, or had an XID error that means its hardware
+    /// is in trouble.
     pub healthy: bool,
+    /// The GPU is gone (NVML's GPU_IS_LOST, or no longer found): its runs
+    /// cannot go on, and the node stops offering it.
+    pub lost: bool,
 }
 
 /// Readings of a machine's GPUs.
@@ -60,6 +67,9 @@ pub struct Gpus {
     /// NVIDIA driver and CUDA versions (none for simulated GPUs).
     pub driver_version: Option<String>,
     pub cuda_version: Option<String>,
+    /// Device files a container needs for each GPU (by UUID), and those
+    /// every GPU container needs (`/dev/nvidiactl`, ...); none when simulated.
+    pub devices: Devices,
     pub telemetry: Box<dyn Telemetry>,
 }
 

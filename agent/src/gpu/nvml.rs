@@ -7,19 +7,53 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, anyhow, bail};
+use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureSensor};
+use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
-use nvml_wrapper::{Device, Nvml, bitmasks::device::ThrottleReasons};
+use nvml_wrapper::{Device, EventSet, Nvml, bitmasks::device::ThrottleReasons};
 
-use super::{GpuInfo, Gpus, Reading, Telemetry};
+use super::{Devices, GpuInfo, Gpus, Reading, Telemetry};
+
+/// Why NVML could not start, and what the operator can do about it.
+fn init_error(e: NvmlError) -> anyhow::Error {
+    let advice = match &e {
+        NvmlError::LibloadingError(_) => {
+            "libnvidia-ml.so.1 cannot be loaded: is the NVIDIA driver installed?"
+        }
+        NvmlError::DriverNotLoaded => {
+            "the NVIDIA kernel driver is not loaded: is it installed, and was the machine rebooted after (lsmod | grep nvidia)?"
+        }
+        NvmlError::NoPermission => {
+            "this user may not open the GPUs: check the permissions of /dev/nvidia*"
+        }
+        NvmlError::LibRmVersionMismatch => {
+            "the NVIDIA library and kernel driver versions differ (the driver was upgraded without a reboot): reboot, or reload the nvidia kernel modules"
+        }
+        NvmlError::GpuLost | NvmlError::ResetRequired => {
+            "a GPU has fallen off the bus or needs a reset: see dmesg and nvidia-smi"
+        }
+        NvmlError::CorruptedInfoROM | NvmlError::IrqIssue => {
+            "the driver reports a hardware fault: see dmesg and nvidia-smi"
+        }
+        _ => "see dmesg and nvidia-smi",
+    };
+    anyhow!("gpus: cannot use NVML: {e}; {advice}. Use --gpus sim:4xA100-80GB for simulated GPUs")
+}
+
+/// Device files every GPU container needs, where this machine has them.
+const SHARED_DEVICES: &[&str] = &[
+    "/dev/nvidiactl",
+    "/dev/nvidia-uvm",
+    "/dev/nvidia-uvm-tools",
+    "/dev/nvidia-modeset",
+];
 
 pub(super) fn open() -> anyhow::Result<Gpus> {
-    let nvml = Nvml::init().map_err(|e| {
-        anyhow!(
-            "gpus: cannot load NVML (libnvidia-ml.so.1): {e}. Is the NVIDIA driver installed? \
-             Use --gpus sim:4xA100-80GB for simulated GPUs"
-        )
-    })?;
+    let nvml = Nvml::init().map_err(init_error)?;
+    // Kept for the life of the process: the XID event sets borrow it, and
+    // an agent opens its GPUs once.
+    let nvml: &'static Nvml = Box::leak(Box::new(nvml));
     let driver_version = nvml.sys_driver_version().ok();
     let cuda_version = nvml.sys_cuda_driver_version().ok().map(|v| {
         format!(
@@ -30,42 +64,71 @@ pub(super) fn open() -> anyhow::Result<Gpus> {
     });
     let count = nvml.device_count().context("gpus: NVML device count")?;
     let mut info = Vec::new();
+    let mut devices = Devices {
+        shared: SHARED_DEVICES
+            .iter()
+            .filter(|p| std::path::Path::new(p).exists())
+            .map(|p| p.to_string())
+            .collect(),
+        ..Default::default()
+    };
+    let mut xid_sets = Vec::new();
     for i in 0..count {
         let d = nvml
             .device_by_index(i)
             .with_context(|| format!("gpus: NVML device {i}"))?;
+        // A container gets the board's device file, MIG slice or not.
+        let node = d
+            .minor_number()
+            .ok()
+            .map(|m| vec![format!("/dev/nvidia{m}")])
+            .unwrap_or_default();
         let mig_on = d.mig_mode().is_ok_and(|m| m.current == 1);
+        let mut uuids = Vec::new();
         if !mig_on {
-            info.push(describe(&d, info.len() as u32, &format!("GPU {i}"))?);
-            continue;
+            let g = describe(&d, info.len() as u32, &format!("GPU {i}"))?;
+            uuids.push(g.uuid.clone());
+            info.push(g);
+        } else {
+            let slots = d.mig_device_count().unwrap_or(0);
+            for m in 0..slots {
+                // Unused slots answer NotFound.
+                let Ok(mig) = d.mig_device_by_index(m) else {
+                    continue;
+                };
+                let g = describe(&mig, info.len() as u32, &format!("MIG {m} of GPU {i}"))?;
+                uuids.push(g.uuid.clone());
+                info.push(g);
+            }
         }
-        let slots = d.mig_device_count().unwrap_or(0);
-        for m in 0..slots {
-            // Unused slots answer NotFound.
-            let Ok(mig) = d.mig_device_by_index(m) else {
-                continue;
-            };
-            info.push(describe(
-                &mig,
-                info.len() as u32,
-                &format!("MIG {m} of GPU {i}"),
-            )?);
+        for u in &uuids {
+            devices.per_gpu.insert(u.clone(), node.clone());
+        }
+        // XID errors are the board's: they count against each of its slices.
+        match nvml.create_event_set().and_then(|set| {
+            d.register_events(EventTypes::CRITICAL_XID_ERROR, set)
+                .map_err(|e| e.error)
+        }) {
+            Ok(set) => xid_sets.push((set, uuids)),
+            Err(e) => tracing::debug!("no XID events from GPU {i}: {e}"),
         }
     }
     if info.is_empty() {
         bail!("gpus: NVML found no GPU on this machine");
     }
-    let integrated = info
+    let state = info
         .iter()
-        .map(|g| (g.uuid.clone(), Integrated::default()))
+        .map(|g| (g.uuid.clone(), GpuState::default()))
         .collect();
     Ok(Gpus {
         info,
         driver_version,
         cuda_version,
+        devices,
         telemetry: Box::new(NvmlTelemetry {
             nvml,
-            integrated,
+            state,
+            xid_sets,
             // NVML's counters run from the driver's load: one boot at most.
             epoch: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
                 .map(|b| format!("boot:{}", b.trim()))
@@ -119,18 +182,42 @@ impl Integrated {
     }
 }
 
+/// What the agent keeps of one GPU between readings.
+#[derive(Default)]
+struct GpuState {
+    integrated: Integrated,
+    /// The energy counter at the last reading that gave one: a GPU that is
+    /// lost bills no energy beyond it.
+    last_energy_mj: Option<u64>,
+    lost: bool,
+    /// XID errors that mean the hardware is in trouble: unhealthy until the
+    /// driver reloads (the agent restarts).
+    fatal_xid: bool,
+}
+
 struct NvmlTelemetry {
-    nvml: Nvml,
-    integrated: BTreeMap<String, Integrated>,
+    nvml: &'static Nvml,
+    state: BTreeMap<String, GpuState>,
+    /// One event set per board, with the UUIDs it is offered as.
+    xid_sets: Vec<(EventSet<'static>, Vec<String>)>,
     epoch: String,
 }
 
-/// `None` for what this GPU does not support; other errors are logged once
-/// per reading as they come.
-fn opt<T>(what: &str, uuid: &str, r: Result<T, NvmlError>) -> Option<T> {
+/// The GPU is gone: fallen off the bus, or no longer known to the driver.
+fn gone(e: &NvmlError) -> bool {
+    matches!(e, NvmlError::GpuLost | NvmlError::NotFound)
+}
+
+/// `None` for what this GPU does not support; a GPU found lost is marked in
+/// `lost`; other errors are logged as they come.
+fn opt<T>(what: &str, uuid: &str, r: Result<T, NvmlError>, lost: &mut bool) -> Option<T> {
     match r {
         Ok(v) => Some(v),
         Err(NvmlError::NotSupported) => None,
+        Err(NvmlError::GpuLost) => {
+            *lost = true;
+            None
+        }
         Err(e) => {
             tracing::debug!("NVML {what} of {uuid}: {e}");
             None
@@ -138,23 +225,65 @@ fn opt<T>(what: &str, uuid: &str, r: Result<T, NvmlError>) -> Option<T> {
     }
 }
 
-/// The board's energy counter, or its power integrated over the readings.
-fn energy_of(
-    d: &Device,
-    uuid: &str,
-    now_ms: i64,
-    integrated: &mut BTreeMap<String, Integrated>,
-) -> Option<u64> {
-    if let Ok(mj) = d.total_energy_consumption() {
-        return Some(mj);
+/// XIDs that mean the GPU's hardware or its memory is failing (NVIDIA's
+/// XID catalogue): double-bit and uncontained ECC errors, row-remapping
+/// failures, NVLink errors, fallen off the bus, GSP errors. Others (13, 31,
+/// 43: a program's own fault) say nothing about the GPU.
+fn fatal_xid(xid: u64) -> bool {
+    matches!(xid, 48 | 63 | 64 | 74 | 79 | 92 | 94 | 95 | 119 | 120)
+}
+
+impl NvmlTelemetry {
+    /// The board's energy counter, or its power integrated over the
+    /// readings; for a lost GPU, the last counter it gave.
+    fn energy_of(
+        &mut self,
+        d: Option<&Device>,
+        uuid: &str,
+        now_ms: i64,
+        lost: &mut bool,
+    ) -> Option<u64> {
+        let st = self.state.entry(uuid.to_string()).or_default();
+        let counted = match d {
+            None => None,
+            Some(d) => match d.total_energy_consumption() {
+                Ok(mj) => Some(mj),
+                Err(e) => {
+                    *lost |= matches!(e, NvmlError::GpuLost);
+                    match opt("power", uuid, d.power_usage(), lost) {
+                        Some(mw) if !*lost => Some(st.integrated.add(now_ms, mw as u64)),
+                        _ => None,
+                    }
+                }
+            },
+        };
+        if *lost || d.is_none() {
+            return st.last_energy_mj;
+        }
+        if counted.is_some() {
+            st.last_energy_mj = counted;
+        }
+        counted
     }
-    let mw = opt("power", uuid, d.power_usage())?;
-    Some(
-        integrated
-            .entry(uuid.to_string())
-            .or_default()
-            .add(now_ms, mw as u64),
-    )
+
+    /// New XID errors since the last call, by UUID.
+    fn drain_xids(&mut self) -> BTreeMap<String, Vec<u64>> {
+        let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for (set, uuids) in &self.xid_sets {
+            // A bounded drain: a flood of events cannot hold up a reading.
+            for _ in 0..64 {
+                let Ok(ev) = set.wait(0) else { break };
+                let xid = match ev.event_data {
+                    Some(XidError::Value(x)) => x,
+                    _ => continue,
+                };
+                for u in uuids {
+                    out.entry(u.clone()).or_default().push(xid);
+                }
+            }
+        }
+        out
+    }
 }
 
 impl Telemetry for NvmlTelemetry {
@@ -163,50 +292,93 @@ impl Telemetry for NvmlTelemetry {
     }
 
     fn read(&mut self, now_ms: i64) -> Vec<Reading> {
-        let uuids: Vec<String> = self.integrated.keys().cloned().collect();
-        let (nvml, integrated) = (&self.nvml, &mut self.integrated);
+        let uuids: Vec<String> = self.state.keys().cloned().collect();
+        let mut xids = self.drain_xids();
+        let nvml = self.nvml;
         let mut out = Vec::with_capacity(uuids.len());
         for uuid in uuids {
-            let Ok(d) = nvml.device_by_uuid(uuid.as_str()) else {
-                // Fallen off the bus, or the driver went away.
-                out.push(Reading {
-                    uuid,
-                    healthy: false,
-                    ..Default::default()
-                });
-                continue;
+            let xids = xids.remove(&uuid).unwrap_or_default();
+            let mut lost = self.state.get(&uuid).is_some_and(|s| s.lost);
+            let d = match nvml.device_by_uuid(uuid.as_str()) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    lost |= gone(&e);
+                    if !lost {
+                        tracing::debug!("NVML handle of {uuid}: {e}");
+                    }
+                    None
+                }
             };
-            let throttle = opt("throttle", &uuid, d.current_throttle_reasons())
-                .map(harmful_throttle)
-                .unwrap_or_default();
-            let ecc = opt(
-                "ECC",
-                &uuid,
-                d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
-            );
-            let energy = energy_of(&d, &uuid, now_ms, integrated);
-            out.push(Reading {
-                utilization_pct: opt("utilization", &uuid, d.utilization_rates()).map(|u| u.gpu),
-                memory_used_bytes: opt("memory", &uuid, d.memory_info()).map(|m| m.used),
-                power_mw: opt("power", &uuid, d.power_usage()).map(u64::from),
-                energy_mj: energy,
-                temperature_c: opt("temperature", &uuid, d.temperature(TemperatureSensor::Gpu)),
-                healthy: ecc.unwrap_or(0) == 0 && throttle.is_empty(),
-                ecc_uncorrected: ecc,
-                throttle,
-                uuid,
-            });
+            let mut r = Reading {
+                uuid: uuid.clone(),
+                ..Default::default()
+            };
+            if let Some(d) = &d {
+                r.throttle = opt("throttle", &uuid, d.current_throttle_reasons(), &mut lost)
+                    .map(harmful_throttle)
+                    .unwrap_or_default();
+                r.ecc_uncorrected = opt(
+                    "ECC",
+                    &uuid,
+                    d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
+                    &mut lost,
+                );
+                r.utilization_pct =
+                    opt("utilization", &uuid, d.utilization_rates(), &mut lost).map(|u| u.gpu);
+                r.memory_used_bytes =
+                    opt("memory", &uuid, d.memory_info(), &mut lost).map(|m| m.used);
+                r.power_mw = opt("power", &uuid, d.power_usage(), &mut lost).map(u64::from);
+                r.temperature_c = opt(
+                    "temperature",
+                    &uuid,
+                    d.temperature(TemperatureSensor::Gpu),
+                    &mut lost,
+                );
+            }
+            r.energy_mj = self.energy_of(d.as_ref(), &uuid, now_ms, &mut lost);
+            // Fallen off the bus, says the driver.
+            lost |= xids.contains(&79);
+            let st = self.state.entry(uuid.clone()).or_default();
+            st.fatal_xid |= xids.iter().any(|x| fatal_xid(*x));
+            if lost && !st.lost {
+                tracing::error!("GPU {uuid} is lost (fallen off the bus or gone from the driver)");
+            }
+            st.lost |= lost;
+            r.lost = st.lost;
+            r.healthy = d.is_some()
+                && !r.lost
+                && !st.fatal_xid
+                && r.ecc_uncorrected.unwrap_or(0) == 0
+                && r.throttle.is_empty();
+            if r.lost {
+                // Nothing it said in this reading can be trusted.
+                r = Reading {
+                    uuid: r.uuid,
+                    energy_mj: r.energy_mj,
+                    lost: true,
+                    xids,
+                    ..Default::default()
+                };
+            } else {
+                r.xids = xids;
+            }
+            out.push(r);
         }
         out
     }
 
     fn energy_mj(&mut self, uuids: &[String], now_ms: i64) -> Vec<Option<u64>> {
-        let (nvml, integrated) = (&self.nvml, &mut self.integrated);
+        let nvml = self.nvml;
         uuids
             .iter()
             .map(|u| {
-                let d = nvml.device_by_uuid(u.as_str()).ok()?;
-                energy_of(&d, u, now_ms, integrated)
+                let mut lost = self.state.get(u).is_some_and(|s| s.lost);
+                let d = if lost {
+                    None
+                } else {
+                    nvml.device_by_uuid(u.as_str()).ok()
+                };
+                self.energy_of(d.as_ref(), u, now_ms, &mut lost)
             })
             .collect()
     }

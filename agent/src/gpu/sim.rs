@@ -91,6 +91,7 @@ pub(super) fn open(node: &str, groups: &[(u32, String)]) -> anyhow::Result<Gpus>
         info,
         driver_version: None,
         cuda_version: None,
+        devices: Default::default(),
         telemetry: Box::new(SimTelemetry {
             gpus,
             epoch: format!("sim:{}", uuid::Uuid::new_v4()),
@@ -116,8 +117,8 @@ impl Telemetry for SimTelemetry {
                     energy_mj: Some(g.energy_mj),
                     temperature_c: Some(if g.busy { 70 } else { 35 }),
                     ecc_uncorrected: Some(0),
-                    throttle: vec![],
                     healthy: true,
+                    ..Default::default()
                 }
             })
             .collect()
