@@ -148,6 +148,18 @@ impl Drop for DeviceFiles {
     }
 }
 
+/// Removes, when dropped, the containers whose names start with its prefix
+/// (what a failed test would leave).
+struct Leftovers<'a>(String, &'a [(&'a str, &'a str)]);
+
+impl Drop for Leftovers<'_> {
+    fn drop(&mut self) {
+        for name in containers(&self.0, self.1) {
+            let _ = podman(&["rm", "--force", &name], self.1);
+        }
+    }
+}
+
 /// Names of the containers (running or not) whose name starts with `prefix`.
 fn containers(prefix: &str, env: &[(&str, &str)]) -> Vec<String> {
     let o = podman(
@@ -287,27 +299,58 @@ fn image_jobs_get_only_their_gpus_their_limits_and_no_leftovers() {
         "{log}"
     );
 
-    // The agent dies with a container running: the next one removes it.
+    // The agent dies with a container running: the next one removes it. The
+    // job ignores SIGTERM, so its client is killed and its container stays.
     let id = c.submit(&[
         "--member",
         "acme",
         "--image",
         &image.name,
         "--",
-        "sleep",
-        "600",
+        "sh",
+        "-c",
+        "trap '' TERM; while :; do sleep 1; done",
     ]);
+    let _leftovers = Leftovers(format!("coop-{id}-"), &podman_env);
     c.wait_job(&id, "running", |j| j["state"] == "running");
-    let prefix = format!("coop-{id}-1");
-    wait_containers(&prefix, &podman_env, "started", |n| n.len() == 1);
+    let running = format!("coop-{id}-1");
+    wait_containers(&running, &podman_env, "started", |n| n.len() == 1);
+    // And one its client had created but not yet started when the agent
+    // died: `--rm` never removes a container that never ran.
+    let o = podman(
+        &[
+            "inspect",
+            &running,
+            "--format",
+            "{{index .Config.Labels \"coop.agent\"}}",
+        ],
+        &podman_env,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let label = format!("coop.agent={}", String::from_utf8_lossy(&o.stdout).trim());
+    let created = format!("coop-{id}-created");
+    let o = podman(
+        &[
+            "create",
+            "--name",
+            &created,
+            "--label",
+            &label,
+            &image.name,
+            "true",
+        ],
+        &podman_env,
+    );
+    assert!(o.status.success(), "{}", text(&o));
     agent.kill9();
     assert_eq!(
-        containers(&prefix, &podman_env).len(),
-        1,
-        "the container outlives its agent"
+        containers(&format!("coop-{id}-"), &podman_env).len(),
+        2,
+        "the containers outlive their agent"
     );
     let _agent = s.agent_env("box", "acme", "nvml", &agent_args, &env);
-    wait_containers(&prefix, &podman_env, "removed", |n| n.is_empty());
+    wait_containers(&running, &podman_env, "removed", |n| n.is_empty());
+    wait_containers(&created, &podman_env, "removed", |n| n.is_empty());
     c.ok(&["job", "cancel", &id]);
     c.wait_final(&id);
 }
