@@ -70,7 +70,7 @@ impl Registry {
 }
 
 /// One event set: the GPUs registered for XID events, each with how many of
-/// its `xids` this set has delivered.
+/// its `xids` this set has delivered or had happened before it registered.
 #[derive(Default)]
 struct EventSet {
     devices: Vec<(String, usize)>,
@@ -316,15 +316,16 @@ impl State {
         if !self.sets.contains_key(&set) {
             return Err(INVALID_ARGUMENT);
         }
-        let uuid = match self.resolve(dev)? {
-            Target::Gpu { dev, .. } => dev.uuid.clone(),
+        // Like NVML, a set hears of errors from its registration on.
+        let (uuid, seen) = match self.resolve(dev)? {
+            Target::Gpu { dev, .. } => (dev.uuid.clone(), dev.xids.len()),
             Target::Mig { .. } => return Err(NOT_SUPPORTED),
         };
         let Some(set) = self.sets.get_mut(&set) else {
             return Err(INVALID_ARGUMENT);
         };
         if types & scenario::XID_EVENT != 0 && !set.devices.iter().any(|(u, _)| *u == uuid) {
-            set.devices.push((uuid, 0));
+            set.devices.push((uuid, seen));
         }
         Ok(())
     }

@@ -526,8 +526,12 @@ fn xids_are_delivered_once_each() {
             (e.device.uuid().unwrap(), xid)
         })
     };
-    // XIDs in the file before registration are delivered too.
-    assert_eq!(next(0).unwrap(), (ub.clone(), 13));
+    // As with NVML, a set hears of XIDs from its registration on: not of
+    // those before it.
+    assert!(matches!(next(0), Err(NvmlError::Timeout)));
+    s.devices[1].xids.push(31);
+    fx.write(&s);
+    assert_eq!(next(1000).unwrap(), (ub.clone(), 31));
     assert!(matches!(next(0), Err(NvmlError::Timeout)));
 
     s.devices[0].xids = vec![79, 48];
