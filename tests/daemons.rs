@@ -278,7 +278,8 @@ fn without_a_driver_probe_and_nvml_say_so_in_one_line_and_exit_non_zero() {
     let status = agent.child.wait().unwrap();
     assert!(!status.success());
     let err = agent.stderr();
-    assert!(err.contains("gpus: cannot load NVML"), "{err}");
+    assert!(err.contains("gpus: cannot use NVML"), "{err}");
+    assert!(err.contains("install the NVIDIA driver"), "{err}");
     assert!(
         err.contains("--gpus sim:"),
         "says what to do instead: {err}"

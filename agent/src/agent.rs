@@ -85,9 +85,8 @@ pub struct Agent {
     /// When each GPU last gave a reading: a run on a GPU that is lost is
     /// billed up to there.
     last_read_ms: BTreeMap<String, i64>,
-    /// Runs being stopped because a GPU of theirs was lost: why, and the
-    /// time they are billed to.
-    lost_runs: BTreeMap<RunKey, (String, i64)>,
+    /// Runs being stopped because a GPU of theirs was lost.
+    lost_runs: BTreeMap<RunKey, LostRun>,
     /// GPUs lost and still offered: the node registers again without them
     /// once the runs they held have ended and those ends are acknowledged
     /// (until then it is drained, so that nothing new lands on them).
@@ -130,6 +129,18 @@ pub struct Refused(String);
 const STOP_ON_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a run on a lost GPU gets between SIGTERM and SIGKILL.
 const LOST_GPU_GRACE: Duration = Duration::from_secs(5);
+/// How long after SIGKILL a run on a lost GPU is recorded as ended even if
+/// its process is still there (stuck in the driver, as processes on a GPU
+/// that fell off the bus often are): the node must not wait on it forever.
+const LOST_GPU_GIVE_UP: Duration = Duration::from_secs(10);
+
+/// A run being stopped because a GPU of its was lost.
+struct LostRun {
+    why: String,
+    /// The lost GPU's last reading: the run is billed no later.
+    billed_to_ms: i64,
+    give_up_at: tokio::time::Instant,
+}
 
 impl Agent {
     pub async fn new(mut cfg: AgentConfig) -> anyhow::Result<Self> {
@@ -275,7 +286,7 @@ impl Agent {
                     _ = tokio::time::sleep_until(until) => break,
                     Some(exit) = self.exits.recv() => self.on_exit(exit).await,
                     _ = tokio::time::sleep_until(self.next_usage) => self.report_usage().await,
-                    _ = tokio::time::sleep_until(self.next_telemetry) => self.read_gpus(),
+                    _ = tokio::time::sleep_until(self.next_telemetry) => self.read_gpus().await,
                     _ = tokio::time::sleep_until(self.next_sweep) => self.sweep_run_dirs(),
                     _ = stopped(&mut shutdown) => {
                         self.stop_all_runs("the agent shut down").await;
@@ -472,7 +483,7 @@ impl Agent {
                 },
                 Some(exit) = self.exits.recv() => self.on_exit(exit).await,
                 _ = tokio::time::sleep_until(self.next_usage) => self.report_usage().await,
-                _ = tokio::time::sleep_until(self.next_telemetry) => self.read_gpus(),
+                _ = tokio::time::sleep_until(self.next_telemetry) => self.read_gpus().await,
                 _ = tokio::time::sleep_until(self.next_sweep) => self.sweep_run_dirs(),
                 _ = tick.tick() => {
                     self.flush_acks().await;
@@ -509,7 +520,7 @@ impl Agent {
 
     /// One reading of every GPU: published as metrics, and each running
     /// run's utilisation accumulated.
-    fn read_gpus(&mut self) {
+    async fn read_gpus(&mut self) {
         self.next_telemetry = tokio::time::Instant::now() + self.cfg.telemetry_interval;
         let now = now_ms();
         let readings = self.cfg.gpus.telemetry.read(now);
@@ -532,6 +543,24 @@ impl Agent {
             m.publish(&self.cfg.node, &self.known, &readings);
             m.set_backlog(&self.cfg.node, self.unacked.len());
         }
+        let stuck: Vec<RunKey> = self
+            .lost_runs
+            .iter()
+            .filter(|(_, l)| l.give_up_at <= tokio::time::Instant::now())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stuck {
+            tracing::error!(
+                "run {key} is still there {LOST_GPU_GIVE_UP:?} after SIGKILL (stuck in the driver of its lost GPU?): recorded as ended"
+            );
+            let exit = Exit {
+                key,
+                at_ms: now,
+                exit_code: 137,
+                reason: "did not exit after SIGKILL".into(),
+            };
+            self.on_exit(exit).await;
+        }
     }
 
     /// A GPU is gone: the runs on it are stopped and billed up to its last
@@ -543,7 +572,14 @@ impl Agent {
         for (key, r) in &self.metered {
             if r.gpus.iter().any(|g| g == uuid) && !self.lost_runs.contains_key(key) {
                 tracing::warn!("stopping run {key}: {why}");
-                self.lost_runs.insert(key.clone(), (why.clone(), last));
+                self.lost_runs.insert(
+                    key.clone(),
+                    LostRun {
+                        why: why.clone(),
+                        billed_to_ms: last,
+                        give_up_at: tokio::time::Instant::now() + LOST_GPU_GRACE + LOST_GPU_GIVE_UP,
+                    },
+                );
                 // Nothing it does on a lost GPU can succeed: no long grace.
                 self.runner.stop(key, LOST_GPU_GRACE);
             }
@@ -672,13 +708,19 @@ impl Agent {
     }
 
     async fn on_exit(&mut self, mut exit: Exit) {
+        if self.ended.contains(&exit.key) && !self.metered.contains_key(&exit.key) {
+            // The late exit of a run already recorded as ended (see
+            // `LOST_GPU_GIVE_UP`).
+            self.runner.finished(&exit.key);
+            return;
+        }
         match self.lost_runs.remove(&exit.key) {
-            Some((why, billed_to)) => {
+            Some(lost) => {
                 // Billed up to the lost GPU's last reading (or the usage
                 // already reported, if that was later), not to its kill.
                 let metered = self.metered.get(&exit.key).map_or(0, |r| r.metered_to_ms);
-                exit.at_ms = exit.at_ms.min(billed_to.max(metered));
-                self.finish(exit, Some(&why)).await;
+                exit.at_ms = exit.at_ms.min(lost.billed_to_ms.max(metered));
+                self.finish(exit, Some(&lost.why)).await;
             }
             None => self.finish(exit, None).await,
         }
@@ -733,7 +775,10 @@ impl Agent {
         let mut events = Vec::new();
         for (key, r) in self.metered.iter_mut() {
             // A run on a lost GPU is billed no later than its last reading.
-            let to = self.lost_runs.get(key).map_or(now, |(_, at)| now.min(*at));
+            let to = self
+                .lost_runs
+                .get(key)
+                .map_or(now, |l| now.min(l.billed_to_ms));
             if to <= r.metered_to_ms {
                 continue;
             }

@@ -19,10 +19,10 @@ use super::{Devices, GpuInfo, Gpus, Reading, Telemetry};
 fn init_error(e: NvmlError) -> anyhow::Error {
     let advice = match &e {
         NvmlError::LibloadingError(_) => {
-            "libnvidia-ml.so.1 cannot be loaded: is the NVIDIA driver installed?"
+            "libnvidia-ml.so.1 cannot be loaded: install the NVIDIA driver"
         }
         NvmlError::DriverNotLoaded => {
-            "the NVIDIA kernel driver is not loaded: is it installed, and was the machine rebooted after (lsmod | grep nvidia)?"
+            "the NVIDIA kernel driver is not loaded: check that it is installed and the machine rebooted since (lsmod | grep nvidia)"
         }
         NvmlError::NoPermission => {
             "this user may not open the GPUs: check the permissions of /dev/nvidia*"
