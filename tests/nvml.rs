@@ -92,6 +92,12 @@ fn scenario_of(devices: Vec<Device>) -> Scenario {
 fn cluster(standin: &StandIn, extra: &[&str]) -> (Split, Daemon) {
     let s = Split::start(&["--usage-interval", "300ms"]);
     s.c.add_member("acme");
+    let agent = agent(&s, standin, extra);
+    (s, agent)
+}
+
+/// Agent `box` of acme on the stand-in's GPUs, once it is connected.
+fn agent(s: &Split, standin: &StandIn, extra: &[&str]) -> Daemon {
     let interval = format!("{READ_EVERY_MS}ms");
     let mut args = vec!["--no-probe", "--telemetry-interval", interval.as_str()];
     args.extend(extra);
@@ -100,7 +106,7 @@ fn cluster(standin: &StandIn, extra: &[&str]) -> (Split, Daemon) {
     s.c.wait_node("box", "up", |n| {
         n["state"] == "up" && n["connected"] == true
     });
-    (s, agent)
+    agent
 }
 
 fn uuids(node: &Value) -> Vec<String> {
@@ -429,7 +435,7 @@ fn a_gpu_lost_mid_job_ends_its_run_lost_billed_to_its_last_reading() {
     let standin = StandIn::new(&s0);
     let port = free_port().to_string();
     let metrics = format!("127.0.0.1:{port}");
-    let (s, _agent) = cluster(&standin, &["--metrics", &metrics]);
+    let (s, mut first) = cluster(&standin, &["--metrics", &metrics]);
     let c = &s.c;
     // It ignores SIGTERM: were it billed to its kill, that would be 5 s on.
     let id = c.submit(&[
@@ -483,6 +489,12 @@ fn a_gpu_lost_mid_job_ends_its_run_lost_billed_to_its_last_reading() {
     assert!(lost[0].ends_with(" 1"), "{page}");
     c.ok(&["job", "cancel", &id]);
     c.wait_final(&id);
+    // An agent started while the GPU is still lost offers the other one.
+    first.stop();
+    c.wait_node("box", "down", |n| n["state"] == "down");
+    let _second = agent(&s, &standin, &[]);
+    let node = c.wait_node("box", "up", |n| n["state"] == "up");
+    assert_eq!(uuids(&node), std::slice::from_ref(other));
 }
 
 /// NVML failing to start, as nvmlInit documents it can: a clear error that

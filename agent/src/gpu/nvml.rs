@@ -74,9 +74,15 @@ pub(super) fn open() -> anyhow::Result<Gpus> {
     };
     let mut xid_sets = Vec::new();
     for i in 0..count {
-        let d = nvml
-            .device_by_index(i)
-            .with_context(|| format!("gpus: NVML device {i}"))?;
+        // A GPU that cannot be read (fallen off the bus before the agent
+        // started) is left out: the others are still offered.
+        let d = match nvml.device_by_index(i) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("GPU {i} is not offered: NVML cannot reach it ({e})");
+                continue;
+            }
+        };
         // A container gets the board's device file, MIG slice or not.
         let node = d
             .minor_number()
@@ -84,11 +90,9 @@ pub(super) fn open() -> anyhow::Result<Gpus> {
             .map(|m| vec![format!("/dev/nvidia{m}")])
             .unwrap_or_default();
         let mig_on = d.mig_mode().is_ok_and(|m| m.current == 1);
-        let mut uuids = Vec::new();
+        let mut found = Vec::new();
         if !mig_on {
-            let g = describe(&d, info.len() as u32, &format!("GPU {i}"))?;
-            uuids.push(g.uuid.clone());
-            info.push(g);
+            found.push(describe(&d, &format!("GPU {i}")));
         } else {
             let slots = d.mig_device_count().unwrap_or(0);
             for m in 0..slots {
@@ -96,13 +100,20 @@ pub(super) fn open() -> anyhow::Result<Gpus> {
                 let Ok(mig) = d.mig_device_by_index(m) else {
                     continue;
                 };
-                let g = describe(&mig, info.len() as u32, &format!("MIG {m} of GPU {i}"))?;
-                uuids.push(g.uuid.clone());
-                info.push(g);
+                found.push(describe(&mig, &format!("MIG {m} of GPU {i}")));
             }
         }
-        for u in &uuids {
-            devices.per_gpu.insert(u.clone(), node.clone());
+        let mut uuids = Vec::new();
+        for g in found {
+            match g {
+                Ok(mut g) => {
+                    g.index = info.len() as u32;
+                    devices.per_gpu.insert(g.uuid.clone(), node.clone());
+                    uuids.push(g.uuid.clone());
+                    info.push(g);
+                }
+                Err(e) => tracing::error!("{e:#}: not offered"),
+            }
         }
         // XID errors are the board's: they count against each of its slices.
         match nvml.create_event_set().and_then(|set| {
@@ -114,7 +125,7 @@ pub(super) fn open() -> anyhow::Result<Gpus> {
         }
     }
     if info.is_empty() {
-        bail!("gpus: NVML found no GPU on this machine");
+        bail!("gpus: NVML found no GPU it can read on this machine");
     }
     let state = info
         .iter()
@@ -137,10 +148,10 @@ pub(super) fn open() -> anyhow::Result<Gpus> {
     })
 }
 
-fn describe(d: &Device, index: u32, what: &str) -> anyhow::Result<GpuInfo> {
+fn describe(d: &Device, what: &str) -> anyhow::Result<GpuInfo> {
     Ok(GpuInfo {
         uuid: d.uuid().with_context(|| format!("gpus: uuid of {what}"))?,
-        index,
+        index: 0,
         model: model_name(&d.name().with_context(|| format!("gpus: name of {what}"))?),
         memory_mb: d
             .memory_info()
