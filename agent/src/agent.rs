@@ -126,6 +126,11 @@ const LEADER_HEADER: &str = "x-coop-leader";
 #[error("registration refused: {0}")]
 pub struct Refused(String);
 
+/// The node's GPUs changed (one was lost): it registers again at once.
+#[derive(Debug, thiserror::Error)]
+#[error("registering again without the lost GPUs")]
+struct Reregister;
+
 const STOP_ON_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a run on a lost GPU gets between SIGTERM and SIGKILL.
 const LOST_GPU_GRACE: Duration = Duration::from_secs(5);
@@ -134,11 +139,10 @@ const LOST_GPU_GRACE: Duration = Duration::from_secs(5);
 /// that fell off the bus often are): the node must not wait on it forever.
 const LOST_GPU_GIVE_UP: Duration = Duration::from_secs(10);
 
-/// A run being stopped because a GPU of its was lost.
+/// A run being stopped because a GPU of its was lost (and measured up to
+/// that GPU's last reading: see `gpu_lost`).
 struct LostRun {
     why: String,
-    /// The lost GPU's last reading: the run is billed no later.
-    billed_to_ms: i64,
     give_up_at: tokio::time::Instant,
 }
 
@@ -267,6 +271,14 @@ impl Agent {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
+                Err(e) if e.is::<Reregister>() => {
+                    tracing::info!(
+                        "registering node {} again without its lost GPUs",
+                        self.cfg.node
+                    );
+                    redirect = Some(addr);
+                    continue;
+                }
                 Err(e) if e.is::<Refused>() => {
                     self.stop_all_runs("the agent was refused").await;
                     return Err(e);
@@ -318,7 +330,7 @@ impl Agent {
             tokio::time::Instant::now() + STOP_ON_SHUTDOWN_GRACE + Duration::from_secs(5);
         while !(self.runner.keys().is_empty() && self.unacked.is_empty()) {
             tokio::select! {
-                Some(exit) = self.exits.recv() => self.finish(exit, Some("the agent shut down")).await,
+                Some(exit) = self.exits.recv() => self.end(exit, Some("the agent shut down")).await,
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => self.on_message(m).await,
                     _ => return,
@@ -350,7 +362,7 @@ impl Agent {
             let Some(exit) = self.exits.recv().await else {
                 break;
             };
-            self.finish(exit, Some(why)).await;
+            self.end(exit, Some(why)).await;
         }
         self.flush_acks().await;
         self.spool.close().await;
@@ -375,6 +387,16 @@ impl Agent {
         // environment (64 KiB each at most): above gRPC's default 4 MiB.
         let mut client = AgentServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let identity = self.spool.identity().to_string();
+        // Lost GPUs whose runs' ends the scheduler has: no longer offered.
+        if !self.dropping.is_empty() && self.lost_runs.is_empty() && self.unacked.is_empty() {
+            let lost = std::mem::take(&mut self.dropping);
+            self.cfg.gpus.info.retain(|g| !lost.contains(&g.uuid));
+        }
+        if self.cfg.gpus.info.is_empty() {
+            return Err(anyhow::Error::new(Refused(
+                "every GPU of this node is lost: nothing is left to offer".into(),
+            )));
+        }
         let reg = pb::RegisterRequest {
             address: self.cfg.address.clone(),
             site: self.cfg.site.clone(),
@@ -463,17 +485,8 @@ impl Agent {
         }
         let result = loop {
             if !self.dropping.is_empty() && self.lost_runs.is_empty() && self.unacked.is_empty() {
-                let lost = std::mem::take(&mut self.dropping);
-                self.cfg.gpus.info.retain(|g| !lost.contains(&g.uuid));
-                if self.cfg.gpus.info.is_empty() {
-                    break Err(anyhow::Error::new(Refused(
-                        "every GPU of this node is lost: nothing is left to offer".into(),
-                    )));
-                }
-                break Err(anyhow!(
-                    "this node's GPUs changed: registering again with {} GPUs",
-                    self.cfg.gpus.info.len()
-                ));
+                // Registering again leaves them out (see above).
+                break Err(anyhow::Error::new(Reregister));
             }
             tokio::select! {
                 msg = inbound.message() => match msg {
@@ -525,10 +538,12 @@ impl Agent {
         let now = now_ms();
         let readings = self.cfg.gpus.telemetry.read(now);
         for r in &readings {
-            if !r.lost {
+            // A reading that said nothing (a passing NVML error) is not one.
+            let said = r.memory_used_bytes.is_some();
+            if !r.lost && said {
                 self.last_read_ms.insert(r.uuid.clone(), now);
-            } else if self.cfg.gpus.info.iter().any(|g| g.uuid == r.uuid) {
-                self.gpu_lost(&r.uuid, now);
+            } else if r.lost && self.cfg.gpus.info.iter().any(|g| g.uuid == r.uuid) {
+                self.gpu_lost(&r.uuid, now).await;
             }
         }
         for r in self.metered.values_mut() {
@@ -566,27 +581,46 @@ impl Agent {
     /// A GPU is gone: the runs on it are stopped and billed up to its last
     /// reading, and the node registers again without it. Called at each
     /// reading that finds it lost, until then.
-    fn gpu_lost(&mut self, uuid: &str, now: i64) {
+    async fn gpu_lost(&mut self, uuid: &str, now: i64) {
         let last = self.last_read_ms.get(uuid).copied().unwrap_or(now);
         let why = format!("GPU {uuid} was lost");
-        for (key, r) in &self.metered {
-            if r.gpus.iter().any(|g| g == uuid) && !self.lost_runs.contains_key(key) {
-                tracing::warn!("stopping run {key}: {why}");
-                self.lost_runs.insert(
-                    key.clone(),
-                    LostRun {
-                        why: why.clone(),
-                        billed_to_ms: last,
-                        give_up_at: tokio::time::Instant::now() + LOST_GPU_GRACE + LOST_GPU_GIVE_UP,
-                    },
-                );
-                // Nothing it does on a lost GPU can succeed: no long grace.
-                self.runner.stop(key, LOST_GPU_GRACE);
+        let mut events = Vec::new();
+        let mut measured = Vec::new();
+        for (key, r) in self.metered.iter_mut() {
+            if !r.gpus.iter().any(|g| g == uuid) || self.lost_runs.contains_key(key) {
+                continue;
             }
+            tracing::warn!("stopping run {key}: {why}");
+            // Measured now, up to the last reading, and not again: its other
+            // GPUs' energy while it is being killed is not its work.
+            let to = last.max(r.metered_to_ms);
+            let energy_mj = measure(self.cfg.gpus.telemetry.as_mut(), r, to);
+            events.push(pb::report::Event::Usage(pb::RunUsage {
+                job_id: key.job.clone(),
+                attempt: key.attempt,
+                to_ms: to,
+                energy_mj,
+            }));
+            events.extend(utilization(r));
+            measured.push(r.clone());
+            self.lost_runs.insert(
+                key.clone(),
+                LostRun {
+                    why: why.clone(),
+                    give_up_at: tokio::time::Instant::now() + LOST_GPU_GRACE + LOST_GPU_GIVE_UP,
+                },
+            );
+            // Nothing it does on a lost GPU can succeed: no long grace.
+            self.runner.stop_within(key, LOST_GPU_GRACE);
         }
         if self.dropping.insert(uuid.to_string()) {
             tracing::error!("{why}: node {} stops offering it", self.cfg.node);
+            // Before the reports: nothing is placed here once the runs end.
             self.drain_for_lost_gpus();
+        }
+        if !events.is_empty() {
+            let refs: Vec<&RunRecord> = measured.iter().collect();
+            self.report(events, &refs).await;
         }
     }
 
@@ -660,6 +694,18 @@ impl Agent {
                     self.runner.stop(&key, grace);
                 }
             } else if !self.ended.contains(&key) && !self.stopping {
+                if let Some(g) = run.gpus.iter().find(|g| self.dropping.contains(*g)) {
+                    // Placed before the drain landed: it cannot run there.
+                    let why = format!("GPU {g} was lost before the run started");
+                    let exit = Exit {
+                        key,
+                        at_ms: now_ms(),
+                        exit_code: -1,
+                        reason: String::new(),
+                    };
+                    self.end(exit, Some(&why)).await;
+                    continue;
+                }
                 if run.stop {
                     // Cancelled before it started here: nothing to stop.
                     self.on_exit(Exit {
@@ -707,7 +753,13 @@ impl Agent {
         }
     }
 
-    async fn on_exit(&mut self, mut exit: Exit) {
+    async fn on_exit(&mut self, exit: Exit) {
+        self.end(exit, None).await;
+    }
+
+    /// A run's exit: recorded once, as lost where a GPU of its was lost, else
+    /// as `lost` says.
+    async fn end(&mut self, mut exit: Exit, lost: Option<&str>) {
         if self.ended.contains(&exit.key) && !self.metered.contains_key(&exit.key) {
             // The late exit of a run already recorded as ended (see
             // `LOST_GPU_GIVE_UP`).
@@ -715,20 +767,24 @@ impl Agent {
             return;
         }
         match self.lost_runs.remove(&exit.key) {
-            Some(lost) => {
-                // Billed up to the lost GPU's last reading (or the usage
-                // already reported, if that was later), not to its kill.
-                let metered = self.metered.get(&exit.key).map_or(0, |r| r.metered_to_ms);
-                exit.at_ms = exit.at_ms.min(lost.billed_to_ms.max(metered));
-                self.finish(exit, Some(&lost.why)).await;
+            Some(gone) => {
+                // It was measured up to the lost GPU's last reading when the
+                // loss was found; nothing after that is billed.
+                let metered = self
+                    .metered
+                    .get(&exit.key)
+                    .map_or(exit.at_ms, |r| r.metered_to_ms);
+                exit.at_ms = exit.at_ms.min(metered);
+                self.finish(exit, Some(&gone.why), false).await;
             }
-            None => self.finish(exit, None).await,
+            None => self.finish(exit, lost, true).await,
         }
     }
 
-    /// Records a run's end with its usage since the last report; `lost` says
-    /// why the agent ended it when the job is not at fault.
-    async fn finish(&mut self, exit: Exit, lost: Option<&str>) {
+    /// Records a run's end with its usage since the last report (none when
+    /// `measure_end` is false: it was measured to its end already); `lost`
+    /// says why the agent ended it when the job is not at fault.
+    async fn finish(&mut self, exit: Exit, lost: Option<&str>, measure_end: bool) {
         tracing::info!(
             "run {} exited with {} {}",
             exit.key,
@@ -742,7 +798,11 @@ impl Agent {
             RunRecord::new(&exit.key, exit.at_ms)
         });
         let t = self.cfg.gpus.telemetry.as_mut();
-        let energy_mj = measure(t, &mut record, exit.at_ms);
+        let energy_mj = if measure_end {
+            measure(t, &mut record, exit.at_ms)
+        } else {
+            0
+        };
         for g in &record.gpus {
             t.set_busy(g, false, exit.at_ms);
         }
@@ -774,14 +834,11 @@ impl Agent {
         let now = now_ms();
         let mut events = Vec::new();
         for (key, r) in self.metered.iter_mut() {
-            // A run on a lost GPU is billed no later than its last reading.
-            let to = self
-                .lost_runs
-                .get(key)
-                .map_or(now, |l| now.min(l.billed_to_ms));
-            if to <= r.metered_to_ms {
+            // A run on a lost GPU was measured to its end when it was found.
+            if now <= r.metered_to_ms || self.lost_runs.contains_key(key) {
                 continue;
             }
+            let to = now;
             let energy_mj = measure(self.cfg.gpus.telemetry.as_mut(), r, to);
             events.push(pb::report::Event::Usage(pb::RunUsage {
                 job_id: key.job.clone(),

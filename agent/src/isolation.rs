@@ -217,6 +217,18 @@ impl Runtime {
             .is_some_and(|n| n.to_string_lossy().contains("podman"))
     }
 
+    /// Why this runtime cannot give the container its GPUs, if it cannot:
+    /// a MIG instance needs CDI, or the container would get its whole board.
+    pub fn cannot_pass(&self, c: &Container) -> Option<String> {
+        let mig = c.gpus.iter().find(|g| g.starts_with("MIG-"))?;
+        (c.devices.is_some() && self.is_podman() && !self.cdi).then(|| {
+            format!(
+                "MIG instance {mig} cannot be passed to a podman container without CDI \
+                 (nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml, then restart the agent)"
+            )
+        })
+    }
+
     /// The command that runs the container: the run's directory as its
     /// working directory, only the run's GPUs passed in, and the job's limits.
     pub fn command(&self, c: &Container) -> Vec<String> {
@@ -279,38 +291,55 @@ impl Runtime {
     /// Removes every container labelled with `agent` (those a crashed
     /// agent left running); returns their names.
     pub async fn remove_containers_of(&self, agent: &str) -> anyhow::Result<Vec<String>> {
-        let out = tokio::process::Command::new(&self.program)
-            .args(["ps", "--all", "--filter"])
-            .arg(format!("label={AGENT_LABEL}={agent}"))
-            .args(["--format", "{{.Names}}"])
-            .stdin(std::process::Stdio::null())
-            .output()
+        // A runtime stuck behind a GPU's driver must not hold up the agent.
+        const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+        let run = |args: Vec<String>| async move {
+            let out = tokio::time::timeout(
+                PATIENCE,
+                tokio::process::Command::new(&self.program)
+                    .args(&args)
+                    .stdin(std::process::Stdio::null())
+                    .kill_on_drop(true)
+                    .output(),
+            )
             .await
-            .with_context(|| format!("{} ps", self.program))?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "{} ps: {}",
-                self.program,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .map(str::to_string)
-            .collect();
+            .map_err(|_| {
+                anyhow::anyhow!("{} {}: no answer in {PATIENCE:?}", self.program, args[0])
+            })?
+            .with_context(|| format!("{} {}", self.program, args[0]))?;
+            if !out.status.success() {
+                anyhow::bail!(
+                    "{} {}: {}",
+                    self.program,
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).to_string())
+        };
+        let names: Vec<String> = run(vec![
+            "ps".into(),
+            "--all".into(),
+            "--filter".into(),
+            format!("label={AGENT_LABEL}={agent}"),
+            "--format".into(),
+            "{{.Names}}".into(),
+        ])
+        .await?
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+        // Every one is tried; the first failure is reported.
+        let mut failed = None;
         for n in &names {
-            let status = tokio::process::Command::new(&self.program)
-                .args(["rm", "--force", n])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .status()
-                .await
-                .with_context(|| format!("{} rm", self.program))?;
-            if !status.success() {
-                anyhow::bail!("{} rm --force {n} failed ({status})", self.program);
+            if let Err(e) = run(vec!["rm".into(), "--force".into(), n.clone()]).await {
+                failed.get_or_insert(e);
             }
         }
-        Ok(names)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(names),
+        }
     }
 }
 
@@ -472,5 +501,20 @@ mod tests {
             ..run
         };
         assert!(!podman.command(&sim).join(" ").contains("nvidia"), "{line}");
+
+        // A MIG instance by device file would be its whole board: refused
+        // without CDI.
+        let mig = vec!["MIG-a".to_string()];
+        let slice = Container {
+            gpus: &mig,
+            devices: Some(&devices),
+            ..sim
+        };
+        let why = podman.cannot_pass(&slice).expect("refused without CDI");
+        assert!(why.contains("MIG-a") && why.contains("CDI"), "{why}");
+        assert_eq!(podman.cannot_pass(&run), None, "whole GPUs pass");
+        podman.cdi = true;
+        assert_eq!(podman.cannot_pass(&slice), None);
+        assert_eq!(docker.cannot_pass(&slice), None);
     }
 }

@@ -152,7 +152,12 @@ impl AgentMetrics {
             self.healthy.with_label_values(l).set(r.healthy as i64);
             self.lost.with_label_values(l).set(r.lost as i64);
             for x in &r.xids {
-                let xid = x.to_string();
+                // Bounded label values, whatever a driver sends.
+                let xid = if *x < 1000 {
+                    x.to_string()
+                } else {
+                    "other".to_string()
+                };
                 self.xid
                     .with_label_values(&[node, r.uuid.as_str(), model, xid.as_str()])
                     .inc();

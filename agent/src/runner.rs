@@ -330,7 +330,7 @@ impl Runner {
             let rt = iso.runtime.clone().context(
                 "the job names an image, and this agent has no container runtime (docker or podman)",
             )?;
-            let mut argv = rt.command(&crate::isolation::Container {
+            let container = crate::isolation::Container {
                 name: &name,
                 image: &run.image,
                 workdir: &dir,
@@ -341,7 +341,11 @@ impl Runner {
                 env: &env,
                 command: &run.command,
                 agent: &self.agent,
-            });
+            };
+            if let Some(why) = rt.cannot_pass(&container) {
+                anyhow::bail!(why);
+            }
+            let mut argv = rt.command(&container);
             if !run.workdir.is_empty()
                 && let Some(i) = argv.iter().position(|a| a == "--workdir")
                 && i + 1 < argv.len()
@@ -427,8 +431,27 @@ impl Runner {
             return;
         }
         run.stopping = true;
+        let _ = killpg(Pid::from_raw(run.pgid), Signal::SIGTERM);
+        self.kill_after(key, grace);
+    }
+
+    /// As `stop`, but a run already stopping with a longer grace is killed
+    /// after `grace` all the same (its GPU is gone: the grace is moot).
+    pub fn stop_within(&mut self, key: &RunKey, grace: Duration) {
+        if self.runs.get(key).is_some_and(|r| r.stopping) {
+            self.kill_after(key, grace);
+        } else {
+            self.stop(key, grace);
+        }
+    }
+
+    /// SIGKILL to the run's process group (and its container) after `grace`,
+    /// unless it has exited by then.
+    fn kill_after(&self, key: &RunKey, grace: Duration) {
+        let Some(run) = self.runs.get(key) else {
+            return;
+        };
         let pgid = run.pgid;
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
         let exited = run.exited.clone();
         let container = run.container.clone();
         tokio::spawn(async move {

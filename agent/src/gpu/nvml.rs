@@ -259,12 +259,16 @@ impl NvmlTelemetry {
             None => None,
             Some(d) => match d.total_energy_consumption() {
                 Ok(mj) => Some(mj),
+                // A board without the counter: its power, integrated. (Only
+                // then: a counter that failed once is not mixed with it.)
+                Err(NvmlError::NotSupported) => match opt("power", uuid, d.power_usage(), lost) {
+                    Some(mw) if !*lost => Some(st.integrated.add(now_ms, mw as u64)),
+                    _ => None,
+                },
                 Err(e) => {
                     *lost |= matches!(e, NvmlError::GpuLost);
-                    match opt("power", uuid, d.power_usage(), lost) {
-                        Some(mw) if !*lost => Some(st.integrated.add(now_ms, mw as u64)),
-                        _ => None,
-                    }
+                    tracing::debug!("NVML energy of {uuid}: {e}");
+                    None
                 }
             },
         };
@@ -274,7 +278,9 @@ impl NvmlTelemetry {
         if counted.is_some() {
             st.last_energy_mj = counted;
         }
-        counted
+        // A passing error reads as no energy since the last counter: the next
+        // reading that works catches up.
+        counted.or(st.last_energy_mj)
     }
 
     /// New XID errors since the last call, by UUID.

@@ -182,7 +182,7 @@ impl State {
         }
         if node.draining {
             return Err(Rejection::FailedPrecondition(format!(
-                "node {node_name} is draining: its agent is shutting down"
+                "node {node_name} is draining: its agent is leaving or giving up a lost GPU"
             )));
         }
         if let Some(c) = &node.cordon {
