@@ -124,14 +124,23 @@ impl DeviceFiles {
         let mut made = DeviceFiles(vec![]);
         for m in MINORS {
             let p = PathBuf::from(format!("/dev/nvidia{m}"));
-            if p.exists() {
-                return Err(format!("{} exists already", p.display()));
+            let ours = nix::sys::stat::makedev(195, m as u64);
+            match nix::sys::stat::stat(&p) {
+                // Left by a run of this test that was killed: taken back.
+                Ok(st)
+                    if st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFCHR
+                        && st.st_rdev == ours =>
+                {
+                    let _ = std::fs::remove_file(&p);
+                }
+                Ok(_) => return Err(format!("{} exists already", p.display())),
+                Err(_) => {}
             }
             nix::sys::stat::mknod(
                 &p,
                 nix::sys::stat::SFlag::S_IFCHR,
                 nix::sys::stat::Mode::from_bits_truncate(0o660),
-                nix::sys::stat::makedev(195, m as u64),
+                ours,
             )
             .map_err(|e| format!("mknod {}: {e} (the test needs root)", p.display()))?;
             made.0.push(p);

@@ -500,7 +500,8 @@ mod tests {
             devices: None,
             ..run
         };
-        assert!(!podman.command(&sim).join(" ").contains("nvidia"), "{line}");
+        let line = podman.command(&sim).join(" ");
+        assert!(!line.contains("nvidia"), "{line}");
 
         // A MIG instance by device file would be its whole board: refused
         // without CDI.

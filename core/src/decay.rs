@@ -27,9 +27,13 @@ pub fn decayed(
     half_life_s: u64,
 ) -> f64 {
     let h = half_life_s as f64 * 1000.0;
-    let (s, e) = ((now_ms - start_ms) as f64, (now_ms - end_ms) as f64);
+    // In f64: times from a hostile or broken report may be far apart.
+    let (s, e) = (
+        now_ms as f64 - start_ms as f64,
+        now_ms as f64 - end_ms as f64,
+    );
     let v = if end_ms > start_ms {
-        let rate = weighted_gpu_ms / (end_ms - start_ms) as f64;
+        let rate = weighted_gpu_ms / (end_ms as f64 - start_ms as f64);
         rate * h / std::f64::consts::LN_2 * (decay(e, h) - decay(s, h))
     } else {
         weighted_gpu_ms * decay(e, h)
@@ -75,7 +79,11 @@ impl Decayed {
         if self.value == 0.0 {
             return 0.0;
         }
-        self.value * decay((now_ms - self.at_ms) as f64, half_life_s as f64 * 1000.0)
+        self.value
+            * decay(
+                now_ms as f64 - self.at_ms as f64,
+                half_life_s as f64 * 1000.0,
+            )
     }
 
     /// Moves to `now_ms` (never backwards), decaying at `half_life_s`.
@@ -91,5 +99,23 @@ impl Decayed {
     pub fn add(&mut self, r: &UsageRecord, half_life_s: u64) {
         self.advance(r.end_ms, half_life_s);
         self.value += record_value(r, self.at_ms, half_life_s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_far_apart_do_not_overflow() {
+        // As a fuzzed history once billed: a run from the far past ended now.
+        // (Debug builds panic on an integer overflow; this one must not.)
+        let v = decayed(3_600_000.0, i64::MIN, 0, i64::MAX, 3600);
+        assert_eq!(v, 0.0, "long decayed");
+        let d = Decayed {
+            value: 1.0,
+            at_ms: i64::MIN,
+        };
+        assert_eq!(d.at(i64::MAX, 3600), 0.0);
     }
 }
