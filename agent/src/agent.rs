@@ -594,14 +594,7 @@ impl Agent {
             // Measured now, up to the last reading, and not again: its other
             // GPUs' energy while it is being killed is not its work.
             let to = last.max(r.metered_to_ms);
-            let energy_mj = measure(self.cfg.gpus.telemetry.as_mut(), r, to);
-            events.push(pb::report::Event::Usage(pb::RunUsage {
-                job_id: key.job.clone(),
-                attempt: key.attempt,
-                to_ms: to,
-                energy_mj,
-            }));
-            events.extend(utilization(r));
+            events.extend(usage(self.cfg.gpus.telemetry.as_mut(), key, r, to));
             measured.push(r.clone());
             self.lost_runs.insert(
                 key.clone(),
@@ -838,15 +831,7 @@ impl Agent {
             if now <= r.metered_to_ms || self.lost_runs.contains_key(key) {
                 continue;
             }
-            let to = now;
-            let energy_mj = measure(self.cfg.gpus.telemetry.as_mut(), r, to);
-            events.push(pb::report::Event::Usage(pb::RunUsage {
-                job_id: key.job.clone(),
-                attempt: key.attempt,
-                to_ms: to,
-                energy_mj,
-            }));
-            events.extend(utilization(r));
+            events.extend(usage(self.cfg.gpus.telemetry.as_mut(), key, r, now));
         }
         if events.is_empty() {
             return;
@@ -1000,6 +985,24 @@ async fn recover_orphans(spool: &mut Spool, telemetry: &mut dyn Telemetry) -> an
     let refs: Vec<&RunRecord> = records.iter().collect();
     let (_, written) = spool.record(events, &refs).await;
     written
+}
+
+/// Measures a run up to `to_ms`: its usage report, and its utilisation so far.
+fn usage(
+    t: &mut dyn Telemetry,
+    key: &RunKey,
+    r: &mut RunRecord,
+    to_ms: i64,
+) -> Vec<pb::report::Event> {
+    let energy_mj = measure(t, r, to_ms);
+    let mut events = vec![pb::report::Event::Usage(pb::RunUsage {
+        job_id: key.job.clone(),
+        attempt: key.attempt,
+        to_ms,
+        energy_mj,
+    })];
+    events.extend(utilization(r));
+    events
 }
 
 /// The run's utilisation so far, for the scheduler, once there are readings.

@@ -828,7 +828,15 @@ impl Node {
             };
             if !staged.persist.is_empty() {
                 let _timer = crate::instruments::RAFT_PERSIST_SECONDS.start_timer();
+                let started = std::time::Instant::now();
                 self.disk.persist(&staged.persist).await?;
+                // Raft waits on this write: a slow disk shows here first.
+                if started.elapsed() > Duration::from_secs(1) {
+                    tracing::warn!(
+                        "writing the raft log took {:?}: everything waits on this disk",
+                        started.elapsed()
+                    );
+                }
             }
             // The gap before the index it comes with: a reader woken by the
             // index must see the gap.

@@ -344,7 +344,12 @@ async fn read_agent(
         let msg = tokio::select! {
             m = inbound.message() => m?,
             // A deposed leader sends its agents on to the new one.
-            _ = view.wait_for(|v| !v.is_leader()) => return ctx.leader_only(),
+            // (The view's read lock is let go before `leader_only` takes it
+            // again: a second read behind a waiting writer would deadlock.)
+            r = view.wait_for(|v| !v.is_leader()) => {
+                drop(r);
+                return ctx.leader_only();
+            }
             // A stopping scheduler sends them on to another at once.
             _ = ctx.stopping() => return Err(super::shutting_down()),
         };

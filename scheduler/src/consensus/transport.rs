@@ -154,6 +154,10 @@ pub fn normalize(address: &str, tls: bool) -> String {
     }
 }
 
+/// How long a connection to a peer (TCP and TLS) or one batch of raft
+/// messages may take before the peer is taken as unreachable.
+const PEER_PATIENCE: Duration = Duration::from_secs(5);
+
 /// An endpoint of a peer's raft service.
 pub fn endpoint(address: &str, tls: &PeerTls) -> Result<Endpoint, tonic::transport::Error> {
     let ep = Endpoint::from_shared(normalize(address, tls.is_some()))?
@@ -194,14 +198,23 @@ impl Sender {
                 from_address: self.from_address.clone(),
                 messages,
             };
+            // A peer that accepts and then never answers (its TLS handshake
+            // or the call) must read as unreachable, not hold this sender
+            // for good: raft would never hear of it.
             if conn.is_none() {
                 conn = match endpoint(&self.address, &self.tls) {
-                    Ok(ep) => ep.connect().await.ok().map(client),
+                    Ok(ep) => tokio::time::timeout(PEER_PATIENCE, ep.connect())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .map(client),
                     Err(_) => None,
                 };
             }
             let sent = match conn.as_mut() {
-                Some(c) => c.send(body).await.is_ok(),
+                Some(c) => tokio::time::timeout(PEER_PATIENCE, c.send(body))
+                    .await
+                    .is_ok_and(|r| r.is_ok()),
                 None => false,
             };
             if sent {
