@@ -546,7 +546,11 @@ impl Agent {
                 self.gpu_lost(&r.uuid, now).await;
             }
         }
-        for r in self.metered.values_mut() {
+        for (key, r) in self.metered.iter_mut() {
+            // A run on a lost GPU was measured to its end when it was found.
+            if self.lost_runs.contains_key(key) {
+                continue;
+            }
             for u in readings.iter().filter(|x| r.gpus.contains(&x.uuid)) {
                 if let Some(pct) = u.utilization_pct {
                     r.utilization_sum += pct as u64;
