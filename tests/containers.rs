@@ -10,7 +10,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
 
 use common::*;
 use nvidia_ml::scenario::{self, Device, Scenario};
@@ -195,18 +194,11 @@ fn wait_containers(
     what: &str,
     pred: impl Fn(&[String]) -> bool,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let now = containers(prefix, env);
-        if pred(&now) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "containers {prefix}*: never {what}: {now:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    poll(
+        &format!("containers {prefix}* {what}"),
+        || containers(prefix, env),
+        |now| pred(now),
+    );
 }
 
 #[test]

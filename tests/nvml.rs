@@ -8,7 +8,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use common::*;
 use nvidia_ml::scenario::{self, Device, MigDevice, Phase, Scenario};
@@ -295,18 +294,11 @@ fn samples<'a>(page: &'a str, name: &str, labels: &[&str]) -> Vec<&'a str> {
 }
 
 fn wait_metrics(addr: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let page = scrape(addr);
-        if pred(&page) {
-            return page;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never showed {what}:\n{page}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll(
+        &format!("metrics showing {what}"),
+        || scrape(addr),
+        |p| pred(p),
+    )
 }
 
 /// `series 1` for each line: a promtool input series held for 10 minutes.

@@ -816,3 +816,21 @@ pub fn standin_lib() -> PathBuf {
         .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
         .expect("the stand-in NVML library (libnvidia_ml.so) is built with the tests")
 }
+
+/// Reads `read` every 100 ms until `ok` holds of what it read (within
+/// `PATIENCE`); `what` names what is awaited if it never does.
+pub fn poll<T: std::fmt::Debug>(
+    what: &str,
+    mut read: impl FnMut() -> T,
+    ok: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let now = read();
+        if ok(&now) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {now:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
